@@ -1,0 +1,198 @@
+"""The `mlx-fleet` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import uuid
+from typing import Any
+
+from actors.config import ConfigError, FleetConfig, load_config, parse_model_arg
+
+DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
+
+
+def _replicas(values: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for text in values:
+        name, sep, count = text.partition("=")
+        if not sep or not count.isdigit():
+            raise ConfigError(f"--replicas: expected NAME=N, got {text!r}")
+        out[name] = int(count)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> FleetConfig:
+    """Build the FleetConfig for `up` from flags, env and the config file."""
+    overrides: dict[str, Any] = {
+        "frontend": args.frontend, "backend": args.backend, "metrics_port": args.metrics_port,
+        "ready_timeout_s": args.ready_timeout, "drain_timeout_s": args.drain_timeout, "blas": args.blas,
+        "policy": args.policy, "window_ms": args.window_ms, "decode_capacity": args.decode_capacity,
+        "admission_batch": args.admission_batch, "log_level": args.log_level,
+    }
+    if args.no_fast_path:
+        overrides["fast_path"] = False
+    if args.auto_tune:
+        overrides["auto_tune"] = True
+    models = [parse_model_arg(m) for m in args.model]
+    return load_config(args.config, overrides=overrides, models=models, replicas=_replicas(args.replicas))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Run broker and workers in the foreground until Ctrl-C."""
+    from actors.logs import setup_logging
+    from actors.supervisor import run_fleet
+
+    cfg = config_from_args(args)
+    setup_logging(cfg.log_level, "fleet")
+    names = ", ".join(f"{m.name}={m.source} x{m.replicas}" for m in cfg.models)
+    log = logging.getLogger("mlx_fleet")
+    log.info("starting fleet: %s; clients on %s", names, cfg.frontend)
+    return run_fleet(cfg, on_ready=lambda: log.info("fleet ready on %s (Ctrl-C to stop)", cfg.frontend))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one completion to stdout."""
+    from broker.client import Client, FleetError
+
+    options: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        options["seed"] = args.seed
+    try:
+        with Client(args.connect, timeout_s=args.timeout) as client:
+            stream = client.stream(args.prompt, model=args.model, **options)
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except FleetError as exc:
+        print(f"mlx-fleet: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nmlx-fleet: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print models, workers and queues."""
+    from broker.client import Client, FleetError
+
+    try:
+        with Client(args.connect, timeout_s=args.timeout) as client:
+            status = client.status()
+    except FleetError as exc:
+        print(f"mlx-fleet: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"{'MODEL':<14} {'WORKER':<16} {'HOST':<14} {'PID':>7} {'STATE':<8} {'IN-FLIGHT':>9} {'FREE':>5} {'RESTARTS':>8} BLAS")
+    for name, model in status["models"].items():
+        print(f"{name:<14} queue depth {model['queue_depth']}, running {model['running']}")
+        for w in model["workers"]:
+            blas = (w.get("info") or {}).get("blas", {}).get("name", "?")
+            print(f"{'':<14} {w['worker_id']:<16} {w['host'][:14]:<14} {w['pid']:>7} {w['state']:<8} "
+                  f"{w['in_flight']:>9} {w['free']:>5} {w.get('restarts', 0):>8} {blas}")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    """Write the built-in demo model to a folder."""
+    from pathlib import Path
+
+    from workers.demo_model import write_demo_model
+
+    path = write_demo_model(Path(args.path), args.size)
+    print(path)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Join a running broker as a worker for one model."""
+    from actors.logs import setup_logging
+    from workers.worker import WorkerSettings, run_worker
+
+    cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level})
+    name, source = parse_model_arg(args.model)
+    worker_id = args.worker_id or f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    setup_logging(cfg.log_level, f"worker:{worker_id}")
+    run_worker(WorkerSettings(worker_id=worker_id, model=name, source=source, connect=args.connect,
+                              batching=cfg.batching, heartbeat_interval_s=cfg.heartbeat_interval_s,
+                              heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    p = argparse.ArgumentParser(prog="mlx-fleet", description="Serve MLX language models behind one ZeroMQ endpoint.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run broker and workers in the foreground")
+    up.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
+                    help="a model to serve (repeatable); SOURCE is a folder, a hub id, or demo / demo-small")
+    up.add_argument("--replicas", action="append", default=[], metavar="NAME=N")
+    up.add_argument("--config", help="TOML config file")
+    up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
+    up.add_argument("--backend", help="worker endpoint to bind (default tcp://127.0.0.1:5556)")
+    up.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
+    up.add_argument("--ready-timeout", type=float, help="seconds to wait for workers (ready_timeout_s)")
+    up.add_argument("--drain-timeout", type=float, help="seconds to let in-flight requests finish on stop")
+    up.add_argument("--blas", help="auto | reference | openblas | mkl | PATH (Linux CPU)")
+    up.add_argument("--policy", choices=["immediate", "fixed", "adaptive"])
+    up.add_argument("--window-ms", type=float)
+    up.add_argument("--no-fast-path", action="store_true")
+    up.add_argument("--auto-tune", action="store_true")
+    up.add_argument("--decode-capacity", type=int, help="sequences decoding at once per worker")
+    up.add_argument("--admission-batch", type=int, help="waiting requests prefilled together")
+    up.add_argument("--log-level")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="stream a completion to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--connect", default=DEFAULT_CONNECT)
+    gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the fleet")
+    gen.set_defaults(func=cmd_generate)
+
+    st = sub.add_parser("status", help="models, workers and queues of a running fleet")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--connect", default=DEFAULT_CONNECT)
+    st.add_argument("--timeout", type=float, default=5.0)
+    st.set_defaults(func=cmd_status)
+
+    dm = sub.add_parser("demo-model", help="write the built-in demo model to PATH")
+    dm.add_argument("path")
+    dm.add_argument("--size", default="demo", choices=["demo", "demo-small"])
+    dm.set_defaults(func=cmd_demo_model)
+
+    wk = sub.add_parser("worker", help="join a running broker as a worker")
+    wk.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://HOST:5556")
+    wk.add_argument("--model", required=True, metavar="NAME=SOURCE")
+    wk.add_argument("--worker-id")
+    wk.add_argument("--config")
+    wk.add_argument("--blas")
+    wk.add_argument("--log-level")
+    wk.set_defaults(func=cmd_worker)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mlx-fleet` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"mlx-fleet: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Configuration: defaults < TOML file < environment variables < CLI flags.
+
+Every setting has one flat name (``window_ms``, ``frontend``...). A TOML file
+may hold them at the top level or in ``[fleet]`` / ``[batching]`` tables, plus
+``[[models]]`` tables with name, source, replicas and per-model ``batching``.
+The seed's ``MLX_*`` environment variables keep their meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message names the setting and its source."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How a worker admits waiting requests into its continuous batch."""
+
+    policy: str = "fixed"  # immediate | fixed | adaptive
+    window_ms: float = 1.0
+    fast_path: bool = True
+    adaptive_low_ms: float = 0.75
+    adaptive_medium_ms: float = 1.0
+    adaptive_high_ms: float = 2.0
+    adaptive_low_depth: int = 1
+    adaptive_medium_depth: int = 5
+    admission_batch: int = 8  # waiting requests prefilled together
+    decode_capacity: int = 16  # sequences decoding at once; advertised to the broker
+    prefill_step_size: int = 512
+    auto_tune: bool = False
+    auto_tune_min_batch: int = 2
+    auto_tune_max_batch: int = 8
+    auto_tune_ema_alpha: float = 0.3
+    auto_tune_interval: int = 10
+    p99_threshold_ms: float = 500.0  # auto-tune target for p99 time-to-first-token
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: its name, where its weights come from, how many replicas."""
+
+    name: str
+    source: str
+    replicas: int = 1
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Everything `mlx-fleet up` needs."""
+
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    metrics_export: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    ready_timeout_s: float = 180.0
+    drain_timeout_s: float = 30.0
+    queue_limit: int = 1024
+    request_timeout_s: float = 600.0
+    blas: str = "auto"
+    restart_max: int = 5
+    restart_window_s: float = 60.0
+    log_level: str = "INFO"
+    models: tuple[ModelSpec, ...] = ()
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def model(self, name: str) -> ModelSpec:
+        """The spec of model ``name``; KeyError if not configured."""
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+_FLEET_KEYS = {f.name: f for f in dataclasses.fields(FleetConfig) if f.name not in ("models", "batching")}
+_BATCH_KEYS = {f.name: f for f in dataclasses.fields(BatchingConfig)}
+
+# Environment variables, the seed's first. A value may map through a function.
+ENV_VARS: dict[str, str] = {
+    "MLX_GPU_SCHEDULER_WINDOW_MS": "window_ms",
+    "MLX_GPU_SCHEDULER_BATCH_SIZE": "admission_batch",
+    "MLX_GPU_SCHEDULER_P99_THRESHOLD_MS": "p99_threshold_ms",
+    "MLX_FAST_PATH": "fast_path",
+    "MLX_ADAPTIVE_WINDOW_LOW_MS": "adaptive_low_ms",
+    "MLX_ADAPTIVE_WINDOW_MEDIUM_MS": "adaptive_medium_ms",
+    "MLX_ADAPTIVE_WINDOW_HIGH_MS": "adaptive_high_ms",
+    "MLX_AUTO_TUNE": "auto_tune",
+    "MLX_AUTO_TUNE_MIN_BATCH": "auto_tune_min_batch",
+    "MLX_AUTO_TUNE_MAX_BATCH": "auto_tune_max_batch",
+    "MLX_AUTO_TUNE_EMA_ALPHA": "auto_tune_ema_alpha",
+    "MLX_AUTO_TUNE_INTERVAL": "auto_tune_interval",
+    "MLX_METRICS_EXPORT": "metrics_export",
+    "MLX_METRICS_PORT": "metrics_port",
+    "MLX_FLEET_FRONTEND": "frontend",
+    "MLX_FLEET_BACKEND": "backend",
+    "MLX_FLEET_BLAS": "blas",
+    "MLX_FLEET_DECODE_CAPACITY": "decode_capacity",
+    "MLX_FLEET_QUEUE_LIMIT": "queue_limit",
+    "MLX_FLEET_LOG_LEVEL": "log_level",
+}
+
+
+def parse_bool(text: str | bool, name: str = "value") -> bool:
+    """'1/true/on/yes' or '0/false/off/no' (any case) to a bool."""
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "on", "yes"):
+        return True
+    if low in ("0", "false", "off", "no"):
+        return False
+    raise ConfigError(f"{name}: expected on/off, got {text!r}")
+
+
+def _coerce(name: str, value: Any, typ: Any, source: str) -> Any:
+    label = f"{name} (from {source})"
+    try:
+        if typ in (bool, "bool"):
+            return parse_bool(value, label)
+        if typ in (int, "int"):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if typ in (float, "float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label}: cannot use {value!r} as {getattr(typ, '__name__', typ)}") from None
+
+
+def _scheduler_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The seed's on/off switches map onto the policy name."""
+    out: dict[str, Any] = {}
+    if "MLX_GPU_SCHEDULER" in env and not parse_bool(env["MLX_GPU_SCHEDULER"], "MLX_GPU_SCHEDULER"):
+        out["policy"] = "immediate"
+    elif "MLX_ADAPTIVE_WINDOW" in env:
+        if parse_bool(env["MLX_ADAPTIVE_WINDOW"], "MLX_ADAPTIVE_WINDOW"):
+            out["policy"] = "adaptive"
+        elif parse_bool(env.get("MLX_GPU_SCHEDULER", "on"), "MLX_GPU_SCHEDULER"):
+            out["policy"] = "fixed"
+    elif "MLX_GPU_SCHEDULER" in env:
+        out["policy"] = "fixed"
+    return out
+
+
+def env_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """Flat settings read from environment variables (raw strings, coerced later)."""
+    out: dict[str, Any] = {key: env[var] for var, key in ENV_VARS.items() if var in env}
+    out.update(_scheduler_env(env))
+    return out
+
+
+def _flatten_toml(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    flat: dict[str, Any] = {}
+    models: list[dict[str, Any]] = []
+    for key, value in data.items():
+        if key in ("fleet", "batching") and isinstance(value, dict):
+            flat.update(value)
+        elif key == "models":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: 'models' must be an array of tables ([[models]])")
+            models = value
+        else:
+            flat[key] = value
+    return flat, models
+
+
+def _apply(flat: Mapping[str, Any], source: str, into: dict[str, Any]) -> None:
+    for key, value in flat.items():
+        f = _FLEET_KEYS.get(key) or _BATCH_KEYS.get(key)
+        if f is None:
+            raise ConfigError(f"unknown setting {key!r} (from {source})")
+        into[key] = _coerce(key, value, f.type, source)
+
+
+def _build_batching(values: Mapping[str, Any], base: BatchingConfig) -> BatchingConfig:
+    batching = dataclasses.replace(base, **{k: v for k, v in values.items() if k in _BATCH_KEYS})
+    validate_batching(batching)
+    return batching
+
+
+def validate_batching(b: BatchingConfig) -> None:
+    """Raise ConfigError for values no worker could run with."""
+    if b.policy not in ("immediate", "fixed", "adaptive"):
+        raise ConfigError(f"policy: expected immediate, fixed or adaptive, got {b.policy!r}")
+    for name in ("window_ms", "adaptive_low_ms", "adaptive_medium_ms", "adaptive_high_ms"):
+        if not 0.0 <= getattr(b, name) <= 10_000.0:
+            raise ConfigError(f"{name}: must be in [0, 10000] ms")
+    if b.admission_batch < 1 or b.decode_capacity < 1 or b.prefill_step_size < 1:
+        raise ConfigError("admission_batch, decode_capacity and prefill_step_size must be >= 1")
+    if not 1 <= b.auto_tune_min_batch <= b.auto_tune_max_batch:
+        raise ConfigError("auto_tune_min_batch must be in 1..auto_tune_max_batch")
+    if not 0.0 < b.auto_tune_ema_alpha <= 1.0 or b.auto_tune_interval < 1:
+        raise ConfigError("auto_tune_ema_alpha must be in (0, 1] and auto_tune_interval >= 1")
+
+
+def parse_model_arg(text: str) -> tuple[str, str]:
+    """'NAME=SOURCE' to (name, source); a bare SOURCE names itself."""
+    name, sep, source = text.partition("=")
+    if not sep:
+        name, source = Path(text).name or text, text
+    if not name or not source:
+        raise ConfigError(f"--model: expected NAME=SOURCE, got {text!r}")
+    return name, source
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    models: list[tuple[str, str]] | None = None,
+    replicas: Mapping[str, int] | None = None,
+) -> FleetConfig:
+    """Build the config from defaults, a TOML file, the environment and CLI overrides.
+
+    ``models`` and ``replicas`` come from repeatable CLI flags and replace or
+    extend the TOML's ``[[models]]``. With no model anywhere, the built-in demo
+    model is served as ``demo``.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    toml_models: list[dict[str, Any]] = []
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        flat, toml_models = _flatten_toml(data, str(path))
+        _apply(flat, str(path), values)
+    _apply(env_settings(env), "environment", values)
+    _apply({k: v for k, v in (overrides or {}).items() if v is not None}, "command line", values)
+
+    batching = _build_batching(values, BatchingConfig())
+    specs: dict[str, ModelSpec] = {}
+    for entry in toml_models:
+        spec = _model_from_toml(entry, batching, str(path))
+        specs[spec.name] = spec
+    for name, source in models or []:
+        old = specs.get(name)
+        specs[name] = ModelSpec(name, source, old.replicas if old else 1, old.batching if old else batching)
+    if not specs:
+        specs["demo"] = ModelSpec("demo", "demo", 1, batching)
+    for name, count in (replicas or {}).items():
+        if name not in specs:
+            raise ConfigError(f"--replicas {name}={count}: no model named {name!r}")
+        specs[name] = dataclasses.replace(specs[name], replicas=count)
+    for spec in specs.values():
+        if not 0 <= spec.replicas <= 64:
+            raise ConfigError(f"model {spec.name}: replicas must be in 0..64")
+    fleet = {k: v for k, v in values.items() if k in _FLEET_KEYS}
+    cfg = FleetConfig(**fleet, models=tuple(specs.values()), batching=batching)
+    if cfg.heartbeat_interval_s <= 0 or cfg.heartbeat_liveness < 1:
+        raise ConfigError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("metrics_port must be in 0..65535")
+    return cfg
+
+
+def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: str) -> ModelSpec:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("source"), str):
+        raise ConfigError(f"{path}: each [[models]] needs string 'name' and 'source'")
+    unknown = set(entry) - {"name", "source", "replicas", "batching"}
+    if unknown:
+        raise ConfigError(f"{path}: model {entry['name']}: unknown keys {sorted(unknown)}")
+    own: dict[str, Any] = {}
+    _apply(entry.get("batching", {}), f"{path} [models.{entry['name']}]", own)
+    replicas = _coerce("replicas", entry.get("replicas", 1), int, path)
+    return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching))

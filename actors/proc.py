@@ -1,0 +1,26 @@
+"""Process helpers: spawn-only start, and children that die with their parent."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import signal
+import sys
+from multiprocessing.context import SpawnContext
+
+PR_SET_PDEATHSIG = 1
+
+
+def spawn_context() -> SpawnContext:
+    """The only start method we use: forking after MLX has run hangs the child."""
+    return multiprocessing.get_context("spawn")
+
+
+def die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGTERM us when the parent dies (no orphans)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass

@@ -1,0 +1,39 @@
+"""Socket helpers: every socket gets deliberate limits and ``linger=0``."""
+
+from __future__ import annotations
+
+import zmq
+
+from actors.protocol import DEFAULT_LIMITS
+
+# High-water marks bound the memory a slow or absent peer can pin (messages).
+DEFAULT_HWM = 10_000
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    hwm: int = DEFAULT_HWM,
+    max_msg_bytes: int | None = DEFAULT_LIMITS.max_frame_bytes + 4096,
+    identity: bytes | None = None,
+) -> zmq.Socket:
+    """A socket with linger 0, bounded queues and a maximum inbound message size."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if max_msg_bytes is not None:
+        # A larger frame makes libzmq drop the connection, so it never reaches Python.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        # Fail loudly on sends to departed peers instead of dropping silently.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    return sock
+
+
+def ipc_path_ok(addr: str) -> bool:
+    """ipc:// paths are limited to ~107 bytes by sockaddr_un."""
+    return not addr.startswith("ipc://") or len(addr) - len("ipc://") < 100

@@ -1,0 +1,215 @@
+"""The broker actor: a ROUTER for clients, a ROUTER for workers, one poll loop.
+
+All decisions live in :class:`broker.state.BrokerState`; this module only
+decodes, calls a handler and sends what it returns. No message can raise out
+of the loop: decoding errors become ``bad_request`` replies or counted drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from actors.clock import MonotonicClock
+from actors.config import FleetConfig
+from actors.logs import setup_logging
+from actors.protocol import (
+    BAD_REQUEST, CLIENT_TYPES, INTERNAL, UNAVAILABLE, WORKER_TYPES,
+    Cancel, Disconnect, Error, Generate, Message, Models, ModelsReply, ProtocolError,
+    Ready, Status, StatusReply, encode, encode_map, error_for, from_map, unpack_frames,
+)
+from actors.sockets import make_socket
+from broker.state import CLIENT, BrokerState, Out
+
+log = logging.getLogger("mlx_fleet.broker")
+
+
+class BrokerActor:
+    """Owns the sockets and the state; ``run()`` until drained."""
+
+    def __init__(self, cfg: FleetConfig, *, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.clock = MonotonicClock()
+        self.state = BrokerState(
+            self.clock,
+            models=[m.name for m in cfg.models],
+            queue_limit=cfg.queue_limit,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            heartbeat_liveness=cfg.heartbeat_liveness,
+            default_timeout_s=cfg.request_timeout_s,
+        )
+        self.ctx = ctx or zmq.Context()
+        self.frontend = make_socket(self.ctx, zmq.ROUTER)
+        self.backend = make_socket(self.ctx, zmq.ROUTER)
+        # A restarted worker reconnects under the same identity and must take it over.
+        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.malformed_dropped = 0
+        self.drain_deadline_s: float | None = None
+        self.stop_requested = False
+        self.extra_status: dict[str, Any] = {}
+
+    def bind(self) -> None:
+        """Bind both endpoints; raises zmq.ZMQError naming the address."""
+        for sock, addr in ((self.frontend, self.cfg.frontend), (self.backend, self.cfg.backend)):
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as exc:
+                raise zmq.ZMQError(exc.errno, f"cannot bind {addr}: {exc.strerror}") from None
+
+    # ---- sending ------------------------------------------------------------------
+
+    def send(self, outs: list[Out]) -> None:
+        """Send each Out; an unreachable or non-reading client is cancelled."""
+        while outs:
+            out = outs.pop(0)
+            body = out.body
+            frames = encode(body) if isinstance(body, Message) else encode_map(body)
+            sock = self.frontend if out.to == CLIENT else self.backend
+            try:
+                sock.send_multipart([out.identity, *frames], flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (never reads)
+                self.state.counters["dropped"] += 1
+                if out.to == CLIENT:
+                    log.info("client %s unreachable (%s); cancelling its requests", out.identity.hex(), exc.strerror)
+                    outs.extend(self.state.client_gone(out.identity))
+                else:
+                    log.warning("worker %r unreachable: %s", out.identity, exc.strerror)
+                    outs.extend(self.state._lose_worker(out.identity, "unreachable"))
+
+    # ---- receiving ------------------------------------------------------------------
+
+    def handle_frontend(self) -> None:
+        """One client message."""
+        frames = self.frontend.recv_multipart(copy=True)
+        identity, body = frames[0], frames[1:]
+        try:
+            raw = unpack_frames(body)
+            msg = from_map(raw, allowed=CLIENT_TYPES)
+        except ProtocolError as exc:
+            self.send([Out(CLIENT, identity, error_for(exc))])
+            return
+        if isinstance(msg, Generate):
+            self.send(self.state.handle_generate(identity, msg))
+        elif isinstance(msg, Cancel):
+            self.send(self.state.handle_cancel(identity, msg.request_id))
+        elif isinstance(msg, Models):
+            self.send([Out(CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
+        elif isinstance(msg, Status):
+            self.send([Out(CLIENT, identity, StatusReply(status=self.status(), request_id=msg.request_id))])
+
+    def handle_backend(self) -> None:
+        """One worker message."""
+        frames = self.backend.recv_multipart(copy=True)
+        identity, body = frames[0], frames[1:]
+        try:
+            raw = unpack_frames(body)
+            msg = from_map(raw, allowed=WORKER_TYPES)
+        except ProtocolError as exc:
+            self.malformed_dropped += 1
+            log.warning("dropped malformed worker message: %s", exc.message)
+            return
+        if isinstance(msg, Ready):
+            log.info("worker %s ready for %s (capacity %d, pid %d, host %s)", msg.worker_id, msg.model, msg.capacity, msg.pid, msg.host)
+            self.send(self.state.handle_ready(identity, msg))
+        else:
+            self.send(self.state.handle_worker_message(identity, msg, raw))
+
+    def models_list(self) -> list[dict[str, Any]]:
+        """One entry per model for the `models` reply."""
+        snap = self.state.snapshot()["models"]
+        return [
+            {"name": name, "workers_ready": len(m["workers"]), "queue_depth": m["queue_depth"],
+             "capacity": sum(w["capacity"] for w in m["workers"])}
+            for name, m in snap.items()
+        ]
+
+    def status(self) -> dict[str, Any]:
+        """The `status` reply: routing state plus what the supervisor told us."""
+        snap = self.state.snapshot()
+        snap["broker"] = {"pid": os.getpid(), "malformed_dropped": self.malformed_dropped,
+                          "frontend": self.cfg.frontend, "backend": self.cfg.backend}
+        snap.update(self.extra_status)
+        return snap
+
+    # ---- loop --------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Start draining (signal-safe: only sets state)."""
+        self.stop_requested = True
+
+    def run(self) -> None:
+        """Poll, handle, tick, heartbeat; until drained after a stop request."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        interval_s = self.cfg.heartbeat_interval_s
+        next_beat_s = self.clock.now() + interval_s
+        tick_every_s = min(0.05, interval_s)
+        next_tick_s = self.clock.now() + tick_every_s
+        while True:
+            now = self.clock.now()
+            if self.stop_requested and self.drain_deadline_s is None:
+                log.info("draining: refusing new requests for up to %.1fs", self.cfg.drain_timeout_s)
+                self.state.stop_accepting()
+                self.drain_deadline_s = now + self.cfg.drain_timeout_s
+            if self.drain_deadline_s is not None and (not self.state.requests or now >= self.drain_deadline_s):
+                break
+            timeout_ms = max(0.0, min(next_beat_s, next_tick_s) - now) * 1000.0
+            poller.poll(timeout_ms)
+            # Drain what is ready, workers first (their chunks unblock clients).
+            for _ in range(512):
+                progressed = False
+                if self.backend.poll(0):
+                    self._safely(self.handle_backend)
+                    progressed = True
+                if self.frontend.poll(0):
+                    self._safely(self.handle_frontend)
+                    progressed = True
+                if not progressed:
+                    break
+            now = self.clock.now()
+            if now >= next_tick_s:
+                self.send(self.state.tick())
+                next_tick_s = now + tick_every_s
+            if now >= next_beat_s:
+                self.send(self.state.heartbeats())
+                next_beat_s = now + interval_s
+        self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished"))
+        for w in list(self.state.workers.values()):
+            self.send([Out("worker", w.identity, Disconnect(reason="broker shutting down"))])
+
+    def _safely(self, handler: Any) -> None:
+        # A bug in one handler must not take the broker down; log it and go on.
+        try:
+            handler()
+        except zmq.ZMQError:
+            raise
+        except Exception:
+            log.exception("handler failed")
+
+    def close(self) -> None:
+        """Close sockets (linger 0) and the context."""
+        self.frontend.close(0)
+        self.backend.close(0)
+        self.ctx.term()
+
+
+def run_broker(cfg: FleetConfig) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    setup_logging(cfg.log_level, "broker")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates Ctrl-C
+    actor = BrokerActor(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: actor.request_stop())
+    actor.bind()
+    log.info("broker on %s (clients) and %s (workers)", cfg.frontend, cfg.backend)
+    try:
+        actor.run()
+    finally:
+        actor.close()
+    log.info("broker stopped")
