@@ -208,6 +208,7 @@ class Heartbeat(Message):
     worker_id: str = ""
     in_flight: int = 0
     free_slots: int = 0
+    stats: dict | None = None
 
 
 @dataclass

@@ -47,6 +47,7 @@ class WorkerRecord:
     running: set[str] = field(default_factory=set)
     reported_in_flight: int = 0
     served: int = 0
+    stats: dict = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -213,6 +214,8 @@ class BrokerState:
         worker.expiry_s = self.clock.now() + self.liveness_s
         if isinstance(msg, Heartbeat):
             worker.reported_in_flight = msg.in_flight
+            if msg.stats is not None:
+                worker.stats = msg.stats
             return []
         if isinstance(msg, Disconnect):
             return self._lose_worker(identity, msg.reason or "worker disconnected")
@@ -362,7 +365,7 @@ class BrokerState:
                         "worker_id": w.worker_id, "pid": w.pid, "host": w.host, "state": "ready",
                         "capacity": w.capacity, "in_flight": len(w.running), "free": w.free,
                         "served": w.served, "last_seen_s": round(now - (w.expiry_s - self.liveness_s), 3),
-                        "info": w.info,
+                        "info": w.info, "stats": w.stats,
                     }
                     for w in sorted(workers, key=lambda w: w.worker_id)
                 ],

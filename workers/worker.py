@@ -314,7 +314,16 @@ class WorkerActor:
             self.ready_backoff_s = min(self.ready_backoff_s * 2, 8.0)
             return
         self.ready_backoff_s = 0.5
-        self.send(Heartbeat(self.s.worker_id, len(self.active) + len(self.waiting), self.engine.free_slots))
+        self.send(Heartbeat(self.s.worker_id, len(self.active) + len(self.waiting), self.engine.free_slots, self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        """Engine and policy figures, reported with each heartbeat."""
+        e, p = self.engine.stats, self.policy.stats
+        return {"steps": e.steps, "decode_steps": e.decode_steps, "max_batch_size": e.max_batch_size,
+                "mean_batch_size": round(e.mean_batch_size, 3), "generated_tokens": e.generated_tokens,
+                "busy_s": round(e.busy_s, 4), "fast_path_admissions": p.fast_path_admissions,
+                "admitted": p.admitted, "window_waits": p.window_waits,
+                "admission_batch": self.policy.admission_batch, "window_ms": self.policy.window_ms}
 
     # ---- teardown -------------------------------------------------------------------
 
