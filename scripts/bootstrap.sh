@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh clone: a virtual environment with mlx-fleet installed (editable),
+# plus an optimized BLAS for MLX's CPU backend on Linux. Idempotent and quick when
+# nothing changed. Usage: scripts/bootstrap.sh [--test]   (--test adds test deps)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "mlx-fleet needs Python >= 3.11 (found $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2
+    exit 1
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+
+stamp=".venv/.mlx-fleet-installed$extras"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".$extras"
+    echo "$want" > "$stamp"
+fi
+
+# Linux CPU: the mlx[cpu] wheel's reference BLAS is ~20x slower than OpenBLAS.
+# The fetch needs no root and exits 0 (reference BLAS fallback) when apt is absent.
+if [ "$(uname -s)" = "Linux" ]; then
+    bash scripts/fetch-openblas.sh >/dev/null || true
+fi
