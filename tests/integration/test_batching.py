@@ -1,0 +1,107 @@
+"""Continuous batching through a live fleet: correctness under concurrency, cancel, priority."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from actors.config import BatchingConfig
+from broker.client import Client
+from tests.integration.fleetutil import start_fleet
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PROMPTS = [f"Request number {i}: tell me about {topic}." for i, topic in enumerate(
+    ["queues", "weather", "bread", "rivers", "lamps", "boats", "clocks", "tea"])]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    f = start_fleet(batching=BatchingConfig(decode_capacity=8, admission_batch=8))
+    yield f
+    f.stop()
+
+
+def worker_stats(client: Client) -> dict:
+    (worker,) = client.status()["models"]["demo"]["workers"]
+    return worker
+
+
+def test_eight_concurrent_clients_match_single_stream(fleet):
+    with Client(fleet.cfg.frontend, timeout_s=60) as client:
+        alone = {p: client.generate(p, model="demo", max_tokens=24).token_ids for p in PROMPTS}
+    results: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(prompt: str) -> None:
+        try:
+            with Client(fleet.cfg.frontend, timeout_s=60) as c:
+                barrier.wait(10)
+                results[prompt] = c.generate(prompt, model="demo", max_tokens=24).token_ids
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert results == alone
+    with Client(fleet.cfg.frontend, timeout_s=30) as client:
+        stats = wait_for(lambda: worker_stats(client)["stats"].get("max_batch_size", 0) >= 4 and worker_stats(client)["stats"],
+                         10, "a heartbeat reporting a batched step")
+    assert stats["max_batch_size"] >= 4, stats
+    assert stats["mean_batch_size"] > 1.0
+
+
+def test_cancel_frees_the_slot(fleet):
+    with Client(fleet.cfg.frontend, timeout_s=60) as client:
+        stream = client.stream("Cancel me", model="demo", max_tokens=2000)
+        it = iter(stream)
+        next(it)  # it is running
+        client.cancel(stream.request_id)
+        rest = list(it)
+        assert stream.completion is not None and stream.completion.finish_reason == "cancelled"
+        assert len(rest) < 1999
+        wait_for(lambda: worker_stats(client)["in_flight"] == 0, 10, "the slot to be free")
+
+
+def test_urgent_request_is_served_before_queued_background_work(fleet):
+    # Fill every decode slot with long background work, queue more background
+    # work behind it, then send one urgent request: it must finish before the
+    # queued background requests get their first token.
+    capacity = fleet.cfg.models[0].batching.decode_capacity
+    with Client(fleet.cfg.frontend, timeout_s=120) as client:
+        # Staggered lengths free one slot at a time.
+        filler = [client.stream(f"fill {i}", model="demo", max_tokens=30 + 15 * i, priority="background")
+                  for i in range(capacity)]
+        queued = [client.stream(f"queued {i}", model="demo", max_tokens=5, priority="background") for i in range(4)]
+        urgent = client.stream("urgent", model="demo", max_tokens=5, priority="urgent")
+        finished_order: list[str] = []
+        pending = {s.request_id: name for s, name in
+                   [(s, "filler") for s in filler] + [(s, "queued") for s in queued] + [(urgent, "urgent")]}
+        streams = {s.request_id: s for s in filler + queued + [urgent]}
+        # One socket carries all of them; drain replies in arrival order.
+        while pending:
+            data = client._recv(time.monotonic() + 60, "generate")
+            rid = data.get("request_id")
+            if rid in pending and data["type"] in ("done", "error"):
+                assert data["type"] == "done", data
+                finished_order.append(pending.pop(rid))
+            assert rid in streams
+    assert finished_order.index("urgent") < min(i for i, n in enumerate(finished_order) if n == "queued")
