@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import socket
 import tempfile
-import threading
 from typing import Any
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec
-from actors.supervisor import Supervisor
+from actors.embedded import BackgroundFleet
 
 
 def free_tcp_port() -> int:
@@ -25,44 +23,8 @@ def short_ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="mlxf-", dir="/tmp")
 
 
-class RunningFleet:
-    """A supervisor and its children; ``stop()`` drains and joins everything."""
-
-    def __init__(self, cfg: FleetConfig, ipc_dir: str | None = None) -> None:
-        self.cfg = cfg
-        self.ipc_dir = ipc_dir
-        self.sup = Supervisor(cfg)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "RunningFleet":
-        """Spawn and wait for ready; then watch children in a thread (restarts)."""
-        try:
-            self.sup.start()
-        except BaseException:
-            self.sup.shutdown()
-            raise
-        self._thread = threading.Thread(target=self.sup.run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Drain and stop every child."""
-        self.sup.request_stop()
-        if self._thread is not None:
-            self._thread.join(10)
-        self.sup.shutdown()
-        if self.ipc_dir:
-            shutil.rmtree(self.ipc_dir, ignore_errors=True)
-
-    def __enter__(self) -> "RunningFleet":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def child(self, name: str) -> Any:
-        """The Child record named ``name`` (e.g. 'worker:demo-0')."""
-        return next(c for c in self.sup.children if c.name == name)
+# Kept under the name the tests use.
+RunningFleet = BackgroundFleet
 
 
 def make_config(

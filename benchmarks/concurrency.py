@@ -1,0 +1,137 @@
+"""Concurrency sweep: each batching policy against mlx_lm.server, same model, same BLAS.
+
+Every system stays up for the whole run. Load levels are interleaved across
+systems (level 1 on each, then level 2 on each, ...), so drift in the shared
+machine's load spreads over all of them.
+
+    python -m benchmarks.concurrency [--model demo-small] [--levels 1,2,4,8,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any
+
+from workers.blas import blas_env, describe_blas, find_blas, preload_blas
+
+BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
+
+from actors.config import BatchingConfig  # noqa: E402
+from actors.embedded import BackgroundFleet  # noqa: E402
+from benchmarks.common import Report, environment, progress, questions  # noqa: E402
+from benchmarks.load import MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
+from benchmarks.overhead import local_config  # noqa: E402
+
+POLICIES: dict[str, dict[str, Any]] = {
+    "immediate": {"policy": "immediate", "fast_path": False},
+    "fixed": {"policy": "fixed", "fast_path": False},
+    "fixed+fast_path": {"policy": "fixed", "fast_path": True},
+    "adaptive": {"policy": "adaptive", "fast_path": True},
+}
+
+
+def prompts_for(level: int, per_client: int, minimum: int, tag: str = "") -> list[str]:
+    """The prompts of one level: ``per_client`` each, at least ``minimum``.
+
+    Each prompt starts with a unique tag, so no system gets prompt-cache hits from
+    an earlier level or from the warm-up: every request pays its full prefill.
+    """
+    qs = questions()
+    n = max(level * per_client, minimum)
+    return [f"({tag} {level}.{i}) {qs[i % len(qs)]}" for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the sweep and write benchmarks/results/<name>.{json,md}."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="demo-small")
+    ap.add_argument("--levels", default="1,2,4,8,16,32")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--max-tokens", type=int, default=50)
+    ap.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--decode-capacity", type=int, default=BatchingConfig.decode_capacity)
+    ap.add_argument("--admission-batch", type=int, default=BatchingConfig.admission_batch)
+    ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
+    ap.add_argument("--name", default="concurrency")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    policies = args.policies.split(",")
+
+    from workers.models import resolve_source
+
+    model_path = str(resolve_source(args.model))
+    results: dict[str, dict[int, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        systems: dict[str, Any] = {}
+        for name in policies:
+            b = BatchingConfig(decode_capacity=args.decode_capacity, admission_batch=args.admission_batch, **POLICIES[name])
+            cfg, ipc_dir = local_config(args.model, b)
+            stack.enter_context(BackgroundFleet(cfg, ipc_dir))
+            systems[name] = fleet_requester(cfg.frontend, args.model, args.max_tokens)
+            progress(f"fleet up: {name}")
+        if not args.no_server:
+            server = stack.enter_context(MlxLmServer(model_path, env=blas_env(BLAS),
+                                                     extra_args=["--decode-concurrency", str(args.decode_capacity),
+                                                                 "--prompt-concurrency", str(args.admission_batch)]))
+            systems["mlx_lm.server"] = http_requester(server.port, model_path, args.max_tokens)
+            progress("mlx_lm.server up")
+        for name, make in systems.items():  # warm-up: compile paths, fill caches
+            run_load(make, 2, prompts_for(2, 1, 2, f"warm {name}"))
+        for level in levels:
+            for name, make in systems.items():
+                run = run_load(make, level, prompts_for(level, args.per_client, args.min_requests, name))
+                summary = run.summary()
+                results.setdefault(name, {})[level] = {"summary": summary, "samples": [s.__dict__ for s in run.samples]}
+                progress(f"{name} @ {level} clients: {summary['tok_per_s']:.1f} tok/s, "
+                         f"TTFT p50 {1000 * (summary['ttft_p50_s'] or 0):.0f} ms, ok {summary['ok']}/{summary['requests']}")
+    report = Report(args.name, "Concurrency sweep: batching policies vs mlx_lm.server", environment(describe_blas(), args.model),
+                    {"levels": levels, "max_tokens": args.max_tokens, "per_client": args.per_client,
+                     "min_requests": args.min_requests, "decode_capacity": args.decode_capacity,
+                     "admission_batch": args.admission_batch})
+    report.results = results
+    report.add_markdown(markdown(results, levels))
+    json_path, md_path = report.write()
+    progress(f"wrote {json_path} and {md_path}")
+    print(md_path.read_text())
+    return results
+
+
+def markdown(results: dict[str, dict[int, Any]], levels: list[int]) -> str:
+    """Tables per metric, plus the targets at 16 clients."""
+    out = []
+    metrics = [("aggregate tok/s", "tok_per_s", 1, "{:.1f}"), ("TTFT p50 (ms)", "ttft_p50_s", 1000, "{:.0f}"),
+               ("TTFT p99 (ms)", "ttft_p99_s", 1000, "{:.0f}"), ("ITL p50 (ms)", "itl_p50_s", 1000, "{:.1f}"),
+               ("ITL p99 (ms)", "itl_p99_s", 1000, "{:.1f}"), ("success rate", "success_rate", 1, "{:.3f}")]
+    for title, key, scale, fmt in metrics:
+        out.append(f"\n### {title}\n\n| system | " + " | ".join(f"{n} clients" for n in levels) + " |")
+        out.append("|---|" + "---|" * len(levels))
+        for name, by_level in results.items():
+            cells = []
+            for n in levels:
+                v = by_level.get(n, {}).get("summary", {}).get(key)
+                cells.append("—" if v is None else fmt.format(v * scale))
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append(targets(results))
+    return "\n".join(out)
+
+
+def targets(results: dict[str, dict[int, Any]], level: int = 16) -> str:
+    """The issue's three targets at ``level`` clients, per policy."""
+    server = results.get("mlx_lm.server", {}).get(level, {}).get("summary")
+    lines = [f"\n### Targets at {level} clients\n", "| policy | ×own 1-client (≥5) | ×mlx_lm.server tok/s (≥1.25) | TTFT p99 vs server (≤1) |",
+             "|---|---|---|---|"]
+    for name, by_level in results.items():
+        if name == "mlx_lm.server" or level not in by_level or 1 not in by_level:
+            continue
+        s, one = by_level[level]["summary"], by_level[1]["summary"]
+        scale = s["tok_per_s"] / one["tok_per_s"] if one["tok_per_s"] else float("nan")
+        vs = s["tok_per_s"] / server["tok_per_s"] if server and server["tok_per_s"] else float("nan")
+        p99 = s["ttft_p99_s"] / server["ttft_p99_s"] if server and server["ttft_p99_s"] else float("nan")
+        lines.append(f"| {name} | {scale:.2f} | {vs:.2f} | {p99:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Per-request overhead of serving: the fleet against in-process mlx-lm, side by side.
+
+The same 50 questions run sequentially (one client, greedy, ``max_tokens`` each)
+through the fleet and through ``mlx_lm.stream_generate`` in this process. The two
+alternate request by request, so drift in the machine's load hits both equally.
+Both use the same BLAS, loaded here before MLX.
+
+    python -m benchmarks.overhead [--model demo-small] [--requests 50] [--max-tokens 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from typing import Any
+
+from workers.blas import describe_blas, find_blas, preload_blas
+
+preload_blas(find_blas("auto"))  # before anything imports mlx
+
+from actors.config import BatchingConfig, FleetConfig, ModelSpec  # noqa: E402
+from actors.embedded import BackgroundFleet  # noqa: E402
+from benchmarks.common import Report, Summary, environment, fmt_ms, progress, questions, ratio  # noqa: E402
+from broker.client import Client  # noqa: E402
+
+
+def local_config(model: str, batching: BatchingConfig | None = None, replicas: int = 1, **overrides: Any) -> tuple[FleetConfig, str]:
+    """A fleet on fresh ipc endpoints serving ``model`` (source == name), metrics off."""
+    ipc_dir = tempfile.mkdtemp(prefix="mlxf-bench-", dir="/tmp")
+    b = batching or BatchingConfig()
+    cfg = FleetConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", metrics_export=False,
+                      models=(ModelSpec(model, model, replicas, b),), batching=b)
+    return dataclasses.replace(cfg, **overrides), ipc_dir
+
+
+@dataclasses.dataclass
+class Sample:
+    """One request: time to first token and total latency, in seconds."""
+
+    ttft_s: float
+    total_s: float
+    tokens: int
+    token_ids: list[int]
+
+
+def run_in_process(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> Sample:
+    """mlx-lm's own streaming loop, greedy."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=0.0)
+    t0 = time.perf_counter()
+    ttft = 0.0
+    ids: list[int] = []
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+        if not ttft:
+            ttft = time.perf_counter() - t0
+        if r.finish_reason != "stop":
+            ids.append(r.token)
+    return Sample(ttft, time.perf_counter() - t0, len(ids), ids)
+
+
+def run_served(client: Client, model: str, prompt: str, max_tokens: int) -> Sample:
+    """The same request through the broker and a worker."""
+    t0 = time.perf_counter()
+    ttft = 0.0
+    stream = client.stream(prompt, model=model, max_tokens=max_tokens)
+    for _ in stream:
+        if not ttft:
+            ttft = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    assert stream.completion is not None
+    return Sample(ttft or total, total, len(stream.completion.token_ids), stream.completion.token_ids)
+
+
+def compare(bare: list[Sample], served: list[Sample]) -> dict[str, Any]:
+    """Differences (ms) and ratios of served against bare."""
+    out: dict[str, Any] = {}
+    for metric, pick in (("ttft", lambda s: s.ttft_s), ("total", lambda s: s.total_s)):
+        b, s = Summary.of(pick(x) for x in bare), Summary.of(pick(x) for x in served)
+        paired = Summary.of(pick(y) - pick(x) for x, y in zip(bare, served))
+        out[metric] = {"bare": b, "served": s, "paired_diff": paired,
+                       "diff_ms": {k: (getattr(s, k) - getattr(b, k)) * 1000 for k in ("mean", "median", "p95", "p99")},
+                       "ratio": {k: ratio(getattr(s, k), getattr(b, k)) for k in ("mean", "median", "p95", "p99")}}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison and write benchmarks/results/overhead.{json,md}."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="demo-small")
+    ap.add_argument("--requests", type=int, default=50)
+    ap.add_argument("--max-tokens", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--name", default="overhead")
+    args = ap.parse_args(argv)
+
+    from mlx_lm import load
+
+    from workers.models import resolve_source
+
+    qs = (questions() * ((args.requests // 50) + 1))[: args.requests]
+    model, tokenizer = load(str(resolve_source(args.model)))
+    cfg, ipc_dir = local_config(args.model)
+    bare: list[Sample] = []
+    served: list[Sample] = []
+    mismatches = 0
+    with BackgroundFleet(cfg, ipc_dir), Client(cfg.frontend, timeout_s=120) as client:
+        for q in qs[: args.warmup]:
+            run_in_process(model, tokenizer, q, args.max_tokens)
+            run_served(client, args.model, q, args.max_tokens)
+        for i, q in enumerate(qs):
+            # Alternate which goes first, so neither always runs on a warmer cache.
+            if i % 2 == 0:
+                b = run_in_process(model, tokenizer, q, args.max_tokens)
+                s = run_served(client, args.model, q, args.max_tokens)
+            else:
+                s = run_served(client, args.model, q, args.max_tokens)
+                b = run_in_process(model, tokenizer, q, args.max_tokens)
+            bare.append(b)
+            served.append(s)
+            mismatches += b.token_ids != s.token_ids
+            if (i + 1) % 10 == 0:
+                progress(f"overhead: {i + 1}/{len(qs)} requests")
+        worker_blas = client.status()["models"][args.model]["workers"][0]["info"]["blas"]
+    result = compare(bare, served)
+    result["token_mismatches"] = mismatches
+    result["samples"] = {"bare": [dataclasses.asdict(s) | {"token_ids": None} for s in bare],
+                         "served": [dataclasses.asdict(s) | {"token_ids": None} for s in served]}
+    report = Report(args.name, "Serving overhead: fleet vs in-process mlx-lm (sequential)",
+                    environment(describe_blas(), args.model),
+                    {"requests": args.requests, "max_tokens": args.max_tokens, "warmup": args.warmup,
+                     "policy": cfg.batching.policy, "window_ms": cfg.batching.window_ms,
+                     "fast_path": cfg.batching.fast_path, "worker_blas": worker_blas.get("name")})
+    report.results = result
+    report.add_markdown(markdown(result, args))
+    json_path, md_path = report.write()
+    progress(f"wrote {json_path} and {md_path}")
+    print(md_path.read_text())
+    return result
+
+
+def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """The results table."""
+    lines = [f"{args.requests} sequential requests, {args.max_tokens} tokens each, greedy; "
+             "bare = `mlx_lm.stream_generate` in the benchmark process; served = `Client.stream` "
+             "through broker and worker (ipc://). Requests alternate between the two.\n",
+             "| metric | bare (ms) | served (ms) | overhead (ms) | ratio |", "|---|---|---|---|---|"]
+    for metric in ("ttft", "total"):
+        m = r[metric]
+        for k in ("mean", "median", "p95", "p99"):
+            lines.append(f"| {metric} {k} | {fmt_ms(getattr(m['bare'], k))} | {fmt_ms(getattr(m['served'], k))} | "
+                         f"{m['diff_ms'][k]:+.2f} | {m['ratio'][k]:.4f} |")
+    pd = r["total"]["paired_diff"]
+    lines.append(f"\nPaired per-request difference of total latency: mean {fmt_ms(pd.mean)} ms, "
+                 f"median {fmt_ms(pd.median)} ms, stdev {fmt_ms(pd.stdev)} ms. "
+                 f"Mean response overhead: {(r['total']['ratio']['mean'] - 1) * 100:+.2f}%. "
+                 f"TTFT overhead p50: {r['ttft']['diff_ms']['median']:+.2f} ms.")
+    lines.append(f"\nGreedy token mismatches between bare and served: {r['token_mismatches']} of {args.requests}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
