@@ -129,7 +129,8 @@ def _coerce(name: str, value: Any, typ: Any, source: str) -> Any:
         if typ in (bool, "bool"):
             return parse_bool(value, label)
         if typ in (int, "int"):
-            if isinstance(value, bool):
+            # int(2.5) would silently truncate a TOML float; only whole numbers are ints.
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if typ in (float, "float"):
@@ -276,7 +277,15 @@ def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: s
     unknown = set(entry) - {"name", "source", "replicas", "batching"}
     if unknown:
         raise ConfigError(f"{path}: model {entry['name']}: unknown keys {sorted(unknown)}")
+    own_batching = entry.get("batching", {})
+    source = f"{path} [models.{entry['name']}]"
+    # Only batching settings belong here; fleet-wide ones would be silently dropped.
+    if not isinstance(own_batching, dict):
+        raise ConfigError(f"{source}: 'batching' must be a table")
+    for key in own_batching:
+        if key not in _BATCH_KEYS:
+            raise ConfigError(f"unknown batching setting {key!r} (from {source})")
     own: dict[str, Any] = {}
-    _apply(entry.get("batching", {}), f"{path} [models.{entry['name']}]", own)
+    _apply(own_batching, source, own)
     replicas = _coerce("replicas", entry.get("replicas", 1), int, path)
     return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching))

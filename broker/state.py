@@ -256,6 +256,10 @@ class BrokerState:
             rec.worker = None
             if rec.answered:
                 self.requests.pop(key, None)
+            elif rec.cancel_sent:
+                # The client asked to stop it: end it as cancelled rather than start it again.
+                done = Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec))
+                out += self._finish(rec, done)
             elif not rec.streamed and rec.requeues < self.max_requeues and self.accepting:
                 rec.requeues += 1
                 self.counters["requeued"] += 1
