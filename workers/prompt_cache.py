@@ -159,7 +159,8 @@ class PromptCache(Generic[KV]):
     def store(self, tokens: Sequence[int], kv: KV) -> bool:
         """Keep ``kv`` (the cache of exactly ``tokens``); evict LRU entries to stay in bounds.
 
-        The cache takes ownership of ``kv``. Returns False when it is not kept.
+        The cache takes ownership of ``kv``. Returns False when it is not kept. When a
+        longer entry starting with ``tokens`` exists, that entry is marked used instead.
         """
         if not self.enabled or not tokens:
             return False
@@ -168,6 +169,11 @@ class PromptCache(Generic[KV]):
             self.stats.rejected += 1
             return False
         key = tuple(tokens)
+        covering = next((k for k, e in self._entries.items()
+                         if e.trimmable and len(k) > len(key) and k[: len(key)] == key), None)
+        if covering is not None:  # a longer entry serves every prefix of this one already
+            self._entries.move_to_end(covering)
+            return True
         trimmable = bool(self.can_trim(kv))
         self._drop(key)
         if trimmable:

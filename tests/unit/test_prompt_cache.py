@@ -102,6 +102,8 @@ def test_store_replaces_the_same_key_and_drops_entries_it_extends():
     put(cache, [1, 9])
     assert cache.keys() == [(1, 2, 3), (1, 9)]
     assert cache.stats.bytes_held == 5 * BYTES_PER_TOKEN and cache.stats.entries == 2
+    assert put(cache, [1, 2]) is True  # covered by (1, 2, 3): that one is used instead
+    assert cache.keys() == [(1, 9), (1, 2, 3)] and cache.stats.stored == 4
 
 
 @pytest.mark.parametrize("max_entries, max_bytes, sizes, kept", [
