@@ -110,7 +110,7 @@ class WorkerActor:
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source,
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
-                     "prompt_cache_entries": b.prompt_cache_entries, "prompt_cache_bytes": b.prompt_cache_bytes}
+                     "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes}
         log.info("loaded %s from %s in %.2fs; blas=%s", self.s.model, path, time.perf_counter() - t0, self.info["blas"])
         self.connect()
 

@@ -216,4 +216,4 @@ def test_usage_opt_out_and_heartbeat_stats(fleet):
     assert sum(s["prompt_cache_bypassed"] for s in stats) >= 2
     assert sum(s["prompt_cache_hits"] for s in stats) >= 1
     assert all(0 < s["prompt_cache_bytes_held"] for s in stats if s["prompt_cache_stored"])
-    assert all(w["info"]["prompt_cache_entries"] == 16 for w in workers)
+    assert all(w["info"]["prompt_cache_max_entries"] == 16 for w in workers)
