@@ -18,6 +18,15 @@ recently used (a hit or a store counts as a use). An entry larger than ``max_byt
 never stored, so one long sequence cannot flush the rest. The bound covers what the
 cache holds; sequences that are running own their KV until they finish.
 
+Why not ``mlx_lm``'s ``LRUPromptCache`` (mlx-lm 0.32.2): a hit does not refresh an
+entry's place, which moves only when it is stored again, and its order is split by
+segment type, so its eviction is not least recently used; an entry over ``max_bytes``
+evicts every other entry before being evicted itself; an exact match returns an empty
+remainder, which ``BatchGenerator.insert`` refuses; it counts no hits or misses. What is
+reused from mlx-lm is the cache machinery itself: the caches ``BatchGenerator`` hands
+back, ``trim_prompt_cache``, ``can_trim_prompt_cache``, ``nbytes`` and
+``insert(caches=..., all_tokens=...)``.
+
 Affinity: the cache is per worker process, so a conversation only hits it when its
 turns reach the same replica. The broker's ``pick_worker`` sends every request with the
 same ``(model, affinity)`` key to the replica that served the last one, while that
