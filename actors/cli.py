@@ -33,6 +33,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         "ready_timeout_s": args.ready_timeout, "drain_timeout_s": args.drain_timeout, "blas": args.blas,
         "policy": args.policy, "window_ms": args.window_ms, "decode_capacity": args.decode_capacity,
         "admission_batch": args.admission_batch, "log_level": args.log_level,
+        "prompt_cache_entries": args.prompt_cache_entries, "prompt_cache_bytes": args.prompt_cache_bytes,
     }
     if args.no_fast_path:
         overrides["fast_path"] = False
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--auto-tune", action="store_true")
     up.add_argument("--decode-capacity", type=int, help="sequences decoding at once per worker")
     up.add_argument("--admission-batch", type=int, help="waiting requests prefilled together")
+    up.add_argument("--prompt-cache-entries", type=int, help="KV caches kept per worker for prefix reuse (0: off)")
+    up.add_argument("--prompt-cache-bytes", type=int, help="most bytes of KV cache kept per worker (0: off)")
     up.add_argument("--log-level")
     up.set_defaults(func=cmd_up)
 

@@ -41,6 +41,8 @@ class BatchingConfig:
     auto_tune_ema_alpha: float = 0.3
     auto_tune_interval: int = 10
     p99_threshold_ms: float = 500.0  # auto-tune target for p99 time-to-first-token
+    prompt_cache_entries: int = 64  # KV caches of finished sequences kept for prefix reuse; 0: off
+    prompt_cache_bytes: int = 512 * 1024 * 1024  # most bytes those caches may hold; 0: off
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_DECODE_CAPACITY": "decode_capacity",
     "MLX_FLEET_QUEUE_LIMIT": "queue_limit",
     "MLX_FLEET_LOG_LEVEL": "log_level",
+    "MLX_FLEET_PROMPT_CACHE_ENTRIES": "prompt_cache_entries",
+    "MLX_FLEET_PROMPT_CACHE_BYTES": "prompt_cache_bytes",
 }
 
 
@@ -206,6 +210,8 @@ def validate_batching(b: BatchingConfig) -> None:
         raise ConfigError("auto_tune_min_batch must be in 1..auto_tune_max_batch")
     if not 0.0 < b.auto_tune_ema_alpha <= 1.0 or b.auto_tune_interval < 1:
         raise ConfigError("auto_tune_ema_alpha must be in (0, 1] and auto_tune_interval >= 1")
+    if b.prompt_cache_entries < 0 or b.prompt_cache_bytes < 0:
+        raise ConfigError("prompt_cache_entries and prompt_cache_bytes must be >= 0 (0 turns the cache off)")
 
 
 def parse_model_arg(text: str) -> tuple[str, str]:

@@ -4,17 +4,26 @@
 sampler, max_tokens and stop strings; ``step`` once; ``remove`` to cancel.
 Each stream is detokenized on its own so multi-byte characters come out whole.
 Every call must come from the one thread that owns MLX.
+
+With a prompt cache (:mod:`workers.prompt_cache`), a request starts from a private copy
+of the longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and
+a finished sequence's cache is stored under its prompt plus generated tokens. A removed
+(cancelled) sequence stores nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_sampler
+
+from workers.prompt_cache import PromptCache, PromptCacheStats
 
 
 @dataclass
@@ -29,6 +38,7 @@ class EngineRequest:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    cache: bool = True  # use and feed the prompt cache
 
 
 @dataclass
@@ -41,6 +51,7 @@ class StepEvent:
     finish_reason: str | None = None
     first_token: bool = False
     completion_tokens: int = 0  # set on the final event; EOS included
+    cached_tokens: int = 0  # prompt tokens reused from the prompt cache; set on the final event
 
 
 @dataclass
@@ -72,6 +83,7 @@ class _Stream:
         self.emitted = 0  # characters of ``text`` already handed out
         self.pending_ids: list[int] = []
         self.tokens = 0
+        self.cached_tokens = 0
         self.hold = max((len(s) for s in req.stop), default=1) - 1
 
     def add(self, token: int | None) -> None:
@@ -133,6 +145,8 @@ class Engine:
         decode_capacity: int = 16,
         admission_batch: int = 8,
         prefill_step_size: int = 512,
+        prompt_cache_entries: int = 0,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -149,6 +163,7 @@ class Engine:
         self.streams: dict[int, _Stream] = {}
         self.uid_of: dict[str, int] = {}
         self.stats = StepStats()
+        self.prompt_cache = make_kv_prompt_cache(model, max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes)
 
     # ---- prompts -------------------------------------------------------------------
 
@@ -184,18 +199,46 @@ class Engine:
         """How many new prompts are prefilled together (auto-tune moves this)."""
         self.gen.prefill_batch_size = max(1, min(n, self.decode_capacity))
 
+    @property
+    def cache_stats(self) -> PromptCacheStats:
+        """The prompt cache's hits, misses, bytes held and other counters."""
+        return self.prompt_cache.stats
+
     def insert(self, reqs: list[EngineRequest]) -> None:
-        """Queue requests for prefill; they join decoding between steps."""
+        """Queue requests for prefill; they join decoding between steps.
+
+        A request with ``cache`` set starts from the longest cached prefix of its prompt.
+        """
         if not reqs:
             return
+        found = [self._lookup(r) for r in reqs]
         uids = self.gen.insert(
-            [r.prompt_tokens for r in reqs],
+            [r.prompt_tokens[n:] for r, (_, n) in zip(reqs, found)],
             max_tokens=[r.max_tokens for r in reqs],
+            caches=[kv for kv, _ in found],
+            all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
             samplers=[make_request_sampler(r.temperature, r.top_p, r.top_k, r.seed) for r in reqs],
         )
-        for uid, req in zip(uids, reqs):
-            self.streams[uid] = _Stream(req, self.tokenizer.detokenizer)
+        for uid, req, (_, n) in zip(uids, reqs, found):
+            stream = self.streams[uid] = _Stream(req, self.tokenizer.detokenizer)
+            stream.cached_tokens = n
             self.uid_of[req.key] = uid
+
+    def _lookup(self, req: EngineRequest) -> tuple[list[Any] | None, int]:
+        if not self.prompt_cache.enabled:
+            return None, 0
+        if not req.cache:
+            self.prompt_cache.bypass()
+            return None, 0
+        return self.prompt_cache.lookup(req.prompt_tokens)
+
+    def _store(self, req: EngineRequest, kv: list[Any] | None, tokens: list[int] | None) -> None:
+        """Keep a finished sequence's cache (its prompt plus generated tokens)."""
+        if kv is None or not tokens or not req.cache or not self.prompt_cache.enabled:
+            return
+        # Evaluate now: a lazy slice would keep the whole batch's KV buffers alive.
+        mx.eval([c.state for c in kv])
+        self.prompt_cache.store(tokens, kv)
 
     def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
         """Drop requests now; each gets a final event with ``reason``."""
@@ -211,7 +254,7 @@ class Engine:
         t0 = time.perf_counter()
         _, responses = self.gen.next()
         events: list[StepEvent] = []
-        stopped: list[int] = []
+        stopped: dict[int, EngineRequest] = {}
         for r in responses:
             stream = self.streams.get(r.uid)
             if stream is None:
@@ -224,9 +267,10 @@ class Engine:
             cut = stream.find_stop() if stream.req.stop else -1
             if cut >= 0:
                 text, ids = stream.take(cut)
-                stopped.append(r.uid)
+                stopped[r.uid] = stream.req
                 events.append(self._finish(r.uid, "stop", text, ids, first))
             elif r.finish_reason is not None:
+                self._store(stream.req, r.prompt_cache, r.all_tokens)
                 stream.detok.finalize()
                 stream.add(None)
                 text, ids = stream.take(len(stream.text))
@@ -235,14 +279,15 @@ class Engine:
                 text, ids = stream.take()
                 events.append(StepEvent(stream.req.key, text, ids, None, first))
         if stopped:
-            self.gen.remove(stopped)
+            for uid, (kv, tokens) in self.gen.remove(list(stopped), return_prompt_caches=True).items():
+                self._store(stopped[uid], kv, tokens)
         self._record(len(responses), time.perf_counter() - t0)
         return events
 
     def _finish(self, uid: int, reason: str, text: str = "", ids: list[int] | None = None, first: bool = False) -> StepEvent:
         stream = self.streams.pop(uid)
         self.uid_of.pop(stream.req.key, None)
-        return StepEvent(stream.req.key, text, ids or [], reason, first, stream.tokens)
+        return StepEvent(stream.req.key, text, ids or [], reason, first, stream.tokens, stream.cached_tokens)
 
     def tokens_of(self, key: str) -> int:
         """Generated tokens so far for a live request (EOS included)."""
@@ -264,6 +309,24 @@ class Engine:
     def close(self) -> None:
         """Release the generator's resources."""
         self.gen.close()
+
+
+def _kv_nbytes(kv: list[Any]) -> int:
+    return sum(c.nbytes for c in kv)
+
+
+def _copy_kv_prefix(kv: list[Any], held_tokens: int, keep_tokens: int) -> list[Any]:
+    """A deep copy of ``kv`` cut to its first ``keep_tokens``: the stored entry stays untouched."""
+    out = copy.deepcopy(kv)
+    if keep_tokens < held_tokens and trim_prompt_cache(out, held_tokens - keep_tokens) != held_tokens - keep_tokens:
+        raise ValueError("prompt cache entry could not be trimmed")
+    return out
+
+
+def make_kv_prompt_cache(model: Any, *, max_entries: int, max_bytes: int) -> PromptCache[list[Any]]:
+    """A prompt cache over mlx-lm KV caches of ``model`` (``max_entries`` or ``max_bytes`` 0: off)."""
+    return PromptCache(max_entries=max_entries, max_bytes=max_bytes, size_of=_kv_nbytes,
+                       copy_prefix=_copy_kv_prefix, can_trim=can_trim_prompt_cache)
 
 
 def load_model(path: str) -> tuple[Any, Any]:

@@ -3,6 +3,10 @@
 The loop reads as ``while running: process_input(); admit(); step()``. It blocks
 on the socket only when it has no work. It speaks to the broker over a DEALER
 whose identity is the worker id, so a reconnecting worker keeps its name.
+
+The engine keeps a prompt cache (see :mod:`workers.prompt_cache` for how it meets the
+broker's ``affinity`` routing); ``done`` reports the reused prompt tokens as
+``usage.cached_tokens`` and heartbeats carry its ``prompt_cache_*`` counters.
 """
 
 from __future__ import annotations
@@ -99,12 +103,14 @@ class WorkerActor:
         self.engine = engine_mod.Engine(
             model, tokenizer, decode_capacity=b.decode_capacity,
             admission_batch=b.admission_batch, prefill_step_size=b.prefill_step_size,
+            prompt_cache_entries=b.prompt_cache_entries, prompt_cache_bytes=b.prompt_cache_bytes,
         )
         self.policy = make_policy(b, MonotonicClock())
         self.tuner = AutoTuner(b, self.policy) if b.auto_tune else None
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source,
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
-                     "admission_batch": b.admission_batch}
+                     "admission_batch": b.admission_batch,
+                     "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes}
         log.info("loaded %s from %s in %.2fs; blas=%s", self.s.model, path, time.perf_counter() - t0, self.info["blas"])
         self.connect()
 
@@ -238,7 +244,8 @@ class WorkerActor:
             p.admitted_s = now
             self.active[p.key] = p
             r = p.request
-            reqs.append(EngineRequest(p.key, p.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed, list(r.stop or [])))
+            reqs.append(EngineRequest(p.key, p.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
+                                      list(r.stop or []), cache=r.cache))
         try:
             self.engine.insert(reqs)
         except Exception as exc:
@@ -281,15 +288,15 @@ class WorkerActor:
             p.text.append(event.text)
         if event.finish_reason is not None:
             del self.active[p.key]
-            self.finish(p, event.finish_reason, event.completion_tokens)
+            self.finish(p, event.finish_reason, event.completion_tokens, event.cached_tokens)
 
-    def finish(self, p: Pending, reason: str, completion_tokens: int) -> None:
+    def finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0) -> None:
         """Send ``done`` with usage and timings (measured from broker acceptance)."""
         now = time.monotonic()
         base = p.broker_queue_s - p.arrived_s
         admitted = p.admitted_s or now
         timings = {"queue_s": base + admitted, "ttft_s": base + (p.first_token_s or now), "total_s": base + now}
-        usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens, "cached_tokens": 0}
+        usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
         done = Done(p.key, reason, usage, timings)
         if not p.request.stream:
             done.text = "".join(p.text)
@@ -323,7 +330,8 @@ class WorkerActor:
                 "mean_batch_size": round(e.mean_batch_size, 3), "generated_tokens": e.generated_tokens,
                 "busy_s": round(e.busy_s, 4), "fast_path_admissions": p.fast_path_admissions,
                 "admitted": p.admitted, "window_waits": p.window_waits,
-                "admission_batch": self.policy.admission_batch, "window_ms": self.policy.window_ms}
+                "admission_batch": self.policy.admission_batch, "window_ms": self.policy.window_ms,
+                **self.engine.cache_stats.as_dict()}
 
     # ---- teardown -------------------------------------------------------------------
 
