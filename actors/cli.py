@@ -31,7 +31,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     overrides: dict[str, Any] = {
         "frontend": args.frontend, "backend": args.backend, "metrics_port": args.metrics_port,
         "ready_timeout_s": args.ready_timeout, "drain_timeout_s": args.drain_timeout, "blas": args.blas,
-        "policy": args.policy, "window_ms": args.window_ms, "decode_capacity": args.decode_capacity,
+        "policy": args.policy, "window_ms": args.window_ms, "decode_window_ms": args.decode_window_ms, "decode_capacity": args.decode_capacity,
         "admission_batch": args.admission_batch, "log_level": args.log_level,
         "prompt_cache_entries": args.prompt_cache_entries, "prompt_cache_bytes": args.prompt_cache_bytes,
     }
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--blas", help="auto | reference | openblas | mkl | PATH (Linux CPU)")
     up.add_argument("--policy", choices=["immediate", "fixed", "adaptive"])
     up.add_argument("--window-ms", type=float)
+    up.add_argument("--decode-window-ms", type=float, help="least admission window while sequences decode")
     up.add_argument("--no-fast-path", action="store_true")
     up.add_argument("--auto-tune", action="store_true")
     up.add_argument("--decode-capacity", type=int, help="sequences decoding at once per worker")

@@ -26,6 +26,7 @@ class BatchingConfig:
 
     policy: str = "fixed"  # immediate | fixed | adaptive
     window_ms: float = 1.0
+    decode_window_ms: float = 0.0  # the least window while sequences decode (fixed/adaptive)
     fast_path: bool = True
     adaptive_low_ms: float = 0.75
     adaptive_medium_ms: float = 1.0
@@ -108,6 +109,7 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_BACKEND": "backend",
     "MLX_FLEET_BLAS": "blas",
     "MLX_FLEET_DECODE_CAPACITY": "decode_capacity",
+    "MLX_FLEET_DECODE_WINDOW_MS": "decode_window_ms",
     "MLX_FLEET_QUEUE_LIMIT": "queue_limit",
     "MLX_FLEET_LOG_LEVEL": "log_level",
     "MLX_FLEET_PROMPT_CACHE_ENTRIES": "prompt_cache_entries",
@@ -201,7 +203,7 @@ def validate_batching(b: BatchingConfig) -> None:
     """Raise ConfigError for values no worker could run with."""
     if b.policy not in ("immediate", "fixed", "adaptive"):
         raise ConfigError(f"policy: expected immediate, fixed or adaptive, got {b.policy!r}")
-    for name in ("window_ms", "adaptive_low_ms", "adaptive_medium_ms", "adaptive_high_ms"):
+    for name in ("window_ms", "decode_window_ms", "adaptive_low_ms", "adaptive_medium_ms", "adaptive_high_ms"):
         if not 0.0 <= getattr(b, name) <= 10_000.0:
             raise ConfigError(f"{name}: must be in [0, 10000] ms")
     if b.admission_batch < 1 or b.decode_capacity < 1 or b.prefill_step_size < 1:

@@ -28,7 +28,12 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fixed": {"policy": "fixed", "fast_path": False},
     "fixed+fast_path": {"policy": "fixed", "fast_path": True},
     "adaptive": {"policy": "adaptive", "fast_path": True},
+    # Candidates for the default decode window (held admissions while decoding).
+    "fixed+fast_path+dw25": {"policy": "fixed", "fast_path": True, "decode_window_ms": 25.0},
+    "fixed+fast_path+dw50": {"policy": "fixed", "fast_path": True, "decode_window_ms": 50.0},
+    "fixed+fast_path+dw100": {"policy": "fixed", "fast_path": True, "decode_window_ms": 100.0},
 }
+DEFAULT_POLICIES = "immediate,fixed,fixed+fast_path,adaptive"
 
 
 def prompts_for(level: int, per_client: int, minimum: int, tag: str = "") -> list[str]:
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="demo-small")
     ap.add_argument("--levels", default="1,2,4,8,16,32")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated, from: {', '.join(POLICIES)}")
     ap.add_argument("--max-tokens", type=int, default=50)
     ap.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--min-requests", type=int, default=8)

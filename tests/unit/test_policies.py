@@ -286,3 +286,23 @@ def test_auto_tune_starts_inside_bounds_and_is_off_by_default() -> None:
     assert pol.admission_batch == 8
     off, _ = make("fixed")
     assert make_auto_tuner(BatchingConfig(), off) is None
+
+
+@pytest.mark.parametrize(
+    ("decode_window_ms", "running", "elapsed_ms", "admit"),
+    [
+        (0.0, 4, 1.0, 1),  # seed behaviour: the 1 ms window alone
+        (20.0, 4, 1.0, 0),  # decoding: held for the longer window
+        (20.0, 4, 19.9, 0),
+        (20.0, 4, 20.0, 1),
+        (20.0, 0, 1.0, 1),  # idle engine: the decode window does not apply
+    ],
+)
+def test_decode_window_holds_arrivals_only_while_decoding(decode_window_ms, running, elapsed_ms, admit):
+    clock = FakeClock()
+    cfg = BatchingConfig(policy="fixed", window_ms=1.0, decode_window_ms=decode_window_ms, fast_path=False)
+    policy = make_policy(cfg, clock)
+    arrival = clock.now()
+    clock.advance_ms(elapsed_ms)
+    d = policy.decide(waiting=1, running=running, free_slots=8, first_arrival_s=arrival, urgent_waiting=False)
+    assert d.admit == admit
