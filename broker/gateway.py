@@ -151,13 +151,16 @@ class Gateway:
         async with contextlib.aclosing(items):
             try:
                 first = await anext(items)  # the status waits for the fleet's first answer
+                if not parsed.stream:
+                    done = first if isinstance(first, Completion) else await _last(items)
+                    _raise_if_cancelled(done)
+                    return json_response(fmt.full(done.text, FINISH_REASONS[done.finish_reason], done.usage))
             except FleetError as exc:
-                log.info("request %s refused: %s", rid, exc)
+                log.info("request %s refused: %s", fmt.id, exc)
                 return error_response(error_from_fleet(exc.code, exc.message))
-            if not parsed.stream:
-                done = first if isinstance(first, Completion) else await _last(items)
-                _raise_if_cancelled(done)
-                return json_response(fmt.full(done.text, FINISH_REASONS[done.finish_reason], done.usage))
+            except asyncio.CancelledError:
+                log.info("client of %s went away; cancelling it in the fleet", fmt.id)
+                raise
             return await self._stream(request, fmt, first, items)
 
     async def _stream(self, request: web.Request, fmt: ResponseFormat, first: StreamChunk | Completion,
@@ -189,8 +192,10 @@ class Gateway:
                 except StopAsyncIteration:
                     item = None
             await resp.write_eof()
-        except ConnectionResetError:
-            log.info("client of %s went away mid-stream; cancelling it", fmt.id)
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            log.info("client of %s went away mid-stream; cancelling it in the fleet", fmt.id)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         return resp
 
     # ---- models and health -----------------------------------------------------------------
