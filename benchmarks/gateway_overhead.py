@@ -1,22 +1,20 @@
-"""The HTTP gateway's overhead: OpenAI HTTP gateway vs the direct ZeroMQ client vs mlx_lm.server.
+"""The HTTP gateway's overhead: the OpenAI gateway vs the direct ZeroMQ client vs mlx_lm.server.
 
-One run, one model, the same prompts and sampling for every target:
+One run, one model, one BLAS, three ways in:
 
 - ``zmq``: ``broker.client.AsyncClient`` straight to the broker (the fleet's native path);
-- ``gateway``: streamed ``POST /v1/completions`` to the fleet's HTTP gateway;
-- ``mlx_lm.server``: the same HTTP requests to ``python -m mlx_lm.server`` on the same
-  model folder and BLAS, started and stopped by this script.
+- ``gateway``: streamed ``POST /v1/completions`` to the fleet's HTTP gateway (same fleet);
+- ``mlx_lm.server``: the same HTTP requests to ``python -m mlx_lm.server`` on the same folder.
 
-All three are up together; at every ``--clients`` level the targets take turns in
-blocks of closed-loop load (each client sends its next request when its last one ends),
-so that background load on the machine weighs on each alike. TTFT is the time from
-sending to the first non-empty text; tok/s is a target's completion tokens over the
-wall time of its blocks. The gateway's overhead is reported against the ZeroMQ client
-(and against mlx_lm.server), in ms and %, at TTFT p50/p99 and in aggregate tok/s.
-Writes ``benchmarks/results/gateway_overhead.{json,md}``.
+All three stay up for the whole run. Each repeat runs every level on every target, in an
+order that rotates, so drift in the shared machine's load spreads over all of them. Each
+request's prompt carries a tag unique to its target, repeat and level, so that no target
+gets prompt-cache hits from another's requests. The gateway's overhead against the ZeroMQ
+client (and against mlx_lm.server) is reported in ms and % at TTFT p50/p99 (pooled over
+repeats) and in aggregate tok/s, with a flag saying whether the per-repeat ranges overlap.
 
-    python benchmarks/gateway_overhead.py [--model demo-small] [--clients 1 16] [--requests 64] [--max-tokens 64]
-    python benchmarks/gateway_overhead.py --quick   # a smoke run (seconds); writes *_quick.{json,md}
+    python -m benchmarks.gateway_overhead [--model demo-small] [--levels 1,16] [--repeats 3]
+    python -m benchmarks.gateway_overhead --quick    # smoke run; writes gateway_overhead_quick.*
 """
 
 from __future__ import annotations
@@ -24,334 +22,198 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import platform
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-import urllib.request
-from dataclasses import dataclass
-from importlib.metadata import version
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Callable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from actors.config import BatchingConfig
+from actors.embedded import BackgroundFleet
+from benchmarks.common import Report, environment, progress, questions, spread, within_noise
+from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, free_port, http_requester, run_load
+from benchmarks.overhead import local_config
+from broker.client import AsyncClient, Completion, StreamChunk
+from workers.blas import blas_env, find_blas
 
-import aiohttp  # noqa: E402  (after the sys.path line, like the project imports)
-
-from actors.config import BatchingConfig, FleetConfig, ModelSpec  # noqa: E402
-from actors.stats import percentile  # noqa: E402
-from broker.client import AsyncClient, Completion, FleetError, StreamChunk  # noqa: E402
-
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-MODEL_NAME = "bench"
 TARGETS = ("zmq", "gateway", "mlx_lm.server")
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how a message broker routes requests to workers.",
-    "List three reasons to batch requests on a GPU.",
-    "Once upon a time, in a city of queues and workers,",
-    "Summarize the plot of a mystery novel in two sentences.",
-    "What is the capital of France? Answer in one word.",
-    "Translate 'good morning' into Spanish, French and German.",
-]
-START_TIMEOUT_S = 300.0
+BASELINES = (("zmq", "the direct ZeroMQ client (AsyncClient)"), ("mlx_lm.server", "mlx_lm.server"))
 
 
-@dataclass
-class Sample:
-    """One request as its client saw it."""
+def async_fleet_requester(frontend: str, model: str, max_tokens: int) -> Callable[[], tuple[Requester, Callable[[], None]]]:
+    """A factory of per-thread requesters over :class:`AsyncClient`, each on its own event loop."""
 
-    ttft_s: float
-    total_s: float
-    completion_tokens: int
-    error: str | None = None
+    def make() -> tuple[Requester, Callable[[], None]]:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
 
+        async def open_client() -> AsyncClient:
+            return AsyncClient(frontend, timeout_s=300.0)
 
-def free_port() -> int:
-    """A currently free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        client = loop.run_until_complete(open_client())
 
+        async def one(prompt: str) -> RequestSample:
+            t0 = time.perf_counter()
+            last, ttft, gaps, tokens = t0, 0.0, [], 0
+            async for item in client.stream(prompt, model=model, max_tokens=max_tokens, temperature=0.0):
+                if isinstance(item, StreamChunk) and item.text:
+                    now = time.perf_counter()
+                    if not ttft:
+                        ttft = now - t0
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                elif isinstance(item, Completion):
+                    tokens = int(item.usage.get("completion_tokens", 0))
+            total = time.perf_counter() - t0
+            return RequestSample(ttft or total, total, tokens, gaps)
 
-# ---- one request per target -------------------------------------------------------------
+        def close() -> None:
+            loop.run_until_complete(client.close())
+            loop.close()
 
+        return (lambda prompt: loop.run_until_complete(one(prompt))), close
 
-async def zmq_request(client: AsyncClient, prompt: str, max_tokens: int) -> Sample:
-    """A streamed request through the native ZeroMQ client."""
-    start_s = time.perf_counter()
-    ttft_s = 0.0
-    try:
-        async for item in client.stream(prompt, model=MODEL_NAME, max_tokens=max_tokens, temperature=0.0):
-            if isinstance(item, StreamChunk) and item.text and not ttft_s:
-                ttft_s = time.perf_counter() - start_s
-            elif isinstance(item, Completion):
-                return Sample(ttft_s, time.perf_counter() - start_s, int(item.usage.get("completion_tokens", 0)))
-    except FleetError as exc:
-        return Sample(0.0, time.perf_counter() - start_s, 0, str(exc))
-    return Sample(0.0, time.perf_counter() - start_s, 0, "stream ended without a completion")
-
-
-async def http_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int) -> Sample:
-    """A streamed ``/v1/completions`` request over HTTP (the gateway or mlx_lm.server)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    start_s = time.perf_counter()
-    ttft_s = 0.0
-    tokens = 0
-    try:
-        async with session.post(url, json=body) as resp:
-            if resp.status != 200:
-                return Sample(0.0, time.perf_counter() - start_s, 0, f"HTTP {resp.status}: {(await resp.text())[:200]}")
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[len(b"data: "):])
-                if event.get("error"):
-                    return Sample(0.0, time.perf_counter() - start_s, 0, str(event["error"])[:200])
-                if event.get("usage"):
-                    tokens = int(event["usage"].get("completion_tokens", 0))
-                choices = event.get("choices") or []
-                if choices and choices[0].get("text") and not ttft_s:
-                    ttft_s = time.perf_counter() - start_s
-    except aiohttp.ClientError as exc:
-        return Sample(0.0, time.perf_counter() - start_s, 0, f"{type(exc).__name__}: {exc}")
-    return Sample(ttft_s, time.perf_counter() - start_s, tokens)
+    return make
 
 
-# ---- interleaved closed-loop load ------------------------------------------------------------
-
-Target = Callable[[str], Awaitable[Sample]]
-
-
-async def run_block(one: Target, clients: int, per_client: int, offset: int) -> tuple[list[Sample], float]:
-    """``clients`` concurrent closed loops of ``per_client`` requests; returns samples and wall time."""
-    samples: list[Sample] = []
-
-    async def loop(c: int) -> None:
-        for i in range(per_client):
-            samples.append(await one(PROMPTS[(offset + c * per_client + i) % len(PROMPTS)]))
-
-    start_s = time.perf_counter()
-    await asyncio.gather(*(loop(c) for c in range(clients)))
-    return samples, time.perf_counter() - start_s
+def tagged_prompts(tag: str, count: int) -> list[str]:
+    """``count`` of the fixed questions, each prefixed with a tag of fixed width (no cache hits)."""
+    qs = questions()
+    return [f"({tag}.{i:03d}) {qs[i % len(qs)]}" for i in range(count)]
 
 
-def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
-    """TTFT percentiles (ms), aggregate tok/s, counts."""
-    ok = [s for s in samples if s.error is None and s.ttft_s > 0]
-    ttft_ms = [s.ttft_s * 1000.0 for s in ok] or [float("nan")]
-    tokens = sum(s.completion_tokens for s in ok)
-    return {
-        "requests": len(samples), "errors": len(samples) - len(ok),
-        "first_error": next((s.error for s in samples if s.error), None),
-        "ttft_p50_ms": percentile(ttft_ms, 50), "ttft_p99_ms": percentile(ttft_ms, 99),
-        "latency_p50_ms": percentile([s.total_s * 1000.0 for s in ok] or [float("nan")], 50),
-        "completion_tokens": tokens, "wall_s": wall_s, "tok_s": tokens / wall_s if wall_s > 0 else 0.0,
-    }
+def _delta(new: float | None, base: float | None) -> dict[str, float | None]:
+    if new is None or base is None:
+        return {"ms": None, "pct": None}
+    return {"ms": (new - base) * 1000.0, "pct": (new - base) / base * 100.0 if base else None}
 
 
-async def measure(targets: dict[str, Target], levels: list[int], requests: int, per_client: int,
-                  warmup: int) -> dict[str, dict[str, Any]]:
-    """Warm every target up, then at each level run blocks of load, the targets taking turns.
-
-    Turns (in an order that rotates every block) rather than one target after another,
-    so that a noisy neighbour on the machine weighs on every target alike.
-    """
-    for one in targets.values():
-        for i in range(warmup):
-            await one(PROMPTS[i % len(PROMPTS)])
-    out: dict[str, dict[str, Any]] = {name: {} for name in targets}
-    names = list(targets)
-    for clients in levels:
-        blocks = max(1, -(-requests // (clients * per_client)))
-        samples: dict[str, list[Sample]] = {name: [] for name in names}
-        wall_s = dict.fromkeys(names, 0.0)
-        for b in range(blocks):
-            for name in names[b % len(names):] + names[: b % len(names)]:
-                got, took_s = await run_block(targets[name], clients, per_client, b)
-                samples[name] += got
-                wall_s[name] += took_s
-        for name in names:
-            out[name][str(clients)] = summary = summarize(samples[name], wall_s[name])
-            print(f"{name:>14} {clients:>3} clients: TTFT p50 {summary['ttft_p50_ms']:.1f} ms, "
-                  f"p99 {summary['ttft_p99_ms']:.1f} ms, {summary['tok_s']:.1f} tok/s, {summary['errors']} errors",
-                  file=sys.stderr)
-    return out
-
-
-# ---- the targets' processes ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def running_fleet(source: str, capacity: int) -> Iterator[FleetConfig]:
-    """A fleet serving ``source`` as ``bench`` with its HTTP gateway, on loopback tcp."""
-    from actors.supervisor import Supervisor
-
-    batching = BatchingConfig(decode_capacity=capacity)
-    cfg = FleetConfig(frontend=f"tcp://127.0.0.1:{free_port()}", backend=f"tcp://127.0.0.1:{free_port()}",
-                      metrics_export=False, http_port=free_port(), ready_timeout_s=START_TIMEOUT_S,
-                      drain_timeout_s=5.0, models=(ModelSpec(MODEL_NAME, source, 1, batching),), batching=batching,
-                      log_level="WARNING")
-    sup = Supervisor(cfg)
-    try:
-        sup.start()
-        threading.Thread(target=sup.run, daemon=True).start()
-        yield cfg
-    finally:
-        sup.request_stop()
-        sup.shutdown()
-
-
-@contextlib.contextmanager
-def running_mlx_lm_server(folder: Path, capacity: int) -> Iterator[str]:
-    """``python -m mlx_lm.server`` on the same folder and BLAS; yields its base URL."""
-    from workers.blas import blas_env, find_blas
-
-    port = free_port()
-    env = {**os.environ, **blas_env(find_blas("auto"))}
-    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port),
-           "--decode-concurrency", str(capacity), "--log-level", "WARNING"]
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile(mode="w+") as log_file:  # a pipe could fill up and stall the server
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
-        try:
-            deadline_s = time.monotonic() + START_TIMEOUT_S
-            while not _answers(base + "/v1/models"):
-                if proc.poll() is not None or time.monotonic() > deadline_s:
-                    log_file.seek(0)
-                    raise RuntimeError(f"mlx_lm.server did not come up (exit {proc.returncode}): {log_file.read()[-500:]}")
-                time.sleep(0.2)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-async def measure_all(cfg: FleetConfig, mlx_lm_url: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Every target, interleaved, over one AsyncClient and one HTTP session."""
-    gateway_url = f"http://127.0.0.1:{cfg.http_port}/v1/completions"
-    async with AsyncClient(cfg.frontend, timeout_s=600.0) as client, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        targets: dict[str, Target] = {
-            "zmq": lambda p: zmq_request(client, p, args.max_tokens),
-            "gateway": lambda p: http_request(session, gateway_url, MODEL_NAME, p, args.max_tokens),
-        }
-        if mlx_lm_url is not None:
-            url = mlx_lm_url + "/v1/completions"
-            targets["mlx_lm.server"] = lambda p: http_request(session, url, "default_model", p, args.max_tokens)
-        return await measure(targets, args.clients, args.requests, args.per_client, args.warmup)
-
-
-# ---- report --------------------------------------------------------------------------------------
-
-
-def _delta(new: float, base: float) -> dict[str, float]:
-    return {"ms": new - base, "pct": (new - base) / base * 100.0 if base else float("nan")}
-
-
-def overhead(results: dict[str, Any], levels: list[int], base: str) -> dict[str, Any]:
-    """The gateway against ``base`` at each level: TTFT p50/p99 in ms and %, tok/s in %."""
-    out: dict[str, Any] = {}
-    for clients in map(str, levels):
-        g, b = results["gateway"][clients], results[base][clients]
-        out[clients] = {
-            "ttft_p50": _delta(g["ttft_p50_ms"], b["ttft_p50_ms"]),
-            "ttft_p99": _delta(g["ttft_p99_ms"], b["ttft_p99_ms"]),
-            "tok_s_pct": (g["tok_s"] - b["tok_s"]) / b["tok_s"] * 100.0 if b["tok_s"] else float("nan"),
+def compare(runs: dict[str, dict[int, list[LoadRun]]], target: str, base: str, levels: list[int]) -> dict[int, Any]:
+    """``target`` against ``base`` per level: TTFT p50/p99 deltas, tok/s delta, noise flags."""
+    out: dict[int, Any] = {}
+    for level in levels:
+        t, b = pooled(runs[target][level]).summary(), pooled(runs[base][level]).summary()
+        t_tok = [r.summary()["tok_per_s"] for r in runs[target][level]]
+        b_tok = [r.summary()["tok_per_s"] for r in runs[base][level]]
+        t_p50 = [r.summary()["ttft_p50_s"] or 0.0 for r in runs[target][level]]
+        b_p50 = [r.summary()["ttft_p50_s"] or 0.0 for r in runs[base][level]]
+        out[level] = {
+            "ttft_p50": _delta(t["ttft_p50_s"], b["ttft_p50_s"]),
+            "ttft_p99": _delta(t["ttft_p99_s"], b["ttft_p99_s"]),
+            "tok_per_s_pct": (t["tok_per_s"] - b["tok_per_s"]) / b["tok_per_s"] * 100.0 if b["tok_per_s"] else None,
+            "ttft_p50_within_noise": within_noise(t_p50, b_p50),
+            "tok_per_s_within_noise": within_noise(t_tok, b_tok),
         }
     return out
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The Markdown page for the report."""
-    c, levels = report["config"], report["config"]["clients"]
-    lines = [
-        "# HTTP gateway overhead",
-        "",
-        f"Model `{c['model']}`; {c['requests']} streamed completions per level ({c['max_tokens']} max tokens, greedy); "
-        f"clients {', '.join(map(str, levels))}; {c['mode']} run. {report['env']['cpu']}, mlx {report['env']['mlx']}, "
-        f"mlx-lm {report['env']['mlx_lm']}, aiohttp {report['env']['aiohttp']}.",
-        "",
-        "| target | clients | TTFT p50 (ms) | TTFT p99 (ms) | latency p50 (ms) | tok/s | requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for clients in map(str, levels):
-        for target in TARGETS:
-            r = report["results"].get(target, {}).get(clients)
-            if r:
-                lines.append(f"| {target} | {clients} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
-                             f"{r['latency_p50_ms']:.1f} | {r['tok_s']:.1f} | {r['requests']} | {r['errors']} |")
-    for base, title in (("zmq", "the direct ZeroMQ client"), ("mlx_lm.server", "mlx_lm.server")):
-        if base not in report["overhead"]:
+def pooled(runs: list[LoadRun]) -> LoadRun:
+    """The repeats of one level as one run: all samples, summed wall time."""
+    return LoadRun(runs[0].clients, sum(r.wall_s for r in runs), [s for r in runs for s in r.samples])
+
+
+def markdown(runs: dict[str, dict[int, list[LoadRun]]], overhead: dict[str, Any], levels: list[int]) -> str:
+    """A table of every target, then the gateway's overhead against each baseline."""
+    out = ["| target | clients | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | tok/s | tok/s per repeat (spread) | ok |",
+           "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for level in levels:
+        for name in runs:
+            s = pooled(runs[name][level]).summary()
+            per_rep = spread([r.summary()["tok_per_s"] for r in runs[name][level]])
+            ms = {k: "—" if s[k] is None else f"{s[k] * 1000:.1f}" for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s")}
+            out.append(f"| {name} | {level} | {ms['ttft_p50_s']} | {ms['ttft_p99_s']} | {ms['itl_p50_s']} | "
+                       f"{s['tok_per_s']:.1f} | {per_rep['min']:.1f}–{per_rep['max']:.1f} (±{per_rep['half_range_pct']:.0f}%) | "
+                       f"{s['ok']}/{s['requests']} |")
+    for base, title in BASELINES:
+        if base not in overhead:
             continue
-        lines += ["", f"Gateway vs {title} (positive TTFT = the gateway is slower; negative tok/s = the gateway is slower):", "",
-                  "| clients | TTFT p50 | TTFT p99 | aggregate tok/s |", "|---:|---:|---:|---:|"]
-        for clients, o in report["overhead"][base].items():
-            lines.append(f"| {clients} | {o['ttft_p50']['ms']:+.2f} ms ({o['ttft_p50']['pct']:+.1f}%) | "
-                         f"{o['ttft_p99']['ms']:+.2f} ms ({o['ttft_p99']['pct']:+.1f}%) | {o['tok_s_pct']:+.1f}% |")
-    return "\n".join(lines) + "\n"
+        out += ["", f"### Gateway vs {title}", "",
+                "Positive TTFT: the gateway is slower. Negative tok/s: the gateway is slower. "
+                "'noise': the per-repeat ranges overlap.", "",
+                "| clients | TTFT p50 | TTFT p99 | aggregate tok/s |", "|---:|---:|---:|---:|"]
+        for level, o in overhead[base].items():
+            def cell(d: dict[str, float | None]) -> str:
+                return "—" if d["ms"] is None else f"{d['ms']:+.2f} ms ({d['pct']:+.1f}%)"
+            tok = "—" if o["tok_per_s_pct"] is None else f"{o['tok_per_s_pct']:+.1f}%"
+            out.append(f"| {level} | {cell(o['ttft_p50'])}{' (noise)' if o['ttft_p50_within_noise'] else ''} | "
+                       f"{cell(o['ttft_p99'])} | {tok}{' (noise)' if o['tok_per_s_within_noise'] else ''} |")
+    return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write its JSON and Markdown."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="demo-small", help="a built-in demo size (demo, demo-small) or an MLX model folder")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--requests", type=int, default=64, help="requests per level (at least one per client)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--per-client", type=int, default=2, help="requests each client sends in one turn of a target")
-    p.add_argument("--warmup", type=int, default=4, help="requests before measuring each target")
-    p.add_argument("--skip-mlx-lm-server", action="store_true")
-    p.add_argument("--quick", action="store_true", help="smoke run: few short requests; writes *_quick files")
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison and write benchmarks/results/<name>.{json,md}."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo-small", help="a built-in demo size or an MLX model folder")
+    ap.add_argument("--levels", default="1,16", help="client counts")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--per-client", type=int, default=4, help="requests per client at each level and repeat")
+    ap.add_argument("--min-requests", type=int, default=16, help="requests at least, per level and repeat")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
+    ap.add_argument("--quick", action="store_true", help="smoke run in well under a minute; writes <name>_quick.*")
+    ap.add_argument("--name", default="gateway_overhead")
+    args = ap.parse_args(argv)
     if args.quick:
-        args.requests, args.max_tokens, args.warmup, args.per_client = 16, 8, 1, 1
+        args.repeats, args.per_client, args.min_requests, args.max_tokens = 1, 1, 2, 8
+        args.name += "_quick"
+    levels = [int(x) for x in args.levels.split(",")]
+    capacity = max(levels)
 
-    from workers.demo_model import DEMO_SIZES, ensure_demo_model
+    from workers.models import resolve_source
 
-    folder = ensure_demo_model(args.model) if args.model in DEMO_SIZES else Path(args.model)
-    source = args.model if args.model in DEMO_SIZES else str(folder)
-    capacity = max(args.clients)
-    with running_fleet(source, capacity) as cfg, contextlib.ExitStack() as stack:
-        mlx_lm_url = None if args.skip_mlx_lm_server else stack.enter_context(running_mlx_lm_server(folder, capacity))
-        results = asyncio.run(measure_all(cfg, mlx_lm_url, args))
-    report = {
-        "config": {"model": args.model, "clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
-                   "per_client": args.per_client, "warmup": args.warmup, "mode": "quick (smoke)" if args.quick else "full"},
-        "env": {"cpu": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-                "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "aiohttp": version("aiohttp"), "pyzmq": version("pyzmq")},
-        "results": results,
-        "overhead": {base: overhead(results, args.clients, base) for base in ("zmq", "mlx_lm.server") if base in results},
+    blas = find_blas("auto")
+    model_path = str(resolve_source(args.model))
+    cfg, ipc_dir = local_config(args.model, BatchingConfig(decode_capacity=capacity), http_port=free_port(),
+                                log_level="WARNING")
+    runs: dict[str, dict[int, list[LoadRun]]] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(BackgroundFleet(cfg, ipc_dir))
+        systems = {"zmq": async_fleet_requester(cfg.frontend, args.model, args.max_tokens),
+                   "gateway": http_requester(cfg.http_port, args.model, args.max_tokens)}
+        progress(f"fleet up; gateway on :{cfg.http_port}")
+        if not args.no_server:
+            server = stack.enter_context(MlxLmServer(model_path, env=blas_env(blas),
+                                                     extra_args=["--decode-concurrency", str(capacity)]))
+            systems["mlx_lm.server"] = http_requester(server.port, "default_model", args.max_tokens)
+            progress("mlx_lm.server up")
+        names = list(systems)
+        for i, name in enumerate(names):  # warm-up: compile paths, connections
+            run_load(systems[name], 2, tagged_prompts(f"w{i}", 4))
+        for rep in range(args.repeats):
+            for li, level in enumerate(levels):
+                turn = (rep + li) % len(names)
+                for name in names[turn:] + names[:turn]:
+                    count = max(level * args.per_client, args.min_requests)
+                    run = run_load(systems[name], level, tagged_prompts(f"t{names.index(name)}r{rep}l{level:02d}", count))
+                    runs.setdefault(name, {}).setdefault(level, []).append(run)
+                    s = run.summary()
+                    progress(f"repeat {rep + 1}/{args.repeats} {name} @ {level} clients: {s['tok_per_s']:.1f} tok/s, "
+                             f"TTFT p50 {1000 * (s['ttft_p50_s'] or 0):.1f} ms, ok {s['ok']}/{s['requests']}")
+    overhead = {base: compare(runs, "gateway", base, levels) for base, _ in BASELINES if base in runs}
+    report = Report(args.name, "HTTP gateway overhead: gateway vs direct ZeroMQ client vs mlx_lm.server",
+                    environment({"name": blas.name, "path": blas.path}, args.model),
+                    {"levels": levels, "repeats": args.repeats, "per_client": args.per_client, "min_requests": args.min_requests,
+                     "max_tokens": args.max_tokens, "decode_capacity": capacity, "quick": args.quick})
+    report.env["packages"]["aiohttp"] = _version("aiohttp")
+    report.results = {
+        "summary": {name: {level: pooled(r).summary() for level, r in by_level.items()} for name, by_level in runs.items()},
+        "overhead": overhead,
+        "samples": {name: {level: [[s.__dict__ for s in r.samples] for r in rs] for level, rs in by_level.items()}
+                    for name, by_level in runs.items()},
     }
-    stem = "gateway_overhead_quick" if args.quick else "gateway_overhead"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    report.add_markdown(markdown(runs, overhead, levels))
+    json_path, md_path = report.write()
+    progress(f"wrote {json_path} and {md_path}")
+    print(md_path.read_text())
+    return report.results
+
+
+def _version(pkg: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
