@@ -207,6 +207,24 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(fleet
     wait_until(fleet, idle, timeout_s=5)
 
 
+def test_the_supervisor_restarts_a_dead_gateway(fleet):
+    child = fleet.child("gateway")
+    old_pid = child.process.pid
+    child.process.kill()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if child.process.pid != old_pid and http(fleet, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, "the gateway did not come back"
+        threading.Event().wait(0.1)
+    assert child.restarts == 1
+    got = openai_client(fleet).completions.create(model="demo", prompt="Hello", max_tokens=3, temperature=0)
+    assert got.usage.completion_tokens == 3
+
+
 def test_worker_lost_mid_stream_is_an_in_band_error(fleet):
     """Last on this fleet: it kills the worker."""
     oa = openai_client(fleet)
