@@ -165,8 +165,8 @@ class Gateway:
 
     async def _stream(self, request: web.Request, fmt: ResponseFormat, first: StreamChunk | Completion,
                       items: AsyncIterator[StreamChunk | Completion]) -> web.StreamResponse:
-        if isinstance(first, Completion) and first.finish_reason == CANCELLED:
-            _raise_if_cancelled(first)
+        if isinstance(first, Completion):
+            _raise_if_cancelled(first)  # still time for a proper status
         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await resp.prepare(request)
         pending = fmt.start()
