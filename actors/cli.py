@@ -34,6 +34,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         "policy": args.policy, "window_ms": args.window_ms, "decode_window_ms": args.decode_window_ms, "decode_capacity": args.decode_capacity,
         "admission_batch": args.admission_batch, "log_level": args.log_level,
         "prompt_cache_entries": args.prompt_cache_entries, "prompt_cache_bytes": args.prompt_cache_bytes,
+        "http_host": args.http_host, "http_port": args.http_port, "api_key": args.api_key,
     }
     if args.no_fast_path:
         overrides["fast_path"] = False
@@ -52,8 +53,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, "fleet")
     names = ", ".join(f"{m.name}={m.source} x{m.replicas}" for m in cfg.models)
     log = logging.getLogger("mlx_fleet")
-    log.info("starting fleet: %s; clients on %s", names, cfg.frontend)
-    return run_fleet(cfg, on_ready=lambda: log.info("fleet ready on %s (Ctrl-C to stop)", cfg.frontend))
+    http = f", OpenAI HTTP on http://{cfg.http_host}:{cfg.http_port}/v1" if cfg.http_port else ""
+    log.info("starting fleet: %s; clients on %s%s", names, cfg.frontend, http)
+    return run_fleet(cfg, on_ready=lambda: log.info("fleet ready on %s%s (Ctrl-C to stop)", cfg.frontend, http))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -141,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
     up.add_argument("--backend", help="worker endpoint to bind (default tcp://127.0.0.1:5556)")
     up.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
+    up.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP gateway port (default 8000; 0 turns it off)")
+    up.add_argument("--http-host", help="address the HTTP gateway binds (default 127.0.0.1)")
+    up.add_argument("--api-key", help="bearer token the HTTP gateway requires (prefer the env var MLX_FLEET_API_KEY)")
     up.add_argument("--ready-timeout", type=float, help="seconds to wait for workers (ready_timeout_s)")
     up.add_argument("--drain-timeout", type=float, help="seconds to let in-flight requests finish on stop")
     up.add_argument("--blas", help="auto | reference | openblas | mkl | PATH (Linux CPU)")

@@ -71,6 +71,10 @@ class FleetConfig:
     drain_timeout_s: float = 30.0
     queue_limit: int = 1024
     request_timeout_s: float = 600.0
+    no_worker_timeout_s: float = 60.0  # a queued request fails `unavailable` after this long with no live worker
+    http_host: str = "127.0.0.1"  # OpenAI-compatible gateway (broker/gateway.py)
+    http_port: int = 8000  # 0 turns the gateway off
+    api_key: str = field(default="", repr=False)  # bearer token the gateway requires; empty: none
     blas: str = "auto"
     restart_max: int = 5
     restart_window_s: float = 60.0
@@ -114,6 +118,8 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_LOG_LEVEL": "log_level",
     "MLX_FLEET_PROMPT_CACHE_ENTRIES": "prompt_cache_entries",
     "MLX_FLEET_PROMPT_CACHE_BYTES": "prompt_cache_bytes",
+    "MLX_FLEET_HTTP_PORT": "http_port",
+    "MLX_FLEET_API_KEY": "api_key",
 }
 
 
@@ -276,6 +282,10 @@ def load_config(
         raise ConfigError("heartbeat_interval_s must be > 0 and heartbeat_liveness >= 1")
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("metrics_port must be in 0..65535")
+    if not 0 <= cfg.http_port <= 65535:
+        raise ConfigError("http_port must be in 0..65535 (0 turns the HTTP gateway off)")
+    if cfg.no_worker_timeout_s <= 0:
+        raise ConfigError("no_worker_timeout_s must be > 0")
     return cfg
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ class Child:
     """One supervised process and its restart history."""
 
     name: str
-    kind: str  # broker | worker | collector
+    kind: str  # broker | worker | gateway | collector
     target: Callable[[Any], None]
     arg: Any
     process: BaseProcess | None = None
@@ -89,6 +90,10 @@ class Supervisor:
         self.children: list[Child] = [Child("broker", "broker", run_broker, cfg)]
         for ws in worker_settings(cfg):
             self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, ws))
+        if cfg.http_port:
+            from broker.gateway import run_gateway
+
+            self.children.append(Child("gateway", "gateway", run_gateway, cfg))
         self.stop_event = threading.Event()
 
     # ---- start ----------------------------------------------------------------------
@@ -119,14 +124,27 @@ class Supervisor:
                 except FleetError:
                     continue
                 have = {name: len(models.get(name, {}).get("workers", [])) for name in want}
-                if all(have[n] >= want[n] for n in want):
+                if all(have[n] >= want[n] for n in want) and self.gateway_listening():
                     return
                 self.stop_event.wait(0.2)
         missing = ", ".join(f"{n} ({have.get(n, 0)}/{want[n]})" for n in want if have.get(n, 0) < want[n])
+        if not missing:
+            missing = f"HTTP gateway not listening on {self.cfg.http_host}:{self.cfg.http_port}"
         raise StartupError(
-            f"workers not ready within ready_timeout_s={self.cfg.ready_timeout_s:g}s: {missing}; "
+            f"fleet not ready within ready_timeout_s={self.cfg.ready_timeout_s:g}s: {missing}; "
             "raise --ready-timeout or ready_timeout_s in the config"
         )
+
+    def gateway_listening(self) -> bool:
+        """True when the HTTP gateway accepts connections, or when it is off."""
+        if not self.cfg.http_port:
+            return True
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.cfg.http_host, self.cfg.http_host)
+        try:
+            socket.create_connection((host, self.cfg.http_port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
 
     # ---- run ----------------------------------------------------------------------------
 
@@ -170,10 +188,10 @@ class Supervisor:
     # ---- stop ---------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Drain the broker, then stop workers; kill whatever outlives its deadline."""
-        broker = [c for c in self.children if c.kind == "broker"]
-        others = [c for c in self.children if c.kind != "broker"]
-        self._stop(broker, self.cfg.drain_timeout_s + 5.0)
+        """Drain the broker and the gateway, then stop workers; kill whatever outlives its deadline."""
+        front = [c for c in self.children if c.kind in ("broker", "gateway")]
+        others = [c for c in self.children if c.kind not in ("broker", "gateway")]
+        self._stop(front, self.cfg.drain_timeout_s + 5.0)
         self._stop(others, 10.0)
 
     def _stop(self, children: list[Child], timeout_s: float) -> None:

@@ -27,11 +27,11 @@ from broker.client import Client  # noqa: E402
 
 
 def local_config(model: str, batching: BatchingConfig | None = None, replicas: int = 1, **overrides: Any) -> tuple[FleetConfig, str]:
-    """A fleet on fresh ipc endpoints serving ``model`` (source == name), metrics off."""
+    """A fleet on fresh ipc endpoints serving ``model`` (source == name), metrics and HTTP gateway off."""
     ipc_dir = tempfile.mkdtemp(prefix="mlxf-bench-", dir="/tmp")
     b = batching or BatchingConfig()
     cfg = FleetConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", metrics_export=False,
-                      models=(ModelSpec(model, model, replicas, b),), batching=b)
+                      http_port=0, models=(ModelSpec(model, model, replicas, b),), batching=b)
     return dataclasses.replace(cfg, **overrides), ipc_dir
 
 

@@ -43,6 +43,7 @@ class BrokerActor:
             heartbeat_interval_s=cfg.heartbeat_interval_s,
             heartbeat_liveness=cfg.heartbeat_liveness,
             default_timeout_s=cfg.request_timeout_s,
+            no_worker_timeout_s=cfg.no_worker_timeout_s,
         )
         self.ctx = ctx or zmq.Context()
         self.frontend = make_socket(self.ctx, zmq.ROUTER)

@@ -32,9 +32,13 @@ def make_config(
     transport: str = "ipc",
     models: tuple[tuple[str, str, int], ...] = (("demo", "demo", 1),),
     batching: BatchingConfig | None = None,
+    gateway: bool = False,
     **overrides: Any,
 ) -> tuple[FleetConfig, str | None]:
-    """A test FleetConfig on fresh ipc paths or tcp ports; metrics off unless asked."""
+    """A test FleetConfig on fresh ipc paths or tcp ports; metrics off unless asked.
+
+    The HTTP gateway is off unless ``gateway=True``, which puts it on a free loopback port.
+    """
     ipc_dir = None
     if transport == "ipc":
         ipc_dir = short_ipc_dir()
@@ -44,7 +48,8 @@ def make_config(
     b = batching or BatchingConfig()
     specs = tuple(ModelSpec(n, s, r, b) for n, s, r in models)
     base = FleetConfig(frontend=frontend, backend=backend, metrics_export=False, ready_timeout_s=120.0,
-                       drain_timeout_s=10.0, models=specs, batching=b)
+                       drain_timeout_s=10.0, models=specs, batching=b,
+                       http_port=free_tcp_port() if gateway else 0)
     return dataclasses.replace(base, **overrides), ipc_dir
 
 

@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP gateway: an aiohttp server in front of the broker.
+
+The gateway is one more client of the broker. Each HTTP request becomes one
+``generate`` sent through :class:`broker.client.AsyncClient`; the ZeroMQ
+endpoint stays the fleet's native interface. A request's HTTP status waits for
+the fleet's first answer, so refusals (unknown model, overloaded, timeout in
+the queue, no live worker) get their own status even when streaming; an error
+after the first token arrives in-band, as an SSE ``data: {"error": ...}`` event.
+
+A client that goes away cancels its request in the fleet: aiohttp cancels the
+handler when the connection drops (``handler_cancellation``), and closing the
+AsyncClient stream sends ``cancel``, which frees the worker's slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from actors.config import FleetConfig
+from actors.logs import setup_logging
+from actors.protocol import CANCELLED, DEFAULT_LIMITS
+from broker.client import GRACE_S, AsyncClient, Completion, FleetError, StreamChunk
+from broker.openai_responses import FINISH_REASONS, ResponseFormat, json_bytes
+from broker.openai_schema import (
+    DEFAULT_MAX_TOKENS, OpenAIError, ParsedRequest, error_from_fleet, parse_chat_request, parse_completion_request,
+)
+
+log = logging.getLogger("mlx_fleet.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the gateway process needs; built from the FleetConfig by :meth:`from_config`."""
+
+    connect: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = field(default="", repr=False)
+    request_timeout_s: float = 600.0  # the broker's default; the local wait adds a grace on top
+    call_timeout_s: float = 5.0  # models / status calls to the broker
+    drain_timeout_s: float = 30.0  # in-flight HTTP requests may finish this long after SIGTERM
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_config(cls, cfg: FleetConfig) -> "GatewaySettings":
+        """Settings for the gateway that `mlx-fleet up` runs beside the broker."""
+        from actors.supervisor import local_backend
+
+        return cls(connect=local_backend(cfg.frontend), host=cfg.http_host, port=cfg.http_port, api_key=cfg.api_key,
+                   request_timeout_s=cfg.request_timeout_s, drain_timeout_s=cfg.drain_timeout_s, log_level=cfg.log_level)
+
+
+def error_response(err: OpenAIError) -> web.Response:
+    """An OpenAI-format JSON error."""
+    return web.Response(status=err.status, body=json_bytes(err.body()), content_type="application/json")
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> web.Response:
+    """A compact JSON response."""
+    return web.Response(status=status, body=json_bytes(body), content_type="application/json")
+
+
+def _http_error(exc: web.HTTPException, request: web.Request) -> OpenAIError:
+    """aiohttp's own refusals (no route, wrong method, body too large) in OpenAI's format."""
+    if exc.status == 404:
+        msg = f"Invalid URL ({request.method} {request.path})"
+    elif exc.status == 405:
+        msg = f"Method {request.method} not allowed on {request.path}"
+    else:
+        msg = exc.reason or exc.text or "request refused"
+    etype = "invalid_request_error" if exc.status < 500 else "server_error"
+    return OpenAIError(exc.status, msg, type=etype, code=exc.reason.lower().replace(" ", "_") if exc.reason else None)
+
+
+def make_middlewares(settings: GatewaySettings) -> list[Any]:
+    """Error formatting (outermost), then bearer-token auth when an API key is set."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OpenAIError as err:
+            return error_response(err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(_http_error(exc, request))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(OpenAIError(500, "internal error in the gateway (see its log)", type="server_error", code="internal"))
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise OpenAIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                                  code="missing_api_key")
+            if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+                raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return await handler(request)
+
+    return [errors, auth] if settings.api_key else [errors]
+
+
+class Gateway:
+    """The request handlers; one AsyncClient shared by every request."""
+
+    def __init__(self, client: AsyncClient, settings: GatewaySettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.started_s = int(time.time())
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        parsed = parse_chat_request(await _json_body(request), default_max_tokens=self.settings.default_max_tokens)
+        return await self._generate(request, parsed, "chatcmpl-")
+
+    async def handle_completion(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        parsed = parse_completion_request(await _json_body(request), default_max_tokens=self.settings.default_max_tokens)
+        return await self._generate(request, parsed, "cmpl-")
+
+    async def _generate(self, request: web.Request, parsed: ParsedRequest, id_prefix: str) -> web.StreamResponse:
+        rid = uuid.uuid4().hex
+        fmt = ResponseFormat(parsed.kind, completion_id=id_prefix + rid, model=parsed.model,
+                             created_s=int(time.time()), include_usage=parsed.include_usage)
+        items = self.client.stream(model=parsed.model, request_id=rid, _stream=parsed.stream, **parsed.options)
+        # Closing the stream early (error, disconnect, cancellation) sends `cancel` to the fleet.
+        async with contextlib.aclosing(items):
+            try:
+                first = await anext(items)  # the status waits for the fleet's first answer
+                if not parsed.stream:
+                    done = first if isinstance(first, Completion) else await _last(items)
+                    _raise_if_cancelled(done)
+                    return json_response(fmt.full(done.text, FINISH_REASONS[done.finish_reason], done.usage))
+            except FleetError as exc:
+                log.info("request %s refused: %s", fmt.id, exc)
+                return error_response(error_from_fleet(exc.code, exc.message))
+            except asyncio.CancelledError:
+                log.info("client of %s went away; cancelling it in the fleet", fmt.id)
+                raise
+            return await self._stream(request, fmt, first, items)
+
+    async def _stream(self, request: web.Request, fmt: ResponseFormat, first: StreamChunk | Completion,
+                      items: AsyncIterator[StreamChunk | Completion]) -> web.StreamResponse:
+        if isinstance(first, Completion):
+            _raise_if_cancelled(first)  # still time for a proper status
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        pending = fmt.start()
+        item: StreamChunk | Completion | None = first
+        try:
+            while item is not None:
+                if isinstance(item, StreamChunk):
+                    if item.text:
+                        await resp.write(pending + fmt.delta(item.text))
+                        pending = b""
+                elif item.finish_reason in FINISH_REASONS:
+                    await resp.write(pending + fmt.finish(FINISH_REASONS[item.finish_reason], item.usage))
+                    break
+                else:
+                    await resp.write(pending + fmt.error(_cancelled_error().body()))
+                    break
+                try:
+                    item = await anext(items)
+                except FleetError as exc:
+                    log.info("request %s failed mid-stream: %s", fmt.id, exc)
+                    await resp.write(pending + fmt.error(error_from_fleet(exc.code, exc.message).body()))
+                    break
+                except StopAsyncIteration:
+                    item = None
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            log.info("client of %s went away mid-stream; cancelling it in the fleet", fmt.id)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        return resp
+
+    # ---- models and health -----------------------------------------------------------------
+
+    async def _models(self) -> list[dict[str, Any]]:
+        try:
+            return await self.client.models(timeout_s=self.settings.call_timeout_s)
+        except FleetError as exc:
+            raise error_from_fleet(exc.code, f"cannot list models: {exc.message}") from None
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.started_s, "owned_by": "mlx-fleet"}
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: the fleet's models."""
+        return json_response({"object": "list", "data": [self._model_card(m["name"]) for m in await self._models()]})
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model}."""
+        name = request.match_info["model"]
+        if not any(m["name"] == name for m in await self._models()):
+            raise OpenAIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+        return json_response(self._model_card(name))
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        """GET /health: 200 when the broker answers, with each model's ready workers; else 503."""
+        try:
+            models = await self.client.models(timeout_s=min(2.0, self.settings.call_timeout_s))
+        except FleetError as exc:
+            return json_response({"status": "unavailable", "error": exc.message}, status=503)
+        return json_response({"status": "ok", "models": {m["name"]: {"workers_ready": m["workers_ready"]} for m in models}})
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def _last(items: AsyncIterator[StreamChunk | Completion]) -> Completion:
+    """Drain a non-streamed request to its Completion (raises FleetError on an error)."""
+    async for item in items:
+        if isinstance(item, Completion):
+            return item
+    raise FleetError("internal", "the fleet ended the request without a terminal message")
+
+
+def _cancelled_error() -> OpenAIError:
+    return error_from_fleet(CANCELLED, "the fleet cancelled this request before it finished")
+
+
+def _raise_if_cancelled(done: Completion) -> None:
+    if done.finish_reason not in FINISH_REASONS:
+        raise _cancelled_error()
+
+
+def make_app(client: AsyncClient, settings: GatewaySettings) -> web.Application:
+    """The aiohttp application: routes, error format and auth."""
+    gw = Gateway(client, settings)
+    # A prompt may be up to max_prompt_chars; leave room for JSON escapes.
+    app = web.Application(middlewares=make_middlewares(settings), client_max_size=DEFAULT_LIMITS.max_frame_bytes)
+    app.add_routes([
+        web.post("/v1/chat/completions", gw.handle_chat),
+        web.post("/v1/completions", gw.handle_completion),
+        web.get("/v1/models", gw.handle_models),
+        web.get("/v1/models/{model}", gw.handle_model),
+        web.get("/health", gw.handle_health),
+    ])
+    return app
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event, *, on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until ``stop`` is set, then let in-flight requests finish (``drain_timeout_s``)."""
+    client = AsyncClient(settings.connect, timeout_s=settings.request_timeout_s + GRACE_S)
+    runner = web.AppRunner(make_app(client, settings), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.drain_timeout_s)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await client.close()
+
+
+def run_gateway(cfg: FleetConfig) -> None:
+    """Process entry point (spawned by the supervisor when ``http_port`` is not 0)."""
+    setup_logging(cfg.log_level, "gateway")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates Ctrl-C
+    settings = GatewaySettings.from_config(cfg)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("the HTTP gateway binds %s with no API key: anyone who can reach it can use the fleet "
+                    "(set MLX_FLEET_API_KEY or --api-key)", settings.host)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        auth = "bearer token required" if settings.api_key else "no auth"
+        await serve(settings, stop, on_ready=lambda: log.info(
+            "OpenAI-compatible gateway on http://%s:%d/v1 (%s), broker %s", settings.host, settings.port, auth, settings.connect))
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        log.error("cannot bind the HTTP gateway to %s:%d: %s; change --http-port or http_port (0 turns the gateway off)",
+                  settings.host, settings.port, exc.strerror or exc)
+        sys.exit(1)
+    log.info("gateway stopped")
