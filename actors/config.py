@@ -65,6 +65,10 @@ class FleetConfig:
     metrics_export: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
+    # Where the collector PULLs metric events from the broker, workers and supervisor.
+    # tcp on loopback next to the frontend/backend defaults: unique per port rather than
+    # per /tmp path, and reachable by workers on other hosts once bound wider.
+    metrics_events: str = "tcp://127.0.0.1:5557"
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
     ready_timeout_s: float = 180.0
@@ -109,6 +113,7 @@ ENV_VARS: dict[str, str] = {
     "MLX_AUTO_TUNE_INTERVAL": "auto_tune_interval",
     "MLX_METRICS_EXPORT": "metrics_export",
     "MLX_METRICS_PORT": "metrics_port",
+    "MLX_FLEET_METRICS_EVENTS": "metrics_events",
     "MLX_FLEET_FRONTEND": "frontend",
     "MLX_FLEET_BACKEND": "backend",
     "MLX_FLEET_BLAS": "blas",
