@@ -19,6 +19,7 @@ import zmq
 from actors.clock import MonotonicClock
 from actors.config import FleetConfig
 from actors.logs import setup_logging
+from actors.metrics import events_addr, make_event_sender
 from actors.protocol import (
     BAD_REQUEST, CLIENT_TYPES, INTERNAL, UNAVAILABLE, WORKER_TYPES,
     Cancel, Disconnect, Error, Generate, Message, Models, ModelsReply, ProtocolError,
@@ -26,8 +27,11 @@ from actors.protocol import (
 )
 from actors.sockets import make_socket
 from broker.state import CLIENT, BrokerState, Out
+from broker.telemetry import make_broker_event
 
 log = logging.getLogger("mlx_fleet.broker")
+
+METRICS_INTERVAL_S = 1.0  # one `broker` metric event per second
 
 
 class BrokerActor:
@@ -54,6 +58,7 @@ class BrokerActor:
         self.drain_deadline_s: float | None = None
         self.stop_requested = False
         self.extra_status: dict[str, Any] = {}
+        self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
 
     def bind(self) -> None:
         """Bind both endpoints; raises zmq.ZMQError naming the address."""
@@ -93,7 +98,9 @@ class BrokerActor:
             raw = unpack_frames(body)
             msg = from_map(raw, allowed=CLIENT_TYPES)
         except ProtocolError as exc:
-            self.send([Out(CLIENT, identity, error_for(exc))])
+            err = error_for(exc)
+            self.state.replies.count("", err.to_map())
+            self.send([Out(CLIENT, identity, err)])
             return
         if isinstance(msg, Generate):
             self.send(self.state.handle_generate(identity, msg))
@@ -153,6 +160,7 @@ class BrokerActor:
         next_beat_s = self.clock.now() + interval_s
         tick_every_s = min(0.05, interval_s)
         next_tick_s = self.clock.now() + tick_every_s
+        next_metrics_s = self.clock.now()
         while True:
             now = self.clock.now()
             if self.stop_requested and self.drain_deadline_s is None:
@@ -181,9 +189,14 @@ class BrokerActor:
             if now >= next_beat_s:
                 self.send(self.state.heartbeats())
                 next_beat_s = now + interval_s
+            if now >= next_metrics_s and self.events.enabled:
+                self.events.send("broker", make_broker_event(self.state))
+                next_metrics_s = now + METRICS_INTERVAL_S
         self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished"))
         for w in list(self.state.workers.values()):
             self.send([Out("worker", w.identity, Disconnect(reason="broker shutting down"))])
+        if self.events.enabled:
+            self.events.send("broker", make_broker_event(self.state))  # the final counts
 
     def _safely(self, handler: Any) -> None:
         # A bug in one handler must not take the broker down; log it and go on.
@@ -198,6 +211,7 @@ class BrokerActor:
         """Close sockets (linger 0) and the context."""
         self.frontend.close(0)
         self.backend.close(0)
+        self.events.close()
         self.ctx.term()
 
 

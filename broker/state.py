@@ -17,6 +17,7 @@ from actors.protocol import (
     Cancel, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
+from broker.telemetry import ReplyCounts
 
 CLIENT = "client"
 WORKER = "worker"
@@ -113,6 +114,7 @@ class BrokerState:
         self.affinity: dict[tuple[str, str], bytes] = {}
         self.accepting = True
         self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0}
+        self.replies = ReplyCounts()  # terminal replies to clients, for metrics
         self._keys = itertools.count(1)
         for name in models:
             self._model(name).configured = True
@@ -135,12 +137,18 @@ class BrokerState:
         out: list[Out] = []
         if not rec.answered:
             rec.answered = True
-            out.append(Out(CLIENT, rec.client, _for_client(body, rec)))
+            data = body.to_map() if isinstance(body, Message) else body
+            self.replies.count(rec.request.model, data)
+            out.append(Out(CLIENT, rec.client, _rewrite(data, rec.request.request_id)))
         self.by_client.pop((rec.client, rec.request.request_id), None)
         if rec.worker is None:
             self.requests.pop(rec.key, None)
             self._model(rec.request.model).queue.remove(rec.key)
         return out
+
+    def _refuse(self, client: bytes, msg: Generate, err: Error) -> list[Out]:
+        self.replies.count(msg.model if msg.model in self.models else "", err.to_map())
+        return [Out(CLIENT, client, err)]
 
     # ---- client side ------------------------------------------------------------
 
@@ -148,15 +156,15 @@ class BrokerState:
         """Accept, queue or refuse a generate request."""
         now = self.clock.now()
         if not self.accepting:
-            return [Out(CLIENT, client, Error(UNAVAILABLE, "the fleet is shutting down", msg.request_id))]
+            return self._refuse(client, msg, Error(UNAVAILABLE, "the fleet is shutting down", msg.request_id))
         model = self.models.get(msg.model)
         if model is None or (not model.configured and not self.live_workers(msg.model)):
             known = ", ".join(sorted(self.models)) or "none"
-            return [Out(CLIENT, client, Error(UNKNOWN_MODEL, f"unknown model {msg.model!r} (served: {known})", msg.request_id))]
+            return self._refuse(client, msg, Error(UNKNOWN_MODEL, f"unknown model {msg.model!r} (served: {known})", msg.request_id))
         if (client, msg.request_id) in self.by_client:
-            return [Out(CLIENT, client, Error("bad_request", f"request_id {msg.request_id!r} is already in flight", msg.request_id))]
+            return self._refuse(client, msg, Error("bad_request", f"request_id {msg.request_id!r} is already in flight", msg.request_id))
         if len(model.queue) >= self.queue_limit:
-            return [Out(CLIENT, client, Error(OVERLOADED, f"model {msg.model!r} queue is full (queue_limit={self.queue_limit})", msg.request_id))]
+            return self._refuse(client, msg, Error(OVERLOADED, f"model {msg.model!r} queue is full (queue_limit={self.queue_limit})", msg.request_id))
         key = f"b{next(self._keys)}"
         timeout_s = msg.timeout_s if msg.timeout_s is not None else self.default_timeout_s
         rec = RequestRecord(key, client, msg, now, now + timeout_s)
@@ -385,9 +393,3 @@ def _rewrite(raw: dict[str, Any], request_id: str) -> dict[str, Any]:
     out = dict(raw)
     out["request_id"] = request_id
     return out
-
-
-def _for_client(body: Message | dict[str, Any], rec: RequestRecord) -> dict[str, Any]:
-    """The map the client sees, with its own request_id."""
-    data = body.to_map() if isinstance(body, Message) else body
-    return _rewrite(data, rec.request.request_id)
