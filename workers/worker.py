@@ -23,12 +23,14 @@ import zmq
 
 from actors.config import BatchingConfig
 from actors.logs import setup_logging
+from actors.metrics import make_event_sender
 from actors.protocol import (
     BAD_REQUEST, INTERNAL, UNAVAILABLE, WORKER_LOST,
     Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message,
     ProtocolError, Ready, decode, encode, from_map,
 )
 from actors.sockets import make_socket
+from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger("mlx_fleet.worker")
 
@@ -49,6 +51,7 @@ class WorkerSettings:
     blas: str = "auto"
     log_level: str = "INFO"
     max_prompt_tokens: int = 16_384
+    metrics_events: str | None = None  # the collector's event endpoint; None sends no metrics
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Pending:
     arrived_s: float
     admitted_s: float = 0.0
     first_token_s: float = 0.0
+    last_token_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)  # inter-token latencies, for metrics
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
 
@@ -80,6 +85,7 @@ class WorkerActor:
         self.policy: Any = None
         self.tuner: Any = None
         self.info: dict[str, Any] = {}
+        self.telemetry = WorkerTelemetry.disabled()
         self.last_heard_s = time.monotonic()
         self.next_beat_s = 0.0
         self.ready_backoff_s = 0.5
@@ -107,6 +113,8 @@ class WorkerActor:
         )
         self.policy = make_policy(b, MonotonicClock())
         self.tuner = AutoTuner(b, self.policy) if b.auto_tune else None
+        sender = make_event_sender(self.s.metrics_events, f"worker:{self.s.worker_id}", ctx=self.ctx)
+        self.telemetry = WorkerTelemetry(sender, self.policy, model=self.s.model, worker=self.s.worker_id)
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source,
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
@@ -238,6 +246,7 @@ class WorkerActor:
         rank = {"urgent": 0, "default": 1, "background": 2}
         chosen = sorted(self.waiting.values(), key=lambda p: (rank[p.request.priority], p.arrived_s))[: d.admit]
         now = time.monotonic()
+        self.telemetry.on_admit(now - min(p.arrived_s for p in chosen), now)
         reqs = []
         for p in chosen:
             del self.waiting[p.key]
@@ -268,16 +277,28 @@ class WorkerActor:
             self.engine.remove(list(self.active))
             self.active.clear()
             return
+        now = time.monotonic()
         for event in events:
-            self.emit(event)
+            self.emit(event, now)
+        self.telemetry.on_step(self.engine.stats.last_batch_size, self.engine.stats.last_step_s, now)
+        if not self.engine.active:
+            self.telemetry.flush(now)
 
-    def emit(self, event: Any) -> None:
-        """Turn one engine event into a chunk and/or the terminal done."""
+    def emit(self, event: Any, token_s: float | None = None) -> None:
+        """Turn one engine event into a chunk and/or the terminal done.
+
+        ``token_s`` is when a step produced the event's token; None for events
+        that carry no new token (a cancellation).
+        """
         p = self.active.get(event.key)
         if p is None:
             return
+        if token_s is not None:
+            if p.last_token_s:
+                p.itl_s.append(token_s - p.last_token_s)
+            p.last_token_s = token_s
         if event.first_token and not p.first_token_s:
-            p.first_token_s = time.monotonic()
+            p.first_token_s = token_s or time.monotonic()
         p.token_ids.extend(event.token_ids)
         if p.request.stream:
             # Text may be held back (a partial character, a stop-string prefix); ids wait with it.
@@ -298,6 +319,10 @@ class WorkerActor:
         timings = {"queue_s": base + admitted, "ttft_s": base + (p.first_token_s or now), "total_s": base + now}
         usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
         done = Done(p.key, reason, usage, timings)
+        self.telemetry.on_request(
+            finish_reason=reason, prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
+            queue_s=timings["queue_s"] if p.admitted_s else None,
+            ttft_s=timings["ttft_s"] if p.first_token_s else None, e2e_s=timings["total_s"], itl_s=p.itl_s)
         if not p.request.stream:
             done.text = "".join(p.text)
             done.token_ids = p.token_ids
@@ -321,6 +346,7 @@ class WorkerActor:
             self.ready_backoff_s = min(self.ready_backoff_s * 2, 8.0)
             return
         self.ready_backoff_s = 0.5
+        self.telemetry.flush(now)  # keeps the admission gauges fresh while idle
         self.send(Heartbeat(self.s.worker_id, len(self.active) + len(self.waiting), self.engine.free_slots, self.stats()))
 
     def stats(self) -> dict[str, Any]:
@@ -342,6 +368,7 @@ class WorkerActor:
                 self.send(Error(UNAVAILABLE, "worker stopped before this request finished", key))
             self.send(Disconnect(self.s.worker_id, "worker stopping"))
             self.sock.close(0)
+        self.telemetry.close(time.monotonic())
         if self.engine is not None:
             self.engine.close()
         self.ctx.term()
