@@ -30,6 +30,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     """Build the FleetConfig for `up` from flags, env and the config file."""
     overrides: dict[str, Any] = {
         "frontend": args.frontend, "backend": args.backend, "metrics_port": args.metrics_port,
+        "metrics_events": args.metrics_events,
         "ready_timeout_s": args.ready_timeout, "drain_timeout_s": args.drain_timeout, "blas": args.blas,
         "policy": args.policy, "window_ms": args.window_ms, "decode_window_ms": args.decode_window_ms, "decode_capacity": args.decode_capacity,
         "admission_batch": args.admission_batch, "log_level": args.log_level,
@@ -126,7 +127,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, f"worker:{worker_id}")
     run_worker(WorkerSettings(worker_id=worker_id, model=name, source=source, connect=args.connect,
                               batching=cfg.batching, heartbeat_interval_s=cfg.heartbeat_interval_s,
-                              heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level))
+                              heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level,
+                              metrics_events=args.metrics_events))
     return 0
 
 
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
     up.add_argument("--backend", help="worker endpoint to bind (default tcp://127.0.0.1:5556)")
     up.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
+    up.add_argument("--metrics-events", metavar="ADDR",
+                    help="endpoint the collector binds for metric events (default tcp://127.0.0.1:5557)")
     up.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP gateway port (default 8000; 0 turns it off)")
     up.add_argument("--http-host", help="address the HTTP gateway binds (default 127.0.0.1)")
     up.add_argument("--api-key", help="bearer token the HTTP gateway requires (prefer the env var MLX_FLEET_API_KEY)")
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://HOST:5556")
     wk.add_argument("--model", required=True, metavar="NAME=SOURCE")
     wk.add_argument("--worker-id")
+    wk.add_argument("--metrics-events", metavar="ADDR",
+                    help="the fleet collector's event endpoint, e.g. tcp://HOST:5557 (default: send no metrics)")
     wk.add_argument("--config")
     wk.add_argument("--blas")
     wk.add_argument("--log-level")

@@ -4,6 +4,10 @@ Children are started with ``spawn`` and ask the kernel to end them if the
 supervisor dies. A child that exits is restarted with exponential backoff,
 at most ``restart_max`` times in ``restart_window_s``; past that it is given up
 and reported, and the rest of the fleet keeps running.
+
+With ``metrics_export`` on, the collector is a child too, started first. It is
+not on the serving path: start-up does not wait for it, and when it dies the
+others' metric events are dropped until it is back.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from actors.config import FleetConfig
+from actors.metrics import EventSender, NullSender, events_addr, make_event_sender
 from actors.proc import die_with_parent, spawn_context
 
 log = logging.getLogger("mlx_fleet.supervisor")
+
+METRICS_REFRESH_S = 2.0  # resend the restart counts this often (a restarted collector relearns them)
 
 
 class StartupError(RuntimeError):
@@ -70,6 +77,7 @@ def worker_settings(cfg: FleetConfig) -> list[Any]:
                 worker_id=f"{spec.name}-{i}", model=spec.name, source=spec.source, connect=local_backend(cfg.backend),
                 batching=spec.batching, heartbeat_interval_s=cfg.heartbeat_interval_s,
                 heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level,
+                metrics_events=events_addr(cfg.metrics_export, cfg.metrics_events),
             ))
     return out
 
@@ -83,11 +91,15 @@ class Supervisor:
     """Owns every child process of one fleet."""
 
     def __init__(self, cfg: FleetConfig) -> None:
+        from actors.collector import run_collector
         from broker.broker import run_broker
         from workers.worker import run_worker
 
         self.cfg = cfg
-        self.children: list[Child] = [Child("broker", "broker", run_broker, cfg)]
+        self.children: list[Child] = []
+        if cfg.metrics_export:
+            self.children.append(Child("collector", "collector", run_collector, cfg))
+        self.children.append(Child("broker", "broker", run_broker, cfg))
         for ws in worker_settings(cfg):
             self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, ws))
         if cfg.http_port:
@@ -95,13 +107,17 @@ class Supervisor:
 
             self.children.append(Child("gateway", "gateway", run_gateway, cfg))
         self.stop_event = threading.Event()
+        self.events: EventSender | NullSender | None = None  # made by the thread that runs the loop
+        self._reported: tuple[Any, ...] = ()
+        self._next_report_s = 0.0
 
     # ---- start ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn everything and wait until every replica has registered with the broker."""
+        """Spawn everything not yet running and wait until every replica has registered with the broker."""
         for child in self.children:
-            child.start()
+            if not child.alive:
+                child.start()
         self.wait_ready()
 
     def wait_ready(self) -> None:
@@ -116,7 +132,7 @@ class Supervisor:
                 if self.stop_event.is_set():
                     raise StartupError("interrupted while starting")
                 for child in self.children:
-                    if child.process is not None and not child.alive:
+                    if child.kind != "collector" and child.process is not None and not child.alive:
                         code = child.process.exitcode
                         raise StartupError(f"{child.name} exited with code {code} during start-up (see its log above)")
                 try:
@@ -156,6 +172,7 @@ class Supervisor:
         """Watch children until asked to stop; restart what dies."""
         while not self.stop_event.wait(0.2):
             self.check_children()
+            self.report_metrics()
 
     def check_children(self) -> None:
         """Restart exited children, respecting backoff and the intensity limit."""
@@ -180,6 +197,23 @@ class Supervisor:
                 child.last_exit = None
                 child.start()
 
+    def report_metrics(self) -> None:
+        """Send the workers' restart counts and liveness to the collector, on change and periodically."""
+        if self.events is None:
+            self.events = make_event_sender(events_addr(self.cfg.metrics_export, self.cfg.metrics_events), "supervisor")
+        if not self.events.enabled:
+            return
+        workers = [{"worker": c.arg.worker_id, "model": c.arg.model, "restarts": c.restarts, "alive": c.alive,
+                    "gave_up": c.gave_up} for c in self.children if c.kind == "worker"]
+        now = time.monotonic()
+        key = tuple(tuple(w.values()) for w in workers)
+        if key == self._reported and now < self._next_report_s:
+            return
+        sent = self.events.send("supervisor", {"workers": workers})
+        self._reported = key
+        # A dropped report (collector not connected yet, or restarting) is retried soon.
+        self._next_report_s = now + (METRICS_REFRESH_S if sent else 0.5)
+
     def restart_counts(self) -> dict[str, Any]:
         """Restarts and state per child, for status and metrics."""
         return {c.name: {"restarts": c.restarts, "alive": c.alive, "gave_up": c.gave_up,
@@ -193,6 +227,9 @@ class Supervisor:
         others = [c for c in self.children if c.kind not in ("broker", "gateway")]
         self._stop(front, self.cfg.drain_timeout_s + 5.0)
         self._stop(others, 10.0)
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
     def _stop(self, children: list[Child], timeout_s: float) -> None:
         procs = [c.process for c in children if c.process is not None and c.process.is_alive()]
