@@ -107,7 +107,7 @@ class Supervisor:
 
             self.children.append(Child("gateway", "gateway", run_gateway, cfg))
         self.stop_event = threading.Event()
-        self.events: EventSender | NullSender | None = None  # made by the thread that runs the loop
+        self.events: EventSender | NullSender | None = None
         self._reported: tuple[Any, ...] = ()
         self._next_report_s = 0.0
 
@@ -115,6 +115,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Spawn everything not yet running and wait until every replica has registered with the broker."""
+        if self.events is None:  # connect early, so the first report is not dropped
+            self.events = make_event_sender(events_addr(self.cfg.metrics_export, self.cfg.metrics_events), "supervisor")
         for child in self.children:
             if not child.alive:
                 child.start()

@@ -160,7 +160,7 @@ class BrokerActor:
         next_beat_s = self.clock.now() + interval_s
         tick_every_s = min(0.05, interval_s)
         next_tick_s = self.clock.now() + tick_every_s
-        next_metrics_s = self.clock.now()
+        next_metrics_s = self.clock.now() + METRICS_INTERVAL_S  # the collector connection is up by then
         while True:
             now = self.clock.now()
             if self.stop_requested and self.drain_deadline_s is None:

@@ -96,6 +96,11 @@ class WorkerActor:
         """Choose a BLAS, import MLX, load the model, connect and say ready."""
         from workers.blas import describe_blas, find_blas, preload_blas
 
+        # Connect to the collector first: by the time the model is loaded, the first event gets through.
+        # (Held by a still-disabled telemetry so teardown closes it even if loading fails.)
+        sender = make_event_sender(self.s.metrics_events, f"worker:{self.s.worker_id}", ctx=self.ctx)
+        self.telemetry = WorkerTelemetry(sender, None, model=self.s.model, worker=self.s.worker_id)
+
         preload_blas(find_blas(self.s.blas))
         from actors.clock import MonotonicClock
         from workers import engine as engine_mod
@@ -113,7 +118,6 @@ class WorkerActor:
         )
         self.policy = make_policy(b, MonotonicClock())
         self.tuner = AutoTuner(b, self.policy) if b.auto_tune else None
-        sender = make_event_sender(self.s.metrics_events, f"worker:{self.s.worker_id}", ctx=self.ctx)
         self.telemetry = WorkerTelemetry(sender, self.policy, model=self.s.model, worker=self.s.worker_id)
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source,
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
