@@ -1,134 +1,94 @@
 """What metrics cost: throughput at 16 concurrent clients with metrics on and off, in one run.
 
-Two fleets run side by side on ipc:// endpoints, identical but for
-``metrics_export``: one with the collector and every sender, one without any.
-Both are warmed up, then measured in interleaved rounds (on/off, then off/on,
-...) so drift on the machine hits both alike. Each measurement runs
-``--clients`` concurrent clients, each sending ``--requests-per-client``
-greedy requests of ``--max-tokens``; throughput is generated tokens over wall
-time. It also times the worker's telemetry calls in-process (microseconds
-per call), which bounds the cost where the machine is too noisy to resolve 1%.
-Writes ``benchmarks/results/metrics_cost.{json,md}`` (``--quick`` writes
-``metrics_cost_quick.*`` instead, a smoke run whose numbers mean little).
+Two fleets stay up side by side on ipc:// endpoints, identical but for
+``metrics_export``: one with the collector and every event sender, one without.
+After a warm-up, rounds alternate between them (on/off, then off/on, ...) so
+drift on the shared machine hits both alike. Each measurement is the closed-loop
+driver of ``benchmarks.load``: ``--clients`` streaming clients send
+``--per-client`` requests each; throughput is generated tokens over wall time.
+Every prompt carries a unique tag, so no request hits the prompt cache.
 
-    python benchmarks/metrics_cost.py [--repeats 7] [--clients 16] [--quick]
+The cost is reported from the medians and paired per round, with a rough 95%
+interval. The worker's telemetry calls are also timed in-process (microseconds
+per call): that bounds the cost where the machine is too noisy to resolve 1%.
+
+    python benchmarks/metrics_cost.py [--rounds 7] [--clients 16] [--quick]
+
+Writes ``benchmarks/results/metrics_cost.{json,md}`` (``metrics_cost_quick.*``
+with ``--quick``, a smoke run whose numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
+import threading
 import time
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also runs as `python benchmarks/metrics_cost.py`
 
-from actors.config import BatchingConfig, FleetConfig, ModelSpec  # needs the sys.path line above
-from actors.supervisor import Supervisor
-from broker.client import AsyncClient
+from workers.blas import describe_blas, find_blas, preload_blas  # noqa: E402
 
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
+
+import zmq  # noqa: E402
+
+from actors.clock import MonotonicClock  # noqa: E402
+from actors.config import BatchingConfig, FleetConfig  # noqa: E402
+from actors.embedded import BackgroundFleet  # noqa: E402
+from actors.metrics import EventSender  # noqa: E402
+from benchmarks.common import Report, environment, progress, questions  # noqa: E402
+from benchmarks.load import fleet_requester, free_port, run_load  # noqa: E402
+from benchmarks.overhead import local_config  # noqa: E402
+from workers.policies import make_policy  # noqa: E402
+from workers.telemetry import WorkerTelemetry  # noqa: E402
+
 TARGET_COST_PCT = 1.0
+MODES = ("on", "off")
 
 
-@dataclasses.dataclass
-class Fleet:
-    """One running fleet and where to reach it."""
-
-    mode: str  # "on" | "off"
-    cfg: FleetConfig
-    sup: Supervisor
-    ipc_dir: str
+def fleet_config(model: str, mode: str, decode_capacity: int) -> tuple[FleetConfig, str]:
+    """A one-worker fleet on fresh ipc endpoints, metrics on or off (events over ipc too)."""
+    b = BatchingConfig(decode_capacity=decode_capacity)
+    cfg, ipc_dir = local_config(model, b, metrics_export=mode == "on", metrics_port=free_port(),
+                                log_level="WARNING")
+    return dataclasses.replace(cfg, metrics_events=f"ipc://{ipc_dir}/events"), ipc_dir
 
 
-def start_fleet(mode: str, source: str, metrics_port: int) -> Fleet:
-    """Start a one-worker fleet on fresh ipc paths, with metrics on or off."""
-    ipc_dir = tempfile.mkdtemp(prefix="mlxf-bench-", dir="/tmp")
-    b = BatchingConfig()
-    cfg = FleetConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back",
-                      metrics_export=mode == "on", metrics_port=metrics_port,
-                      metrics_events=f"ipc://{ipc_dir}/events", ready_timeout_s=300.0, drain_timeout_s=10.0,
-                      log_level="WARNING", models=(ModelSpec("bench", source, 1, b),), batching=b)
-    sup = Supervisor(cfg)
-    try:
-        sup.start()
-    except BaseException:
-        sup.shutdown()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
-        raise
-    return Fleet(mode, cfg, sup, ipc_dir)
+def prompts(tag: str, n: int) -> list[str]:
+    """``n`` prompts, each with a unique same-length tag: no prompt-cache hits, equal work per mode."""
+    qs = questions()
+    return [f"({tag} {i:03d}) {qs[i % len(qs)]}" for i in range(n)]
 
 
-def stop_fleet(fleet: Fleet) -> None:
-    """Drain and stop every process of a fleet."""
-    fleet.sup.shutdown()
-    shutil.rmtree(fleet.ipc_dir, ignore_errors=True)
-
-
-async def _load(addr: str, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
-    async with AsyncClient(addr, timeout_s=600) as client:
-        async def one_client(c: int) -> list[tuple[int, float]]:
-            out = []
-            for i in range(per_client):
-                t0 = time.perf_counter()
-                done = await client.generate(f"Client {c}, request {i}: tell me about batching.", model="bench",
-                                             max_tokens=max_tokens)
-                out.append((done.usage["completion_tokens"], time.perf_counter() - t0))
-            return out
-
-        t0 = time.perf_counter()
-        per = await asyncio.gather(*(one_client(c) for c in range(clients)))
-        wall_s = time.perf_counter() - t0
-    results = [r for rs in per for r in rs]
-    tokens = sum(n for n, _ in results)
-    return {"requests": len(results), "tokens": tokens, "wall_s": wall_s, "tokens_per_s": tokens / wall_s,
-            "latency_p50_s": statistics.median(t for _, t in results)}
-
-
-def measure(fleet: Fleet, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
-    """One measurement: ``clients`` concurrent clients, ``per_client`` requests each."""
-    return asyncio.run(_load(fleet.cfg.frontend, clients, per_client, max_tokens))
-
-
-def metrics_health(fleet: Fleet) -> dict[str, Any]:
-    """Proof the metrics path was live: the collector's /health and the dropped-events total."""
-    base = f"http://127.0.0.1:{fleet.cfg.metrics_port}"
-    out: dict[str, Any] = {}
+def metrics_proof(cfg: FleetConfig) -> dict[str, Any]:
+    """That the metrics path was live: the collector's /health and its dropped-events total."""
+    base = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
     try:
         with urllib.request.urlopen(base + "/health", timeout=5) as reply:
-            out["health"] = json.loads(reply.read())
+            health = json.loads(reply.read())
         with urllib.request.urlopen(base + "/metrics", timeout=5) as reply:
             text = reply.read().decode()
-        out["dropped_events"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                    if line.startswith("mlxfleet_dropped_events_total{"))
     except OSError as exc:
-        out["error"] = str(exc)
-    return out
+        return {"error": str(exc)}
+    dropped = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("mlxfleet_dropped_events_total{"))
+    return {"events_received": health.get("events_received"), "events_malformed": health.get("events_malformed"),
+            "dropped_events": dropped}
 
 
 def micro_costs(n: int) -> dict[str, float]:
-    """Microseconds per worker telemetry call, sending to a PULL socket drained by a thread."""
-    import threading
-
-    import zmq
-
-    from actors.clock import MonotonicClock
-    from actors.metrics import EventSender
-    from workers.policies import make_policy
-    from workers.telemetry import WorkerTelemetry
-
+    """Microseconds per worker telemetry call, sending to a PULL socket a thread drains."""
     ipc_dir = tempfile.mkdtemp(prefix="mlxf-micro-", dir="/tmp")
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -148,7 +108,7 @@ def micro_costs(n: int) -> dict[str, float]:
     try:
         deadline = time.monotonic() + 10.0
         while not sender.send("step", {}) and time.monotonic() < deadline:
-            time.sleep(0.01)  # wait for the connection
+            time.sleep(0.01)  # until connected
         tel = WorkerTelemetry(sender, make_policy(BatchingConfig(), MonotonicClock()), model="m", worker="m-0",
                               flush_interval_s=1e9)
         t0 = time.perf_counter()
@@ -162,7 +122,7 @@ def micro_costs(n: int) -> dict[str, float]:
         step_us = (time.perf_counter() - t0) / n * 1e6
         t0 = time.perf_counter()
         for _ in range(n // 10):
-            tel._batch_sizes = [16] * 25
+            tel._batch_sizes = [16] * 25  # a 0.1 s flush at 4 ms steps
             tel.flush(1.0)
         flush_us = (time.perf_counter() - t0) / (n // 10) * 1e6
     finally:
@@ -176,113 +136,94 @@ def micro_costs(n: int) -> dict[str, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per mode, and the paired cost (off vs on within each round) with a rough 95% interval."""
-    by_mode = {m: [r["tokens_per_s"] for r in runs if r["mode"] == m] for m in ("on", "off")}
+    """Medians per mode, and the cost paired within each round with a rough 95% interval."""
+    by_mode = {m: [r["tok_per_s"] for r in runs if r["mode"] == m] for m in MODES}
     med = {m: statistics.median(v) for m, v in by_mode.items()}
-    rounds = sorted({r["round"] for r in runs})
     paired = []
-    for rnd in rounds:
-        tps = {r["mode"]: r["tokens_per_s"] for r in runs if r["round"] == rnd}
+    for rnd in sorted({r["round"] for r in runs}):
+        tps = {r["mode"]: r["tok_per_s"] for r in runs if r["round"] == rnd}
         paired.append((tps["off"] - tps["on"]) / tps["off"] * 100.0)
     mean = statistics.fmean(paired)
     half = 1.96 * statistics.stdev(paired) / math.sqrt(len(paired)) if len(paired) > 1 else float("nan")
-    return {"tokens_per_s_median": med, "cost_pct_of_medians": (med["off"] - med["on"]) / med["off"] * 100.0,
-            "paired_cost_pct": paired, "paired_cost_pct_mean": mean, "paired_cost_pct_ci95": [mean - half, mean + half],
-            "target_pct": TARGET_COST_PCT}
+    return {"tok_per_s_median": med, "cost_pct_of_medians": (med["off"] - med["on"]) / med["off"] * 100.0,
+            "paired_cost_pct": paired, "paired_cost_pct_mean": mean,
+            "paired_cost_pct_ci95": [mean - half, mean + half], "target_pct": TARGET_COST_PCT}
 
 
-def markdown(meta: dict[str, Any], runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """The results as a Markdown report."""
-    med = summary["tokens_per_s_median"]
+def markdown(runs: list[dict[str, Any]], summary: dict[str, Any], proof: dict[str, Any],
+             micro: dict[str, float], quick: bool) -> str:
+    """The report's body."""
+    med = summary["tok_per_s_median"]
     lo, hi = summary["paired_cost_pct_ci95"]
-    lines = [
-        "# Cost of metrics: throughput with metrics on vs off" + (" (quick smoke run)" if meta["quick"] else ""),
-        "",
-        f"{meta['clients']} concurrent clients x {meta['requests_per_client']} requests x {meta['max_tokens']} "
-        f"max tokens, model `{meta['source']}`, {meta['repeats']} interleaved rounds; CPU: {meta['cpu']}, "
-        f"{meta['cpu_count']} cores; Python {meta['python']}.",
-        "",
-        "| metrics | median tokens/s | runs (tokens/s) |",
-        "|---|---:|---|",
-    ]
+    lines = ["## Throughput" + (" (quick smoke run, not a result)" if quick else ""), "",
+             "| metrics | median tok/s | per round (tok/s) |", "|---|---:|---|"]
     for mode in ("off", "on"):
-        vals = ", ".join(f"{r['tokens_per_s']:.1f}" for r in runs if r["mode"] == mode)
-        lines.append(f"| {mode} | {med[mode]:.1f} | {vals} |")
+        per_round = ", ".join(f"{r['tok_per_s']:.1f}" for r in runs if r["mode"] == mode)
+        lines.append(f"| {mode} | {med[mode]:.1f} | {per_round} |")
     lines += [
         "",
-        f"Cost (medians): **{summary['cost_pct_of_medians']:.2f}%**. Paired per round: mean "
-        f"{summary['paired_cost_pct_mean']:.2f}%, 95% interval [{lo:.2f}%, {hi:.2f}%]. "
-        f"Target: <= {summary['target_pct']:.0f}%. A negative cost is noise.",
+        f"Cost from the medians: **{summary['cost_pct_of_medians']:.2f}%**; paired per round: mean "
+        f"{summary['paired_cost_pct_mean']:.2f}%, 95% interval [{lo:.2f}%, {hi:.2f}%]. Target: <= "
+        f"{summary['target_pct']:.0f}%. A negative cost is noise.",
         "",
-        f"Metrics path live in the 'on' fleet: {json.dumps(meta.get('on_fleet_metrics', {}), sort_keys=True)}",
+        f"The 'on' fleet's collector: {json.dumps(proof, sort_keys=True)}.",
         "",
-        "Worker telemetry, in-process (microseconds per call): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in meta["micro_us"].items())
-        + ". Per request of 64 tokens that is one request event, about 64 step calls and a share of the "
-        "step events flushed every 0.1 s.",
+        "## Worker telemetry, in-process",
+        "",
+        "| call | µs |", "|---|---:|",
+        *(f"| {k} | {v:.2f} |" for k, v in micro.items()),
+        "",
+        "A finished request costs one request event; each engine step one `on_step`; a step event is flushed at "
+        "most every 0.1 s per worker.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the interleaved measurement and write the results."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds, each measuring on and off")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests-per-client", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--source", default="demo", help="model source (default: the built-in demo model)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of tiny requests")
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the interleaved measurement and write the report."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds, each measuring on and off")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--per-client", type=int, default=6, help="requests per client per measurement")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--decode-capacity", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of one short request per client")
+    args = ap.parse_args(argv)
     if args.quick:
-        args.repeats, args.requests_per_client, args.max_tokens = 2, 1, 8
+        args.rounds, args.per_client, args.max_tokens = 2, 1, 8
 
-    fleets = {mode: start_fleet(mode, args.source, _free_port()) for mode in ("off", "on")}
     runs: list[dict[str, Any]] = []
-    try:
-        for fleet in fleets.values():  # warm-up: load paths, caches, first-request costs
-            measure(fleet, args.clients, 1, 8)
-        for rnd in range(args.repeats):
-            for mode in (("on", "off") if rnd % 2 == 0 else ("off", "on")):
-                result = measure(fleets[mode], args.clients, args.requests_per_client, args.max_tokens)
-                runs.append({"round": rnd, "mode": mode, **result})
-                print(f"round {rnd} metrics {mode:>3}: {result['tokens_per_s']:8.1f} tokens/s", flush=True)
-        on_metrics = metrics_health(fleets["on"])
-    finally:
-        for fleet in fleets.values():
-            stop_fleet(fleet)
+    with contextlib.ExitStack() as stack:
+        fleets: dict[str, BackgroundFleet] = {}
+        for mode in MODES:
+            cfg, ipc_dir = fleet_config(args.model, mode, args.decode_capacity)
+            fleets[mode] = stack.enter_context(BackgroundFleet(cfg, ipc_dir))
+            progress(f"fleet up: metrics {mode}")
+        requesters = {m: fleet_requester(f.cfg.frontend, args.model, args.max_tokens) for m, f in fleets.items()}
+        for mode, make in requesters.items():  # warm-up: compile paths, first-request costs
+            run_load(make, args.clients, prompts(f"w{mode:>3}", args.clients))
+        n = args.clients * args.per_client
+        for rnd in range(args.rounds):
+            for mode in (MODES if rnd % 2 == 0 else MODES[::-1]):
+                s = run_load(requesters[mode], args.clients, prompts(f"{rnd:02d}{mode:>3}", n)).summary()
+                runs.append({"round": rnd, "mode": mode, **s})
+                progress(f"round {rnd} metrics {mode:>3}: {s['tok_per_s']:.1f} tok/s, ok {s['ok']}/{s['requests']}")
+        proof = metrics_proof(fleets["on"].cfg)
+    micro = micro_costs(2000 if args.quick else 20000)
 
     summary = summarize(runs)
-    micro = micro_costs(2000 if args.quick else 20000)
-    meta = {"micro_us": micro, "clients": args.clients, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-            "source": args.source, "repeats": args.repeats, "quick": args.quick, "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "on_fleet_metrics": on_metrics}
     name = "metrics_cost_quick" if args.quick else "metrics_cost"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2) + "\n")
-    report = markdown(meta, runs, summary)
-    (RESULTS_DIR / f"{name}.md").write_text(report)
-    print(report, end="")
-    return 0
+    report = Report(name, "Cost of metrics: throughput with metrics on vs off", environment(describe_blas(), args.model),
+                    {"clients": args.clients, "per_client": args.per_client, "max_tokens": args.max_tokens,
+                     "rounds": args.rounds, "decode_capacity": args.decode_capacity, "quick": args.quick})
+    report.results = {"summary": summary, "runs": runs, "collector": proof, "telemetry_us": micro}
+    report.add_markdown(markdown(runs, summary, proof, micro, args.quick))
+    json_path, md_path = report.write()
+    progress(f"wrote {json_path} and {md_path}")
+    print(md_path.read_text())
+    return report.results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
