@@ -7,11 +7,21 @@ mlx), so in-process reference generations match served ones bit for bit.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from workers.blas import find_blas, preload_blas
 
 preload_blas(find_blas(os.environ.get("MLX_FLEET_BLAS", "auto")))
 
-# One model cache per test session, shared with every spawned worker via the env.
-os.environ.setdefault("MLX_FLEET_CACHE", tempfile.mkdtemp(prefix="mlxf-cache-"))
+# One model cache per test session, shared with every spawned worker via the env,
+# and removed when the session ends.
+_OWN_CACHE = None
+if "MLX_FLEET_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["MLX_FLEET_CACHE"] = tempfile.mkdtemp(prefix="mlxf-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 (pytest hook signature)
+    """Remove the session's model cache."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
