@@ -1,12 +1,14 @@
 """Shared benchmark plumbing: environment record, statistics, result files.
 
-Every benchmark writes ``benchmarks/results/<name>.json`` (raw samples included)
-and ``<name>.md``. Reports record the machine, package versions, BLAS, model and
-git commit, so that a figure can be traced to what produced it.
+Every benchmark writes ``<out>/<name>.json`` (raw samples included), ``<name>.md``
+and its PNG plots, where ``<out>`` is ``--out`` (default: ``$MLX_FLEET_BENCH_OUT``,
+else ``benchmarks/results``). Reports record the machine, package versions, BLAS,
+model and git commit, so that a figure can be traced to what produced it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,6 +25,20 @@ from actors.stats import percentile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUESTIONS_FILE = Path(__file__).resolve().parent / "questions.txt"
+OUT_ENV = "MLX_FLEET_BENCH_OUT"  # set by ``python -m benchmarks --out DIR`` for every subcommand
+PACKAGES = ("mlx", "mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal", "mlx-lm", "pyzmq", "msgpack",
+            "prometheus-client", "numpy", "tokenizers")
+
+
+def results_dir() -> Path:
+    """Where reports go unless told otherwise: ``$MLX_FLEET_BENCH_OUT`` or benchmarks/results."""
+    return Path(os.environ[OUT_ENV]).expanduser() if os.environ.get(OUT_ENV) else RESULTS_DIR
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--out DIR`` option every benchmark takes."""
+    parser.add_argument("--out", type=Path, default=results_dir(),
+                        help=f"folder for the JSON, Markdown and PNG files (default: ${OUT_ENV} or benchmarks/results)")
 
 
 def questions() -> list[str]:
@@ -44,11 +60,11 @@ def git_commit() -> str:
 def environment(blas: dict[str, Any] | None = None, model: str = "") -> dict[str, Any]:
     """Machine, versions, BLAS, model and commit for a report."""
     versions = {}
-    for pkg in ("mlx", "mlx-lm", "pyzmq", "msgpack", "prometheus-client"):
+    for pkg in PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            versions[pkg] = None
+            continue  # backend wheels: only the installed ones matter
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,8 +76,25 @@ def environment(blas: dict[str, Any] | None = None, model: str = "") -> dict[str
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "platform": platform.platform(),
         "python": sys.version.split()[0], "cpu": cpu, "cores": os.cpu_count(), "packages": versions,
-        "blas": blas or {}, "model": model, "commit": git_commit(),
+        "blas": blas or {}, "model": model, "commit": git_commit(), "mlx_device": _mlx_device(),
     }
+
+
+def _mlx_device() -> str | None:
+    """MLX's default device, when this process has imported MLX (never imports it: BLAS first)."""
+    mx = sys.modules.get("mlx.core")
+    return str(mx.default_device()) if mx is not None else None
+
+
+def env_markdown(env: dict[str, Any]) -> str:
+    """The Markdown lines every report starts with: when, commit, machine, packages, BLAS, model."""
+    blas = env.get("blas", {})
+    device = f"; MLX device {env['mlx_device']}" if env.get("mlx_device") else ""
+    return (f"- when: {env.get('when')}; commit `{env.get('commit')}`\n"
+            f"- machine: {env.get('cpu')}, {env.get('cores')} cores, {env.get('platform')}{device}\n"
+            f"- packages: python {env.get('python')}, " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()) + "\n"
+            f"- BLAS: {blas.get('name')} ({blas.get('path')})\n"
+            f"- model: {env.get('model')}\n")
 
 
 @dataclass
@@ -119,20 +152,15 @@ class Report:
         """Append a Markdown section."""
         self.sections.append(text.rstrip() + "\n")
 
-    def write(self, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
-        """Write ``<name>.json`` and ``<name>.md``; returns both paths."""
+    def write(self, out_dir: Path | None = None) -> tuple[Path, Path]:
+        """Write ``<name>.json`` and ``<name>.md`` into ``out_dir`` (default :func:`results_dir`)."""
+        out_dir = Path(out_dir) if out_dir is not None else results_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out_dir / f"{self.name}.json", out_dir / f"{self.name}.md"
         json_path.write_text(json.dumps({"name": self.name, "env": self.env, "params": self.params,
                                          "results": self.results}, indent=1, default=_jsonable) + "\n")
-        env = self.env
-        header = (f"# {self.title}\n\n"
-                  f"- when: {env.get('when')}; commit `{env.get('commit')}`\n"
-                  f"- machine: {env.get('cpu')}, {env.get('cores')} cores, {env.get('platform')}\n"
-                  f"- packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()) + "\n"
-                  f"- BLAS: {env.get('blas', {}).get('name')} ({env.get('blas', {}).get('path')})\n"
-                  f"- model: {env.get('model')}\n"
-                  f"- parameters: " + ", ".join(f"{k}={v}" for k, v in self.params.items()) + "\n")
+        header = (f"# {self.title}\n\n" + env_markdown(self.env)
+                  + "- parameters: " + ", ".join(f"{k}={v}" for k, v in self.params.items()) + "\n")
         md_path.write_text(header + "\n" + "\n".join(self.sections))
         return json_path, md_path
 
