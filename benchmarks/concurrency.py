@@ -4,13 +4,17 @@ Every system stays up for the whole run. Load levels are interleaved across
 systems (level 1 on each, then level 2 on each, ...), so drift in the shared
 machine's load spreads over all of them.
 
-    python -m benchmarks.concurrency [--model demo-small] [--levels 1,2,4,8,16,32]
+    python -m benchmarks concurrency [--model demo-small] [--levels 1,2,4,8,16,32] [--quick] [--out DIR]
+
+Plots: aggregate tok/s and TTFT (p50, p99) against clients, and the latency CDF at
+the highest level.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 from typing import Any
 
 from workers.blas import blas_env, describe_blas, find_blas, preload_blas
@@ -19,7 +23,8 @@ BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig  # noqa: E402
 from actors.embedded import BackgroundFleet  # noqa: E402
-from benchmarks.common import Report, environment, progress, questions  # noqa: E402
+from benchmarks import plots  # noqa: E402
+from benchmarks.common import Report, add_out_argument, environment, progress, questions  # noqa: E402
 from benchmarks.load import MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 
@@ -60,7 +65,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--admission-batch", type=int, default=BatchingConfig.admission_batch)
     ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
     ap.add_argument("--name", default="concurrency")
+    ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, 1 and 2 clients, 8 tokens")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.levels, args.max_tokens, args.name = "demo", "1,2", 8, args.name + "_quick"
+        args.per_client, args.min_requests = 1, 2
     levels = [int(x) for x in args.levels.split(",")]
     policies = args.policies.split(",")
 
@@ -97,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "admission_batch": args.admission_batch})
     report.results = results
     report.add_markdown(markdown(results, levels))
-    json_path, md_path = report.write()
+    report.add_markdown(plots.plot_links(sweep_plots(results, levels, args.out, args.name)))
+    json_path, md_path = report.write(args.out)
     progress(f"wrote {json_path} and {md_path}")
     print(md_path.read_text())
     return results
@@ -120,6 +131,27 @@ def markdown(results: dict[str, dict[int, Any]], levels: list[int]) -> str:
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     out.append(targets(results))
     return "\n".join(out)
+
+
+def sweep_plots(results: dict[str, dict[int, Any]], levels: list[int], out: Path, name: str) -> list[tuple[str, Path | None]]:
+    """tok/s and TTFT against clients, and the response-time CDF at the highest level."""
+    def series(key: str, scale: float) -> dict[str, dict[int, float]]:
+        return {system: {n: r["summary"][key] * scale for n, r in by_level.items() if r["summary"].get(key) is not None}
+                for system, by_level in results.items()}
+
+    top = max(levels)
+    cdf = {system: [s["total_s"] for s in by_level[top]["samples"] if s["ok"]]
+           for system, by_level in results.items() if top in by_level}
+    return [
+        ("aggregate tok/s against clients", plots.against_concurrency(
+            series("tok_per_s", 1.0), out / f"{name}_throughput.png", title="Throughput", ylabel="aggregate tok/s")),
+        ("TTFT p50 against clients", plots.against_concurrency(
+            series("ttft_p50_s", 1000.0), out / f"{name}_ttft_p50.png", title="TTFT p50", ylabel="TTFT p50 (ms)")),
+        ("TTFT p99 against clients", plots.against_concurrency(
+            series("ttft_p99_s", 1000.0), out / f"{name}_ttft_p99.png", title="TTFT p99", ylabel="TTFT p99 (ms)")),
+        (f"response time CDF at {top} clients", plots.latency_cdf(
+            cdf, out / f"{name}_latency_cdf.png", title=f"Response time CDF, {top} clients")),
+    ]
 
 
 def targets(results: dict[str, dict[int, Any]], level: int = 16) -> str:

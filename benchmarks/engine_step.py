@@ -5,7 +5,7 @@ batch size B it fills the batch with B sequences, then times decode steps. It
 also times the steps in which new prompts are admitted, alone or in groups: the
 figures behind the default ``decode_capacity`` and ``admission_batch``.
 
-    python -m benchmarks.engine_step [--model demo-small] [--threads 1,2]
+    python -m benchmarks engine-step [--model demo-small] [--threads 1,2] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Report, environment, progress
+from benchmarks.common import Report, add_out_argument, environment, progress
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(model_name: str, batch_sizes: list[int], steps: int, admit_groups: list[int]) -> dict[str, Any]:
@@ -73,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, batches 1-4, 5 steps, 1 thread")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
+    name = "engine_step"
+    if args.quick:
+        args.model, args.batch_sizes, args.admit_groups, args.steps, args.threads = "demo", "1,2,4", "1,2", 5, "1"
+        name += "_quick"
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     groups = [int(x) for x in args.admit_groups.split(",")]
     if args.child:
@@ -85,12 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "OPENBLAS_NUM_THREADS": threads}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.engine_step", "--child", "--model", args.model,
                                "--batch-sizes", args.batch_sizes, "--admit-groups", args.admit_groups,
-                               "--steps", str(args.steps)], env=env, capture_output=True, text=True, timeout=900)
+                               "--steps", str(args.steps)], env=env, capture_output=True, text=True, timeout=900,
+                              cwd=REPO_ROOT)  # this checkout's modules, not an installed copy
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         results[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
     blas = next(iter(results.values()))["blas"]
-    report = Report("engine_step", "Engine step time by batch size (in process)", environment(blas, args.model),
+    report = Report(name, "Engine step time by batch size (in process)", environment(blas, args.model),
                     {"steps": args.steps, "batch_sizes": sizes, "admit_groups": groups})
     report.results = results
     lines = ["| BLAS threads | batch | step (ms) | per sequence (ms) | tok/s |", "|---|---|---|---|---|"]
@@ -103,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         for g, d in r["admit"].items():
             lines.append(f"| {threads} | {g} | {d['seconds_until_all_decoding'] * 1000:.1f} | {d['steps']} |")
     report.add_markdown("\n".join(lines))
-    _, md = report.write()
+    _, md = report.write(args.out)
     print(md.read_text())
 
 

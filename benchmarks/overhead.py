@@ -5,7 +5,7 @@ through the fleet and through ``mlx_lm.stream_generate`` in this process. The tw
 alternate request by request, so drift in the machine's load hits both equally.
 Both use the same BLAS, loaded here before MLX.
 
-    python -m benchmarks.overhead [--model demo-small] [--requests 50] [--max-tokens 50]
+    python -m benchmarks overhead [--model demo-small] [--requests 50] [--max-tokens 50] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec  # noqa: E402
 from actors.embedded import BackgroundFleet  # noqa: E402
-from benchmarks.common import Report, Summary, environment, fmt_ms, progress, questions, ratio  # noqa: E402
+from benchmarks import plots  # noqa: E402
+from benchmarks.common import Report, Summary, add_out_argument, environment, fmt_ms, progress, questions, ratio  # noqa: E402
 from broker.client import Client  # noqa: E402
 
 
@@ -95,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--name", default="overhead")
+    ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, 4 requests of 8 tokens")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.requests, args.max_tokens, args.warmup, args.name = "demo", 4, 8, 1, args.name + "_quick"
 
     from mlx_lm import load
 
@@ -136,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "fast_path": cfg.batching.fast_path, "worker_blas": worker_blas.get("name")})
     report.results = result
     report.add_markdown(markdown(result, args))
-    json_path, md_path = report.write()
+    cdf = plots.latency_cdf({"bare (in-process)": [s.total_s for s in bare], "served (fleet)": [s.total_s for s in served]},
+                            args.out / f"{args.name}_latency_cdf.png", title="Response time CDF, sequential")
+    report.add_markdown(plots.plot_links([("response time CDF", cdf)]))
+    json_path, md_path = report.write(args.out)
     progress(f"wrote {json_path} and {md_path}")
     print(md_path.read_text())
     return result
