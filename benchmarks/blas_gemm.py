@@ -2,9 +2,9 @@
 
 Each BLAS is measured in a fresh subprocess, because a BLAS must be preloaded before
 ``mlx.core`` is imported and cannot be swapped afterwards. Writes
-``benchmarks/results/blas_gemm.json`` and ``.md``.
+``<out>/blas_gemm.json`` and ``.md`` (``blas_gemm_quick.*`` with ``--quick``).
 
-    python benchmarks/blas_gemm.py [--size-n 1024] [--reps 10] [--blas PATH_OR_NAME ...]
+    python -m benchmarks blas [--size-n 1024] [--reps 10] [--blas PATH_OR_NAME ...] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from workers.blas import describe_blas, find_blas, preload_blas  # needs the sys.path line above
+from benchmarks.common import add_out_argument, env_markdown, environment  # needs the sys.path line above
+from workers.blas import describe_blas, find_blas, preload_blas
 
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 CHILD_TIMEOUT_S = 600
 
 
@@ -86,6 +86,7 @@ def _markdown(rows: list[dict[str, object]], meta: dict[str, object]) -> str:
     lines = [
         "# float32 GEMM through MLX (CPU)",
         "",
+        env_markdown(meta["env"]),  # type: ignore[arg-type]
         (
             f"{meta['size_n']}x{meta['size_n']} @ {meta['size_n']}x{meta['size_n']}, median of {meta['reps']} reps; "
             f"CPU: {meta['cpu']}, {meta['cpu_count']} cores; OPENBLAS_CORETYPE={meta['openblas_coretype']!r}, "
@@ -126,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads unless the env sets them")
     parser.add_argument("--blas", action="append", default=[], help="extra setting or .so path to measure")
     parser.add_argument("--child", metavar="SETTING", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run (not a result): 256^3, 3 reps")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
+    name = "blas_gemm"
+    if args.quick:
+        args.size_n, args.reps, name = 256, 3, "blas_gemm_quick"
     if args.child is not None:
         print(json.dumps(measure_in_this_process(args.child, args.size_n, args.reps, args.threads)))
         return 0
@@ -138,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "mkl_threading_layer": os.environ.get("MKL_THREADING_LAYER"), "python": platform.python_version(),
         "mlx_version": version("mlx"),
+        "env": environment({"name": "one per row", "path": "each row preloads its own"}, "none (GEMM only)"),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "blas_gemm.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     table = _markdown(rows, meta)
-    (RESULTS_DIR / "blas_gemm.md").write_text(table)
+    (out / f"{name}.md").write_text(table)
     print(table, end="")
     return 0
 

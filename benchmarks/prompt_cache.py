@@ -16,7 +16,7 @@ same turns without it ("cold"), and no worse than mlx_lm.server's.
     python benchmarks/prompt_cache.py            # demo-small, 8 x 5 turns, ~400-token system prompt
     python benchmarks/prompt_cache.py --quick    # smoke run: tiny model, 2 x 2 turns (not a result)
 
-Writes ``benchmarks/results/prompt_cache.{json,md}`` (``prompt_cache_quick.*`` with ``--quick``).
+Writes ``<out>/prompt_cache.{json,md}`` (``prompt_cache_quick.*`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from actors.config import BatchingConfig  # noqa: E402  (needs the sys.path line above)
 from actors.stats import percentile  # noqa: E402
+from benchmarks.common import env_markdown, environment, results_dir  # noqa: E402
 from broker.client import Client  # noqa: E402
 from tests.integration.fleetutil import RunningFleet, make_config  # noqa: E402
 from workers.blas import blas_env, find_blas  # noqa: E402
 from workers.demo_model import ensure_demo_model  # noqa: E402
 
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 CORPUS = REPO_ROOT / "workers" / "data" / "corpus.txt"
 QUESTIONS = [
     "How should a queue treat a request that has waited a long time?",
@@ -312,6 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "prompt_cache", "quick": args.quick, "model": args.model,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        # The BLAS the workers and mlx_lm.server load (this process runs no model).
+        "env": environment(dataclasses.asdict(find_blas(os.environ.get("MLX_FLEET_BLAS", "auto"))), f"{args.model} ({folder})"),
         "workload": {"conversations": work.conversations, "turns": work.turns, "max_tokens": work.max_tokens,
                      "system_tokens": work.system_tokens},
         "prompt_cache": {"entries": batching.prompt_cache_entries, "bytes": batching.prompt_cache_bytes},
@@ -359,6 +361,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         + ("" if server is None else f" ({'no worse' if server <= 1.0 else 'worse'})") + ".",
         "",
         f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs.",
+        "", env_markdown(result["env"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--skip-server", action="store_true", help="do not run mlx_lm.server")
     p.add_argument("--server-log", default="/tmp/mlx-fleet-bench-mlx-lm-server.log")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--out", "--out-dir", dest="out_dir", default=str(results_dir()))
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.conversations, args.turns, args.max_tokens = "demo", 2, 2, 8
