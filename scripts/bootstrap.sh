@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Set up a fresh clone: a virtual environment with mlx-fleet installed (editable),
 # plus an optimized BLAS for MLX's CPU backend on Linux. Idempotent and quick when
-# nothing changed. Usage: scripts/bootstrap.sh [--test]   (--test adds test deps)
+# nothing changed. Usage: scripts/bootstrap.sh [--test] [--bench]
+# (--test adds the test deps, --bench the benchmark plots' matplotlib)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+for arg in "$@"; do
+    case "$arg" in
+        --test) extras="${extras:+$extras,}test" ;;
+        --bench) extras="${extras:+$extras,}bench" ;;
+    esac
+done
+[ -n "$extras" ] && extras="[$extras]"
 
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "mlx-fleet needs Python >= 3.11 (found $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2
