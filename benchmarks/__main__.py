@@ -15,6 +15,7 @@ not in this checkout (written on another branch) are listed as missing and skipp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import OUT_ENV, RESULTS_DIR, env_markdown, environment, progress
+from workers.blas import find_blas, setting_from_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,18 +39,19 @@ class Command:
     name: str
     module: str
     summary: str
+    report: str  # the file stem it writes (``<report>_quick`` with --quick)
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("seed", "benchmarks.seed", "the seed's 50-question table: bare engine, fleet steps, mlx_lm.server; 1 and 8 clients"),
-    Command("overhead", "benchmarks.overhead", "per-request serving overhead against in-process mlx-lm, sequential"),
-    Command("concurrency", "benchmarks.concurrency", "1-32 clients: batching policies against mlx_lm.server"),
-    Command("replicas", "benchmarks.replicas", "1 against 2 replicas of one model"),
-    Command("engine-step", "benchmarks.engine_step", "decode-step time by batch size, cost of admitting prompts"),
-    Command("prompt-cache", "benchmarks.prompt_cache", "multi-turn chat with and without the prompt cache, and mlx_lm.server"),
-    Command("gateway-overhead", "benchmarks.gateway_overhead", "the HTTP gateway against the ZeroMQ client"),
-    Command("metrics-cost", "benchmarks.metrics_cost", "throughput with metrics export on and off"),
-    Command("blas", "benchmarks.blas_gemm", "float32 GEMM GFLOP/s: reference BLAS against the optimized ones"),
+    Command("seed", "benchmarks.seed", "the seed's 50-question table: bare engine, fleet steps, mlx_lm.server; 1 and 8 clients", "seed"),
+    Command("overhead", "benchmarks.overhead", "per-request serving overhead against in-process mlx-lm, sequential", "overhead"),
+    Command("concurrency", "benchmarks.concurrency", "1-32 clients: batching policies against mlx_lm.server", "concurrency"),
+    Command("replicas", "benchmarks.replicas", "1 against 2 replicas of one model", "replicas"),
+    Command("engine-step", "benchmarks.engine_step", "decode-step time by batch size, cost of admitting prompts", "engine_step"),
+    Command("prompt-cache", "benchmarks.prompt_cache", "multi-turn chat with and without the prompt cache, and mlx_lm.server", "prompt_cache"),
+    Command("gateway-overhead", "benchmarks.gateway_overhead", "the HTTP gateway against the ZeroMQ client", "gateway_overhead"),
+    Command("metrics-cost", "benchmarks.metrics_cost", "throughput with metrics export on and off", "metrics_cost"),
+    Command("blas", "benchmarks.blas_gemm", "float32 GEMM GFLOP/s: reference BLAS against the optimized ones", "blas_gemm"),
 )
 BY_NAME = {c.name: c for c in COMMANDS}
 
@@ -100,13 +103,16 @@ def write_index(out: Path, rows: list[dict[str, object]], total_s: float, quick:
     """``all.md``: one line per command with its status, duration and what it measures."""
     out.mkdir(parents=True, exist_ok=True)
     stem = "all_quick" if quick else "all"
-    env = environment(model="per report")
+    env = environment(dataclasses.asdict(find_blas(setting_from_env() or "auto")), model="per report")
     (out / f"{stem}.json").write_text(json.dumps({"env": env, "quick": quick, "total_s": total_s, "runs": rows}, indent=1) + "\n")
     lines = [f"# Benchmark run{' (quick smoke run: not results)' if quick else ''}", "", env_markdown(env),
              f"Total: {total_s / 60:.1f} min. Each report (`<name>.md`, `.json`, `.png`) sits in this folder.", "",
-             "| command | status | minutes | measures |", "|---|---|---:|---|"]
+             "| command | status | minutes | report | measures |", "|---|---|---:|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['command']}` | {r['status']} | {float(r['seconds']) / 60:.1f} | {BY_NAME[str(r['command'])].summary} |")
+        cmd = BY_NAME[str(r["command"])]
+        md = f"{cmd.report}_quick.md" if quick else f"{cmd.report}.md"
+        link = f"[{md}]({md})" if (out / md).is_file() else "—"
+        lines.append(f"| `{cmd.name}` | {r['status']} | {float(r['seconds']) / 60:.1f} | {link} | {cmd.summary} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
