@@ -68,7 +68,8 @@ CONFIGS: tuple[Config, ...] = (
 QUICK = {"model": "demo", "questions": 4, "repeats": 1, "max_tokens": 8, "clients": 4, "warmup": 1, "name": "seed_quick"}
 NO_GPU_NOTE = ("No GPU machine was lent in this task (the device tool's `status` said so), so the run on "
                "`mlx[cuda]` with a random-weight model of Llama-3.2-3B's configuration (the seed's model) was "
-               "not done. `benchmarks/gpu_seed.sh` is the prepared one-command run for a session that has one. "
+               "not done. `benchmarks/gpu_seed.sh` is the prepared run for a session that has one (one command where "
+               "`mlx[cuda]` is installed; see benchmarks/README.md for the lent machine). "
                "For scale: the seed reported about 405 ms per 50-token response and about 94 ms TTFT on Apple silicon.")
 
 
