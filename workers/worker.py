@@ -30,6 +30,7 @@ from actors.protocol import (
     ProtocolError, Ready, decode, encode, from_map,
 )
 from actors.sockets import make_socket
+from workers.faults import make_fault_injector
 from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger("mlx_fleet.worker")
@@ -89,6 +90,7 @@ class WorkerActor:
         self.last_heard_s = time.monotonic()
         self.next_beat_s = 0.0
         self.ready_backoff_s = 0.5
+        self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
 
     # ---- setup ------------------------------------------------------------------
 
@@ -208,6 +210,8 @@ class WorkerActor:
             self.send(Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key))
             return
         self.waiting[key] = Pending(key, req, ids, msg.queue_s, now)
+        if self.faults is not None:
+            self.faults.on_dispatch()
 
     def handle_cancel(self, key: str) -> None:
         """Cancel: drop it if waiting, else free its slot at this step."""
