@@ -36,6 +36,7 @@ ERROR_CODES = frozenset(
 
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 PRIORITIES = ("urgent", "default", "background")
+MAX_TOP_K = 1 << 20  # above any vocabulary; workers treat top_k >= vocab size as "off"
 
 
 @dataclass(frozen=True)
@@ -419,8 +420,8 @@ def validate_generate(msg: Generate, limits: Limits = DEFAULT_LIMITS) -> None:
         raise bad("temperature must be in [0, 100]")
     if not 0.0 < msg.top_p <= 1.0:
         raise bad("top_p must be in (0, 1]")
-    if msg.top_k < 0:
-        raise bad("top_k must be >= 0")
+    if not 0 <= msg.top_k <= MAX_TOP_K:
+        raise bad(f"top_k must be in 0..{MAX_TOP_K}")
     if msg.stop is not None:
         if len(msg.stop) > limits.max_stop_strings or any(
             not s or len(s) > limits.max_stop_chars for s in msg.stop

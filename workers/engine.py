@@ -217,7 +217,7 @@ class Engine:
             max_tokens=[r.max_tokens for r in reqs],
             caches=[kv for kv, _ in found],
             all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
-            samplers=[make_request_sampler(r.temperature, r.top_p, r.top_k, r.seed) for r in reqs],
+            samplers=[make_request_sampler(r.temperature, r.top_p, self._top_k(r.top_k), r.seed) for r in reqs],
         )
         for uid, req, (_, n) in zip(uids, reqs, found):
             stream = self.streams[uid] = _Stream(req, self.tokenizer.detokenizer)
@@ -239,6 +239,11 @@ class Engine:
         # Evaluate now: a lazy slice would keep the whole batch's KV buffers alive.
         mx.eval([c.state for c in kv])
         self.prompt_cache.store(tokens, kv)
+
+    def _top_k(self, top_k: int) -> int:
+        # mlx-lm raises for top_k outside (0, vocab) inside a compiled sampler, which fails
+        # the whole batch and leaves the random state unusable; top_k >= vocab means "off".
+        return top_k if 0 < top_k < self.vocab_size else 0
 
     def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
         """Drop requests now; each gets a final event with ``reason``."""
