@@ -95,14 +95,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"{'MODEL':<14} {'WORKER':<16} {'HOST':<14} {'PID':>7} {'STATE':<8} {'IN-FLIGHT':>9} {'FREE':>5} {'RESTARTS':>8} BLAS")
-    for name, model in status["models"].items():
-        print(f"{name:<14} queue depth {model['queue_depth']}, running {model['running']}")
-        for w in model["workers"]:
-            blas = (w.get("info") or {}).get("blas", {}).get("name", "?")
-            print(f"{'':<14} {w['worker_id']:<16} {w['host'][:14]:<14} {w['pid']:>7} {w['state']:<8} "
-                  f"{w['in_flight']:>9} {w['free']:>5} {w.get('restarts', 0):>8} {blas}")
+    print(format_status(status))
     return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human-readable `status` table: broker line, then models and their workers."""
+    broker = status.get("broker") or {}
+    accepting = "accepting" if status.get("accepting", True) else "DRAINING (new requests refused)"
+    lines = [f"broker pid {broker.get('pid', '?')}, restarts {broker.get('restarts', 0)}, {accepting}, "
+             f"{status.get('requests', 0)} requests open"]
+    lines.append(f"{'MODEL':<14} {'WORKER':<16} {'HOST':<14} {'PID':>7} {'STATE':<10} {'IN-FLIGHT':>9} {'FREE':>5} "
+                 f"{'RESTARTS':>8} BLAS")
+    for name, model in status["models"].items():
+        lines.append(f"{name:<14} queue depth {model['queue_depth']}, running {model['running']}")
+        for w in model["workers"]:
+            blas = (w.get("info") or {}).get("blas", {}).get("name", "-")
+            lines.append(f"{'':<14} {w['worker_id']:<16} {w['host'][:14]:<14} {w['pid']:>7} {w['state']:<10} "
+                         f"{w['in_flight']:>9} {w['free']:>5} {w.get('restarts', 0):>8} {blas}")
+    for loss in status.get("recent_worker_losses", [])[-3:]:
+        lines.append(f"lost {loss['worker_id']} (pid {loss['pid']}) {loss['ago_s']:.0f}s ago: {loss['reason']}")
+    return "\n".join(lines)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

@@ -80,8 +80,12 @@ class FleetConfig:
     http_port: int = 8000  # 0 turns the gateway off
     api_key: str = field(default="", repr=False)  # bearer token the gateway requires; empty: none
     blas: str = "auto"
-    restart_max: int = 5
+    restart_max: int = 5  # restarts of one child allowed within restart_window_s
     restart_window_s: float = 60.0
+    restart_backoff_s: float = 0.5  # first restart delay; doubles per restart
+    restart_backoff_max_s: float = 30.0
+    hung_grace_s: float = 30.0  # kill a worker the broker declared silent after this long
+    client_hwm: int = 1000  # messages queued per client before it counts as not reading
     log_level: str = "INFO"
     models: tuple[ModelSpec, ...] = ()
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -230,11 +230,31 @@ class Disconnect(Message):
     reason: str = ""
 
 
+# ---- supervisor <-> broker (over the worker endpoint, a trusted peer) ----------
+
+
+@dataclass
+class FleetInfo(Message):
+    """Supervisor -> broker: its children (name, kind, pid, alive, restarts, gave_up...)."""
+
+    TYPE: ClassVar[str] = "fleet_info"
+    children: list[dict]
+    supervisor_pid: int = 0
+
+
+@dataclass
+class FleetInfoAck(Message):
+    """Broker -> supervisor: workers it declared dead for silence and not seen since."""
+
+    TYPE: ClassVar[str] = "fleet_info_ack"
+    silent_workers: list[dict] = field(default_factory=list)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Generate, Cancel, Models, Status, Chunk, Done, Error, ModelsReply, StatusReply,
-        Ready, Heartbeat, Dispatch, Disconnect,
+        Ready, Heartbeat, Dispatch, Disconnect, FleetInfo, FleetInfoAck,
     )
 }
 # Import-time check: every Message subclass here is registered under its own type.
@@ -242,6 +262,8 @@ assert all(t == c.TYPE for t, c in MESSAGE_TYPES.items())
 
 CLIENT_TYPES = frozenset({"generate", "cancel", "models", "status"})
 WORKER_TYPES = frozenset({"ready", "heartbeat", "chunk", "done", "error", "disconnect"})
+# What the broker accepts on its worker endpoint: workers, and the supervisor's report.
+BACKEND_TYPES = WORKER_TYPES | {"fleet_info"}
 
 
 # ---- codec ------------------------------------------------------------------

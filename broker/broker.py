@@ -21,12 +21,13 @@ from actors.config import FleetConfig
 from actors.logs import setup_logging
 from actors.metrics import events_addr, make_event_sender
 from actors.protocol import (
-    BAD_REQUEST, CLIENT_TYPES, INTERNAL, UNAVAILABLE, WORKER_TYPES,
-    Cancel, Disconnect, Error, Generate, Message, Models, ModelsReply, ProtocolError,
+    BACKEND_TYPES, CLIENT_TYPES, UNAVAILABLE,
+    Cancel, Disconnect, FleetInfo, Generate, Message, Models, ModelsReply, ProtocolError,
     Ready, Status, StatusReply, encode, encode_map, error_for, from_map, unpack_frames,
 )
 from actors.sockets import make_socket
-from broker.state import CLIENT, BrokerState, Out
+from broker.report import child_restarts, supervisor_view
+from broker.state import CLIENT, WORKER, BrokerState, Out
 from broker.telemetry import make_broker_event
 
 log = logging.getLogger("mlx_fleet.broker")
@@ -50,14 +51,14 @@ class BrokerActor:
             no_worker_timeout_s=cfg.no_worker_timeout_s,
         )
         self.ctx = ctx or zmq.Context()
-        self.frontend = make_socket(self.ctx, zmq.ROUTER)
+        # A client more than client_hwm messages behind is "not reading": its requests are cancelled.
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, hwm=cfg.client_hwm)
         self.backend = make_socket(self.ctx, zmq.ROUTER)
         # A restarted worker reconnects under the same identity and must take it over.
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.malformed_dropped = 0
         self.drain_deadline_s: float | None = None
         self.stop_requested = False
-        self.extra_status: dict[str, Any] = {}
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
 
     def bind(self) -> None:
@@ -84,9 +85,9 @@ class BrokerActor:
                 if out.to == CLIENT:
                     log.info("client %s unreachable (%s); cancelling its requests", out.identity.hex(), exc.strerror)
                     outs.extend(self.state.client_gone(out.identity))
-                else:
+                elif out.identity in self.state.workers:
                     log.warning("worker %r unreachable: %s", out.identity, exc.strerror)
-                    outs.extend(self.state._lose_worker(out.identity, "unreachable"))
+                    outs.extend(self.state.worker_gone(out.identity, f"unreachable: {exc.strerror}"))
 
     # ---- receiving ------------------------------------------------------------------
 
@@ -117,12 +118,14 @@ class BrokerActor:
         identity, body = frames[0], frames[1:]
         try:
             raw = unpack_frames(body)
-            msg = from_map(raw, allowed=WORKER_TYPES)
+            msg = from_map(raw, allowed=BACKEND_TYPES)
         except ProtocolError as exc:
             self.malformed_dropped += 1
             log.warning("dropped malformed worker message: %s", exc.message)
             return
-        if isinstance(msg, Ready):
+        if isinstance(msg, FleetInfo):
+            self.send(self.state.handle_fleet_info(identity, msg))
+        elif isinstance(msg, Ready):
             log.info("worker %s ready for %s (capacity %d, pid %d, host %s)", msg.worker_id, msg.model, msg.capacity, msg.pid, msg.host)
             self.send(self.state.handle_ready(identity, msg))
         else:
@@ -138,11 +141,12 @@ class BrokerActor:
         ]
 
     def status(self) -> dict[str, Any]:
-        """The `status` reply: routing state plus what the supervisor told us."""
+        """The `status` reply: routing state plus what the supervisor reported."""
         snap = self.state.snapshot()
         snap["broker"] = {"pid": os.getpid(), "malformed_dropped": self.malformed_dropped,
-                          "frontend": self.cfg.frontend, "backend": self.cfg.backend}
-        snap.update(self.extra_status)
+                          "frontend": self.cfg.frontend, "backend": self.cfg.backend,
+                          "restarts": child_restarts(self.state, "broker")}
+        snap["supervisor"] = supervisor_view(self.state)
         return snap
 
     # ---- loop --------------------------------------------------------------------
@@ -184,17 +188,17 @@ class BrokerActor:
                     break
             now = self.clock.now()
             if now >= next_tick_s:
-                self.send(self.state.tick())
+                self._safely(lambda: self.send(self.state.tick()))
                 next_tick_s = now + tick_every_s
             if now >= next_beat_s:
-                self.send(self.state.heartbeats())
+                self._safely(lambda: self.send(self.state.heartbeats()))
                 next_beat_s = now + interval_s
             if now >= next_metrics_s and self.events.enabled:
                 self.events.send("broker", make_broker_event(self.state))
                 next_metrics_s = now + METRICS_INTERVAL_S
-        self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished"))
-        for w in list(self.state.workers.values()):
-            self.send([Out("worker", w.identity, Disconnect(reason="broker shutting down"))])
+        self._safely(lambda: self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished")))
+        bye = [Out(WORKER, w.identity, Disconnect(reason="broker shutting down")) for w in self.state.workers.values()]
+        self._safely(lambda: self.send(bye))
         if self.events.enabled:
             self.events.send("broker", make_broker_event(self.state))  # the final counts
 

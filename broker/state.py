@@ -1,5 +1,7 @@
 """The broker's routing, queueing and liveness state: pure, no sockets, a clock.
 
+The records it keeps live in :mod:`broker.records`; the status view in :mod:`broker.report`.
+
 Every handler returns a list of :class:`Out` (who to send what); the broker
 actor only moves bytes. Requests get broker-side keys (``b<N>``) so that two
 clients may use the same request_id; replies are rewritten back.
@@ -8,79 +10,21 @@ clients may use the same request_id; replies are rewritten back.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
 from typing import Any
 
 from actors.clock import Clock
 from actors.protocol import (
     CANCELLED, OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
-    Cancel, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
+    Cancel, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
+from broker.records import CLIENT, WORKER, ModelRecord, Out, RequestRecord, SilentWorker, WorkerRecord
+from broker.report import clean_children, make_snapshot, silent_report, worker_children
 from broker.telemetry import ReplyCounts
 
-CLIENT = "client"
-WORKER = "worker"
-
-
-@dataclass
-class Out:
-    """One message to send: to a client or a worker identity. ``body`` is a Message or a map."""
-
-    to: str
-    identity: bytes
-    body: Message | dict[str, Any]
-
-
-@dataclass
-class WorkerRecord:
-    """A live worker as the broker sees it."""
-
-    identity: bytes
-    worker_id: str
-    model: str
-    capacity: int
-    pid: int
-    host: str
-    info: dict
-    expiry_s: float
-    last_used_s: float = 0.0
-    running: set[str] = field(default_factory=set)
-    reported_in_flight: int = 0
-    served: int = 0
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def free(self) -> int:
-        """Slots the broker may still fill."""
-        return self.capacity - len(self.running)
-
-
-@dataclass
-class RequestRecord:
-    """An accepted request until its one terminal reply."""
-
-    key: str
-    client: bytes
-    request: Generate
-    enqueued_at_s: float
-    deadline_s: float
-    worker: bytes | None = None
-    dispatched_at_s: float = 0.0
-    streamed: bool = False
-    requeues: int = 0
-    answered: bool = False  # the client already has its terminal reply
-    cancel_sent: bool = False
-
-
-@dataclass
-class ModelRecord:
-    """Per-model queue and counters."""
-
-    name: str
-    queue: PriorityQueue[RequestRecord]
-    configured: bool = False
-    no_worker_since_s: float | None = None
+SILENT_MEMORY_S = 3600.0  # how long a silent worker is remembered if it never returns
+MAX_SILENT = 1024
 
 
 class BrokerState:
@@ -98,6 +42,7 @@ class BrokerState:
         no_worker_timeout_s: float = 60.0,
         max_requeues: int = 1,
         aging_s: float = 2.0,
+        max_affinity_keys: int = 65_536,
     ) -> None:
         self.clock = clock
         self.queue_limit = queue_limit
@@ -111,7 +56,15 @@ class BrokerState:
         self.workers: dict[bytes, WorkerRecord] = {}
         self.requests: dict[str, RequestRecord] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
-        self.affinity: dict[tuple[str, str], bytes] = {}
+        self.affinity: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.max_affinity_keys = max_affinity_keys
+        # Workers declared dead for silence, by worker_id, until they register again.
+        self.silent: dict[str, SilentWorker] = {}
+        self.losses: deque[dict[str, Any]] = deque(maxlen=32)
+        # Identities asked to send `ready`, so a burst of their messages gets one request.
+        self.reregister_asked_s: dict[bytes, float] = {}
+        self.fleet_children: list[dict[str, Any]] = []
+        self.fleet_info_at_s: float | None = None
         self.accepting = True
         self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0}
         self.replies = ReplyCounts()  # terminal replies to clients, for metrics
@@ -191,10 +144,10 @@ class BrokerState:
         """A client can no longer be reached: cancel everything it has in flight."""
         out: list[Out] = []
         for (cid, rid) in [k for k in self.by_client if k[0] == client]:
-            key = self.by_client[(cid, rid)]
-            rec = self.requests[key]
+            rec = self.requests.get(self.by_client[(cid, rid)])
             out += self.handle_cancel(client, rid)
-            rec.answered = True  # nothing more can reach it
+            if rec is not None:
+                rec.answered = True  # nothing more can reach it
             self.by_client.pop((cid, rid), None)
         return out
 
@@ -204,8 +157,10 @@ class BrokerState:
         """Register (or re-register) a worker."""
         out: list[Out] = []
         if identity in self.workers:
-            out += self._lose_worker(identity, "worker re-registered")
+            out += self.worker_gone(identity, "worker re-registered")
         now = self.clock.now()
+        self.silent.pop(msg.worker_id, None)
+        self.reregister_asked_s.pop(identity, None)
         self.workers[identity] = WorkerRecord(
             identity, msg.worker_id, msg.model, max(0, msg.capacity), msg.pid, msg.host, msg.info,
             expiry_s=now + self.liveness_s, last_used_s=now,
@@ -217,8 +172,7 @@ class BrokerState:
         """Heartbeats, chunks, done, error and disconnect from a worker."""
         worker = self.workers.get(identity)
         if worker is None:
-            # Unknown (e.g. we restarted): ask it to register again.
-            return [] if isinstance(msg, Disconnect) else [Out(WORKER, identity, Disconnect(reason="unknown worker, send ready"))]
+            return self._ask_to_register(identity, msg)
         worker.expiry_s = self.clock.now() + self.liveness_s
         if isinstance(msg, Heartbeat):
             worker.reported_in_flight = msg.in_flight
@@ -226,7 +180,7 @@ class BrokerState:
                 worker.stats = msg.stats
             return []
         if isinstance(msg, Disconnect):
-            return self._lose_worker(identity, msg.reason or "worker disconnected")
+            return self.worker_gone(identity, msg.reason or "worker disconnected")
         key = raw.get("request_id")
         rec = self.requests.get(key) if isinstance(key, str) else None
         if rec is None or rec.worker != identity:
@@ -244,12 +198,30 @@ class BrokerState:
             return []
         return [Out(CLIENT, rec.client, _rewrite(raw, rec.request.request_id))]
 
-    def _lose_worker(self, identity: bytes, reason: str) -> list[Out]:
-        """Forget a worker; requeue its unstarted requests once, fail the rest."""
+    def _ask_to_register(self, identity: bytes, msg: Message) -> list[Out]:
+        """An unknown worker (we restarted, or declared it dead): ask for `ready`, once per interval."""
+        now = self.clock.now()
+        asked = self.reregister_asked_s.get(identity)
+        if isinstance(msg, Disconnect) or (asked is not None and now - asked < self.heartbeat_interval_s):
+            return []
+        self.reregister_asked_s[identity] = now
+        return [Out(WORKER, identity, Disconnect(reason="unknown worker, send ready"))]
+
+    def worker_gone(self, identity: bytes, reason: str, *, silent: bool = False) -> list[Out]:
+        """Forget a worker; requeue its unstarted requests once, fail the rest.
+
+        ``silent`` marks a worker declared dead for missing heartbeats: its process
+        may still run (hung), so it is remembered until it registers again.
+        """
         worker = self.workers.pop(identity, None)
         if worker is None:
             return []
+        now = self.clock.now()
         self.counters["workers_lost"] += 1
+        self.losses.append({"worker_id": worker.worker_id, "pid": worker.pid, "reason": reason, "at_s": now,
+                            "in_flight": len(worker.running)})
+        if silent:
+            self.silent[worker.worker_id] = SilentWorker(worker.worker_id, worker.pid, worker.host, now)
         for k, v in list(self.affinity.items()):
             if v == identity:
                 del self.affinity[k]
@@ -273,8 +245,9 @@ class BrokerState:
                 self.counters["requeued"] += 1
                 model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s)
             else:
-                msg = f"worker {worker.worker_id} was lost ({reason}) after output had started"
-                out += self._finish(rec, Error(WORKER_LOST, msg, key))
+                why = ("after output had started" if rec.streamed else
+                       "while draining" if not self.accepting else f"and it was already requeued {rec.requeues}x")
+                out += self._finish(rec, Error(WORKER_LOST, f"worker {worker.worker_id} was lost ({reason}) {why}", key))
         return out + self.dispatch()
 
     # ---- routing ---------------------------------------------------------------
@@ -313,13 +286,20 @@ class BrokerState:
                 rec.worker = worker.identity
                 rec.dispatched_at_s = now
                 if rec.request.affinity is not None:
-                    self.affinity[(rec.request.model, rec.request.affinity)] = worker.identity
+                    self._bind_affinity((rec.request.model, rec.request.affinity), worker.identity)
                 body = rec.request.to_map()
                 body["request_id"] = key
                 if rec.request.timeout_s is not None:
                     body["timeout_s"] = max(0.001, rec.deadline_s - now)
                 out.append(Out(WORKER, worker.identity, Dispatch(request=body, queue_s=now - rec.enqueued_at_s)))
         return out
+
+    def _bind_affinity(self, key: tuple[str, str], identity: bytes) -> None:
+        # Clients choose affinity keys freely; keep the most recent ones only (bounded memory).
+        self.affinity[key] = identity
+        self.affinity.move_to_end(key)
+        while len(self.affinity) > self.max_affinity_keys:
+            self.affinity.popitem(last=False)
 
     # ---- time ---------------------------------------------------------------------
 
@@ -328,7 +308,8 @@ class BrokerState:
         now = self.clock.now()
         out: list[Out] = []
         for identity in [i for i, w in self.workers.items() if w.expiry_s <= now]:
-            out += self._lose_worker(identity, f"no heartbeat for {self.liveness_s:.1f}s")
+            out += self.worker_gone(identity, f"no heartbeat for {self.liveness_s:.1f}s", silent=True)
+        self._forget_old(now)
         for rec in [r for r in self.requests.values() if r.deadline_s <= now and not r.answered]:
             msg = Error(TIMEOUT, f"request exceeded its timeout_s ({rec.deadline_s - rec.enqueued_at_s:.3f}s)", rec.key)
             if rec.worker is not None and not rec.cancel_sent:
@@ -341,6 +322,30 @@ class BrokerState:
                 for key, rec in list(model.queue.ordered()):
                     out += self._finish(rec, Error(UNAVAILABLE, f"model {model.name!r} has had no live worker for {now - since:.0f}s", key))
         return out
+
+    def _forget_old(self, now: float) -> None:
+        """Bound the bookkeeping kept about departed peers."""
+        for identity, at_s in list(self.reregister_asked_s.items()):
+            if now - at_s >= self.liveness_s:
+                del self.reregister_asked_s[identity]
+        for wid, rec in list(self.silent.items()):
+            if now - rec.since_s >= SILENT_MEMORY_S or len(self.silent) > MAX_SILENT:
+                del self.silent[wid]
+
+    # ---- the supervisor's report ---------------------------------------------------
+
+    def handle_fleet_info(self, identity: bytes, msg: FleetInfo) -> list[Out]:
+        """Keep the supervisor's view; forget workers whose process it saw exit; ack with the silent ones."""
+        self.fleet_children = clean_children(msg.children)
+        self.fleet_info_at_s = self.clock.now()
+        out: list[Out] = []
+        children = worker_children(self)
+        for w in list(self.workers.values()):
+            child = children.get(w.worker_id)
+            if child is not None and w.pid in child["exited_pids"]:
+                code = child.get("last_exit")
+                out += self.worker_gone(w.identity, f"its process {w.pid} exited (code {code})")
+        return out + [Out(WORKER, identity, FleetInfoAck(silent_workers=silent_report(self)))]
 
     def heartbeats(self) -> list[Out]:
         """One heartbeat to every worker (the actor calls this every interval)."""
@@ -364,25 +369,8 @@ class BrokerState:
     # ---- reporting ------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-like view for `status`."""
-        now = self.clock.now()
-        models: dict[str, Any] = {}
-        for name, m in sorted(self.models.items()):
-            workers = self.live_workers(name)
-            models[name] = {
-                "queue_depth": len(m.queue),
-                "running": sum(len(w.running) for w in workers),
-                "workers": [
-                    {
-                        "worker_id": w.worker_id, "pid": w.pid, "host": w.host, "state": "ready",
-                        "capacity": w.capacity, "in_flight": len(w.running), "free": w.free,
-                        "served": w.served, "last_seen_s": round(now - (w.expiry_s - self.liveness_s), 3),
-                        "info": w.info, "stats": w.stats,
-                    }
-                    for w in sorted(workers, key=lambda w: w.worker_id)
-                ],
-            }
-        return {"models": models, "accepting": self.accepting, "counters": dict(self.counters), "requests": len(self.requests)}
+        """A JSON-like view for `status` (see broker.report)."""
+        return make_snapshot(self)
 
 
 def _zero_usage() -> dict[str, int]:
