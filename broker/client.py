@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from actors.protocol import (
-    TIMEOUT, UNAVAILABLE, Cancel, Generate, Message, Models, ProtocolError, Status,
+    BAD_REQUEST, DEFAULT_LIMITS, TIMEOUT, UNAVAILABLE, Cancel, Generate, Message, Models, ProtocolError, Status,
     decode, encode,
 )
 from actors.sockets import make_socket
@@ -93,6 +93,21 @@ def _decode_reply(frames: list[bytes]) -> dict[str, Any]:
     return data
 
 
+def encode_checked(msg: Message) -> list[bytes]:
+    """Frames for ``msg``; a payload the broker would drop unread raises ``bad_request`` here."""
+    frames = encode(msg)
+    if len(frames[1]) > DEFAULT_LIMITS.max_frame_bytes:
+        raise FleetError(BAD_REQUEST, f"request of {len(frames[1])} bytes exceeds max_frame_bytes="
+                         f"{DEFAULT_LIMITS.max_frame_bytes}", getattr(msg, "request_id", None))
+    return frames
+
+
+def _lost(addr: str, request_id: str | None = None) -> dict[str, Any]:
+    """The error a request gets when the connection to the broker drops under it."""
+    return {"type": "error", "code": UNAVAILABLE, "request_id": request_id,
+            "message": f"lost the connection to the broker at {addr} (it may have restarted); the request's outcome is unknown"}
+
+
 def _local_timeout(msg_timeout_s: float | None, default_s: float) -> float:
     return msg_timeout_s + GRACE_S if msg_timeout_s is not None else default_s
 
@@ -130,7 +145,12 @@ class Client:
             self.ctx.term()
 
     def _send(self, msg: Message) -> None:
-        self.sock.send_multipart(encode(msg))
+        self.sock.send_multipart(encode_checked(msg))
+
+    def _forget_old_disconnects(self) -> None:
+        # A disconnect seen before this request began is about an earlier one.
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
 
     def _recv(self, deadline_s: float, what: str) -> dict[str, Any]:
         while True:
@@ -140,13 +160,15 @@ class Client:
             events = dict(self._poller.poll(left_ms))
             if self._monitor in events:
                 self._monitor.recv_multipart()
-                raise FleetError(UNAVAILABLE, f"lost the connection to the broker at {self.connect_addr}")
+                lost = _lost(self.connect_addr)
+                raise FleetError(UNAVAILABLE, lost["message"])
             if self.sock in events:
                 return _decode_reply(self.sock.recv_multipart())
 
     def _call(self, msg: Message, reply_type: str, timeout_s: float | None) -> dict[str, Any]:
         rid = uuid.uuid4().hex
         msg.request_id = rid  # type: ignore[attr-defined]
+        self._forget_old_disconnects()
         self._send(msg)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
@@ -173,12 +195,14 @@ class Client:
     def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> "SyncStream":
         """Start a streaming request; iterate the result for chunks."""
         msg = make_generate(model, prompt, stream=True, **options)
+        self._forget_old_disconnects()
         self._send(msg)
         return SyncStream(self, msg.request_id, time.monotonic() + _local_timeout(msg.timeout_s, self.timeout_s))
 
     def generate(self, prompt: str | None = None, *, model: str, **options: Any) -> Completion:
         """Generate and wait for the whole completion."""
         msg = make_generate(model, prompt, stream=False, **options)
+        self._forget_old_disconnects()
         self._send(msg)
         s = SyncStream(self, msg.request_id, time.monotonic() + _local_timeout(msg.timeout_s, self.timeout_s))
         for _ in s:
@@ -234,8 +258,10 @@ class AsyncClient:
         if curve:
             apply_curve_client(self.sock, curve)
         self.sock.connect(connect)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -244,19 +270,36 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the reader and close the socket."""
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+        """Stop the reader and the connection watcher, and close the sockets."""
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
         self.ctx.term()
 
     def _ensure_reader(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = loop.create_task(self._read())
+        if self._watcher is None or self._watcher.done():
+            # Disconnects from before anything was watching concern no open request.
+            sync_monitor = zmq.Socket.shadow(self._monitor.underlying)
+            while sync_monitor.poll(0):
+                sync_monitor.recv_multipart()
+            self._watcher = loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """When the connection drops, every open request ends with ``unavailable`` (never a hang)."""
+        while True:
+            await self._monitor.recv_multipart()
+            for rid, queue in list(self._queues.items()):
+                queue.put_nowait(_lost(self.connect_addr, rid))
 
     async def _read(self) -> None:
         while True:
@@ -273,7 +316,11 @@ class AsyncClient:
         self._ensure_reader()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._queues[msg.request_id] = queue  # type: ignore[attr-defined]
-        await self.sock.send_multipart(encode(msg))
+        try:
+            await self.sock.send_multipart(encode_checked(msg))
+        except BaseException:
+            self._queues.pop(msg.request_id, None)  # type: ignore[attr-defined]
+            raise
         return queue
 
     async def _call(self, msg: Message, reply_type: str, timeout_s: float | None) -> dict[str, Any]:
@@ -299,7 +346,7 @@ class AsyncClient:
 
     async def cancel(self, request_id: str) -> None:
         """Ask the fleet to cancel a request."""
-        await self.sock.send_multipart(encode(Cancel(request_id)))
+        await self.sock.send_multipart(encode_checked(Cancel(request_id)))
 
     async def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> AsyncIterator[StreamChunk | Completion]:
         """Yield chunks, then the final :class:`Completion` as the last item."""
