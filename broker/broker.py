@@ -57,6 +57,7 @@ class BrokerActor:
         # A restarted worker reconnects under the same identity and must take it over.
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.malformed_dropped = 0
+        self.malformed_logged_s = float("-inf")
         self.drain_deadline_s: float | None = None
         self.stop_requested = False
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
@@ -121,7 +122,7 @@ class BrokerActor:
             msg = from_map(raw, allowed=BACKEND_TYPES)
         except ProtocolError as exc:
             self.malformed_dropped += 1
-            log.warning("dropped malformed worker message: %s", exc.message)
+            self._log_malformed(exc.message)
             return
         if isinstance(msg, FleetInfo):
             self.send(self.state.handle_fleet_info(identity, msg))
@@ -130,6 +131,13 @@ class BrokerActor:
             self.send(self.state.handle_ready(identity, msg))
         else:
             self.send(self.state.handle_worker_message(identity, msg, raw))
+
+    def _log_malformed(self, reason: str) -> None:
+        # At most one line per second: a peer spewing garbage must not flood the log.
+        now = self.clock.now()
+        if now - self.malformed_logged_s >= 1.0:
+            log.warning("dropped malformed worker message: %s (%d dropped so far)", reason, self.malformed_dropped)
+            self.malformed_logged_s = now
 
     def models_list(self) -> list[dict[str, Any]]:
         """One entry per model for the `models` reply."""
