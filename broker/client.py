@@ -250,10 +250,11 @@ class AsyncClient:
     """An asyncio client: many concurrent requests over one socket."""
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = 120.0,
-                 curve: dict[str, bytes] | None = None) -> None:
+                 curve: dict[str, bytes] | None = None, ctx: zmq.asyncio.Context | None = None) -> None:
         self.connect_addr = connect
         self.timeout_s = timeout_s
-        self.ctx = zmq.asyncio.Context()
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.asyncio.Context()
         self.sock = make_socket(self.ctx, zmq.DEALER)  # type: ignore[arg-type]
         if curve:
             apply_curve_client(self.sock, curve)
@@ -281,7 +282,8 @@ class AsyncClient:
         self.sock.disable_monitor()
         self._monitor.close(0)
         self.sock.close(0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
     def _ensure_reader(self) -> None:
         loop = asyncio.get_running_loop()
