@@ -89,7 +89,8 @@ class WorkerActor:
         self.telemetry = WorkerTelemetry.disabled()
         self.last_heard_s = time.monotonic()
         self.next_beat_s = 0.0
-        self.ready_backoff_s = 0.5
+        # Extra silence tolerated before the next reconnect: 0, then 0.5 s doubling to 8 s.
+        self.reconnect_wait_s = 0.0
         self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
 
     # ---- setup ------------------------------------------------------------------
@@ -180,7 +181,7 @@ class WorkerActor:
             return
         while self.sock.poll(0):
             frames = self.sock.recv_multipart()
-            self.last_heard_s = time.monotonic()
+            self.heard()
             try:
                 msg = decode(frames, allowed=BROKER_TYPES)
             except ProtocolError as exc:
@@ -346,16 +347,20 @@ class WorkerActor:
             return
         self.next_beat_s = now + self.s.heartbeat_interval_s
         silent_s = now - self.last_heard_s
-        if silent_s > self.s.heartbeat_interval_s * self.s.heartbeat_liveness:
-            log.warning("broker silent for %.1fs; reconnecting", silent_s)
+        if silent_s > self.s.heartbeat_interval_s * self.s.heartbeat_liveness + self.reconnect_wait_s:
+            log.warning("broker silent for %.1fs; reconnecting (next try waits %.1fs more)", silent_s,
+                        min(max(0.5, self.reconnect_wait_s * 2), 8.0))
             self.drop_all()
-            self.connect()
-            self.next_beat_s = now + self.ready_backoff_s
-            self.ready_backoff_s = min(self.ready_backoff_s * 2, 8.0)
+            self.connect()  # resets last_heard_s: the silence is counted again from here
+            self.reconnect_wait_s = min(max(0.5, self.reconnect_wait_s * 2), 8.0)
             return
-        self.ready_backoff_s = 0.5
         self.telemetry.flush(now)  # keeps the admission gauges fresh while idle
         self.send(Heartbeat(self.s.worker_id, len(self.active) + len(self.waiting), self.engine.free_slots, self.stats()))
+
+    def heard(self) -> None:
+        """Any message from the broker: it is alive, so the reconnect backoff starts over."""
+        self.last_heard_s = time.monotonic()
+        self.reconnect_wait_s = 0.0
 
     def stats(self) -> dict[str, Any]:
         """Engine and policy figures, reported with each heartbeat."""

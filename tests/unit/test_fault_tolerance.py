@@ -305,3 +305,45 @@ def test_giving_up_on_the_broker_stops_the_fleet(supervisor: Any) -> None:
         now[0] += 10.0
         sup.check_children()
     assert broker.gave_up and sup.failure and sup.stop_event.is_set()
+
+
+# ---- worker reconnect ---------------------------------------------------------------------------
+
+
+def test_worker_reconnects_with_growing_backoff_and_resets_when_it_hears_the_broker(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from workers import worker as wmod
+
+    now = [0.0]
+    monkeypatch.setattr(wmod.time, "monotonic", lambda: now[0])
+    actor = wmod.WorkerActor(wmod.WorkerSettings("w", "m", "demo", "ipc:///tmp/mlxf-none",
+                                                 heartbeat_interval_s=1.0, heartbeat_liveness=3))
+    reconnects: list[float] = []
+
+    def connect() -> None:
+        reconnects.append(now[0])
+        actor.last_heard_s = now[0]
+
+    actor.connect = connect  # type: ignore[method-assign]
+    actor.send = lambda msg: None  # type: ignore[method-assign]
+    actor.stats = lambda: {}  # type: ignore[method-assign]
+    actor.engine = SimpleNamespace(free_slots=1, remove=lambda keys: [])
+    try:
+        def run_until(t_s: float) -> None:
+            while now[0] < t_s:
+                now[0] = round(now[0] + 0.1, 6)
+                actor.keepalive()
+
+        run_until(60.0)
+        gaps = [b - a for a, b in zip(reconnects, reconnects[1:])]
+        assert reconnects[0] == pytest.approx(3.1, abs=0.15)  # liveness x interval, then the first try
+        assert all(b >= a for a, b in zip(gaps, gaps[1:])) and gaps[-1] >= 8.0, gaps
+        actor.heard()  # any message from the broker
+        heard_at, count = now[0], len(reconnects)
+        run_until(heard_at + 3.0)
+        assert len(reconnects) == count  # quiet for no more than liveness: no reconnect
+        run_until(heard_at + 4.2)
+        assert len(reconnects) == count + 1  # the backoff was reset: liveness plus one beat at most
+    finally:
+        actor.ctx.term()
