@@ -13,7 +13,7 @@ timeout), some are abandoned locally (task cancellation). Reported:
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (name ``soak`` by default).
 Not run in CI.
 
-    python benchmarks/soak.py [--duration-s 300] [--clients 64] [--replicas 1] [--connect ADDR]
+    python -m benchmarks.soak [--duration-s 300] [--clients 64] [--replicas 1] [--connect ADDR]
 """
 
 from __future__ import annotations
@@ -21,28 +21,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import logging
-import os
-import platform
 import random
-import shutil
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import zmq.asyncio
 
-import zmq.asyncio  # noqa: E402  (after the sys.path line, like the project imports)
+from actors.config import FleetConfig, ModelSpec
+from actors.embedded import BackgroundFleet
+from actors.stats import percentile
+from benchmarks.common import Report, environment, progress
+from broker.client import AsyncClient, Completion, FleetError
 
-from actors.stats import percentile  # noqa: E402
-from broker.client import AsyncClient, Completion, FleetError  # noqa: E402
-
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 LOCAL_NO_ANSWER = "no answer from"  # the client's own timeout: the fleet never replied
 
 
@@ -129,7 +122,12 @@ async def sampler(addr: str, ctx: zmq.asyncio.Context, every_s: float, t0_s: flo
                 st = await client.status()
                 workers = {w["worker_id"]: {"pid": w["pid"], "rss_kib": rss_kib(w["pid"]), "restarts": w.get("restarts", 0)}
                            for m in st["models"].values() for w in m["workers"]}
+                # The workers' info (BLAS, versions) once, in the first sample that has it.
+                have_info = any(x.get("worker_info") for x in samples)
+                info = {} if have_info else {w["worker_id"]: (w.get("info") or {})
+                                             for m in st["models"].values() for w in m["workers"]}
                 samples.append({"t_s": round(time.monotonic() - t0_s, 1), "requests_open": st["requests"],
+                                "worker_info": info,
                                 "broker": {"pid": st["broker"]["pid"], "rss_kib": rss_kib(st["broker"]["pid"]),
                                            "restarts": st["broker"].get("restarts", 0)},
                                 "workers": workers, "counters": st["counters"]})
@@ -186,8 +184,8 @@ def rss_growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, floa
     return out
 
 
-def summarize(raw: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document: config, totals, crashes, lost, latency and the RSS series."""
+def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The results: totals, crashes, lost, latency and the RSS series."""
     tally: Tally = raw["tally"]
     last = next((s for s in reversed(raw["samples"]) if "broker" in s), {})
     crashes = last.get("broker", {}).get("restarts", 0) + sum(w["restarts"] for w in last.get("workers", {}).values())
@@ -195,7 +193,6 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any
     lat = sorted(tally.done_latency_s)
     warmup_s = min(args.warmup_s, args.duration_s / 4)
     return {
-        "meta": meta, "config": {k: v for k, v in vars(args).items() if k != "func"},
         "elapsed_s": round(raw["elapsed_s"], 1), "requests": total, "outcomes": dict(tally.outcomes),
         "lost": tally.outcomes.get("lost", 0), "open_at_end": raw["open_at_end"], "crashes": crashes,
         "crash_rate": crashes / total if total else 0.0,
@@ -208,11 +205,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any
 
 def markdown(doc: dict[str, Any]) -> str:
     """A short report: totals, then RSS over time."""
-    cfg = doc["config"]
-    lines = [f"# Soak: {cfg['clients']} clients x {doc['elapsed_s']:.0f} s against `demo` "
-             f"({cfg['replicas']} replica(s))", "",
-             f"{doc['meta']['cpu']}, {doc['meta']['cpu_count']} CPUs, Python {doc['meta']['python']}.", "",
-             "| requests | req/s | crashes | crash rate | lost | open at end | p50 s | p99 s |",
+    lines = ["| requests | req/s | crashes | crash rate | lost | open at end | p50 s | p99 s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| {doc['requests']} | {doc['throughput_rps']} | {doc['crashes']} | {doc['crash_rate']:.2%} | "
              f"{doc['lost']} | {doc['open_at_end']} | {doc['done_latency_s'].get(50, '-')} | "
@@ -232,40 +225,16 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_own_fleet(args: argparse.Namespace) -> tuple[Any, threading.Thread, str, str]:
-    """Spawn a fleet serving `demo` on fresh ipc paths; returns (supervisor, its thread, frontend, ipc dir)."""
-    from actors.config import load_config
-    from actors.logs import setup_logging
-    from actors.supervisor import Supervisor
-
-    setup_logging(args.log_level, "soak")
+def own_fleet_config(replicas: int, log_level: str) -> tuple[FleetConfig, str]:
+    """`demo` on fresh ipc endpoints; metrics and the HTTP gateway off."""
     ipc_dir = tempfile.mkdtemp(prefix="mlxf-soak-", dir="/tmp")
-    cfg = load_config(None, overrides={"frontend": f"ipc://{ipc_dir}/front", "backend": f"ipc://{ipc_dir}/back",
-                                       "metrics_export": False, "log_level": args.log_level},
-                      replicas={"demo": args.replicas})
-    sup = Supervisor(cfg)
-    try:
-        sup.start()
-    except BaseException:
-        sup.shutdown()
-        raise
-    thread = threading.Thread(target=sup.run, daemon=True)
-    thread.start()
-    return sup, thread, cfg.frontend, ipc_dir
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cfg = FleetConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", metrics_export=False,
+                      http_port=0, log_level=log_level, models=(ModelSpec("demo", "demo", replicas),))
+    return cfg, ipc_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run the soak, write JSON and Markdown."""
+    """Parse arguments, run the soak, write JSON and Markdown; exit 1 on any crash, lost or leaked request."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration-s", type=float, default=300.0, help="how long clients keep sending (default 300)")
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
@@ -278,30 +247,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="soak", help="results file name (default soak)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
-    meta = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    sup = thread = ipc_dir = None
-    addr = args.connect
-    if addr is None:
-        sup, thread, addr, ipc_dir = start_own_fleet(args)
-    try:
-        raw = asyncio.run(soak(addr, args))
-    finally:
-        if sup is not None:
-            sup.request_stop()
-            thread.join(10)
-            sup.shutdown()
-            shutil.rmtree(ipc_dir, ignore_errors=True)
-    doc = summarize(raw, args, meta)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    table = markdown(doc)
-    (RESULTS_DIR / f"{args.name}.md").write_text(table)
-    print(table, end="")
-    ok = doc["crashes"] == 0 and doc["lost"] == 0 and doc["open_at_end"] == 0
-    return 0 if ok else 1
+    if args.connect is not None:
+        raw = asyncio.run(soak(args.connect, args))
+    else:
+        cfg, ipc_dir = own_fleet_config(args.replicas, args.log_level)
+        with BackgroundFleet(cfg, ipc_dir):
+            progress(f"fleet up: demo x{args.replicas}; {args.clients} clients for {args.duration_s:g}s")
+            raw = asyncio.run(soak(cfg.frontend, args))
+    doc = summarize(raw, args)
+    infos = next((s["worker_info"] for s in raw["samples"] if s.get("worker_info")), {})
+    blas = next((info.get("blas") for info in infos.values()), None)
+    report = Report(args.name, f"Soak: {args.clients} clients x {doc['elapsed_s']:.0f} s against `demo` "
+                    f"({args.replicas} replica(s))", environment(blas, "demo"),
+                    {k: v for k, v in vars(args).items()})
+    report.results = doc
+    report.add_markdown(markdown(doc))
+    json_path, md_path = report.write()
+    print(md_path.read_text(), end="")
+    progress(f"wrote {json_path} and {md_path}")
+    return 0 if doc["crashes"] == 0 and doc["lost"] == 0 and doc["open_at_end"] == 0 else 1
 
 
 if __name__ == "__main__":
     logging.getLogger("asyncio").setLevel(logging.ERROR)
-    sys.exit(main())
+    raise SystemExit(main())

@@ -308,7 +308,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     drain_s = 5.0
     config = tmp_path / "fleet.toml"
     config.write_text(
-        f'frontend = "ipc://{ipc}/front"\nbackend = "ipc://{ipc}/back"\nmetrics_export = false\n'
+        f'frontend = "ipc://{ipc}/front"\nbackend = "ipc://{ipc}/back"\nmetrics_export = false\nhttp_port = 0\n'
         f"drain_timeout_s = {drain_s}\nheartbeat_interval_s = 0.2\nheartbeat_liveness = 3\n"
     )
     log_path = tmp_path / "up.log"

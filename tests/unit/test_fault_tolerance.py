@@ -256,16 +256,20 @@ def supervisor(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setattr(sup_mod.Child, "start", fake_start)
     cfg = dataclasses.replace(FleetConfig(), models=(ModelSpec("m", "demo", 1),), restart_max=3, restart_window_s=60.0,
-                              restart_backoff_s=0.5, restart_backoff_max_s=2.0)
+                              restart_backoff_s=0.5, restart_backoff_max_s=2.0, metrics_export=False, http_port=0)
     sup = sup_mod.Supervisor(cfg)
     for child in sup.children:
         child.start()
     return sup, now
 
 
+def child(sup: Any, name: str) -> Any:
+    return next(c for c in sup.children if c.name == name)
+
+
 def test_restart_backoff_doubles_and_gives_up_past_the_limit(supervisor: Any) -> None:
     sup, now = supervisor
-    worker = sup.children[1]
+    worker = child(sup, "worker:m-0")
     delays = []
     for _ in range(3):
         worker.process.exitcode = 1
@@ -284,7 +288,7 @@ def test_restart_backoff_doubles_and_gives_up_past_the_limit(supervisor: Any) ->
 
 def test_a_stable_run_resets_the_backoff_and_old_restarts_expire(supervisor: Any) -> None:
     sup, now = supervisor
-    worker = sup.children[1]
+    worker = child(sup, "worker:m-0")
     for _ in range(3):
         worker.process.exitcode = 1
         sup.check_children()
@@ -298,7 +302,7 @@ def test_a_stable_run_resets_the_backoff_and_old_restarts_expire(supervisor: Any
 
 def test_giving_up_on_the_broker_stops_the_fleet(supervisor: Any) -> None:
     sup, now = supervisor
-    broker = sup.children[0]
+    broker = child(sup, "broker")
     for _ in range(4):
         broker.process.exitcode = 1
         sup.check_children()

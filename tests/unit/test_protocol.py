@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, MESSAGE_TYPES, PROTOCOL_TAG,
-    Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Limits, Message,
+    Cancel, Chunk, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat, Limits, Message,
     Models, ModelsReply, ProtocolError, Ready, Status, StatusReply, decode, encode, encode_map,
     error_for, from_map,
 )
@@ -72,6 +72,9 @@ ROUND_TRIP = [
     Dispatch(request={"type": "generate", "request_id": "b1", "model": "demo", "prompt": "x"}, queue_s=0.25),
     Disconnect(),
     Disconnect(worker_id="w1", reason="shutdown"),
+    FleetInfo(children=[{"name": "worker:demo-0", "kind": "worker", "pid": 7, "restarts": 1}], supervisor_pid=6),
+    FleetInfoAck(),
+    FleetInfoAck(silent_workers=[{"worker_id": "demo-0", "pid": 7, "silent_for_s": 3.5}]),
 ]
 
 
@@ -202,6 +205,7 @@ BAD_MAPS: list[tuple[str, dict[str, Any], str | None]] = [
     ("max-tokens-u64", gen_map(max_tokens=2**64 - 1), "r1"),
     ("top-k-bool", gen_map(top_k=False), "r1"),
     ("top-k-negative", gen_map(top_k=-1), "r1"),
+    ("top-k-huge", gen_map(top_k=2**63), "r1"),
     ("capacity-bool", {"type": "ready", "worker_id": "w", "model": "m", "capacity": True, "pid": 1, "host": "h"}, None),
     ("temperature-bool", gen_map(temperature=True), "r1"),
     ("temperature-str", gen_map(temperature="0.5"), "r1"),
