@@ -89,8 +89,7 @@ class WorkerActor:
         self.telemetry = WorkerTelemetry.disabled()
         self.last_heard_s = time.monotonic()
         self.next_beat_s = 0.0
-        # Extra silence tolerated before the next reconnect: 0, then 0.5 s doubling to 8 s.
-        self.reconnect_wait_s = 0.0
+        self.reconnect_wait_s = 0.0  # extra silence before the next reconnect: 0, then 0.5 s doubling to 8 s
         self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
 
     # ---- setup ------------------------------------------------------------------
@@ -348,11 +347,10 @@ class WorkerActor:
         self.next_beat_s = now + self.s.heartbeat_interval_s
         silent_s = now - self.last_heard_s
         if silent_s > self.s.heartbeat_interval_s * self.s.heartbeat_liveness + self.reconnect_wait_s:
-            log.warning("broker silent for %.1fs; reconnecting (next try waits %.1fs more)", silent_s,
-                        min(max(0.5, self.reconnect_wait_s * 2), 8.0))
+            self.reconnect_wait_s = min(max(0.5, self.reconnect_wait_s * 2), 8.0)
+            log.warning("broker silent %.1fs; reconnecting (next try %.1fs later)", silent_s, self.reconnect_wait_s)
             self.drop_all()
             self.connect()  # resets last_heard_s: the silence is counted again from here
-            self.reconnect_wait_s = min(max(0.5, self.reconnect_wait_s * 2), 8.0)
             return
         self.telemetry.flush(now)  # keeps the admission gauges fresh while idle
         self.send(Heartbeat(self.s.worker_id, len(self.active) + len(self.waiting), self.engine.free_slots, self.stats()))
