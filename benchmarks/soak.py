@@ -13,7 +13,10 @@ timeout), some are abandoned locally (task cancellation). Reported:
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (name ``soak`` by default).
 Not run in CI.
 
-    python -m benchmarks.soak [--duration-s 300] [--clients 64] [--replicas 1] [--connect ADDR]
+    python -m benchmarks soak [--duration-s 300] [--clients 64] [--replicas 1] [--connect ADDR] [--quick] [--out DIR]
+
+``--quick`` is a 20-second smoke run (written as ``soak_quick``): it shows the code
+works end to end; RSS growth needs the full run's warm-up and length.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import zmq.asyncio
 from actors.config import FleetConfig, ModelSpec
 from actors.embedded import BackgroundFleet
 from actors.stats import percentile
-from benchmarks.common import Report, environment, progress
+from benchmarks.common import Report, add_out_argument, environment, progress
 from broker.client import AsyncClient, Completion, FleetError
 
 LOCAL_NO_ANSWER = "no answer from"  # the client's own timeout: the fleet never replied
@@ -246,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--name", default="soak", help="results file name (default soak)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--quick", action="store_true", help="20 s smoke run (not a result)")
+    add_out_argument(p)
     args = p.parse_args(argv)
+    if args.quick:
+        args.duration_s, args.sample_s, args.name = 20.0, 2.0, args.name + "_quick"
     if args.connect is not None:
         raw = asyncio.run(soak(args.connect, args))
     else:
@@ -259,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     blas = next((info.get("blas") for info in infos.values()), None)
     report = Report(args.name, f"Soak: {args.clients} clients x {doc['elapsed_s']:.0f} s against `demo` "
                     f"({args.replicas} replica(s))", environment(blas, "demo"),
-                    {k: v for k, v in vars(args).items()})
+                    {k: v for k, v in vars(args).items() if k != "out"})
     report.results = doc
     report.add_markdown(markdown(doc))
-    json_path, md_path = report.write()
+    json_path, md_path = report.write(args.out)
     print(md_path.read_text(), end="")
     progress(f"wrote {json_path} and {md_path}")
     return 0 if doc["crashes"] == 0 and doc["lost"] == 0 and doc["open_at_end"] == 0 else 1
