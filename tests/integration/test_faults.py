@@ -7,6 +7,7 @@ Every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -367,3 +368,4 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        shutil.rmtree(ipc, ignore_errors=True)
