@@ -29,16 +29,17 @@ from benchmarks.load import MlxLmServer, fleet_requester, http_requester, run_lo
 from benchmarks.overhead import local_config  # noqa: E402
 
 POLICIES: dict[str, dict[str, Any]] = {
-    "immediate": {"policy": "immediate", "fast_path": False},
-    "fixed": {"policy": "fixed", "fast_path": False},
-    "fixed+fast_path": {"policy": "fixed", "fast_path": True},
-    "adaptive": {"policy": "adaptive", "fast_path": True},
-    # Candidates for the default decode window (held admissions while decoding).
+    # The seed's policies, with no decode window.
+    "immediate": {"policy": "immediate", "fast_path": False, "decode_window_ms": 0.0},
+    "fixed": {"policy": "fixed", "fast_path": False, "decode_window_ms": 0.0},
+    "fixed+fast_path": {"policy": "fixed", "fast_path": True, "decode_window_ms": 0.0},
+    "adaptive": {"policy": "adaptive", "fast_path": True, "decode_window_ms": 0.0},
+    # Our default: fixed + fast path + the decode window (BatchingConfig's defaults).
+    "default": {},
     "fixed+fast_path+dw25": {"policy": "fixed", "fast_path": True, "decode_window_ms": 25.0},
-    "fixed+fast_path+dw50": {"policy": "fixed", "fast_path": True, "decode_window_ms": 50.0},
     "fixed+fast_path+dw100": {"policy": "fixed", "fast_path": True, "decode_window_ms": 100.0},
 }
-DEFAULT_POLICIES = "immediate,fixed,fixed+fast_path,adaptive"
+DEFAULT_POLICIES = "immediate,fixed,fixed+fast_path,adaptive,default"
 
 
 def prompts_for(level: int, per_client: int, minimum: int, tag: str = "") -> list[str]:

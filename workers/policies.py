@@ -9,9 +9,10 @@ waiting requests to admit (prefill together) now:
 - ``adaptive``: like ``fixed``, but the window follows the queue depth.
 
 While sequences are decoding, ``fixed`` and ``adaptive`` hold arrivals for at
-least ``decode_window_ms``: admitting costs a prefill pass and a first-token pass
-on top of the decode step, so admissions that arrive a few steps apart are
-cheaper together (``benchmarks/engine_step.py`` measures it).
+least ``decode_window_ms`` scaled by how full the batch is: admitting costs a
+prefill pass and a first-token pass on top of the decode step, so admissions
+that arrive a few steps apart are cheaper together (``benchmarks/engine_step.py``
+measures it), and the saving grows with the number of sequences decoding.
 
 Before the window, an urgent request is admitted at once, and the fast path
 admits a lone request at once when nothing else is waiting or running.
@@ -132,9 +133,7 @@ class AdmissionPolicy:
             return self._admit(cap, "full", first_arrival_s)
         window_ms = self._window_ms_for(waiting)
         if running > 0:
-            # While decoding, each admission costs extra forward passes for everyone;
-            # holding arrivals a little longer lets them share those passes.
-            window_ms = max(window_ms, self._cfg.decode_window_ms)
+            window_ms = max(window_ms, self.decode_window_ms(running))
         window_s = window_ms / 1000.0
         if first_arrival_s is None:  # unknown arrival: never stall on it
             return self._admit(cap, "window", first_arrival_s)
@@ -144,6 +143,17 @@ class AdmissionPolicy:
         self.stats.window_waits += 1
         self._holding = True
         return Decision(0, window_s - elapsed_s, False, "waiting")
+
+    def decode_window_ms(self, running: int) -> float:
+        """The least window while ``running`` sequences decode.
+
+        Each admission stalls every decoding sequence for a prefill pass and a
+        first-token pass, so holding arrivals to share those passes pays off in
+        proportion to how many sequences are decoding: the hold is
+        ``decode_window_ms`` at a full batch and shrinks linearly below it.
+        """
+        full = max(1, self._cfg.decode_capacity)
+        return self._cfg.decode_window_ms * min(1.0, max(0, running) / full)
 
     def _window_ms_for(self, depth: int) -> float:
         cfg = self._cfg

@@ -18,7 +18,8 @@ T0 = 1000.0  # FakeClock's start; the oldest waiting request arrives then
 
 def make(policy: str = "fixed", **overrides: Any) -> tuple[AdmissionPolicy, FakeClock]:
     clock = FakeClock(T0)
-    cfg = dataclasses.replace(BatchingConfig(), policy=policy, **overrides)
+    # The seed's windows alone; the decode window has tests of its own below.
+    cfg = dataclasses.replace(BatchingConfig(decode_window_ms=0.0), policy=policy, **overrides)
     return make_policy(cfg, clock), clock
 
 
@@ -291,16 +292,21 @@ def test_auto_tune_starts_inside_bounds_and_is_off_by_default() -> None:
 @pytest.mark.parametrize(
     ("decode_window_ms", "running", "elapsed_ms", "admit"),
     [
-        (0.0, 4, 1.0, 1),  # seed behaviour: the 1 ms window alone
-        (20.0, 4, 1.0, 0),  # decoding: held for the longer window
-        (20.0, 4, 19.9, 0),
-        (20.0, 4, 20.0, 1),
+        (0.0, 8, 1.0, 1),  # seed behaviour: the 1 ms window alone
+        (20.0, 8, 1.0, 0),  # a full batch decoding: held for the whole decode window
+        (20.0, 8, 19.9, 0),
+        (20.0, 8, 20.0, 1),
+        (20.0, 4, 9.9, 0),  # half full: half the hold
+        (20.0, 4, 10.0, 1),
+        (20.0, 1, 2.4, 0),  # one sequence of eight: a 2.5 ms hold
+        (20.0, 1, 2.5, 1),
         (20.0, 0, 1.0, 1),  # idle engine: the decode window does not apply
     ],
 )
 def test_decode_window_holds_arrivals_only_while_decoding(decode_window_ms, running, elapsed_ms, admit):
     clock = FakeClock()
-    cfg = BatchingConfig(policy="fixed", window_ms=1.0, decode_window_ms=decode_window_ms, fast_path=False)
+    cfg = BatchingConfig(policy="fixed", window_ms=1.0, decode_window_ms=decode_window_ms, fast_path=False,
+                         decode_capacity=8)
     policy = make_policy(cfg, clock)
     arrival = clock.now()
     clock.advance_ms(elapsed_ms)
