@@ -345,6 +345,9 @@ class WorkerActor:
         if now < self.next_beat_s:
             return
         self.next_beat_s = now + self.s.heartbeat_interval_s
+        if self.sock is not None and self.sock.poll(0):
+            # A long engine step kept us from reading: what waits in the pipe proves the broker is alive.
+            self.heard()
         silent_s = now - self.last_heard_s
         if silent_s > self.s.heartbeat_interval_s * self.s.heartbeat_liveness + self.reconnect_wait_s:
             self.reconnect_wait_s = min(max(0.5, self.reconnect_wait_s * 2), 8.0)

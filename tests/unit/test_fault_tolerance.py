@@ -351,3 +351,32 @@ def test_worker_reconnects_with_growing_backoff_and_resets_when_it_hears_the_bro
         assert len(reconnects) == count + 1  # the backoff was reset: liveness plus one beat at most
     finally:
         actor.ctx.term()
+
+
+def test_worker_does_not_reconnect_when_broker_messages_wait_after_a_long_step(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from workers import worker as wmod
+
+    now = [0.0]
+    monkeypatch.setattr(wmod.time, "monotonic", lambda: now[0])
+    actor = wmod.WorkerActor(wmod.WorkerSettings("w", "m", "demo", "ipc:///tmp/mlxf-none",
+                                                 heartbeat_interval_s=1.0, heartbeat_liveness=3))
+    reconnects: list[float] = []
+    actor.connect = lambda: reconnects.append(now[0])  # type: ignore[method-assign]
+    actor.send = lambda msg: None  # type: ignore[method-assign]
+    actor.stats = lambda: {}  # type: ignore[method-assign]
+    actor.engine = SimpleNamespace(free_slots=1, remove=lambda keys: [])
+    pending = [True]
+    actor.sock = SimpleNamespace(poll=lambda timeout=0: 1 if pending[0] else 0, close=lambda linger=0: None)
+    try:
+        now[0] = 10.0  # one engine step outlasted the liveness, but broker messages wait unread
+        actor.keepalive()
+        assert reconnects == []
+        pending[0] = False
+        now[0] = 20.0  # truly silent now
+        actor.keepalive()
+        assert reconnects == [20.0]
+    finally:
+        actor.sock = None
+        actor.ctx.term()
