@@ -44,6 +44,7 @@ class BatchingConfig:
     p99_threshold_ms: float = 500.0  # auto-tune target for p99 time-to-first-token
     prompt_cache_entries: int = 64  # KV caches of finished sequences kept for prefix reuse; 0: off
     prompt_cache_bytes: int = 512 * 1024 * 1024  # most bytes those caches may hold; 0: off
+    solo_fast_path: bool = True  # a lone request on an idle worker decodes via mlx-lm's generate_step
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_LOG_LEVEL": "log_level",
     "MLX_FLEET_PROMPT_CACHE_ENTRIES": "prompt_cache_entries",
     "MLX_FLEET_PROMPT_CACHE_BYTES": "prompt_cache_bytes",
+    "MLX_FLEET_SOLO_FAST_PATH": "solo_fast_path",
     "MLX_FLEET_HTTP_PORT": "http_port",
     "MLX_FLEET_API_KEY": "api_key",
 }

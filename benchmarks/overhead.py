@@ -6,12 +6,16 @@ alternate request by request, so drift in the machine's load hits both equally.
 Both use the same BLAS, loaded here before MLX.
 
     python -m benchmarks overhead [--model demo-small] [--requests 50] [--max-tokens 50] [--quick] [--out DIR]
+
+The worker's solo fast path follows ``MLX_FLEET_SOLO_FAST_PATH`` (default on), or
+``--solo-fast-path on|off``; the table's parameters say what the worker reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 from typing import Any
@@ -20,7 +24,7 @@ from workers.blas import describe_blas, find_blas, preload_blas
 
 preload_blas(find_blas("auto"))  # before anything imports mlx
 
-from actors.config import BatchingConfig, FleetConfig, ModelSpec  # noqa: E402
+from actors.config import BatchingConfig, FleetConfig, ModelSpec, parse_bool  # noqa: E402
 from actors.embedded import BackgroundFleet  # noqa: E402
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import Report, Summary, add_out_argument, environment, fmt_ms, progress, questions, ratio  # noqa: E402
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--name", default="overhead")
+    ap.add_argument("--solo-fast-path", type=parse_bool, default=parse_bool(os.environ.get("MLX_FLEET_SOLO_FAST_PATH", "on")),
+                    help="the worker's solo fast path (default: MLX_FLEET_SOLO_FAST_PATH, else on)")
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, 4 requests of 8 tokens")
     add_out_argument(ap)
     args = ap.parse_args(argv)
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     qs = (questions() * ((args.requests // 50) + 1))[: args.requests]
     model, tokenizer = load(str(resolve_source(args.model)))
-    cfg, ipc_dir = local_config(args.model)
+    cfg, ipc_dir = local_config(args.model, BatchingConfig(solo_fast_path=args.solo_fast_path))
     bare: list[Sample] = []
     served: list[Sample] = []
     mismatches = 0
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mismatches += b.token_ids != s.token_ids
             if (i + 1) % 10 == 0:
                 progress(f"overhead: {i + 1}/{len(qs)} requests")
-        worker_blas = client.status()["models"][args.model]["workers"][0]["info"]["blas"]
+        worker_info = client.status()["models"][args.model]["workers"][0]["info"]
+    worker_blas = worker_info["blas"]
     result = compare(bare, served)
     result["token_mismatches"] = mismatches
     result["samples"] = {"bare": [dataclasses.asdict(s) | {"token_ids": None} for s in bare],
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     environment(describe_blas(), args.model),
                     {"requests": args.requests, "max_tokens": args.max_tokens, "warmup": args.warmup,
                      "policy": cfg.batching.policy, "window_ms": cfg.batching.window_ms,
-                     "fast_path": cfg.batching.fast_path, "worker_blas": worker_blas.get("name")})
+                     "fast_path": cfg.batching.fast_path, "worker_blas": worker_blas.get("name"),
+                     "solo_fast_path": worker_info.get("solo_fast_path")})
     report.results = result
     report.add_markdown(markdown(result, args))
     cdf = plots.latency_cdf({"bare (in-process)": [s.total_s for s in bare], "served (fleet)": [s.total_s for s in served]},

@@ -1,4 +1,4 @@
-"""The engine adapter over mlx-lm's continuous batching: the only module importing mlx.
+"""The engine adapter over mlx-lm's continuous batching: with :mod:`workers.solo`, the only mlx importer.
 
 :class:`Engine` wraps ``BatchGenerator``: ``insert`` requests with their own
 sampler, max_tokens and stop strings; ``step`` once; ``remove`` to cancel.
@@ -9,6 +9,11 @@ With a prompt cache (:mod:`workers.prompt_cache`), a request starts from a priva
 of the longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and
 a finished sequence's cache is stored under its prompt plus generated tokens. A removed
 (cancelled) sequence stores nothing.
+
+Solo fast path (``solo_fast_path``): a request inserted alone into an idle engine is
+decoded by mlx-lm's own ``generate_step`` (:class:`workers.solo.Solo`, private to this
+module), as in-process mlx-lm would; the next insert moves it into the ``BatchGenerator``
+mid-stream with the same output. Its stream lives under the uid ``SOLO_UID`` until then.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_sampler
 
 from workers.prompt_cache import PromptCache, PromptCacheStats
+from workers.solo import Solo, can_go_solo
+
+SOLO_UID = -1  # the solo sequence's key in ``Engine.streams`` (BatchGenerator uids are >= 0)
 
 
 @dataclass
@@ -121,17 +129,32 @@ def make_request_sampler(temperature: float, top_p: float, top_k: int, seed: int
     """mlx-lm's sampler; with a seed, the same filters drawing from a private key."""
     if temperature == 0.0 or seed is None:
         return make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
-    key = [mx.random.key(seed)]
+    return SeededSampler(temperature, top_p, top_k, seed)
 
-    def seeded(logprobs: mx.array) -> mx.array:
-        if 0.0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        if top_k > 0:
-            logprobs = apply_top_k(logprobs, top_k)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
 
-    return seeded
+class SeededSampler:
+    """mlx-lm's top-p/top-k filters, then a draw from a private key split once per call.
+
+    ``rewind`` undoes the last split: the solo handoff drops one drawn-but-unseen token.
+    """
+
+    def __init__(self, temperature: float, top_p: float, top_k: int, seed: int) -> None:
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.key = mx.random.key(seed)
+        self.previous_key = self.key
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if 0.0 < self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        if self.top_k > 0:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        self.previous_key = self.key
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1.0 / self.temperature), key=sub)
+
+    def rewind(self) -> None:
+        """Draw the last call's token again on the next call."""
+        self.key = self.previous_key
 
 
 class Engine:
@@ -147,6 +170,7 @@ class Engine:
         prefill_step_size: int = 512,
         prompt_cache_entries: int = 0,
         prompt_cache_bytes: int = 0,
+        solo_fast_path: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -164,6 +188,10 @@ class Engine:
         self.uid_of: dict[str, int] = {}
         self.stats = StepStats()
         self.prompt_cache = make_kv_prompt_cache(model, max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes)
+        self.prefill_step_size = prefill_step_size
+        # A handoff trims one token off the solo cache; caches that cannot be trimmed always batch.
+        self.solo_fast_path = solo_fast_path and can_go_solo(model)
+        self.solo: Solo | None = None
 
     # ---- prompts -------------------------------------------------------------------
 
@@ -208,21 +236,41 @@ class Engine:
         """Queue requests for prefill; they join decoding between steps.
 
         A request with ``cache`` set starts from the longest cached prefix of its prompt.
+        One request into an idle engine goes solo; any insert moves a solo sequence into the batch.
         """
         if not reqs:
             return
         found = [self._lookup(r) for r in reqs]
-        uids = self.gen.insert(
-            [r.prompt_tokens[n:] for r, (_, n) in zip(reqs, found)],
-            max_tokens=[r.max_tokens for r in reqs],
-            caches=[kv for kv, _ in found],
-            all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
-            samplers=[make_request_sampler(r.temperature, r.top_p, self._top_k(r.top_k), r.seed) for r in reqs],
-        )
+        samplers = [make_request_sampler(r.temperature, r.top_p, self._top_k(r.top_k), r.seed) for r in reqs]
+        if self.solo_fast_path and len(reqs) == 1 and not self.streams:
+            (r,), ((kv, n),), (sampler,) = reqs, found, samplers
+            self.solo = Solo(self.model, r.prompt_tokens, max_tokens=r.max_tokens, sampler=sampler, cache=kv,
+                             cached_tokens=n, prefill_step_size=self.prefill_step_size)
+            uids = [SOLO_UID]
+        else:
+            self._hand_off_solo()
+            uids = self.gen.insert(
+                [r.prompt_tokens[n:] for r, (_, n) in zip(reqs, found)],
+                max_tokens=[r.max_tokens for r in reqs],
+                caches=[kv for kv, _ in found],
+                all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
+                samplers=samplers,
+            )
         for uid, req, (_, n) in zip(uids, reqs, found):
             stream = self.streams[uid] = _Stream(req, self.tokenizer.detokenizer)
             stream.cached_tokens = n
             self.uid_of[req.key] = uid
+
+    def _hand_off_solo(self) -> None:
+        """Move the solo sequence, if any, into the BatchGenerator; its stream goes on."""
+        if self.solo is None:
+            return
+        solo, self.solo = self.solo, None
+        prompt, kv, all_tokens, max_tokens = solo.handoff()
+        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv], all_tokens=[all_tokens],
+                                 samplers=[solo.sampler])
+        stream = self.streams[uid] = self.streams.pop(SOLO_UID)
+        self.uid_of[stream.req.key] = uid
 
     def _lookup(self, req: EngineRequest) -> tuple[list[Any] | None, int]:
         if not self.prompt_cache.enabled:
@@ -248,14 +296,19 @@ class Engine:
     def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
         """Drop requests now; each gets a final event with ``reason``."""
         uids = [self.uid_of[k] for k in keys if k in self.uid_of]
-        if uids:
-            self.gen.remove(uids)
+        if SOLO_UID in uids and self.solo is not None:
+            self.solo.close()
+            self.solo = None
+        if any(uid != SOLO_UID for uid in uids):
+            self.gen.remove([uid for uid in uids if uid != SOLO_UID])
         return [self._finish(uid, reason) for uid in uids]
 
     def step(self) -> list[StepEvent]:
         """Run one engine step; at most one event per request."""
         if not self.streams:
             return []
+        if self.solo is not None:
+            return self._step_solo()
         t0 = time.perf_counter()
         _, responses = self.gen.next()
         events: list[StepEvent] = []
@@ -264,30 +317,55 @@ class Engine:
             stream = self.streams.get(r.uid)
             if stream is None:
                 continue
-            first = stream.tokens == 0
-            is_eos = r.finish_reason == "stop" and r.token in self.eos_ids
-            stream.add(None if is_eos else r.token)
-            if is_eos:
-                stream.tokens += 1  # the EOS counts as a generated token, it is not shown
-            cut = stream.find_stop() if stream.req.stop else -1
-            if cut >= 0:
-                text, ids = stream.take(cut)
+            event, cut = self._on_token(r.uid, r.token, r.finish_reason)
+            if cut:
                 stopped[r.uid] = stream.req
-                events.append(self._finish(r.uid, "stop", text, ids, first))
             elif r.finish_reason is not None:
                 self._store(stream.req, r.prompt_cache, r.all_tokens)
-                stream.detok.finalize()
-                stream.add(None)
-                text, ids = stream.take(len(stream.text))
-                events.append(self._finish(r.uid, r.finish_reason, text, ids, first))
-            else:
-                text, ids = stream.take()
-                events.append(StepEvent(stream.req.key, text, ids, None, first))
+            events.append(event)
         if stopped:
             for uid, (kv, tokens) in self.gen.remove(list(stopped), return_prompt_caches=True).items():
                 self._store(stopped[uid], kv, tokens)
         self._record(len(responses), time.perf_counter() - t0)
         return events
+
+    def _step_solo(self) -> list[StepEvent]:
+        """One ``generate_step`` token: a decode step of batch 1, finishing as BatchGenerator would."""
+        assert self.solo is not None
+        t0 = time.perf_counter()
+        solo = self.solo
+        token = solo.next()
+        if token in self.eos_ids:
+            reason: str | None = "stop"
+        else:
+            reason = "length" if solo.generated >= solo.max_tokens else None
+        req = self.streams[SOLO_UID].req
+        event, _ = self._on_token(SOLO_UID, token, reason)
+        if event.finish_reason is not None:  # EOS, length or a stop string: keep its cache
+            self.solo = None
+            self._store(req, *solo.finished_cache())
+        self._record(1, time.perf_counter() - t0)
+        return [event]
+
+    def _on_token(self, uid: int, token: int, finish_reason: str | None) -> tuple[StepEvent, bool]:
+        """Detokenize one new token of ``uid``: its event, and whether a stop string ended it."""
+        stream = self.streams[uid]
+        first = stream.tokens == 0
+        is_eos = finish_reason == "stop" and token in self.eos_ids
+        stream.add(None if is_eos else token)
+        if is_eos:
+            stream.tokens += 1  # the EOS counts as a generated token, it is not shown
+        cut = stream.find_stop() if stream.req.stop else -1
+        if cut >= 0:
+            text, ids = stream.take(cut)
+            return self._finish(uid, "stop", text, ids, first), True
+        if finish_reason is not None:
+            stream.detok.finalize()
+            stream.add(None)
+            text, ids = stream.take(len(stream.text))
+            return self._finish(uid, finish_reason, text, ids, first), False
+        text, ids = stream.take()
+        return StepEvent(stream.req.key, text, ids, None, first), False
 
     def _finish(self, uid: int, reason: str, text: str = "", ids: list[int] | None = None, first: bool = False) -> StepEvent:
         stream = self.streams.pop(uid)
@@ -313,6 +391,9 @@ class Engine:
 
     def close(self) -> None:
         """Release the generator's resources."""
+        if self.solo is not None:
+            self.solo.close()
+            self.solo = None
         self.gen.close()
 
 

@@ -117,6 +117,7 @@ class WorkerActor:
             model, tokenizer, decode_capacity=b.decode_capacity,
             admission_batch=b.admission_batch, prefill_step_size=b.prefill_step_size,
             prompt_cache_entries=b.prompt_cache_entries, prompt_cache_bytes=b.prompt_cache_bytes,
+            solo_fast_path=b.solo_fast_path,
         )
         self.policy = make_policy(b, MonotonicClock())
         self.tuner = AutoTuner(b, self.policy) if b.auto_tune else None
@@ -124,7 +125,8 @@ class WorkerActor:
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source,
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
-                     "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes}
+                     "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes,
+                     "solo_fast_path": self.engine.solo_fast_path}
         log.info("loaded %s from %s in %.2fs; blas=%s", self.s.model, path, time.perf_counter() - t0, self.info["blas"])
         self.connect()
 

@@ -97,6 +97,8 @@ SEED_ENV = [
     ({"MLX_FAST_PATH": "off"}, {"fast_path": False}),
     ({"MLX_FAST_PATH": "no"}, {"fast_path": False}),
     ({"MLX_FAST_PATH": "yes"}, {"fast_path": True}),
+    ({"MLX_FLEET_SOLO_FAST_PATH": "0"}, {"solo_fast_path": False}),
+    ({"MLX_FLEET_SOLO_FAST_PATH": "on"}, {"solo_fast_path": True}),
     (
         {"MLX_ADAPTIVE_WINDOW_LOW_MS": "0.5", "MLX_ADAPTIVE_WINDOW_MEDIUM_MS": "1.5", "MLX_ADAPTIVE_WINDOW_HIGH_MS": "3"},
         {"adaptive_low_ms": 0.5, "adaptive_medium_ms": 1.5, "adaptive_high_ms": 3.0},
