@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
 from typing import Any, Callable
 
 from actors.config import BatchingConfig
 from actors.embedded import BackgroundFleet
 from benchmarks.common import Report, environment, progress, questions, spread, within_noise
-from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, free_port, http_requester, run_load
+from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, TokenTimer, free_port, http_requester, run_load
 from benchmarks.overhead import local_config
 from broker.client import AsyncClient, Completion, StreamChunk
 from workers.blas import blas_env, find_blas
@@ -50,20 +49,13 @@ def async_fleet_requester(frontend: str, model: str, max_tokens: int) -> Callabl
         client = loop.run_until_complete(open_client())
 
         async def one(prompt: str) -> RequestSample:
-            t0 = time.perf_counter()
-            last, ttft, gaps, tokens = t0, 0.0, [], 0
+            timer, tokens = TokenTimer(), 0
             async for item in client.stream(prompt, model=model, max_tokens=max_tokens, temperature=0.0):
                 if isinstance(item, StreamChunk) and item.text:
-                    now = time.perf_counter()
-                    if not ttft:
-                        ttft = now - t0
-                    else:
-                        gaps.append(now - last)
-                    last = now
+                    timer.token()
                 elif isinstance(item, Completion):
                     tokens = int(item.usage.get("completion_tokens", 0))
-            total = time.perf_counter() - t0
-            return RequestSample(ttft or total, total, tokens, gaps)
+            return timer.sample(tokens)
 
         def close() -> None:
             loop.run_until_complete(client.close())

@@ -36,6 +36,30 @@ class RequestSample:
     started_s: float = 0.0
 
 
+class TokenTimer:
+    """Time to first token and the gaps between later ones, from when it is made."""
+
+    def __init__(self) -> None:
+        self.t0_s = time.perf_counter()
+        self.last_s = self.t0_s
+        self.ttft_s = 0.0
+        self.gaps_s: list[float] = []
+
+    def token(self) -> None:
+        """New output arrived now."""
+        now = time.perf_counter()
+        if not self.ttft_s:
+            self.ttft_s = now - self.t0_s
+        else:
+            self.gaps_s.append(now - self.last_s)
+        self.last_s = now
+
+    def sample(self, completion_tokens: int) -> RequestSample:
+        """The finished request (a request with no output has TTFT = its total)."""
+        total = time.perf_counter() - self.t0_s
+        return RequestSample(self.ttft_s or total, total, completion_tokens, self.gaps_s)
+
+
 @dataclass
 class LoadRun:
     """All requests of one load level."""
@@ -118,21 +142,12 @@ def fleet_requester(frontend: str, model: str, max_tokens: int, **options: Any) 
         client = Client(frontend, timeout_s=300)
 
         def send(prompt: str) -> RequestSample:
-            t0 = time.perf_counter()
-            last = t0
-            ttft = 0.0
-            gaps: list[float] = []
+            timer = TokenTimer()
             stream = client.stream(prompt, model=model, max_tokens=max_tokens, **options)
             for _ in stream:
-                now = time.perf_counter()
-                if not ttft:
-                    ttft = now - t0
-                else:
-                    gaps.append(now - last)
-                last = now
-            total = time.perf_counter() - t0
+                timer.token()
             assert stream.completion is not None
-            return RequestSample(ttft or total, total, stream.completion.usage.get("completion_tokens", 0), gaps)
+            return timer.sample(stream.completion.usage.get("completion_tokens", 0))
 
         return send, client.close
 
@@ -149,12 +164,12 @@ def http_requester(port: int, model: str, max_tokens: int, *, host: str = "127.0
         def send(prompt: str) -> RequestSample:
             body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                                "stream": True, "stream_options": {"include_usage": True}})
-            t0 = time.perf_counter()
+            timer = TokenTimer()
             conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-            ttft, last, gaps, tokens = 0.0, t0, [], 0
+            tokens = 0
             for raw in resp:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -166,15 +181,9 @@ def http_requester(port: int, model: str, max_tokens: int, *, host: str = "127.0
                 if event.get("usage"):
                     tokens = event["usage"].get("completion_tokens", tokens)
                 if event.get("choices") and event["choices"][0].get("text"):
-                    now = time.perf_counter()
-                    if not ttft:
-                        ttft = now - t0
-                    else:
-                        gaps.append(now - last)
-                    last = now
+                    timer.token()
             resp.read()
-            total = time.perf_counter() - t0
-            return RequestSample(ttft or total, total, tokens, gaps)
+            return timer.sample(tokens)
 
         return send, conn.close
 
