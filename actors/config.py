@@ -35,7 +35,10 @@ class BatchingConfig:
     adaptive_medium_depth: int = 5
     admission_batch: int = 8  # waiting requests prefilled together
     decode_capacity: int = 16  # sequences decoding at once; advertised to the broker
-    prefill_step_size: int = 512
+    # Prompt tokens per sequence per engine step. A step is one uninterrupted MLX call, so this
+    # bounds how long a worker goes without heartbeating (admission_batch x this many tokens)
+    # and how long decoding sequences stall behind a long prompt.
+    prefill_step_size: int = 128
     auto_tune: bool = False
     auto_tune_min_batch: int = 2
     auto_tune_max_batch: int = 8
@@ -124,6 +127,7 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_BLAS": "blas",
     "MLX_FLEET_DECODE_CAPACITY": "decode_capacity",
     "MLX_FLEET_DECODE_WINDOW_MS": "decode_window_ms",
+    "MLX_FLEET_PREFILL_STEP_SIZE": "prefill_step_size",
     "MLX_FLEET_QUEUE_LIMIT": "queue_limit",
     "MLX_FLEET_LOG_LEVEL": "log_level",
     "MLX_FLEET_PROMPT_CACHE_ENTRIES": "prompt_cache_entries",
