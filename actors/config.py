@@ -74,7 +74,7 @@ class FleetConfig:
     # per /tmp path, and reachable by workers on other hosts once bound wider.
     metrics_events: str = "tcp://127.0.0.1:5557"
     heartbeat_interval_s: float = 1.0
-    heartbeat_liveness: int = 3
+    heartbeat_liveness: int = 5  # 3 gave false deaths on a 2-core host at load average ~7
     ready_timeout_s: float = 180.0
     drain_timeout_s: float = 30.0
     queue_limit: int = 1024
