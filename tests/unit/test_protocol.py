@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, MESSAGE_TYPES, PROTOCOL_TAG,
-    Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Limits, Message,
-    Models, ModelsReply, ProtocolError, Ready, Status, StatusReply, decode, encode, encode_map,
+    Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Limits, Load, Message,
+    Models, ModelsReply, Unload, ProtocolError, Ready, Status, StatusReply, decode, encode, encode_map,
     error_for, from_map,
 )
 
@@ -72,6 +72,10 @@ ROUND_TRIP = [
     Dispatch(request={"type": "generate", "request_id": "b1", "model": "demo", "prompt": "x"}, queue_s=0.25),
     Disconnect(),
     Disconnect(worker_id="w1", reason="shutdown"),
+    Load(model="b", source="demo-small"),
+    Load(model="b", source="/models/x", replicas=2, on_demand=True, idle_unload_s=30.0, request_id="l1"),
+    Unload(model="b", request_id="u1"),
+    ControlReply(op="load", model="b", message="starting 2 replica(s)", workers=["b-0", "b-1"], request_id="l1"),
 ]
 
 
