@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from actors.config import BatchingConfig
+from actors.curve import apply_client, load_client_keys
 from actors.logs import setup_logging
 from actors.protocol import (
     BAD_REQUEST, INTERNAL, UNAVAILABLE, WORKER_LOST,
@@ -49,6 +50,8 @@ class WorkerSettings:
     blas: str = "auto"
     log_level: str = "INFO"
     max_prompt_tokens: int = 16_384
+    curve_secret: str = ""  # our secret cert: CurveZMQ to the broker when set
+    curve_server_public: str = ""  # the broker's public cert (its secret cert works too)
 
 
 @dataclass
@@ -119,6 +122,8 @@ class WorkerActor:
         if self.sock is not None:
             self.sock.close(0)
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=self.s.worker_id.encode())
+        if self.s.curve_secret:
+            apply_client(self.sock, load_client_keys(self.s.curve_secret, self.s.curve_server_public))
         self.sock.connect(self.s.connect)
         self.send_ready()
 
