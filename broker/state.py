@@ -48,11 +48,13 @@ class WorkerRecord:
     reported_in_flight: int = 0
     served: int = 0
     stats: dict = field(default_factory=dict)
+    retiring: bool = False  # being stopped (unload, idle): finishes what it runs, gets nothing new
+    max_in_flight: int = 0  # the most requests it ever held at once
 
     @property
     def free(self) -> int:
-        """Slots the broker may still fill."""
-        return self.capacity - len(self.running)
+        """Slots the broker may still fill (none while retiring)."""
+        return 0 if self.retiring else self.capacity - len(self.running)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ModelRecord:
     queue: PriorityQueue[RequestRecord]
     configured: bool = False
     no_worker_since_s: float | None = None
+    accepting: bool = True  # False while unloading: new requests get unknown_model
 
 
 class BrokerState:
@@ -150,8 +153,8 @@ class BrokerState:
         if not self.accepting:
             return [Out(CLIENT, client, Error(UNAVAILABLE, "the fleet is shutting down", msg.request_id))]
         model = self.models.get(msg.model)
-        if model is None or (not model.configured and not self.live_workers(msg.model)):
-            known = ", ".join(sorted(self.models)) or "none"
+        if model is None or not model.accepting or (not model.configured and not self.live_workers(msg.model)):
+            known = ", ".join(sorted(n for n, m in self.models.items() if m.accepting)) or "none"
             return [Out(CLIENT, client, Error(UNKNOWN_MODEL, f"unknown model {msg.model!r} (served: {known})", msg.request_id))]
         if (client, msg.request_id) in self.by_client:
             return [Out(CLIENT, client, Error("bad_request", f"request_id {msg.request_id!r} is already in flight", msg.request_id))]
@@ -301,6 +304,7 @@ class BrokerState:
                     continue  # affinity target busy; others may still go
                 model.queue.remove(key)
                 worker.running.add(key)
+                worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
                 worker.last_used_s = now
                 rec.worker = worker.identity
                 rec.dispatched_at_s = now
@@ -366,8 +370,9 @@ class BrokerState:
                 "running": sum(len(w.running) for w in workers),
                 "workers": [
                     {
-                        "worker_id": w.worker_id, "pid": w.pid, "host": w.host, "state": "ready",
-                        "capacity": w.capacity, "in_flight": len(w.running), "free": w.free,
+                        "worker_id": w.worker_id, "pid": w.pid, "host": w.host,
+                        "state": "retiring" if w.retiring else "ready", "capacity": w.capacity,
+                        "in_flight": len(w.running), "free": w.free, "max_in_flight": w.max_in_flight,
                         "served": w.served, "last_seen_s": round(now - (w.expiry_s - self.liveness_s), 3),
                         "info": w.info, "stats": w.stats,
                     }
