@@ -17,6 +17,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from actors.config import FleetConfig
+from actors.curve import check_bind_policy
+from actors.model_manager import ModelManager, localize, prepare_runtime
 from actors.proc import die_with_parent, spawn_context
 
 log = logging.getLogger("mlx_fleet.supervisor")
@@ -64,6 +66,8 @@ def worker_settings(cfg: FleetConfig) -> list[Any]:
 
     out = []
     for spec in cfg.models:
+        if spec.on_demand:
+            continue  # started by the broker's first request (actors/model_manager.py)
         for i in range(spec.replicas):
             out.append(WorkerSettings(
                 worker_id=f"{spec.name}-{i}", model=spec.name, source=spec.source, connect=local_backend(cfg.backend),
@@ -85,16 +89,22 @@ class Supervisor:
         from broker.broker import run_broker
         from workers.worker import run_worker
 
-        self.cfg = cfg
+        self.cfg = cfg = prepare_runtime(cfg)
         self.children: list[Child] = [Child("broker", "broker", run_broker, cfg)]
         for ws in worker_settings(cfg):
-            self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, ws))
+            self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, localize(ws, cfg)))
         self.stop_event = threading.Event()
+        self.models = ModelManager(self)  # runtime load/unload and on-demand models
 
     # ---- start ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn everything and wait until every replica has registered with the broker."""
+        for warning in check_bind_policy(self.cfg):
+            log.warning("%s", warning)
+        problem = self.models.startup_problem()
+        if problem:
+            raise StartupError(problem)
         for child in self.children:
             child.start()
         self.wait_ready()
@@ -103,10 +113,10 @@ class Supervisor:
         """Poll the broker's status until all replicas are ready, or fail naming the setting."""
         from broker.client import Client, FleetError
 
-        want = {m.name: m.replicas for m in self.cfg.models}
+        want = {m.name: m.replicas for m in self.cfg.models if not m.on_demand}
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         have: dict[str, int] = {}
-        with Client(local_backend(self.cfg.frontend), timeout_s=2.0) as client:
+        with Client(local_backend(self.cfg.frontend), timeout_s=2.0, curve=self.models.local_client_keys()) as client:
             while time.monotonic() < deadline:
                 if self.stop_event.is_set():
                     raise StartupError("interrupted while starting")
@@ -136,7 +146,7 @@ class Supervisor:
 
     def run(self) -> None:
         """Watch children until asked to stop; restart what dies."""
-        while not self.stop_event.wait(0.2):
+        while not self.models.wait(0.2):  # serves the control channel meanwhile
             self.check_children()
 
     def check_children(self) -> None:
@@ -175,6 +185,7 @@ class Supervisor:
         others = [c for c in self.children if c.kind != "broker"]
         self._stop(broker, self.cfg.drain_timeout_s + 5.0)
         self._stop(others, 10.0)
+        self.models.close()
 
     def _stop(self, children: list[Child], timeout_s: float) -> None:
         procs = [c.process for c in children if c.process is not None and c.process.is_alive()]
