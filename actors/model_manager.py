@@ -63,6 +63,21 @@ def fmt_bytes(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
+def budget_verdict(*, budget_bytes: int, loaded_bytes: int, each_bytes: int | None, replicas: int, what: str) -> str:
+    """Why ``replicas`` x ``each_bytes`` more would not fit ``budget_bytes`` (0: no limit), or ''."""
+    if not budget_bytes or replicas == 0:
+        return ""
+    if each_bytes is None:
+        return (f"{what} refused: cannot estimate its size (no *.safetensors on disk), "
+                f"and memory_budget_bytes={budget_bytes} is set")
+    need = each_bytes * replicas
+    if loaded_bytes + need <= budget_bytes:
+        return ""
+    return (f"{what} refused: it needs an estimated {fmt_bytes(need)} ({replicas} x {fmt_bytes(each_bytes)} of "
+            f"*.safetensors), {fmt_bytes(loaded_bytes)} is already loaded, and memory_budget_bytes is "
+            f"{fmt_bytes(budget_bytes)} ({budget_bytes} bytes)")
+
+
 class ModelManager:
     """Models the supervisor runs, the control socket, retiring children and the budget."""
 
@@ -236,17 +251,8 @@ class ModelManager:
         budget = self.cfg.memory_budget_bytes
         if not budget or replicas == 0:
             return ""
-        each = self.weights(source)
-        if each is None:
-            return (f"{what} refused: cannot estimate the size of {source!r} (no *.safetensors on disk), "
-                    f"and memory_budget_bytes={budget} is set")
-        loaded = self.loaded_bytes()
-        need = each * replicas
-        if loaded + need <= budget:
-            return ""
-        return (f"{what} refused: it needs an estimated {fmt_bytes(need)} ({replicas} x {fmt_bytes(each)} of "
-                f"*.safetensors), {fmt_bytes(loaded)} is already loaded, and memory_budget_bytes is "
-                f"{fmt_bytes(budget)} ({budget} bytes)")
+        return budget_verdict(budget_bytes=budget, loaded_bytes=self.loaded_bytes(), each_bytes=self.weights(source),
+                              replicas=replicas, what=f"{what} ({source!r})")
 
     def startup_problem(self) -> str:
         """Why the configured models do not fit the memory budget, or ''."""
