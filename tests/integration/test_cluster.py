@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +24,9 @@ import zmq
 from actors.config import BatchingConfig, ModelSpec
 from actors.curve import load_client_keys, make_keys
 from broker.client import AsyncClient, Client, Completion, FleetError
-from tests.integration.clusterutil import WorkerProcess, assert_never, cli, wait_for, workers_of, write_worker_config
+from tests.integration.clusterutil import (
+    ROOT, WorkerProcess, assert_never, cli, wait_for, workers_of, write_worker_config,
+)
 from tests.integration.fleetutil import RunningFleet, make_config, start_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -292,3 +298,38 @@ def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed
         with pytest.raises(FleetError) as info:
             client.generate("Hello", model="lazy", max_tokens=4)
         assert info.value.code == "unknown_model"
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Path):
+    front, back = f"ipc://{tmp_path}/f", f"ipc://{tmp_path}/b"
+    env = {**os.environ, "MLX_METRICS_EXPORT": "off", "MLX_FLEET_HTTP_PORT": "0"}  # only the serving path
+    log = tmp_path / "up.log"
+    up = subprocess.Popen([sys.executable, "-m", "actors.cli", "up", "--model", "a=demo", "--model", "b=demo",
+                           "--replicas", "b=2", "--frontend", front, "--backend", back],
+                          cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        with Client(front, timeout_s=60) as client:
+            wait_for(lambda: len(workers_of(client, "a")) == 1 and len(workers_of(client, "b")) == 2, 120,
+                     "a x1 and b x2 to register")
+            before = {m: served(client, m) for m in "ab"}
+            for m in "ab":
+                assert client.generate("Hello", model=m, max_tokens=4).token_ids
+            assert {m: sum(delta(served(client, m), before[m]).values()) for m in "ab"} == {"a": 1, "b": 1}
+        table = cli("status", "--connect", front, timeout_s=60)
+        assert table.returncode == 0 and "BLAS in use" in table.stdout
+        assert all(w in table.stdout for w in ("a-0", "b-0", "b-1"))
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log.read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+
+
+def test_binding_a_public_address_without_curve_is_refused():
+    done = cli("up", "--backend", "tcp://0.0.0.0:5999", "--model", "demo=demo", timeout_s=60)
+    assert done.returncode == 2
+    assert "refusing to bind tcp://0.0.0.0:5999 without CurveZMQ" in done.stderr and "--insecure" in done.stderr
