@@ -6,13 +6,15 @@ machine's load falls on both. Every prompt carries a unique tag and opts out of
 the prompt cache, so every request pays its full prefill.
 
     python -m benchmarks.replicas [--model demo-small] [--clients 16] [--requests 64] [--repeats 3]
-    python -m benchmarks.replicas --quick      # a smoke run: one short round each
+    python -m benchmarks.replicas --quick      # a smoke run (writes replicas_quick.*): one short round each
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+from pathlib import Path
 from typing import Any
 
 from workers.blas import find_blas, preload_blas
@@ -21,7 +23,7 @@ preload_blas(find_blas("auto"))  # this process loads no model, but keep the wor
 
 from actors.config import BatchingConfig  # noqa: E402
 from actors.embedded import BackgroundFleet  # noqa: E402
-from benchmarks.common import Report, environment, progress, questions, ratio, spread  # noqa: E402
+from benchmarks.common import RESULTS_DIR, Report, environment, progress, questions, ratio, spread  # noqa: E402
 from benchmarks.load import fleet_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 from broker.client import Client  # noqa: E402
@@ -60,11 +62,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="load runs per configuration, alternating")
     ap.add_argument("--decode-capacity", type=int, default=BatchingConfig.decode_capacity)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 16 requests x 16 tokens")
+    ap.add_argument("--quick", action="store_true", help="smoke run (not a result): 1 repeat of 16 requests x 16 tokens")
     ap.add_argument("--name", default="replicas")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("MLX_FLEET_BENCH_OUT") or RESULTS_DIR),
+                    help="folder for the JSON and Markdown (default: $MLX_FLEET_BENCH_OUT or benchmarks/results)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.requests, args.max_tokens, args.repeats = args.clients, 16, 1
+        args.requests, args.max_tokens, args.repeats, args.name = args.clients, 16, 1, args.name + "_quick"
 
     batching = BatchingConfig(decode_capacity=args.decode_capacity)
     fleets = {n: BackgroundFleet(*local_config(args.model, batching, replicas=n)) for n in REPLICAS}
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "repeats": args.repeats, "decode_capacity": args.decode_capacity, "quick": args.quick})
     report.results = results
     report.add_markdown(markdown(results, args))
-    json_path, md_path = report.write()
+    json_path, md_path = report.write(args.out)
     progress(f"wrote {json_path} and {md_path}")
     print(md_path.read_text())
     return results
