@@ -147,6 +147,17 @@ def local_public_cert(cfg: FleetConfig) -> Path | None:
     return path if path.exists() else None
 
 
+def local_client_keys(cfg: FleetConfig) -> CurveKeys | None:
+    """Client keys for the supervisor's own processes (its status checks, a local gateway), or None.
+
+    With CurveZMQ on, the supervisor makes a key pair in its runtime folder that the
+    broker authorises besides ``curve_authorized_dir``; any child it spawns may use it.
+    """
+    if not cfg.curve_server_secret or not cfg.runtime_dir:
+        return None
+    return load_client_keys(str(Path(cfg.runtime_dir) / "local.key_secret"), cfg.curve_server_secret)
+
+
 def make_local_keys(runtime_dir: str) -> Path:
     """A key pair for the supervisor's own workers, in its private folder; returns the secret cert."""
     _, secret = zmq.auth.create_certificates(runtime_dir, "local")

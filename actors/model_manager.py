@@ -23,7 +23,7 @@ import zmq
 
 from actors.config import FleetConfig, ModelSpec
 from actors.control import CONTROL_TYPES, TO_SUPERVISOR, FleetReport, Start, Stop, control_addr, make_runtime_dir
-from actors.curve import load_client_keys, make_local_keys
+from actors.curve import make_local_keys
 from actors.protocol import (
     BAD_REQUEST, INTERNAL, OVER_BUDGET, UNKNOWN_MODEL, ControlReply, Error, Load, Message, ProtocolError,
     encode, from_map, unpack_frames,
@@ -287,12 +287,6 @@ class ModelManager:
         budget = self.cfg.memory_budget_bytes
         memory = {"budget_bytes": budget, "loaded_bytes": self.loaded_bytes() if budget else None}
         self.send(FleetReport(models=models, workers=workers, memory=memory))
-
-    def local_client_keys(self) -> dict[str, bytes] | None:
-        """The supervisor's own CurveZMQ client keys (to ask the broker for status), or None."""
-        if not self.cfg.curve_server_secret:
-            return None
-        return load_client_keys(os.path.join(self.cfg.runtime_dir, "local.key_secret"), self.cfg.curve_server_secret)
 
     def close(self) -> None:
         """Stop what is still retiring, close the socket, remove the runtime folder (idempotent)."""

@@ -17,7 +17,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from actors.config import FleetConfig
-from actors.curve import check_bind_policy
+from actors.curve import check_bind_policy, local_client_keys
 from actors.model_manager import ModelManager, localize, prepare_runtime
 from actors.proc import die_with_parent, spawn_context
 
@@ -116,7 +116,7 @@ class Supervisor:
         want = {m.name: m.replicas for m in self.cfg.models if not m.on_demand}
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         have: dict[str, int] = {}
-        with Client(local_backend(self.cfg.frontend), timeout_s=2.0, curve=self.models.local_client_keys()) as client:
+        with Client(local_backend(self.cfg.frontend), timeout_s=2.0, curve=local_client_keys(self.cfg)) as client:
             while time.monotonic() < deadline:
                 if self.stop_event.is_set():
                     raise StartupError("interrupted while starting")
