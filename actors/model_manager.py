@@ -89,14 +89,33 @@ class ModelManager:
         self.retiring: list[tuple["Child", float]] = []
         self._weights: dict[str, int | None] = {}
         self._next_report_s = 0.0
+        self.ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+
+    def open(self) -> None:
+        """Make the runtime folder (and local keys), give it to every child, bind the control socket.
+
+        Called by ``Supervisor.start``: constructing a supervisor has no side effects.
+        """
+        if self.sock is not None:
+            return
+        old = self.sup.cfg
+        self.sup.cfg = self.cfg = cfg = prepare_runtime(old)
+        for child in self.sup.children:
+            if child.arg is old:  # broker (and any other child that takes the fleet config)
+                child.arg = cfg
+            elif child.kind == "worker":
+                child.arg = localize(child.arg, cfg)
         self.ctx = zmq.Context()
         self.sock = make_socket(self.ctx, zmq.DEALER)
-        self.sock.bind(control_addr(self.cfg.runtime_dir))
+        self.sock.bind(control_addr(cfg.runtime_dir))
 
     # ---- the loop ---------------------------------------------------------------------
 
     def wait(self, timeout_s: float) -> bool:
         """Serve control messages for up to ``timeout_s``; True once the supervisor should stop."""
+        if self.sock is None:
+            return self.sup.stop_event.wait(timeout_s)
         if self.sup.stop_event.is_set():
             return True
         if self.sock.poll(timeout_s * 1000.0):
@@ -133,6 +152,8 @@ class ModelManager:
 
     def send(self, msg: Message) -> None:
         """To the broker, never blocking (with no broker connected it is dropped)."""
+        if self.sock is None:
+            return
         try:
             self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -290,10 +311,11 @@ class ModelManager:
 
     def close(self) -> None:
         """Stop what is still retiring, close the socket, remove the runtime folder (idempotent)."""
-        if self.sock.closed:
-            return
         self.sup._stop([c for c, _ in self.retiring], STOP_GRACE_S)
         self.retiring = []
+        if self.sock is None or self.ctx is None:
+            return
         self.sock.close(0)
         self.ctx.term()
+        self.sock = self.ctx = None
         shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from actors.config import FleetConfig
 from actors.curve import check_bind_policy, local_client_keys
-from actors.model_manager import ModelManager, localize, prepare_runtime
+from actors.model_manager import ModelManager
 from actors.proc import die_with_parent, spawn_context
 
 log = logging.getLogger("mlx_fleet.supervisor")
@@ -89,12 +89,12 @@ class Supervisor:
         from broker.broker import run_broker
         from workers.worker import run_worker
 
-        self.cfg = cfg = prepare_runtime(cfg)
+        self.cfg = cfg
         self.children: list[Child] = [Child("broker", "broker", run_broker, cfg)]
         for ws in worker_settings(cfg):
-            self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, localize(ws, cfg)))
+            self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, ws))
         self.stop_event = threading.Event()
-        self.models = ModelManager(self)  # runtime load/unload and on-demand models
+        self.models = ModelManager(self)  # runtime load/unload and on-demand models (opened by start)
 
     # ---- start ----------------------------------------------------------------------
 
@@ -105,6 +105,7 @@ class Supervisor:
         problem = self.models.startup_problem()
         if problem:
             raise StartupError(problem)
+        self.models.open()
         for child in self.children:
             child.start()
         self.wait_ready()

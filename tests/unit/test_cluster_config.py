@@ -188,3 +188,14 @@ def test_status_table_shows_replicas_state_and_blas() -> None:
     assert "chat-0" in text and "openblas" in text and "chat-1" in text and "starting" in text
     assert "idle stop 60s" in text and "1.0 MiB of weights loaded, budget 2.0 MiB" in text
     assert "BLAS in use: openblas (/x/libopenblas.so)" in text
+
+
+def test_constructing_a_supervisor_has_no_side_effects() -> None:
+    from actors.supervisor import Supervisor
+
+    before = set(Path("/tmp").glob("mlxf-run-*"))
+    sup = Supervisor(load_config(env={}, overrides={"memory_budget_bytes": 1}))
+    assert sup.models.sock is None and not sup.cfg.runtime_dir  # no folder, no socket until start()
+    assert set(Path("/tmp").glob("mlxf-run-*")) == before
+    sup.models.close()  # safe when never opened
+
