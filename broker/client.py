@@ -185,8 +185,15 @@ class Client:
         return self._call(Unload(model=model), "control_reply", timeout_s)
 
     def cancel(self, request_id: str) -> None:
-        """Ask the fleet to cancel a request (fire and forget)."""
-        self._send(Cancel(request_id))
+        """Ask the fleet to cancel a request (fire and forget; never blocks).
+
+        With no connected broker (gone, or a refused CurveZMQ handshake) a DEALER send
+        would wait forever; then there is nothing to cancel, so the message is dropped.
+        """
+        try:
+            self.sock.send_multipart(encode(Cancel(request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> "SyncStream":
         """Start a streaming request; iterate the result for chunks."""
@@ -328,8 +335,11 @@ class AsyncClient:
         return await self._call(Unload(model=model), "control_reply", timeout_s)
 
     async def cancel(self, request_id: str) -> None:
-        """Ask the fleet to cancel a request."""
-        await self.sock.send_multipart(encode(Cancel(request_id)))
+        """Ask the fleet to cancel a request (never waits for a broker to connect; see Client.cancel)."""
+        try:
+            await self.sock.send_multipart(encode(Cancel(request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     async def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> AsyncIterator[StreamChunk | Completion]:
         """Yield chunks, then the final :class:`Completion` as the last item."""
