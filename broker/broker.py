@@ -232,12 +232,11 @@ class BrokerActor:
                     break
             now = self.clock.now()
             if now >= next_tick_s:
-                alive = {w.identity: w.worker_id for w in self.state.workers.values()}
                 self.send(self.state.tick())
-                for identity in alive.keys() - self.state.workers.keys():
-                    log.warning("worker %s declared dead: silent past heartbeat liveness (%.1fs)",
-                                alive[identity], self.state.liveness_s)
                 self.send(self.lifecycle.tick())
+                for worker_id, reason in self.state.departures:
+                    log.warning("worker %s lost: %s", worker_id, reason)
+                self.state.departures.clear()
                 next_tick_s = now + tick_every_s
             if now >= next_beat_s:
                 self.send(self.state.heartbeats())

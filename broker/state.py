@@ -115,6 +115,7 @@ class BrokerState:
         self.by_client: dict[tuple[bytes, str], str] = {}
         self.affinity: dict[tuple[str, str], bytes] = {}
         self.accepting = True
+        self.departures: list[tuple[str, str]] = []  # (worker_id, reason) of workers lost since last read
         self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0}
         self._keys = itertools.count(1)
         for name in models:
@@ -245,6 +246,7 @@ class BrokerState:
         if worker is None:
             return []
         self.counters["workers_lost"] += 1
+        self.departures.append((worker.worker_id, reason))  # the actor logs these
         for k, v in list(self.affinity.items()):
             if v == identity:
                 del self.affinity[k]

@@ -28,7 +28,7 @@ import pytest
 from actors.curve import make_keys
 from tests.integration.clusterutil import ROOT, WorkerProcess, cli, wait_for, write_worker_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]  # about 20 s
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]  # 30-40 s
 
 HEARTBEAT_S = 0.3
 LIVENESS = 3
@@ -159,18 +159,20 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
         wait_for(lambda: set(workers()) == {"w1", "w2"}, 120, "both remote workers to register")
 
         burst = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "tests.integration.netns_driver",
-                                  *client_flags, "burst", "8", "800"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                  *client_flags, "burst", "8", "1500"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         procs.append(burst)
-        wait_for(lambda: all(w["in_flight"] > 0 for w in workers().values()) and len(workers()) == 2, 60,
+        # 1500 tokens take several seconds, so w1 still holds its share when its link goes down.
+        wait_for(lambda: (lambda ws: len(ws) == 2 and all(w["in_flight"] > 0 for w in ws.values()))(workers()), 60,
                  "the burst to run on both workers")
         net.set_link(net.w1, "down")
         down_s = time.monotonic()
         after = wait_for(lambda: (lambda s: s if s and "w1" not in {w["worker_id"] for w in s["models"]["demo"]["workers"]}
                                   else None)(status()), 30, "the broker to declare w1 dead")
         assert time.monotonic() - down_s >= HEARTBEAT_S * LIVENESS * 0.9  # not before the liveness ran out
-        assert after["counters"]["workers_lost"] >= 1 and after["counters"]["requeued"] >= 1, after["counters"]
-        wait_for(lambda: "worker w1 declared dead: silent past heartbeat liveness" in broker_log.read_text(), 5,
-                 "the broker to log why it dropped w1")
+        wait_for(lambda: "worker w1 lost: no heartbeat for" in broker_log.read_text(), 5,
+                 "the broker to log that w1 went silent")
+        counters = after["counters"]
+        assert counters["workers_lost"] >= 1 and counters["requeued"] >= 1, (counters, broker_log.read_text()[-3000:])
         # The fleet keeps serving through w2 while w1 is cut off.
         served = cli("generate", "--model", "demo", "--max-tokens", "4", *client_flags, "Still there?",
                      prefix=net.exec(net.broker), timeout_s=120)
