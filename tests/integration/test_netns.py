@@ -30,8 +30,8 @@ from tests.integration.clusterutil import ROOT, WorkerProcess, cli, wait_for, wr
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]  # 30-40 s
 
-HEARTBEAT_S = 0.3
-LIVENESS = 3
+HEARTBEAT_S = 0.5  # lenient enough for a loaded 2-core VM: a slow engine step is not silence
+LIVENESS = 4
 FRONTEND = "tcp://127.0.0.1:5555"  # loopback inside the broker's namespace
 BACKEND_PORT = 5556
 
@@ -168,7 +168,8 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
         down_s = time.monotonic()
         after = wait_for(lambda: (lambda s: s if s and "w1" not in {w["worker_id"] for w in s["models"]["demo"]["workers"]}
                                   else None)(status()), 30, "the broker to declare w1 dead")
-        assert time.monotonic() - down_s >= HEARTBEAT_S * LIVENESS * 0.9  # not before the liveness ran out
+        # Not before the liveness ran out (its last heartbeat may predate the cut by up to one interval).
+        assert time.monotonic() - down_s >= HEARTBEAT_S * (LIVENESS - 1)
         wait_for(lambda: "worker w1 lost: no heartbeat for" in broker_log.read_text(), 5,
                  "the broker to log that w1 went silent")
         counters = after["counters"]
