@@ -29,7 +29,7 @@ from actors.protocol import (
 )
 from actors.sockets import make_socket
 from broker.lifecycle import CONTROL, ModelControl
-from broker.report import child_restarts, supervisor_view
+from broker.report import child_restarts, models_summary, supervisor_view
 from broker.state import CLIENT, WORKER, BrokerState, Out
 from broker.telemetry import make_broker_event
 
@@ -194,12 +194,7 @@ class BrokerActor:
 
     def models_list(self) -> list[dict[str, Any]]:
         """One entry per model for the `models` reply."""
-        snap = self.state.snapshot()["models"]
-        return [
-            {"name": name, "workers_ready": len(m["workers"]), "queue_depth": m["queue_depth"],
-             "capacity": sum(w["capacity"] for w in m["workers"])}
-            for name, m in snap.items()
-        ]
+        return models_summary(self.state.snapshot()["models"])
 
     def status(self) -> dict[str, Any]:
         """The `status` reply: routing state plus what the supervisor reported (fleet_info and fleet_report)."""

@@ -98,6 +98,20 @@ def make_snapshot(state: BrokerState) -> dict[str, Any]:
     }
 
 
+def models_summary(models: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `models` reply from a snapshot's models: ready workers only.
+
+    A snapshot's ``workers`` also lists retiring workers and the supervisor's
+    children that are not registered (starting, restarting, hung, gave_up).
+    """
+    out = []
+    for name, m in models.items():
+        ready = [w for w in m["workers"] if w["state"] == "ready"]
+        out.append({"name": name, "workers_ready": len(ready), "queue_depth": m["queue_depth"],
+                    "capacity": sum(w["capacity"] for w in ready)})
+    return out
+
+
 def recent_losses(state: BrokerState, now_s: float) -> list[dict[str, Any]]:
     """The last few workers declared lost, newest last, with how long ago."""
     return [{k: v for k, v in {**loss, "ago_s": round(now_s - loss["at_s"], 3)}.items() if k != "at_s"}

@@ -32,7 +32,9 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s
 
 def workers_of(client: Client, model: str) -> dict[str, dict[str, Any]]:
     """The registered workers of ``model`` by id (an empty map when the model is not listed)."""
-    return {w["worker_id"]: w for w in client.status(timeout_s=5)["models"].get(model, {}).get("workers", [])}
+    rows = client.status(timeout_s=5)["models"].get(model, {}).get("workers", [])
+    # `workers` also lists the supervisor's children that are not registered (starting, restarting, hung, gave_up).
+    return {w["worker_id"]: w for w in rows if w["state"] in ("ready", "retiring")}
 
 
 def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
