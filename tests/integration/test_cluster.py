@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,39 @@ def test_curve_serves_only_authorised_clients_and_workers(tmp_path: Path, keys):
             assert workers_of(client, "demo")["good-w"]["served"] >= 1
             # Both started together; the rogue loaded as fast, yet never registers.
             assert_never(lambda: "rogue-w" in workers_of(client, "demo"), 3.0, "the unauthorised worker registering")
+    finally:
+        fleet.stop()
+
+
+def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys):
+    """The supervisor's fleet_info and a local HTTP gateway reach a CurveZMQ broker with the local key."""
+    good = load_client_keys(str(keys["client"][1]), str(keys["broker"][0]))
+    fleet = start_fleet(transport="tcp", gateway=True, models=(("demo", "demo", 1),), heartbeat_interval_s=0.3,
+                        restart_backoff_s=0.1, curve_server_secret=str(keys["broker"][1]),
+                        curve_authorized_dir=str(keys["client"][0].parent / "authorized"))
+    try:
+        with Client(fleet.cfg.frontend, timeout_s=60, curve=good) as client:
+            def reported() -> dict[str, Any] | None:
+                st = client.status()
+                return st if (st["supervisor"].get("children") and st["supervisor"]["connected"]) else None
+
+            st = wait_for(reported, 30, "fleet_info and fleet_report over CurveZMQ")
+            assert {"broker", "gateway", "worker:demo-0"} <= {c["name"] for c in st["supervisor"]["children"]}
+            old_pid = fleet.child("worker:demo-0").process.pid
+            os.kill(old_pid, signal.SIGKILL)
+
+            def restarted() -> dict[str, Any] | None:
+                rows = client.status()["models"]["demo"]["workers"]
+                row = next((w for w in rows if w["worker_id"] == "demo-0"), None)
+                return row if row and row["state"] == "ready" and row["pid"] != old_pid else None
+
+            assert wait_for(restarted, 60, "demo-0 restarted and registered")["restarts"] == 1
+        body = json.dumps({"model": "demo", "prompt": "Hello", "max_tokens": 4}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{fleet.cfg.http_port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read())["usage"]["completion_tokens"] >= 1
     finally:
         fleet.stop()
 

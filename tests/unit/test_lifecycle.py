@@ -314,3 +314,45 @@ def test_status_shows_state_restarts_and_starting_children() -> None:
     h.unload("a")
     h.generate("r9", "a")
     assert h.ctl.decorate(h.state.snapshot())["models"]["a"]["state"] == "unloading"
+
+
+# ---- both supervisor reports at once (fleet_info and fleet_report) --------------------------------
+
+
+def fleet_info(h: Harness, *children: dict[str, Any], broker_restarts: int = 0) -> list[Out]:
+    from actors.protocol import FleetInfo
+
+    entries = [{"name": f"worker:{c['worker_id']}", "kind": "worker", "model": "a", "alive": True, "restarts": 0,
+                "gave_up": False, "exited_pids": [], **c} for c in children]
+    entries.append({"name": "broker", "kind": "broker", "restarts": broker_restarts})
+    return h.state.handle_fleet_info(b"sup", FleetInfo(children=entries, supervisor_pid=1))
+
+
+def test_fleet_info_is_the_authority_on_restarts_and_rows_beside_the_report() -> None:
+    from actors.cli_cluster import format_status
+    from broker.report import models_summary
+
+    h = Harness(models=("a",))
+    h.ready("a-0")
+    h.ready("a-1")
+    h.state.worker_gone(b"a-1", "its process 1 exited (code 1)")
+    fleet_info(h, {"worker_id": "a-0", "pid": 1, "restarts": 3},
+               {"worker_id": "a-1", "pid": 8, "alive": False, "gave_up": True, "restarts": 2}, broker_restarts=1)
+    # The report lags behind (stale restart counts); fleet_info wins for the workers it names.
+    h.ctl.handle_control(FleetReport(models=[{"name": "a"}], memory={"budget_bytes": 100, "loaded_bytes": 40},
+                                     workers=[{"worker_id": "a-0", "model": "a", "alive": True, "restarts": 1},
+                                              {"worker_id": "a-1", "model": "a", "alive": True, "restarts": 0}]))
+    snap = h.ctl.decorate(h.state.snapshot())
+    a = snap["models"]["a"]
+    assert [(w["worker_id"], w["state"], w["restarts"]) for w in a["workers"]] == [("a-0", "ready", 3), ("a-1", "gave_up", 2)]
+    assert [(w["worker_id"], w["state"], w["restarts"]) for w in a["starting"]] == [("a-1", "failed", 2)]
+    assert a["state"] == "ready" and snap["supervisor"]["memory"] == {"budget_bytes": 100, "loaded_bytes": 40}
+    assert models_summary(snap["models"]) == [{"name": "a", "workers_ready": 1, "queue_depth": 0, "capacity": 1}]
+
+    snap["broker"] = {"pid": 42, "restarts": 1}
+    snap["recent_worker_losses"] = [{**loss, "ago_s": 0.0} for loss in snap["recent_worker_losses"]]
+    table = format_status(snap)
+    assert table.splitlines()[0].startswith("broker pid 42, restarts 1, accepting")
+    (row,) = [ln for ln in table.splitlines() if ln.split() and ln.split()[0] == "a-1"]  # listed once
+    assert "gave_up" in row and row.split()[-2] == "2"
+    assert "lost a-1 (pid 1)" in table and "memory: " in table
