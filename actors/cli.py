@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -11,6 +10,7 @@ import sys
 import uuid
 from typing import Any
 
+from actors.cli_cluster import add_cluster_commands, client_curve
 from actors.config import ConfigError, FleetConfig, load_config, parse_model_arg
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
@@ -41,8 +41,19 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         overrides["fast_path"] = False
     if args.auto_tune:
         overrides["auto_tune"] = True
+    overrides.update(cluster_overrides(args))
     models = [parse_model_arg(m) for m in args.model]
     return load_config(args.config, overrides=overrides, models=models, replicas=_replicas(args.replicas))
+
+
+def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `up` flags of the cluster settings (CurveZMQ, bind policy, memory budget)."""
+    out: dict[str, Any] = {"curve_server_secret": args.curve_server_secret,
+                           "curve_authorized_dir": args.curve_authorized_dir,
+                           "memory_budget_bytes": args.memory_budget_bytes}
+    if args.insecure:
+        out["insecure"] = True
+    return out
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -67,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         options["seed"] = args.seed
     try:
-        with Client(args.connect, timeout_s=args.timeout) as client:
+        with Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)) as client:
             stream = client.stream(args.prompt, model=args.model, **options)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
@@ -80,42 +91,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("\nmlx-fleet: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print models, workers and queues."""
-    from broker.client import Client, FleetError
-
-    try:
-        with Client(args.connect, timeout_s=args.timeout) as client:
-            status = client.status()
-    except FleetError as exc:
-        print(f"mlx-fleet: error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return 0
-    print(format_status(status))
-    return 0
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """The human-readable `status` table: broker line, then models and their workers."""
-    broker = status.get("broker") or {}
-    accepting = "accepting" if status.get("accepting", True) else "DRAINING (new requests refused)"
-    lines = [f"broker pid {broker.get('pid', '?')}, restarts {broker.get('restarts', 0)}, {accepting}, "
-             f"{status.get('requests', 0)} requests open"]
-    lines.append(f"{'MODEL':<14} {'WORKER':<16} {'HOST':<14} {'PID':>7} {'STATE':<10} {'IN-FLIGHT':>9} {'FREE':>5} "
-                 f"{'RESTARTS':>8} BLAS")
-    for name, model in status["models"].items():
-        lines.append(f"{name:<14} queue depth {model['queue_depth']}, running {model['running']}")
-        for w in model["workers"]:
-            blas = (w.get("info") or {}).get("blas", {}).get("name", "-")
-            lines.append(f"{'':<14} {w['worker_id']:<16} {w['host'][:14]:<14} {w['pid']:>7} {w['state']:<10} "
-                         f"{w['in_flight']:>9} {w['free']:>5} {w.get('restarts', 0):>8} {blas}")
-    for loss in status.get("recent_worker_losses", [])[-3:]:
-        lines.append(f"lost {loss['worker_id']} (pid {loss['pid']}) {loss['ago_s']:.0f}s ago: {loss['reason']}")
-    return "\n".join(lines)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -138,7 +113,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name, source = parse_model_arg(args.model)
     worker_id = args.worker_id or f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     setup_logging(cfg.log_level, f"worker:{worker_id}")
-    run_worker(WorkerSettings(worker_id=worker_id, model=name, source=source, connect=args.connect,
+    curve = {"curve_secret": args.curve_secret or cfg.curve_client_secret,
+             "curve_server_public": args.curve_server_key or cfg.curve_server_public}
+    if bool(curve["curve_secret"]) != bool(curve["curve_server_public"]):
+        raise ConfigError("--curve-secret and --curve-server-key go together")
+    run_worker(WorkerSettings(**curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
                               batching=cfg.batching, heartbeat_interval_s=cfg.heartbeat_interval_s,
                               heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level,
                               metrics_events=args.metrics_events))
@@ -176,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prompt-cache-entries", type=int, help="KV caches kept per worker for prefix reuse (0: off)")
     up.add_argument("--prompt-cache-bytes", type=int, help="most bytes of KV cache kept per worker (0: off)")
     up.add_argument("--log-level")
+    up.add_argument("--insecure", action="store_true", help="allow binding a non-loopback address without CurveZMQ")
+    up.add_argument("--curve-server-secret", metavar="PATH", help="the broker's secret cert; turns CurveZMQ on")
+    up.add_argument("--curve-authorized-dir", metavar="DIR", help="public certs of the clients and workers let in")
+    up.add_argument("--memory-budget-bytes", type=int, help="refuse loads whose estimated weights exceed this")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="stream a completion to stdout")
@@ -186,13 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--connect", default=DEFAULT_CONNECT)
     gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the fleet")
+    gen.add_argument("--config", help="TOML config file (curve_client_secret, curve_server_public)")
+    gen.add_argument("--curve-secret", metavar="PATH", help="our secret cert (NAME.key_secret) for CurveZMQ")
+    gen.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
     gen.set_defaults(func=cmd_generate)
-
-    st = sub.add_parser("status", help="models, workers and queues of a running fleet")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--connect", default=DEFAULT_CONNECT)
-    st.add_argument("--timeout", type=float, default=5.0)
-    st.set_defaults(func=cmd_status)
 
     dm = sub.add_parser("demo-model", help="write the built-in demo model to PATH")
     dm.add_argument("path")
@@ -208,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--config")
     wk.add_argument("--blas")
     wk.add_argument("--log-level")
+    wk.add_argument("--curve-secret", metavar="PATH", help="this worker's secret cert (NAME.key_secret)")
+    wk.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
     wk.set_defaults(func=cmd_worker)
+    add_cluster_commands(sub)
     return p
 
 

@@ -58,6 +58,8 @@ class ModelSpec:
     source: str
     replicas: int = 1
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    on_demand: bool = False  # no worker until the first request; stopped after idle_unload_s
+    idle_unload_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,14 @@ class FleetConfig:
     hung_grace_s: float = 30.0  # kill a worker the broker declared silent after this long
     client_hwm: int = 1000  # messages queued per client before it counts as not reading
     log_level: str = "INFO"
+    # Cluster: CurveZMQ key files (certificates from `mlx-fleet keys`), bind policy, memory budget.
+    curve_server_secret: str = ""  # the broker's secret cert; set, both endpoints require CurveZMQ
+    curve_authorized_dir: str = ""  # public certs of the clients and workers allowed in
+    curve_client_secret: str = ""  # clients and remote workers: their own secret cert
+    curve_server_public: str = ""  # clients and remote workers: the broker's public cert
+    insecure: bool = False  # allow binding a non-loopback address without CurveZMQ
+    memory_budget_bytes: int = 0  # estimated weight bytes the supervisor may load; 0: no limit
+    runtime_dir: str = ""  # set by the supervisor: its private folder (control socket, local keys)
     models: tuple[ModelSpec, ...] = ()
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
@@ -102,7 +112,7 @@ class FleetConfig:
         raise KeyError(name)
 
 
-_FLEET_KEYS = {f.name: f for f in dataclasses.fields(FleetConfig) if f.name not in ("models", "batching")}
+_FLEET_KEYS = {f.name: f for f in dataclasses.fields(FleetConfig) if f.name not in ("models", "batching", "runtime_dir")}
 _BATCH_KEYS = {f.name: f for f in dataclasses.fields(BatchingConfig)}
 
 # Environment variables, the seed's first. A value may map through a function.
@@ -136,6 +146,13 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_HTTP_PORT": "http_port",
     "MLX_FLEET_API_KEY": "api_key",
 }
+ENV_VARS.update({
+    "MLX_FLEET_CURVE_SERVER_SECRET": "curve_server_secret",
+    "MLX_FLEET_CURVE_AUTHORIZED_DIR": "curve_authorized_dir",
+    "MLX_FLEET_CURVE_CLIENT_SECRET": "curve_client_secret",
+    "MLX_FLEET_CURVE_SERVER_PUBLIC": "curve_server_public",
+    "MLX_FLEET_MEMORY_BUDGET_BYTES": "memory_budget_bytes",
+})
 
 
 def parse_bool(text: str | bool, name: str = "value") -> bool:
@@ -281,7 +298,7 @@ def load_config(
         specs[spec.name] = spec
     for name, source in models or []:
         old = specs.get(name)
-        specs[name] = ModelSpec(name, source, old.replicas if old else 1, old.batching if old else batching)
+        specs[name] = dataclasses.replace(old, source=source) if old else ModelSpec(name, source, 1, batching)
     if not specs:
         specs["demo"] = ModelSpec("demo", "demo", 1, batching)
     for name, count in (replicas or {}).items():
@@ -291,6 +308,8 @@ def load_config(
     for spec in specs.values():
         if not 0 <= spec.replicas <= 64:
             raise ConfigError(f"model {spec.name}: replicas must be in 0..64")
+        if spec.idle_unload_s <= 0:
+            raise ConfigError(f"model {spec.name}: idle_unload_s must be > 0")
     fleet = {k: v for k, v in values.items() if k in _FLEET_KEYS}
     cfg = FleetConfig(**fleet, models=tuple(specs.values()), batching=batching)
     if cfg.heartbeat_interval_s <= 0 or cfg.heartbeat_liveness < 1:
@@ -301,13 +320,27 @@ def load_config(
         raise ConfigError("http_port must be in 0..65535 (0 turns the HTTP gateway off)")
     if cfg.no_worker_timeout_s <= 0:
         raise ConfigError("no_worker_timeout_s must be > 0")
+    validate_cluster(cfg)
     return cfg
+
+
+def validate_cluster(cfg: FleetConfig) -> None:
+    """Raise ConfigError for curve and budget settings that cannot work together."""
+    if cfg.curve_server_secret and not cfg.curve_authorized_dir:
+        raise ConfigError("curve_server_secret needs curve_authorized_dir: the folder of the public certs "
+                          "of clients and workers allowed in (see `mlx-fleet keys`)")
+    if cfg.curve_authorized_dir and not cfg.curve_server_secret:
+        raise ConfigError("curve_authorized_dir is set but curve_server_secret is not; set both to turn CurveZMQ on")
+    if bool(cfg.curve_client_secret) != bool(cfg.curve_server_public):
+        raise ConfigError("curve_client_secret and curve_server_public go together (a client needs both)")
+    if cfg.memory_budget_bytes < 0:
+        raise ConfigError("memory_budget_bytes must be >= 0 (0: no limit)")
 
 
 def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: str) -> ModelSpec:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("source"), str):
         raise ConfigError(f"{path}: each [[models]] needs string 'name' and 'source'")
-    unknown = set(entry) - {"name", "source", "replicas", "batching"}
+    unknown = set(entry) - {"name", "source", "replicas", "batching", "on_demand", "idle_unload_s"}
     if unknown:
         raise ConfigError(f"{path}: model {entry['name']}: unknown keys {sorted(unknown)}")
     own_batching = entry.get("batching", {})
@@ -321,4 +354,6 @@ def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: s
     own: dict[str, Any] = {}
     _apply(own_batching, source, own)
     replicas = _coerce("replicas", entry.get("replicas", 1), int, path)
-    return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching))
+    on_demand = _coerce("on_demand", entry.get("on_demand", False), bool, source)
+    idle_unload_s = _coerce("idle_unload_s", entry.get("idle_unload_s", ModelSpec.idle_unload_s), float, source)
+    return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching), on_demand, idle_unload_s)

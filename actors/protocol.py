@@ -30,8 +30,9 @@ CANCELLED = "cancelled"
 WORKER_LOST = "worker_lost"
 INTERNAL = "internal"
 UNAVAILABLE = "unavailable"
+OVER_BUDGET = "over_budget"  # a `load` would exceed the fleet's memory_budget_bytes
 ERROR_CODES = frozenset(
-    {BAD_REQUEST, UNKNOWN_MODEL, OVERLOADED, TIMEOUT, CANCELLED, WORKER_LOST, INTERNAL, UNAVAILABLE}
+    {BAD_REQUEST, UNKNOWN_MODEL, OVERLOADED, TIMEOUT, CANCELLED, WORKER_LOST, INTERNAL, UNAVAILABLE, OVER_BUDGET}
 )
 
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
@@ -131,6 +132,28 @@ class Status(Message):
     request_id: str | None = None
 
 
+@dataclass
+class Load(Message):
+    """Start serving ``model`` from ``source`` with ``replicas`` local workers (runtime management)."""
+
+    TYPE: ClassVar[str] = "load"
+    model: str
+    source: str
+    replicas: int = 1
+    on_demand: bool = False
+    idle_unload_s: float | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class Unload(Message):
+    """Stop serving ``model``: refuse new requests, drain the running ones, stop its workers."""
+
+    TYPE: ClassVar[str] = "unload"
+    model: str
+    request_id: str | None = None
+
+
 # ---- broker -> client (workers send chunk/done/error the same way) -----------
 
 
@@ -182,6 +205,18 @@ class StatusReply(Message):
 
     TYPE: ClassVar[str] = "status_reply"
     status: dict
+    request_id: str | None = None
+
+
+@dataclass
+class ControlReply(Message):
+    """Answer to ``load``/``unload``: what was done (``workers`` started or stopped)."""
+
+    TYPE: ClassVar[str] = "control_reply"
+    op: str
+    model: str
+    message: str = ""
+    workers: list[str] = field(default_factory=list)
     request_id: str | None = None
 
 
@@ -253,14 +288,14 @@ class FleetInfoAck(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Generate, Cancel, Models, Status, Chunk, Done, Error, ModelsReply, StatusReply,
-        Ready, Heartbeat, Dispatch, Disconnect, FleetInfo, FleetInfoAck,
+        Generate, Cancel, Models, Status, Load, Unload, Chunk, Done, Error, ModelsReply, StatusReply,
+        ControlReply, Ready, Heartbeat, Dispatch, Disconnect, FleetInfo, FleetInfoAck,
     )
 }
 # Import-time check: every Message subclass here is registered under its own type.
 assert all(t == c.TYPE for t, c in MESSAGE_TYPES.items())
 
-CLIENT_TYPES = frozenset({"generate", "cancel", "models", "status"})
+CLIENT_TYPES = frozenset({"generate", "cancel", "models", "status", "load", "unload"})
 WORKER_TYPES = frozenset({"ready", "heartbeat", "chunk", "done", "error", "disconnect"})
 # What the broker accepts on its worker endpoint: workers, and the supervisor's report.
 BACKEND_TYPES = WORKER_TYPES | {"fleet_info"}
@@ -313,14 +348,15 @@ def decode(frames: list[bytes], limits: Limits = DEFAULT_LIMITS, *, allowed: fro
     return from_map(unpack_frames(frames, limits), limits, allowed=allowed)
 
 
-def from_map(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS, *, allowed: frozenset[str] | None = None) -> Message:
-    """Validate a map into a typed message. Raises ProtocolError."""
+def from_map(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS, *, allowed: frozenset[str] | None = None,
+             registry: dict[str, type[Message]] | None = None) -> Message:
+    """Validate a map into a typed message (of ``registry``, default the wire types). Raises ProtocolError."""
     rid = obj.get("request_id")
     rid = rid if isinstance(rid, str) and len(rid) <= limits.max_id_chars else None
     mtype = obj.get("type")
     if not isinstance(mtype, str):
         raise ProtocolError(BAD_REQUEST, "missing or non-string 'type'", rid)
-    cls = MESSAGE_TYPES.get(mtype)
+    cls = (MESSAGE_TYPES if registry is None else registry).get(mtype)
     if cls is None or (allowed is not None and mtype not in allowed):
         raise ProtocolError(BAD_REQUEST, f"unknown message type {mtype[:64]!r}", rid)
     hints = _hints(cls)

@@ -15,6 +15,7 @@ import os
 
 import zmq
 
+from actors.curve import CurveKeys, apply_client
 from actors.protocol import FleetInfo, FleetInfoAck, ProtocolError, decode, encode
 from actors.sockets import make_socket
 
@@ -27,11 +28,13 @@ REPORT_HWM = 4
 class FleetReporter:
     """Sends ``fleet_info`` and collects ``fleet_info_ack`` without ever blocking."""
 
-    def __init__(self, backend: str, *, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, backend: str, *, ctx: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         identity = f"supervisor:{os.getpid()}".encode()
         self.sock = make_socket(self.ctx, zmq.DEALER, hwm=REPORT_HWM, identity=identity)
+        if curve:  # the worker endpoint requires CurveZMQ: the supervisor's local key (actors/curve.py)
+            apply_client(self.sock, curve)
         self.sock.connect(backend)
         self.sent = 0
         self.dropped = 0

@@ -31,7 +31,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from actors.config import FleetConfig
+from actors.curve import check_bind_policy, local_client_keys
 from actors.metrics import EventSender, NullSender, events_addr, make_event_sender
+from actors.model_manager import ModelManager
 from actors.proc import die_with_parent, spawn_context
 from actors.reporter import FleetReporter
 
@@ -98,6 +100,8 @@ def worker_settings(cfg: FleetConfig) -> list[Any]:
 
     out = []
     for spec in cfg.models:
+        if spec.on_demand:
+            continue  # started by the broker's first request (actors/model_manager.py)
         for i in range(spec.replicas):
             out.append(WorkerSettings(
                 worker_id=f"{spec.name}-{i}", model=spec.name, source=spec.source, connect=local_backend(cfg.backend),
@@ -142,15 +146,22 @@ class Supervisor:
         self.reporter: FleetReporter | None = None
         self.report_every_s = min(1.0, cfg.heartbeat_interval_s)
         self.next_report_s = 0.0
+        self.models = ModelManager(self)  # runtime load/unload and on-demand models (opened by start)
 
     # ---- start ----------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn everything not yet running and wait until every replica has registered with the broker."""
+        for warning in check_bind_policy(self.cfg):
+            log.warning("%s", warning)
+        problem = self.models.startup_problem()
+        if problem:
+            raise StartupError(problem)
+        self.models.open()  # the runtime folder (and local CurveZMQ keys) first: the reporter needs them
         if self.events is None:  # connect early, so the first report is not dropped
             self.events = make_event_sender(events_addr(self.cfg.metrics_export, self.cfg.metrics_events), "supervisor")
         if self.reporter is None:
-            self.reporter = FleetReporter(local_backend(self.cfg.backend))
+            self.reporter = FleetReporter(local_backend(self.cfg.backend), curve=local_client_keys(self.cfg))
         for child in self.children:
             if not child.alive:
                 child.start()
@@ -160,10 +171,10 @@ class Supervisor:
         """Poll the broker's status until all replicas are ready, or fail naming the setting."""
         from broker.client import Client, FleetError
 
-        want = {m.name: m.replicas for m in self.cfg.models}
+        want = {m.name: m.replicas for m in self.cfg.models if not m.on_demand}
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         have: dict[str, int] = {}
-        with Client(local_backend(self.cfg.frontend), timeout_s=2.0) as client:
+        with Client(local_backend(self.cfg.frontend), timeout_s=2.0, curve=local_client_keys(self.cfg)) as client:
             while time.monotonic() < deadline:
                 if self.stop_event.is_set():
                     raise StartupError("interrupted while starting")
@@ -208,7 +219,7 @@ class Supervisor:
 
     def run(self) -> None:
         """Watch children until asked to stop; restart what dies, report to the broker and the collector."""
-        while not self.stop_event.wait(0.1):
+        while not self.models.wait(0.1):  # serves the control channel meanwhile
             changed = self.check_children()
             self.report(force=changed)
             self.kill_hung()
@@ -318,6 +329,7 @@ class Supervisor:
         if self.reporter is not None:
             self.reporter.close()
             self.reporter = None
+        self.models.close()
 
     def _stop(self, children: list[Child], timeout_s: float) -> None:
         procs = [c.process for c in children if c.process is not None and c.process.is_alive()]

@@ -18,15 +18,18 @@ import zmq
 
 from actors.clock import MonotonicClock
 from actors.config import FleetConfig
+from actors.control import CONTROL_TYPES, TO_BROKER, control_addr
+from actors.curve import check_bind_policy, start_server_auth
 from actors.logs import setup_logging
 from actors.metrics import events_addr, make_event_sender
 from actors.protocol import (
     BACKEND_TYPES, CLIENT_TYPES, UNAVAILABLE,
-    Cancel, Disconnect, FleetInfo, Generate, Message, Models, ModelsReply, ProtocolError,
-    Ready, Status, StatusReply, encode, encode_map, error_for, from_map, unpack_frames,
+    Cancel, Disconnect, FleetInfo, Generate, Load, Message, Models, ModelsReply, ProtocolError,
+    Ready, Status, StatusReply, Unload, encode, encode_map, error_for, from_map, unpack_frames,
 )
 from actors.sockets import make_socket
-from broker.report import child_restarts, supervisor_view
+from broker.lifecycle import CONTROL, ModelControl
+from broker.report import child_restarts, models_summary, supervisor_view
 from broker.state import CLIENT, WORKER, BrokerState, Out
 from broker.telemetry import make_broker_event
 
@@ -61,9 +64,25 @@ class BrokerActor:
         self.drain_deadline_s: float | None = None
         self.stop_requested = False
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
+        # Runtime model management: a DEALER to the supervisor's control endpoint (actors/control.py).
+        self.control_sock: zmq.Socket | None = None
+        if cfg.runtime_dir:
+            self.control_sock = make_socket(self.ctx, zmq.DEALER)
+            self.control_sock.connect(control_addr(cfg.runtime_dir))
+        self.lifecycle = ModelControl(
+            self.state, self.clock, supervised=self.control_sock is not None,
+            on_demand={m.name: m.idle_unload_s for m in cfg.models if m.on_demand},
+            drain_timeout_s=cfg.drain_timeout_s,
+        )
+        self.auth: Any = None
 
     def bind(self) -> None:
-        """Bind both endpoints; raises zmq.ZMQError naming the address."""
+        """Bind both endpoints (CurveZMQ servers when configured); raises naming the address."""
+        for warning in check_bind_policy(self.cfg):
+            log.warning("%s", warning)
+        if self.cfg.curve_server_secret:
+            self.auth = start_server_auth(self.ctx, self.cfg, [self.frontend, self.backend])
+            log.info("CurveZMQ on: serving keys in %s", self.cfg.curve_authorized_dir)
         for sock, addr in ((self.frontend, self.cfg.frontend), (self.backend, self.cfg.backend)):
             try:
                 sock.bind(addr)
@@ -78,6 +97,9 @@ class BrokerActor:
             out = outs.pop(0)
             body = out.body
             frames = encode(body) if isinstance(body, Message) else encode_map(body)
+            if out.to == CONTROL:
+                self.send_control(frames)
+                continue
             sock = self.frontend if out.to == CLIENT else self.backend
             try:
                 sock.send_multipart([out.identity, *frames], flags=zmq.NOBLOCK)
@@ -112,6 +134,12 @@ class BrokerActor:
             self.send([Out(CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
         elif isinstance(msg, Status):
             self.send([Out(CLIENT, identity, StatusReply(status=self.status(), request_id=msg.request_id))])
+        elif isinstance(msg, Load):
+            self.send(self.lifecycle.handle_load(identity, msg))
+        elif isinstance(msg, Unload):
+            self.send(self.lifecycle.handle_unload(identity, msg))
+        if isinstance(msg, Generate):
+            self.send(self.lifecycle.after_generate(msg.model))
 
     def handle_backend(self) -> None:
         """One worker message."""
@@ -126,7 +154,12 @@ class BrokerActor:
             return
         if isinstance(msg, FleetInfo):
             self.send(self.state.handle_fleet_info(identity, msg))
-        elif isinstance(msg, Ready):
+            return
+        if identity not in self.state.workers and identity.decode(errors="replace") in self.lifecycle.retired:
+            return  # a worker on its way out: let it go quiet
+        if isinstance(msg, Ready):
+            if not self.lifecycle.accept_ready(msg):
+                return
             log.info("worker %s ready for %s (capacity %d, pid %d, host %s)", msg.worker_id, msg.model, msg.capacity, msg.pid, msg.host)
             self.send(self.state.handle_ready(identity, msg))
         else:
@@ -139,22 +172,37 @@ class BrokerActor:
             log.warning("dropped malformed worker message: %s (%d dropped so far)", reason, self.malformed_dropped)
             self.malformed_logged_s = now
 
+    def handle_control(self) -> None:
+        """One message from the supervisor: a reply to a control call, or its fleet report."""
+        assert self.control_sock is not None
+        frames = self.control_sock.recv_multipart(copy=True)
+        try:
+            msg = from_map(unpack_frames(frames), allowed=TO_BROKER, registry=CONTROL_TYPES)
+        except ProtocolError as exc:
+            log.warning("dropped malformed control message: %s", exc.message)
+            return
+        self.send(self.lifecycle.handle_control(msg))
+
+    def send_control(self, frames: list[bytes]) -> None:
+        """To the supervisor; it answers every call, so a message it cannot take is logged."""
+        if self.control_sock is None:
+            return
+        try:
+            self.control_sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("control message to the supervisor dropped: %s", exc.strerror)
+
     def models_list(self) -> list[dict[str, Any]]:
         """One entry per model for the `models` reply."""
-        snap = self.state.snapshot()["models"]
-        return [
-            {"name": name, "workers_ready": len(m["workers"]), "queue_depth": m["queue_depth"],
-             "capacity": sum(w["capacity"] for w in m["workers"])}
-            for name, m in snap.items()
-        ]
+        return models_summary(self.state.snapshot()["models"])
 
     def status(self) -> dict[str, Any]:
-        """The `status` reply: routing state plus what the supervisor reported."""
-        snap = self.state.snapshot()
+        """The `status` reply: routing state plus what the supervisor reported (fleet_info and fleet_report)."""
+        snap = self.lifecycle.decorate(self.state.snapshot())
         snap["broker"] = {"pid": os.getpid(), "malformed_dropped": self.malformed_dropped,
                           "frontend": self.cfg.frontend, "backend": self.cfg.backend,
                           "restarts": child_restarts(self.state, "broker")}
-        snap["supervisor"] = supervisor_view(self.state)
+        snap["supervisor"].update(supervisor_view(self.state) or {})
         return snap
 
     # ---- loop --------------------------------------------------------------------
@@ -168,6 +216,8 @@ class BrokerActor:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        if self.control_sock is not None:
+            poller.register(self.control_sock, zmq.POLLIN)
         interval_s = self.cfg.heartbeat_interval_s
         next_beat_s = self.clock.now() + interval_s
         tick_every_s = min(0.05, interval_s)
@@ -192,11 +242,16 @@ class BrokerActor:
                 if self.frontend.poll(0):
                     self._safely(self.handle_frontend)
                     progressed = True
+                if self.control_sock is not None and self.control_sock.poll(0):
+                    self._safely(self.handle_control)
+                    progressed = True
                 if not progressed:
                     break
             now = self.clock.now()
             if now >= next_tick_s:
                 self._safely(lambda: self.send(self.state.tick()))
+                self._safely(lambda: self.send(self.lifecycle.tick()))
+                self._log_departures()
                 next_tick_s = now + tick_every_s
             if now >= next_beat_s:
                 self._safely(lambda: self.send(self.state.heartbeats()))
@@ -209,6 +264,11 @@ class BrokerActor:
         self._safely(lambda: self.send(bye))
         if self.events.enabled:
             self.events.send("broker", make_broker_event(self.state))  # the final counts
+
+    def _log_departures(self) -> None:
+        for worker_id, reason in self.state.departures:
+            log.warning("worker %s lost: %s", worker_id, reason)
+        self.state.departures.clear()
 
     def _safely(self, handler: Any) -> None:
         # A bug in one handler must not take the broker down; log it and go on.
@@ -224,6 +284,10 @@ class BrokerActor:
         self.frontend.close(0)
         self.backend.close(0)
         self.events.close()
+        if self.control_sock is not None:
+            self.control_sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 

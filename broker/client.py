@@ -16,11 +16,14 @@ from typing import Any, AsyncIterator, Iterator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from actors.protocol import (
-    BAD_REQUEST, DEFAULT_LIMITS, TIMEOUT, UNAVAILABLE, Cancel, Generate, Message, Models, ProtocolError, Status,
+    BAD_REQUEST, DEFAULT_LIMITS, TIMEOUT, UNAVAILABLE, Cancel, Generate, Load, Message, Models, ProtocolError, Status,
+    Unload,
     decode, encode,
 )
+from actors.curve import apply_client
 from actors.sockets import make_socket
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
@@ -125,7 +128,7 @@ class Client:
         if curve:
             apply_curve_client(self.sock, curve)
         self.sock.connect(connect)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -159,9 +162,10 @@ class Client:
                 raise FleetError(TIMEOUT, f"no answer from {self.connect_addr} within the timeout ({what})")
             events = dict(self._poller.poll(left_ms))
             if self._monitor in events:
-                self._monitor.recv_multipart()
-                lost = _lost(self.connect_addr)
-                raise FleetError(UNAVAILABLE, lost["message"])
+                event = recv_monitor_message(self._monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise FleetError(UNAVAILABLE, f"the broker at {self.connect_addr} refused our CurveZMQ key")
+                raise FleetError(UNAVAILABLE, _lost(self.connect_addr)["message"])
             if self.sock in events:
                 return _decode_reply(self.sock.recv_multipart())
 
@@ -188,9 +192,30 @@ class Client:
         """The fleet's status map."""
         return self._call(Status(), "status_reply", timeout_s)["status"]
 
+    def load(self, model: str, source: str, *, replicas: int = 1, on_demand: bool = False,
+             idle_unload_s: float | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """Start serving ``model`` in a running fleet; returns the ``control_reply`` map.
+
+        It returns once the supervisor has started the workers; they register with
+        the broker as they finish loading (requests for the model queue meanwhile).
+        """
+        msg = Load(model=model, source=source, replicas=replicas, on_demand=on_demand, idle_unload_s=idle_unload_s)
+        return self._call(msg, "control_reply", timeout_s)
+
+    def unload(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Stop serving ``model`` after its queued and running requests finish; the ``control_reply`` map."""
+        return self._call(Unload(model=model), "control_reply", timeout_s)
+
     def cancel(self, request_id: str) -> None:
-        """Ask the fleet to cancel a request (fire and forget)."""
-        self._send(Cancel(request_id))
+        """Ask the fleet to cancel a request (fire and forget; never blocks).
+
+        With no connected broker (gone, or a refused CurveZMQ handshake) a DEALER send
+        would wait forever; then there is nothing to cancel, so the message is dropped.
+        """
+        try:
+            self.sock.send_multipart(encode_checked(Cancel(request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> "SyncStream":
         """Start a streaming request; iterate the result for chunks."""
@@ -240,10 +265,12 @@ class SyncStream:
 
 
 def apply_curve_client(sock: zmq.Socket, curve: dict[str, bytes]) -> None:
-    """Configure CurveZMQ on a client-side socket: our key pair and the server's public key."""
-    sock.curve_publickey = curve["public"]
-    sock.curve_secretkey = curve["secret"]
-    sock.curve_serverkey = curve["server"]
+    """Configure CurveZMQ on a client-side socket: our key pair and the server's public key.
+
+    ``curve`` is ``{"public", "secret", "server"}``; ``actors.curve.load_client_keys``
+    builds it from the certificate files that ``mlx-fleet keys`` writes.
+    """
+    apply_client(sock, curve)
 
 
 class AsyncClient:
@@ -346,9 +373,22 @@ class AsyncClient:
         """The fleet's status map."""
         return (await self._call(Status(), "status_reply", timeout_s))["status"]
 
+    async def load(self, model: str, source: str, *, replicas: int = 1, on_demand: bool = False,
+                   idle_unload_s: float | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """As :meth:`Client.load`."""
+        msg = Load(model=model, source=source, replicas=replicas, on_demand=on_demand, idle_unload_s=idle_unload_s)
+        return await self._call(msg, "control_reply", timeout_s)
+
+    async def unload(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """As :meth:`Client.unload`."""
+        return await self._call(Unload(model=model), "control_reply", timeout_s)
+
     async def cancel(self, request_id: str) -> None:
-        """Ask the fleet to cancel a request."""
-        await self.sock.send_multipart(encode_checked(Cancel(request_id)))
+        """Ask the fleet to cancel a request (never waits for a broker to connect; see Client.cancel)."""
+        try:
+            await self.sock.send_multipart(encode_checked(Cancel(request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     async def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> AsyncIterator[StreamChunk | Completion]:
         """Yield chunks, then the final :class:`Completion` as the last item."""

@@ -57,14 +57,17 @@ class GatewaySettings:
     drain_timeout_s: float = 30.0  # in-flight HTTP requests may finish this long after SIGTERM
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     log_level: str = "INFO"
+    curve: dict[str, bytes] | None = field(default=None, repr=False)  # CurveZMQ client keys when the broker needs them
 
     @classmethod
     def from_config(cls, cfg: FleetConfig) -> "GatewaySettings":
         """Settings for the gateway that `mlx-fleet up` runs beside the broker."""
+        from actors.curve import local_client_keys
         from actors.supervisor import local_backend
 
         return cls(connect=local_backend(cfg.frontend), host=cfg.http_host, port=cfg.http_port, api_key=cfg.api_key,
-                   request_timeout_s=cfg.request_timeout_s, drain_timeout_s=cfg.drain_timeout_s, log_level=cfg.log_level)
+                   request_timeout_s=cfg.request_timeout_s, drain_timeout_s=cfg.drain_timeout_s, log_level=cfg.log_level,
+                   curve=local_client_keys(cfg))
 
 
 def error_response(err: OpenAIError) -> web.Response:
@@ -270,7 +273,7 @@ def make_app(client: AsyncClient, settings: GatewaySettings) -> web.Application:
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event, *, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until ``stop`` is set, then let in-flight requests finish (``drain_timeout_s``)."""
-    client = AsyncClient(settings.connect, timeout_s=settings.request_timeout_s + GRACE_S)
+    client = AsyncClient(settings.connect, timeout_s=settings.request_timeout_s + GRACE_S, curve=settings.curve)
     runner = web.AppRunner(make_app(client, settings), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.drain_timeout_s)
     await runner.setup()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from actors.protocol import (
-    BAD_REQUEST, CANCELLED, DEFAULT_LIMITS, ERROR_CODES, INTERNAL, OVERLOADED, PRIORITIES, TIMEOUT,
+    BAD_REQUEST, CANCELLED, DEFAULT_LIMITS, ERROR_CODES, INTERNAL, OVER_BUDGET, OVERLOADED, PRIORITIES, TIMEOUT,
     UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST, Generate, Limits, ProtocolError, validate_generate,
 )
 
@@ -64,6 +64,7 @@ FLEET_ERRORS: dict[str, tuple[int, str, str]] = {
     OVERLOADED: (429, "rate_limit_error", "overloaded"),
     TIMEOUT: (504, "timeout_error", "timeout"),
     UNAVAILABLE: (503, "service_unavailable_error", "unavailable"),
+    OVER_BUDGET: (503, "service_unavailable_error", "over_budget"),
     # The worker died after the request reached it: the upstream failed mid-request.
     WORKER_LOST: (502, "server_error", "worker_lost"),
     # The fleet cancelled it, not this HTTP client (a drain, an operator): retryable.

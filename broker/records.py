@@ -41,11 +41,13 @@ class WorkerRecord:
     reported_in_flight: int = 0
     served: int = 0
     stats: dict = field(default_factory=dict)
+    retiring: bool = False  # being stopped (unload, idle): finishes what it runs, gets nothing new
+    max_in_flight: int = 0  # the most requests it ever held at once
 
     @property
     def free(self) -> int:
-        """Slots the broker may still fill."""
-        return self.capacity - len(self.running)
+        """Slots the broker may still fill (none while retiring)."""
+        return 0 if self.retiring else self.capacity - len(self.running)
 
 
 @dataclass
@@ -83,3 +85,4 @@ class ModelRecord:
     queue: PriorityQueue[RequestRecord]
     configured: bool = False
     no_worker_since_s: float | None = None
+    accepting: bool = True  # False while unloading: new requests get unknown_model

@@ -67,8 +67,9 @@ def make_snapshot(state: BrokerState) -> dict[str, Any]:
         workers = state.live_workers(name)
         rows = [
             {
-                "worker_id": w.worker_id, "pid": w.pid, "host": w.host, "state": "ready",
-                "capacity": w.capacity, "in_flight": len(w.running), "free": w.free,
+                "worker_id": w.worker_id, "pid": w.pid, "host": w.host,
+                "state": "retiring" if w.retiring else "ready", "capacity": w.capacity,
+                "in_flight": len(w.running), "free": w.free, "max_in_flight": w.max_in_flight,
                 "served": w.served, "last_seen_s": round(now - (w.expiry_s - state.liveness_s), 3),
                 "restarts": children.get(w.worker_id, {}).get("restarts", 0),
                 "info": w.info, "stats": w.stats,
@@ -83,7 +84,7 @@ def make_snapshot(state: BrokerState) -> dict[str, Any]:
             rows.append({
                 "worker_id": wid, "pid": child.get("pid") or 0, "host": silent.host if silent else "-",
                 "state": child_state(child, silent.pid if silent else None),
-                "capacity": 0, "in_flight": 0, "free": 0, "served": 0, "last_seen_s": None,
+                "capacity": 0, "in_flight": 0, "free": 0, "max_in_flight": 0, "served": 0, "last_seen_s": None,
                 "restarts": child.get("restarts", 0), "info": {}, "stats": {},
             })
         models[name] = {
@@ -95,6 +96,20 @@ def make_snapshot(state: BrokerState) -> dict[str, Any]:
         "models": models, "accepting": state.accepting, "counters": dict(state.counters),
         "requests": len(state.requests), "recent_worker_losses": recent_losses(state, now),
     }
+
+
+def models_summary(models: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `models` reply from a snapshot's models: ready workers only.
+
+    A snapshot's ``workers`` also lists retiring workers and the supervisor's
+    children that are not registered (starting, restarting, hung, gave_up).
+    """
+    out = []
+    for name, m in models.items():
+        ready = [w for w in m["workers"] if w["state"] == "ready"]
+        out.append({"name": name, "workers_ready": len(ready), "queue_depth": m["queue_depth"],
+                    "capacity": sum(w["capacity"] for w in ready)})
+    return out
 
 
 def recent_losses(state: BrokerState, now_s: float) -> list[dict[str, Any]]:

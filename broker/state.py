@@ -66,6 +66,7 @@ class BrokerState:
         self.fleet_children: list[dict[str, Any]] = []
         self.fleet_info_at_s: float | None = None
         self.accepting = True
+        self.departures: list[tuple[str, str]] = []  # (worker_id, reason) of workers lost since last read
         self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0}
         self.replies = ReplyCounts()  # terminal replies to clients, for metrics
         self._keys = itertools.count(1)
@@ -111,8 +112,8 @@ class BrokerState:
         if not self.accepting:
             return self._refuse(client, msg, Error(UNAVAILABLE, "the fleet is shutting down", msg.request_id))
         model = self.models.get(msg.model)
-        if model is None or (not model.configured and not self.live_workers(msg.model)):
-            known = ", ".join(sorted(self.models)) or "none"
+        if model is None or not model.accepting or (not model.configured and not self.live_workers(msg.model)):
+            known = ", ".join(sorted(n for n, m in self.models.items() if m.accepting)) or "none"
             return self._refuse(client, msg, Error(UNKNOWN_MODEL, f"unknown model {msg.model!r} (served: {known})", msg.request_id))
         if (client, msg.request_id) in self.by_client:
             return self._refuse(client, msg, Error("bad_request", f"request_id {msg.request_id!r} is already in flight", msg.request_id))
@@ -220,6 +221,7 @@ class BrokerState:
         self.counters["workers_lost"] += 1
         self.losses.append({"worker_id": worker.worker_id, "pid": worker.pid, "reason": reason, "at_s": now,
                             "in_flight": len(worker.running)})
+        self.departures.append((worker.worker_id, reason))  # the actor logs these
         if silent:
             self.silent[worker.worker_id] = SilentWorker(worker.worker_id, worker.pid, worker.host, now)
         for k, v in list(self.affinity.items()):
@@ -282,6 +284,7 @@ class BrokerState:
                     continue  # affinity target busy; others may still go
                 model.queue.remove(key)
                 worker.running.add(key)
+                worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
                 worker.last_used_s = now
                 rec.worker = worker.identity
                 rec.dispatched_at_s = now

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from actors.config import BatchingConfig
+from actors.curve import apply_client, load_client_keys
 from actors.logs import setup_logging
 from actors.metrics import make_event_sender
 from actors.protocol import (
@@ -53,6 +54,8 @@ class WorkerSettings:
     log_level: str = "INFO"
     max_prompt_tokens: int = 16_384
     metrics_events: str | None = None  # the collector's event endpoint; None sends no metrics
+    curve_secret: str = ""  # our secret cert: CurveZMQ to the broker when set
+    curve_server_public: str = ""  # the broker's public cert (its secret cert works too)
 
 
 @dataclass
@@ -135,6 +138,8 @@ class WorkerActor:
         if self.sock is not None:
             self.sock.close(0)
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=self.s.worker_id.encode())
+        if self.s.curve_secret:
+            apply_client(self.sock, load_client_keys(self.s.curve_secret, self.s.curve_server_public))
         self.sock.connect(self.s.connect)
         self.send_ready()
 

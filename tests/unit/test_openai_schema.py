@@ -205,7 +205,7 @@ def test_protocol_limits_apply():
 
 WANT_STATUS = {
     "bad_request": 400, "unknown_model": 404, "overloaded": 429, "timeout": 504, "unavailable": 503,
-    "worker_lost": 502, "cancelled": 503, "internal": 500,
+    "worker_lost": 502, "cancelled": 503, "internal": 500, "over_budget": 503,
 }
 WANT_TYPE = {
     400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error",

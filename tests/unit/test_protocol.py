@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, MESSAGE_TYPES, PROTOCOL_TAG,
-    Cancel, Chunk, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat, Limits, Message,
-    Models, ModelsReply, ProtocolError, Ready, Status, StatusReply, decode, encode, encode_map,
+    Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat,
+    Limits, Load, Message, Models, ModelsReply, ProtocolError, Ready, Status, StatusReply, Unload, decode, encode,
+    encode_map,
     error_for, from_map,
 )
 
@@ -75,6 +76,10 @@ ROUND_TRIP = [
     FleetInfo(children=[{"name": "worker:demo-0", "kind": "worker", "pid": 7, "restarts": 1}], supervisor_pid=6),
     FleetInfoAck(),
     FleetInfoAck(silent_workers=[{"worker_id": "demo-0", "pid": 7, "silent_for_s": 3.5}]),
+    Load(model="b", source="demo-small"),
+    Load(model="b", source="/models/x", replicas=2, on_demand=True, idle_unload_s=30.0, request_id="l1"),
+    Unload(model="b", request_id="u1"),
+    ControlReply(op="load", model="b", message="starting 2 replica(s)", workers=["b-0", "b-1"], request_id="l1"),
 ]
 
 

@@ -1,0 +1,205 @@
+"""Multi-host cluster on Linux network namespaces: a broker and two remote workers over tcp + CurveZMQ.
+
+The test builds its own network: namespaces ``B`` (broker), ``W1`` and ``W2``
+(one worker each), joined to ``B`` by one veth pair per worker on private
+subnets that exist only inside those namespaces. Everything it creates is
+removed in ``finally``. It needs root (``ip netns add``); elsewhere it skips.
+
+Scenario: a burst of non-streaming requests spreads over both workers; W1's
+link goes down; the broker declares W1 dead after the heartbeat liveness and
+requeues W1's unstarted-output requests onto W2, so every request still
+completes; the fleet serves new requests meanwhile; the link comes back and W1
+registers again and serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.curve import make_keys
+from tests.integration.clusterutil import ROOT, WorkerProcess, cli, wait_for, write_worker_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]  # 30-40 s
+
+HEARTBEAT_S = 0.5  # lenient enough for a loaded 2-core VM: a slow engine step is not silence
+LIVENESS = 4
+FRONTEND = "tcp://127.0.0.1:5555"  # loopback inside the broker's namespace
+BACKEND_PORT = 5556
+
+
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``ip ARGS``; raise with its stderr on failure."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+def netns_unavailable() -> str:
+    """Why this machine cannot run the test, or ''."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root (ip netns add); run the suite as root to include it"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = f"mlxf-probe-{os.getpid()}"
+    try:
+        ip("netns", "add", probe)
+    except RuntimeError as exc:
+        return f"cannot create a network namespace here: {exc}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+    return ""
+
+
+class Network:
+    """Three namespaces and two veth pairs, named after this process so runs never collide."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.broker, self.w1, self.w2 = f"mlxf{tag}b", f"mlxf{tag}w1", f"mlxf{tag}w2"
+        # veth names are at most 15 characters; one end of each pair lives in the broker's namespace.
+        self.links = {self.w1: (f"mx{tag}b1", f"mx{tag}w1", "10.77.1"), self.w2: (f"mx{tag}b2", f"mx{tag}w2", "10.77.2")}
+        self.made: list[str] = []
+
+    def create(self) -> None:
+        """Namespaces with loopback up, then a veth pair from the broker to each worker."""
+        for ns in (self.broker, self.w1, self.w2):
+            ip("netns", "add", ns)
+            self.made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        for ns, (b_end, w_end, net) in self.links.items():
+            ip("link", "add", b_end, "netns", self.broker, "type", "veth", "peer", "name", w_end, "netns", ns)
+            ip("-n", self.broker, "addr", "add", f"{net}.1/24", "dev", b_end)
+            ip("-n", ns, "addr", "add", f"{net}.2/24", "dev", w_end)
+            ip("-n", self.broker, "link", "set", b_end, "up")
+            ip("-n", ns, "link", "set", w_end, "up")
+
+    def broker_addr(self, worker_ns: str) -> str:
+        """The broker's worker endpoint as seen from ``worker_ns``."""
+        return f"tcp://{self.links[worker_ns][2]}.1:{BACKEND_PORT}"
+
+    def set_link(self, worker_ns: str, state: str) -> None:
+        """Take the broker's end of a worker's link down or up."""
+        ip("-n", self.broker, "link", "set", self.links[worker_ns][0], state)
+
+    def destroy(self) -> None:
+        """Delete the namespaces (their veth pairs go with them)."""
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self.made.clear()
+
+    @staticmethod
+    def exec(ns: str) -> list[str]:
+        """The prefix that runs a command inside ``ns``."""
+        return ["ip", "netns", "exec", ns]
+
+
+def write_broker_config(path: Path, keys: dict[str, tuple[Path, Path]]) -> Path:
+    path.write_text(f"""
+frontend = "{FRONTEND}"
+backend = "tcp://0.0.0.0:{BACKEND_PORT}"
+metrics_export = false
+http_port = 0
+heartbeat_interval_s = {HEARTBEAT_S}
+heartbeat_liveness = {LIVENESS}
+drain_timeout_s = 5.0
+curve_server_secret = "{keys['broker'][1]}"
+curve_authorized_dir = "{keys['broker'][0].parent / 'authorized'}"
+
+[[models]]
+name = "demo"
+source = "demo"
+replicas = 0
+""")
+    return path
+
+
+def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    keys = make_keys(tmp_path / "keys")
+    client_flags = ["--connect", FRONTEND, "--curve-secret", str(keys["client"][1]),
+                    "--curve-server-key", str(keys["broker"][0])]
+    net = Network()
+    procs: list[Any] = []
+    broker_log = tmp_path / "broker.log"
+    try:
+        net.create()
+        broker = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "actors.cli", "up", "--config",
+                                   str(write_broker_config(tmp_path / "fleet.toml", keys))],
+                                  cwd=ROOT, stdout=open(broker_log, "wb"), stderr=subprocess.STDOUT)
+        procs.append(broker)
+
+        def status() -> dict[str, Any] | None:
+            done = cli("status", "--json", *client_flags, "--timeout", "3", prefix=net.exec(net.broker), timeout_s=30)
+            return json.loads(done.stdout) if done.returncode == 0 else None
+
+        def workers() -> dict[str, dict[str, Any]]:
+            s = status()
+            return {w["worker_id"]: w for w in s["models"]["demo"]["workers"]} if s else {}
+
+        wait_for(status, 60, "the broker in its namespace to answer status (see broker.log)")
+        conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=HEARTBEAT_S, heartbeat_liveness=LIVENESS)
+        for ns, wid in ((net.w1, "w1"), (net.w2, "w2")):
+            w = WorkerProcess("--connect", net.broker_addr(ns), "--model", "demo=demo", "--worker-id", wid,
+                              "--config", str(conf), "--curve-secret", str(keys["worker"][1]),
+                              "--curve-server-key", str(keys["broker"][0]), prefix=net.exec(ns),
+                              log_path=tmp_path / f"{wid}.log")
+            procs.append(w.__enter__())
+        wait_for(lambda: set(workers()) == {"w1", "w2"}, 120, "both remote workers to register")
+
+        burst = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "tests.integration.netns_driver",
+                                  *client_flags, "burst", "8", "1500"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        procs.append(burst)
+        # 1500 tokens take several seconds, so w1 still holds its share when its link goes down.
+        wait_for(lambda: (lambda ws: len(ws) == 2 and all(w["in_flight"] > 0 for w in ws.values()))(workers()), 60,
+                 "the burst to run on both workers")
+        net.set_link(net.w1, "down")
+        down_s = time.monotonic()
+        after = wait_for(lambda: (lambda s: s if s and "w1" not in {w["worker_id"] for w in s["models"]["demo"]["workers"]}
+                                  else None)(status()), 30, "the broker to declare w1 dead")
+        # Not before the liveness ran out (its last heartbeat may predate the cut by up to one interval).
+        assert time.monotonic() - down_s >= HEARTBEAT_S * (LIVENESS - 1)
+        wait_for(lambda: "worker w1 lost: no heartbeat for" in broker_log.read_text(), 5,
+                 "the broker to log that w1 went silent")
+        counters = after["counters"]
+        assert counters["workers_lost"] >= 1 and counters["requeued"] >= 1, (counters, broker_log.read_text()[-3000:])
+        # The fleet keeps serving through w2 while w1 is cut off.
+        served = cli("generate", "--model", "demo", "--max-tokens", "4", *client_flags, "Still there?",
+                     prefix=net.exec(net.broker), timeout_s=120)
+        assert served.returncode == 0, served.stderr
+        out, _ = burst.communicate(timeout=240)
+        outcomes = json.loads(out.strip().splitlines()[-1])
+        assert len(outcomes) == 8 and all(o in ("length", "stop") for o in outcomes), outcomes
+
+        net.set_link(net.w1, "up")
+        wait_for(lambda: "w1" in workers(), 90, "w1 to rejoin after its link came back")
+        for i in range(4):
+            again = cli("generate", "--model", "demo", "--max-tokens", "4", *client_flags, f"Back {i}",
+                        prefix=net.exec(net.broker), timeout_s=120)
+            assert again.returncode == 0, again.stderr
+        assert workers()["w1"]["served"] >= 1
+    finally:
+        for p in reversed(procs):
+            stop = getattr(p, "stop", None)
+            if stop is not None:
+                stop()
+            elif p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        net.destroy()
