@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from typing import Any
 
-import msgpack
 import zmq
 
 from actors.clock import MonotonicClock

@@ -15,7 +15,7 @@ from typing import Any
 
 from actors.clock import Clock
 from actors.protocol import (
-    CANCELLED, OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
+    OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
     Cancel, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue

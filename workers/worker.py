@@ -26,7 +26,7 @@ from actors.curve import apply_client, load_client_keys
 from actors.logs import setup_logging
 from actors.metrics import make_event_sender
 from actors.protocol import (
-    BAD_REQUEST, INTERNAL, UNAVAILABLE, WORKER_LOST,
+    BAD_REQUEST, INTERNAL, UNAVAILABLE,
     Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message,
     ProtocolError, Ready, decode, encode, from_map,
 )
@@ -49,7 +49,7 @@ class WorkerSettings:
     connect: str
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     heartbeat_interval_s: float = 1.0
-    heartbeat_liveness: int = 3
+    heartbeat_liveness: int = 5
     blas: str = "auto"
     log_level: str = "INFO"
     max_prompt_tokens: int = 16_384

@@ -15,7 +15,7 @@ import zmq
 
 from actors.config import BatchingConfig
 from actors.protocol import PROTOCOL_TAG
-from broker.client import Client, FleetError
+from broker.client import Client
 from tests.integration.fleetutil import (
     RawClient, Tracker, fleet_status, rss_kib, running_fleet, start_fleet, wait_for,
 )
