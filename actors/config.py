@@ -26,7 +26,7 @@ class BatchingConfig:
 
     policy: str = "fixed"  # immediate | fixed | adaptive
     window_ms: float = 1.0
-    decode_window_ms: float = 50.0  # hold while a full batch decodes, scaled by fullness (fixed/adaptive)
+    decode_window_ms: float = 0.0  # hold while a full batch decodes, scaled by fullness (fixed/adaptive); off
     fast_path: bool = True
     adaptive_low_ms: float = 0.75
     adaptive_medium_ms: float = 1.0

@@ -34,8 +34,9 @@ POLICIES: dict[str, dict[str, Any]] = {
     "fixed": {"policy": "fixed", "fast_path": False, "decode_window_ms": 0.0},
     "fixed+fast_path": {"policy": "fixed", "fast_path": True, "decode_window_ms": 0.0},
     "adaptive": {"policy": "adaptive", "fast_path": True, "decode_window_ms": 0.0},
-    # Our default: fixed + fast path + the decode window (BatchingConfig's defaults).
+    # BatchingConfig's defaults, whatever they are at the time of the run.
     "default": {},
+    "fixed+fast_path+dw50": {"policy": "fixed", "fast_path": True, "decode_window_ms": 50.0},
     "fixed+fast_path+dw25": {"policy": "fixed", "fast_path": True, "decode_window_ms": 25.0},
     "fixed+fast_path+dw100": {"policy": "fixed", "fast_path": True, "decode_window_ms": 100.0},
 }
