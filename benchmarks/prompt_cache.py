@@ -40,10 +40,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from actors.config import BatchingConfig  # noqa: E402  (needs the sys.path line above)
+from actors.embedded import BackgroundFleet  # noqa: E402
 from actors.stats import percentile  # noqa: E402
 from benchmarks.common import env_markdown, environment, results_dir  # noqa: E402
+from benchmarks.overhead import local_config  # noqa: E402
 from broker.client import Client  # noqa: E402
-from tests.integration.fleetutil import RunningFleet, make_config  # noqa: E402
 from workers.blas import blas_env, find_blas  # noqa: E402
 from workers.demo_model import ensure_demo_model  # noqa: E402
 
@@ -286,8 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Workload(system, system_tokens, args.conversations, args.turns, args.max_tokens)
     batching = BatchingConfig()
     runs: list[dict[str, Any]] = []
-    cfg, ipc_dir = make_config(models=((args.model, args.model, 1),), batching=batching)
-    with RunningFleet(cfg, ipc_dir) as fleet:
+    cfg, ipc_dir = local_config(args.model, batching)
+    with BackgroundFleet(cfg, ipc_dir) as fleet:
         def fleet_session(cache: bool) -> Callable[[], Session]:
             return lambda: FleetSession(fleet.cfg.frontend, args.model, cache=cache, max_tokens=args.max_tokens)
 
