@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from broker.client import AsyncClient, Client, FleetError
-from tests.integration.fleetutil import start_fleet
+from tests.integration.fleetutil import greedy_reference, start_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -18,21 +18,14 @@ PROMPTS = ["Hello", "The weather today is", "Tell me about queues and workers.",
 
 def reference_greedy(prompt: str | list[dict], max_tokens: int) -> tuple[list[int], str]:
     """In-process mlx-lm, greedy: the token ids and text a served request must match."""
-    from mlx_lm import load, stream_generate
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm import load
 
     from workers.demo_model import ensure_demo_model
 
     model, tokenizer = load(str(ensure_demo_model("demo")))
     if isinstance(prompt, list):
         prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    ids, text = [], []
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
-        text.append(r.text)
-        if r.finish_reason == "stop":
-            break
-        ids.append(r.token)
-    return ids, "".join(text)
+    return greedy_reference(model, tokenizer, prompt, max_tokens)
 
 
 @pytest.fixture(scope="module", params=["ipc", "tcp"])

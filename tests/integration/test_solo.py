@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.fleetutil import greedy_reference
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PROMPTS = ["Hello", "The weather today is", "Tell me about queues and workers."]
@@ -71,17 +73,7 @@ def run(engine: Any, reqs: list[Any]) -> dict[str, Result]:
 
 def reference_text(mt: tuple[Any, Any], ids: list[int], max_tokens: int) -> tuple[list[int], str]:
     """In-process ``mlx_lm.stream_generate``, greedy: token ids and text."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    model, tokenizer = mt
-    out, text = [], []
-    for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
-        text.append(r.text)
-        if r.finish_reason == "stop":
-            break
-        out.append(r.token)
-    return out, "".join(text)
+    return greedy_reference(*mt, ids, max_tokens)
 
 
 def reference(mt: tuple[Any, Any], ids: list[int], max_tokens: int) -> list[int]:
