@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +34,8 @@ from prometheus_client.registry import CollectorRegistry
 from actors.clock import MonotonicClock
 from actors.collector_state import CollectorState, Snapshot
 from actors.config import FleetConfig
-from actors.logs import setup_logging
 from actors.metrics import MAX_EVENT_BYTES, WORKER_STATES
+from actors.runtime import Hooks, StartError, run_process
 
 log = logging.getLogger("mlx_fleet.collector")
 
@@ -233,22 +232,24 @@ class CollectorActor:
         self._http_thread: threading.Thread | None = None
 
     def bind(self) -> None:
-        """Start the HTTP server, then bind the PULL socket; errors name the setting."""
+        """Start the HTTP server, then bind the PULL socket; a StartError names the setting."""
         try:
             self.http = MetricsServer((self.cfg.metrics_host, self.cfg.metrics_port), self.state, self.lock)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port} "
-                                     f"({exc.strerror}); change metrics_port (--metrics-port, MLX_METRICS_PORT)") from None
+            raise StartError(f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port} "
+                             f"({exc.strerror}); change metrics_port (--metrics-port, MLX_METRICS_PORT)") from None
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.MAXMSGSIZE, MAX_EVENT_BYTES + 1024)  # bigger ones drop that connection
         try:
             self.pull.bind(self.cfg.metrics_events)
         except zmq.ZMQError as exc:
-            raise zmq.ZMQError(exc.errno, f"cannot bind metrics_events {self.cfg.metrics_events}: {exc.strerror}") from None
+            raise StartError(f"cannot bind metrics_events {self.cfg.metrics_events}: {exc.strerror}") from None
         self._http_thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.2},
                                              name="metrics-http", daemon=True)
         self._http_thread.start()
+        log.info("metrics on http://%s:%d/metrics; events on %s", self.cfg.metrics_host, self.http_port,
+                 self.cfg.metrics_events)
 
     @property
     def http_port(self) -> int:
@@ -289,19 +290,9 @@ class CollectorActor:
 
 def run_collector(cfg: FleetConfig) -> None:
     """Process entry point (spawned by the supervisor when metrics_export is on)."""
-    setup_logging(cfg.log_level, "collector")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates Ctrl-C
-    actor = CollectorActor(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: actor.request_stop())
-    try:
-        actor.bind()
-    except (OSError, zmq.ZMQError) as exc:
-        log.error("%s", exc)
-        actor.close()
-        raise SystemExit(1) from None
-    log.info("metrics on http://%s:%d/metrics; events on %s", cfg.metrics_host, actor.http_port, cfg.metrics_events)
-    try:
-        actor.run()
-    finally:
-        actor.close()
-    log.info("collector stopped")
+
+    def hooks() -> Hooks:
+        actor = CollectorActor(cfg)
+        return Hooks(start=actor.bind, loop=actor.run, stop=actor.close, request_stop=actor.request_stop)
+
+    run_process("collector", cfg.log_level, hooks)

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+POLICIES = ("immediate", "fixed", "adaptive")  # the batching-window policies (workers/policies.py)
+
+
 class ConfigError(ValueError):
     """A setting with a bad value; the message names the setting and its source."""
 
@@ -239,8 +242,8 @@ def _build_batching(values: Mapping[str, Any], base: BatchingConfig) -> Batching
 
 def validate_batching(b: BatchingConfig) -> None:
     """Raise ConfigError for values no worker could run with."""
-    if b.policy not in ("immediate", "fixed", "adaptive"):
-        raise ConfigError(f"policy: expected immediate, fixed or adaptive, got {b.policy!r}")
+    if b.policy not in POLICIES:
+        raise ConfigError(f"policy: expected {', '.join(POLICIES[:-1])} or {POLICIES[-1]}, got {b.policy!r}")
     for name in ("window_ms", "decode_window_ms", "adaptive_low_ms", "adaptive_medium_ms", "adaptive_high_ms"):
         if not 0.0 <= getattr(b, name) <= 10_000.0:
             raise ConfigError(f"{name}: must be in [0, 10000] ms")

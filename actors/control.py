@@ -1,27 +1,45 @@
-"""The control channel between the broker and the supervisor.
+"""The one channel between the supervisor and the broker.
 
-The supervisor owns processes; the broker owns routing. Runtime model management
-needs both, so they talk over one private socket pair: the supervisor binds a
-DEALER at ``ipc://<runtime_dir>/control`` (a 0700 folder of its own) and the
-broker connects a DEALER to it. Frames are the wire protocol's (tag + one msgpack
+The supervisor owns processes; the broker owns routing. They talk over one
+private socket pair: the supervisor binds a DEALER at
+``ipc://<runtime_dir>/control`` (a 0700 folder of its own) and the broker
+connects a DEALER to it. Frames are the wire protocol's (tag + one msgpack
 map), decoded with the same bounded, strict codec.
+
+supervisor -> broker: ``supervisor_state``, every second (at most every
+heartbeat interval) and after each change: its children (pid, liveness,
+restarts, exits), the models it runs and the memory budget. The broker answers
+each with ``supervisor_state_ack``: the workers registered now, and those it
+declared dead for silence (the supervisor kills one still running after
+``hung_grace_s``).
 
 broker -> supervisor: ``load`` (the client's message, re-keyed), ``start`` (an
 on-demand model got a request), ``stop`` (stop a model's workers; ``forget``
-drops the model too, for ``unload``).
-supervisor -> broker: ``control_reply`` or ``error`` to each of those, by
-``request_id``; and a ``fleet_report`` every second and on change: the models it
-runs, each worker child's pid, restarts and state, and the memory budget.
+drops the model too, for ``unload``). The supervisor answers each with
+``control_reply`` or ``error``, by ``request_id``.
+
+Every send is non-blocking: while the peer is down, messages are dropped (a
+newer state message always follows; an unanswered call times out).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from actors.protocol import ControlReply, Error, Load, Message
+import zmq
+
+from actors.config import FleetConfig
+from actors.curve import make_local_keys
+from actors.protocol import ControlReply, Error, Load, Message, ProtocolError, encode, from_map, unpack_frames
+from actors.sockets import make_socket
+
+log = logging.getLogger("mlx_fleet.supervisor")
 
 CONTROL_SOCKET = "control"
 
@@ -46,21 +64,37 @@ class Stop(Message):
 
 
 @dataclass
-class FleetReport(Message):
-    """What the supervisor runs: its models (name, source, replicas, on_demand, idle_unload_s),
-    its worker children (worker_id, model, pid, alive, restarts, gave_up) and memory figures."""
+class SupervisorState(Message):
+    """What the supervisor runs.
 
-    TYPE: ClassVar[str] = "fleet_report"
+    ``children``: one map per child process (name, kind, worker_id, model, pid,
+    alive, restarts, gave_up, last_exit, exited_pids, next_start_in_s);
+    ``models``: name, source, replicas, on_demand, idle_unload_s; ``memory``:
+    budget_bytes, loaded_bytes. Lists, not maps: msgpack maps are bounded to 64 keys.
+    """
+
+    TYPE: ClassVar[str] = "supervisor_state"
+    children: list[dict] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)
-    workers: list[dict] = field(default_factory=list)  # a list: msgpack maps are bounded to 64 keys
     memory: dict = field(default_factory=dict)
+    supervisor_pid: int = 0
+
+
+@dataclass
+class SupervisorStateAck(Message):
+    """The broker's answer: ids of the workers registered now, and the workers declared dead for silence
+    and not registered since (``{worker_id, pid, silent_for_s}``)."""
+
+    TYPE: ClassVar[str] = "supervisor_state_ack"
+    registered: list[str] = field(default_factory=list)
+    silent_workers: list[dict] = field(default_factory=list)
 
 
 CONTROL_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Load, Start, Stop, ControlReply, Error, FleetReport)
+    cls.TYPE: cls for cls in (Load, Start, Stop, ControlReply, Error, SupervisorState, SupervisorStateAck)
 }
-TO_SUPERVISOR = frozenset({"load", "start", "stop"})
-TO_BROKER = frozenset({"control_reply", "error", "fleet_report"})
+TO_SUPERVISOR = frozenset({"load", "start", "stop", "supervisor_state_ack"})
+TO_BROKER = frozenset({"control_reply", "error", "supervisor_state"})
 
 
 def control_addr(runtime_dir: str) -> str:
@@ -70,8 +104,53 @@ def control_addr(runtime_dir: str) -> str:
 
 def make_runtime_dir() -> str:
     """A private (0700) folder under /tmp, short enough for ipc:// paths."""
-    import tempfile
-
     path = tempfile.mkdtemp(prefix="mlxf-run-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.chmod(path, 0o700)
     return path
+
+
+def prepare_runtime(cfg: FleetConfig) -> FleetConfig:
+    """The children's copy of ``cfg``, with a fresh runtime folder (control socket, local worker keys)."""
+    if cfg.runtime_dir:
+        return cfg
+    runtime_dir = make_runtime_dir()
+    if cfg.curve_server_secret:
+        make_local_keys(runtime_dir)
+    return dataclasses.replace(cfg, runtime_dir=runtime_dir)
+
+
+class SupervisorLink:
+    """The supervisor's end of the channel: a bound DEALER that never blocks."""
+
+    def __init__(self, runtime_dir: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = make_socket(self.ctx, zmq.DEALER)
+        self.sock.bind(control_addr(runtime_dir))
+
+    def send(self, msg: Message) -> bool:
+        """Send to the broker; False when it was dropped (no broker connected, or it is not reading)."""
+        try:
+            self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def poll(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a message; True when one is ready."""
+        return bool(self.sock.poll(max(0.0, timeout_s) * 1000.0))
+
+    def receive(self) -> list[Message]:
+        """Every message ready now, decoded; malformed ones are logged and dropped."""
+        out: list[Message] = []
+        while self.sock.poll(0):
+            frames = self.sock.recv_multipart()
+            try:
+                out.append(from_map(unpack_frames(frames), allowed=TO_SUPERVISOR, registry=CONTROL_TYPES))
+            except ProtocolError as exc:
+                log.warning("dropped malformed control message: %s", exc.message)
+        return out
+
+    def close(self) -> None:
+        """Close the socket (linger 0) and its context."""
+        self.sock.close(0)
+        self.ctx.term()

@@ -147,15 +147,21 @@ def local_public_cert(cfg: FleetConfig) -> Path | None:
     return path if path.exists() else None
 
 
-def local_client_keys(cfg: FleetConfig) -> CurveKeys | None:
-    """Client keys for the supervisor's own processes (its status checks, a local gateway), or None.
+def local_secret_cert(cfg: FleetConfig) -> str:
+    """The secret cert of the supervisor's own children when CurveZMQ is on, else ''.
 
     With CurveZMQ on, the supervisor makes a key pair in its runtime folder that the
     broker authorises besides ``curve_authorized_dir``; any child it spawns may use it.
     """
     if not cfg.curve_server_secret or not cfg.runtime_dir:
-        return None
-    return load_client_keys(str(Path(cfg.runtime_dir) / "local.key_secret"), cfg.curve_server_secret)
+        return ""
+    return str(Path(cfg.runtime_dir) / "local.key_secret")
+
+
+def local_client_keys(cfg: FleetConfig) -> CurveKeys | None:
+    """Client keys for the supervisor's own client processes (a local gateway), or None."""
+    secret = local_secret_cert(cfg)
+    return load_client_keys(secret, cfg.curve_server_secret) if secret else None
 
 
 def make_local_keys(runtime_dir: str) -> Path:

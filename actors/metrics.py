@@ -34,6 +34,7 @@ import msgpack
 import zmq
 
 from actors.protocol import ERROR_CODES, FINISH_REASONS
+from actors.sockets import local_addr
 
 EVENT_TAG = b"MLXF1-EV"
 MAX_EVENT_BYTES = 256 * 1024
@@ -244,4 +245,4 @@ def events_addr(metrics_export: bool, metrics_events: str) -> str | None:
     """Where a local process sends events: the configured endpoint, or None when metrics are off."""
     if not metrics_export:
         return None
-    return metrics_events.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
+    return local_addr(metrics_events)

@@ -1,61 +1,32 @@
-"""The supervisor's side of runtime model management: start and stop worker processes.
+"""The supervisor's side of runtime model management: which models run, on which workers.
 
-The broker decides when (``broker/lifecycle.py``); this object does it, over the
-control channel (``actors/control.py``). It keeps the models the supervisor runs,
-checks the memory budget, spawns workers with fresh ids, and stops retired ones
-without blocking the supervisor's loop.
+The broker decides when (``broker/lifecycle.py``); the supervisor's loop hands
+this object the broker's calls (``load``, ``start``, ``stop``; see
+:mod:`actors.control`) and sends back the answer each returns. It keeps the
+models the supervisor runs, checks the memory budget, and asks the children
+registry (:mod:`actors.children`) to start workers or to retire them.
 
 Worker ids are ``NAME-i`` for the first generation of a model and ``NAME-i.G``
 after that, so a process that is still on its way out never shares an id (and a
 ZeroMQ identity) with its successor.
+
+What a model SOURCE is (whether it can load, how large its weights are) is the
+workers' knowledge: the composition root passes it in as two functions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-import shutil
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-import zmq
-
+from actors.children import ChildSpec, Children, WorkerSpec
 from actors.config import FleetConfig, ModelSpec
-from actors.control import CONTROL_TYPES, TO_SUPERVISOR, FleetReport, Start, Stop, control_addr, make_runtime_dir
-from actors.curve import make_local_keys
-from actors.protocol import (
-    BAD_REQUEST, INTERNAL, OVER_BUDGET, UNKNOWN_MODEL, ControlReply, Error, Load, Message, ProtocolError,
-    encode, from_map, unpack_frames,
-)
-from actors.sockets import make_socket
-
-if TYPE_CHECKING:
-    from actors.supervisor import Child, Supervisor
+from actors.control import Start, Stop
+from actors.protocol import BAD_REQUEST, INTERNAL, OVER_BUDGET, UNKNOWN_MODEL, ControlReply, Error, Load, Message
 
 log = logging.getLogger("mlx_fleet.supervisor")
 
-REPORT_INTERVAL_S = 1.0
-STOP_GRACE_S = 10.0  # a stopped worker gets this long to tear down before it is killed
 MIB = 1024 * 1024
-
-
-def prepare_runtime(cfg: FleetConfig) -> FleetConfig:
-    """Give a fleet its private runtime folder (control socket, local worker keys)."""
-    if cfg.runtime_dir:
-        return cfg
-    runtime_dir = make_runtime_dir()
-    if cfg.curve_server_secret:
-        make_local_keys(runtime_dir)
-    return dataclasses.replace(cfg, runtime_dir=runtime_dir)
-
-
-def localize(ws: Any, cfg: FleetConfig) -> Any:
-    """Worker settings for a local child: with curve on, the supervisor's key and the broker's cert."""
-    if not cfg.curve_server_secret:
-        return ws
-    secret = os.path.join(cfg.runtime_dir, "local.key_secret")
-    return dataclasses.replace(ws, curve_secret=secret, curve_server_public=cfg.curve_server_secret)
 
 
 def fmt_bytes(n: int) -> str:
@@ -79,96 +50,50 @@ def budget_verdict(*, budget_bytes: int, loaded_bytes: int, each_bytes: int | No
 
 
 class ModelManager:
-    """Models the supervisor runs, the control socket, retiring children and the budget."""
+    """The models a supervisor runs, their workers' ids, and the memory budget."""
 
-    def __init__(self, sup: "Supervisor") -> None:
-        self.sup = sup
-        self.cfg = sup.cfg
-        self.specs: dict[str, ModelSpec] = {m.name: m for m in self.cfg.models}
-        self.generations: dict[str, int] = {m.name: 0 for m in self.cfg.models if not m.on_demand}
-        self.retiring: list[tuple["Child", float]] = []
+    def __init__(self, cfg: FleetConfig, children: Children, *, check_source: Callable[[str], None],
+                 weights_bytes: Callable[[str], int | None]) -> None:
+        self.cfg = cfg
+        self.children = children
+        self.check_source = check_source
+        self.weights_bytes = weights_bytes
+        self.specs: dict[str, ModelSpec] = {m.name: m for m in cfg.models}
+        self.generations: dict[str, int] = {}
         self._weights: dict[str, int | None] = {}
-        self._next_report_s = 0.0
-        self.ctx: zmq.Context | None = None
-        self.sock: zmq.Socket | None = None
 
-    def open(self) -> None:
-        """Make the runtime folder (and local keys), give it to every child, bind the control socket.
-
-        Called by ``Supervisor.start``: constructing a supervisor has no side effects.
-        """
-        if self.sock is not None:
-            return
-        old = self.sup.cfg
-        self.sup.cfg = self.cfg = cfg = prepare_runtime(old)
-        for child in self.sup.children:
-            if child.arg is old:  # broker (and any other child that takes the fleet config)
-                child.arg = cfg
-            elif child.kind == "worker":
-                child.arg = localize(child.arg, cfg)
-        self.ctx = zmq.Context()
-        self.sock = make_socket(self.ctx, zmq.DEALER)
-        self.sock.bind(control_addr(cfg.runtime_dir))
-
-    # ---- the loop ---------------------------------------------------------------------
-
-    def wait(self, timeout_s: float) -> bool:
-        """Serve control messages for up to ``timeout_s``; True once the supervisor should stop."""
-        if self.sock is None:
-            return self.sup.stop_event.wait(timeout_s)
-        if self.sup.stop_event.is_set():
-            return True
-        if self.sock.poll(timeout_s * 1000.0):
-            while self.sock.poll(0):
-                self.handle(self.sock.recv_multipart())
-        self.reap()
-        self.report()
-        return self.sup.stop_event.is_set()
-
-    def handle(self, frames: list[bytes]) -> None:
-        """One call from the broker; every call gets one reply."""
-        try:
-            msg = from_map(unpack_frames(frames), allowed=TO_SUPERVISOR, registry=CONTROL_TYPES)
-        except ProtocolError as exc:
-            log.warning("dropped malformed control message: %s", exc.message)
-            return
-        try:
-            reply = self.dispatch(msg)
-        except Exception as exc:  # a failed call answers with an error; the supervisor goes on
-            log.exception("control call %s failed", msg.TYPE)
-            reply = Error(INTERNAL, f"{msg.TYPE} failed: {type(exc).__name__}: {exc}")
-        reply.request_id = getattr(msg, "request_id", None)
-        self.send(reply)
-        self._next_report_s = 0.0  # report the change at once
-
-    def dispatch(self, msg: Message) -> Message:
-        """Run one call: load, start or stop."""
-        if isinstance(msg, Load):
-            return self.load(msg)
-        if isinstance(msg, Start):
-            return self.start(msg.model)
-        assert isinstance(msg, Stop)
-        return self.stop(msg.model, forget=msg.forget)
-
-    def send(self, msg: Message) -> None:
-        """To the broker, never blocking (with no broker connected it is dropped)."""
-        if self.sock is None:
-            return
-        try:
-            self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+    def add_configured(self) -> None:
+        """Register (not start) the workers of every configured model that is not on-demand."""
+        for spec in self.specs.values():
+            if not spec.on_demand:
+                for ws in self.worker_specs(spec, spec.replicas):
+                    self.children.add(ChildSpec.for_worker(ws))
 
     # ---- calls -----------------------------------------------------------------------
 
+    def handle(self, msg: Message) -> Message:
+        """Run one call from the broker (load, start or stop); every call gets one answer."""
+        try:
+            if isinstance(msg, Load):
+                reply = self.load(msg)
+            elif isinstance(msg, Start):
+                reply = self.start(msg.model)
+            elif isinstance(msg, Stop):
+                reply = self.stop(msg.model, forget=msg.forget)
+            else:
+                reply = Error(BAD_REQUEST, f"the supervisor does not take {msg.TYPE!r} calls")
+        except Exception as exc:  # a failed call answers with an error; the supervisor goes on
+            log.exception("control call %s failed", msg.TYPE)
+            reply = Error(INTERNAL, f"{msg.TYPE} failed: {type(exc).__name__}: {exc}")
+        reply.request_id = getattr(msg, "request_id", None)  # type: ignore[attr-defined]
+        return reply
+
     def load(self, msg: Load) -> Message:
         """Add a model and start its replicas (none yet when on-demand)."""
-        from workers.models import check_source
-
         if msg.model in self.specs:
             return Error(BAD_REQUEST, f"model {msg.model!r} is already loaded")
         try:
-            check_source(msg.source)
+            self.check_source(msg.source)
         except (FileNotFoundError, ValueError) as exc:
             return Error(BAD_REQUEST, str(exc))
         spec = ModelSpec(msg.model, msg.source, msg.replicas, self.cfg.batching, msg.on_demand,
@@ -188,7 +113,7 @@ class ModelManager:
         spec = self.specs.get(name)
         if spec is None:
             return Error(UNKNOWN_MODEL, f"model {name!r} is not loaded")
-        if self.children_of(name):
+        if self.children.workers(name, include_gave_up=False):
             return ControlReply("start", name, "already running")
         count = max(1, spec.replicas)
         problem = self.budget_problem(spec.source, count, f"start {name}")
@@ -198,75 +123,44 @@ class ModelManager:
         return ControlReply("start", name, f"starting {len(ids)} replica(s)", ids)
 
     def stop(self, name: str, *, forget: bool) -> Message:
-        """Stop a model's worker processes (SIGTERM now, SIGKILL after STOP_GRACE_S)."""
+        """Retire a model's worker processes (SIGTERM now, SIGKILL after the registry's grace)."""
         if forget:
             self.specs.pop(name, None)  # a model served only by remote workers has no spec here
-        ids = []
-        now = time.monotonic()
-        for child in self.children_of(name, include_failed=True):
-            self.sup.children.remove(child)
-            if child.process is not None and child.process.is_alive():
-                child.process.terminate()
-                self.retiring.append((child, now + STOP_GRACE_S))
-            ids.append(child.arg.worker_id)
+        workers = self.children.workers(name)
+        ids = [c.worker_id or c.name for c in workers]
+        self.children.retire(workers)
         log.info("%s %s: stopping %s", "unload" if forget else "idle stop", name, ", ".join(ids) or "no workers")
         return ControlReply("unload" if forget else "stop", name, f"stopping {len(ids)} worker(s)", ids)
 
-    # ---- processes -------------------------------------------------------------------
+    # ---- workers -----------------------------------------------------------------------
 
-    def children_of(self, name: str, *, include_failed: bool = False) -> list["Child"]:
-        """The supervised worker children of model ``name``."""
-        return [c for c in self.sup.children if c.kind == "worker" and c.arg.model == name
-                and (include_failed or not c.gave_up)]
-
-    def spawn(self, spec: ModelSpec, count: int) -> list[str]:
-        """Start ``count`` workers of ``spec`` under a new generation of ids."""
-        from actors.supervisor import Child, worker_settings
-        from workers.worker import run_worker
-
+    def worker_specs(self, spec: ModelSpec, count: int) -> list[WorkerSpec]:
+        """``count`` workers of ``spec`` under the model's next generation of ids."""
         gen = self.generations.get(spec.name, -1) + 1
         self.generations[spec.name] = gen
-        one = dataclasses.replace(spec, replicas=count, on_demand=False)
-        ids = []
-        for i, ws in enumerate(worker_settings(dataclasses.replace(self.cfg, models=(one,)))):
-            wid = f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}"
-            ws = localize(dataclasses.replace(ws, worker_id=wid), self.cfg)
-            child = Child(f"worker:{wid}", "worker", run_worker, ws, worker_id=wid, model=spec.name,
-                          backoff_s=self.cfg.restart_backoff_s)
-            self.sup.children.append(child)
-            child.start()
-            ids.append(wid)
-        return ids
+        return [WorkerSpec(f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}", spec.name, spec.source,
+                           spec.batching) for i in range(count)]
 
-    def reap(self) -> None:
-        """Forget stopped children that exited; kill those past their grace period."""
-        now = time.monotonic()
-        still = []
-        for child, deadline_s in self.retiring:
-            proc = child.process
-            if proc is None or not proc.is_alive():
-                if proc is not None:
-                    proc.join(0)
-                continue
-            if now >= deadline_s:
-                log.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
-                proc.kill()
-            still.append((child, deadline_s))
-        self.retiring = still
+    def spawn(self, spec: ModelSpec, count: int) -> list[str]:
+        """Start ``count`` workers of ``spec``; their ids."""
+        ids = []
+        for ws in self.worker_specs(spec, count):
+            self.children.start(self.children.add(ChildSpec.for_worker(ws)).name)
+            ids.append(ws.worker_id)
+        return ids
 
     # ---- the budget ----------------------------------------------------------------------
 
     def weights(self, source: str) -> int | None:
         """Estimated bytes of one replica of ``source`` (its *.safetensors), cached."""
         if source not in self._weights:
-            from workers.models import weights_bytes
-
-            self._weights[source] = weights_bytes(source)
+            self._weights[source] = self.weights_bytes(source)
         return self._weights[source]
 
     def loaded_bytes(self) -> int:
         """The estimated weights of every worker child that has not been given up on."""
-        return sum(self.weights(c.arg.source) or 0 for c in self.sup.children if c.kind == "worker" and not c.gave_up)
+        return sum(self.weights(c.spec.worker.source) or 0
+                   for c in self.children.workers(include_gave_up=False) if c.spec.worker is not None)
 
     def budget_problem(self, source: str, replicas: int, what: str) -> str:
         """Why ``replicas`` more of ``source`` would not fit memory_budget_bytes, or ''."""
@@ -293,30 +187,14 @@ class ModelManager:
                     f"memory_budget_bytes={self.cfg.memory_budget_bytes} ({fmt_bytes(self.cfg.memory_budget_bytes)})")
         return ""
 
-    # ---- reporting ---------------------------------------------------------------------------
+    # ---- what the broker is told -----------------------------------------------------------
 
-    def report(self) -> None:
-        """Tell the broker what runs (every REPORT_INTERVAL_S, and at once after a change)."""
-        now = time.monotonic()
-        if now < self._next_report_s:
-            return
-        self._next_report_s = now + REPORT_INTERVAL_S
-        models = [{"name": s.name, "source": s.source, "replicas": s.replicas, "on_demand": s.on_demand,
-                   "idle_unload_s": s.idle_unload_s} for s in self.specs.values()]
-        workers = [{"worker_id": c.arg.worker_id, "model": c.arg.model, "alive": c.alive, "restarts": c.restarts,
-                    "gave_up": c.gave_up, "pid": c.process.pid if c.process else None}
-                   for c in self.sup.children if c.kind == "worker"]
+    def models_view(self) -> list[dict[str, Any]]:
+        """The models run, for the supervisor's state message."""
+        return [{"name": s.name, "source": s.source, "replicas": s.replicas, "on_demand": s.on_demand,
+                 "idle_unload_s": s.idle_unload_s} for s in self.specs.values()]
+
+    def memory_view(self) -> dict[str, Any]:
+        """The memory budget and the estimated weights loaded (None without a budget)."""
         budget = self.cfg.memory_budget_bytes
-        memory = {"budget_bytes": budget, "loaded_bytes": self.loaded_bytes() if budget else None}
-        self.send(FleetReport(models=models, workers=workers, memory=memory))
-
-    def close(self) -> None:
-        """Stop what is still retiring, close the socket, remove the runtime folder (idempotent)."""
-        self.sup._stop([c for c, _ in self.retiring], STOP_GRACE_S)
-        self.retiring = []
-        if self.sock is None or self.ctx is None:
-            return
-        self.sock.close(0)
-        self.ctx.term()
-        self.sock = self.ctx = None
-        shutil.rmtree(self.cfg.runtime_dir, ignore_errors=True)
+        return {"budget_bytes": budget, "loaded_bytes": self.loaded_bytes() if budget else None}

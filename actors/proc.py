@@ -7,6 +7,8 @@ import multiprocessing
 import signal
 import sys
 from multiprocessing.context import SpawnContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable
 
 PR_SET_PDEATHSIG = 1
 
@@ -24,3 +26,15 @@ def die_with_parent() -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except (OSError, AttributeError):
             pass
+
+
+def _child_main(target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    die_with_parent()
+    target(*args)
+
+
+def spawn_child(name: str, target: Callable[..., None], args: tuple[Any, ...]) -> BaseProcess:
+    """Run ``target(*args)`` in a new spawned process that dies with this one; started."""
+    proc = spawn_context().Process(target=_child_main, args=(target, args), name=name)
+    proc.start()
+    return proc

@@ -37,6 +37,8 @@ ERROR_CODES = frozenset(
 
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 PRIORITIES = ("urgent", "default", "background")
+# Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 MAX_TOP_K = 1 << 20  # above any vocabulary; workers treat top_k >= vocab size as "off"
 
 
@@ -265,31 +267,11 @@ class Disconnect(Message):
     reason: str = ""
 
 
-# ---- supervisor <-> broker (over the worker endpoint, a trusted peer) ----------
-
-
-@dataclass
-class FleetInfo(Message):
-    """Supervisor -> broker: its children (name, kind, pid, alive, restarts, gave_up...)."""
-
-    TYPE: ClassVar[str] = "fleet_info"
-    children: list[dict]
-    supervisor_pid: int = 0
-
-
-@dataclass
-class FleetInfoAck(Message):
-    """Broker -> supervisor: workers it declared dead for silence and not seen since."""
-
-    TYPE: ClassVar[str] = "fleet_info_ack"
-    silent_workers: list[dict] = field(default_factory=list)
-
-
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Generate, Cancel, Models, Status, Load, Unload, Chunk, Done, Error, ModelsReply, StatusReply,
-        ControlReply, Ready, Heartbeat, Dispatch, Disconnect, FleetInfo, FleetInfoAck,
+        ControlReply, Ready, Heartbeat, Dispatch, Disconnect,
     )
 }
 # Import-time check: every Message subclass here is registered under its own type.
@@ -297,8 +279,6 @@ assert all(t == c.TYPE for t, c in MESSAGE_TYPES.items())
 
 CLIENT_TYPES = frozenset({"generate", "cancel", "models", "status", "load", "unload"})
 WORKER_TYPES = frozenset({"ready", "heartbeat", "chunk", "done", "error", "disconnect"})
-# What the broker accepts on its worker endpoint: workers, and the supervisor's report.
-BACKEND_TYPES = WORKER_TYPES | {"fleet_info"}
 
 
 # ---- codec ------------------------------------------------------------------

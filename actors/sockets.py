@@ -34,6 +34,6 @@ def make_socket(
     return sock
 
 
-def ipc_path_ok(addr: str) -> bool:
-    """ipc:// paths are limited to ~107 bytes by sockaddr_un."""
-    return not addr.startswith("ipc://") or len(addr) - len("ipc://") < 100
+def local_addr(addr: str) -> str:
+    """Where a process on this machine connects for a bind address (a wildcard binds every interface)."""
+    return addr.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")

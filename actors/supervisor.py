@@ -1,154 +1,121 @@
 """The supervisor behind `mlx-fleet up`: spawn, wait for ready, restart, drain.
 
-Children are started with ``spawn`` and ask the kernel to end them if the
-supervisor dies. A child that exits is restarted with exponential backoff
-(``restart_backoff_s`` doubling up to ``restart_backoff_max_s``; reset after a
-run of ``restart_window_s``), at most ``restart_max`` times in
-``restart_window_s``. Past that a worker is given up and reported, and the rest
+It owns the children registry (:mod:`actors.children`) and drives it from one
+loop: serve the control channel (:mod:`actors.control`), restart what exited,
+reap retired workers, tell the broker what runs, and send the collector the
+workers' restarts. Children are started with ``spawn`` and ask the kernel to
+end them if the supervisor dies. A worker given up on is reported and the rest
 of the fleet keeps running; the broker is essential, so giving up on it stops
 the fleet with an error.
 
-The supervisor reports its children to the broker (``fleet_info``, see
-:mod:`actors.reporter`), which shows restarts in `status`, forgets a worker as
-soon as its process exits, and names workers it declared dead for silence: one
-still running ``hung_grace_s`` later is hung, and is killed and restarted.
+The broker shows the children in `status`, forgets a worker as soon as its
+process exits, and names workers it declared dead for silence: one still
+running ``hung_grace_s`` later is hung, and is killed and restarted.
 
 With ``metrics_export`` on, the collector is a child too, started first. It is
 not on the serving path: start-up does not wait for it, and when it dies the
 others' metric events are dropped until it is back.
+
+The supervisor imports no entry point: the composition root hands it a
+:class:`Wiring` (``fleet/wiring.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import socket
 import threading
-import time
-from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from actors.children import BROKER, COLLECTOR, GATEWAY, ChildSpec, Children, Launch, Process, RestartPolicy, WorkerSpec
+from actors.clock import Clock, MonotonicClock
 from actors.config import FleetConfig
-from actors.curve import check_bind_policy, local_client_keys
+from actors.control import SupervisorLink, SupervisorState, SupervisorStateAck, prepare_runtime
+from actors.curve import check_bind_policy
 from actors.metrics import EventSender, NullSender, events_addr, make_event_sender
 from actors.model_manager import ModelManager
-from actors.proc import die_with_parent, spawn_context
-from actors.reporter import FleetReporter
+from actors.proc import spawn_child
+from actors.protocol import Message
 
 log = logging.getLogger("mlx_fleet.supervisor")
 
-METRICS_REFRESH_S = 2.0  # resend the restart counts this often (a restarted collector relearns them)
+LOOP_S = 0.1  # the loop's pace: how soon an exit is noticed
+READY_POLL_S = 0.2  # while starting: how often the broker is asked which workers registered
+WORKER_EVENT_REFRESH_S = 2.0  # resend the workers' restarts this often (a restarted collector relearns them)
 
 
 class StartupError(RuntimeError):
     """The fleet could not come up; the message names the setting to change."""
 
 
-def _child_main(target: Callable[[Any], None], arg: Any) -> None:
-    die_with_parent()
-    target(arg)
+@dataclass(frozen=True)
+class Wiring:
+    """What the composition root gives a supervisor: its children's entry points, and two questions
+    about model sources. Entry points must be module-level functions (``spawn`` pickles them by name)."""
 
-
-@dataclass
-class Child:
-    """One supervised process and its restart history."""
-
-    name: str
-    kind: str  # broker | worker | gateway | collector
-    target: Callable[[Any], None]
-    arg: Any
-    worker_id: str | None = None
-    model: str | None = None
-    process: BaseProcess | None = None
-    restarts: int = 0
-    restart_times_s: list[float] = field(default_factory=list)
-    next_start_s: float = 0.0
-    backoff_s: float = 0.5
-    gave_up: bool = False
-    last_exit: int | None = None
-    started_at_s: float = 0.0
-    exited_pids: deque[int] = field(default_factory=lambda: deque(maxlen=8))
-
-    def start(self) -> None:
-        """Spawn the process."""
-        self.process = spawn_context().Process(target=_child_main, args=(self.target, self.arg), name=self.name)
-        self.process.start()
-        self.started_at_s = time.monotonic()
-
-    @property
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.process is not None and self.process.is_alive()
-
-    def report(self, now_s: float) -> dict[str, Any]:
-        """This child as one ``fleet_info`` entry."""
-        entry: dict[str, Any] = {"name": self.name, "kind": self.kind, "alive": self.alive, "restarts": self.restarts,
-                                 "gave_up": self.gave_up, "exited_pids": list(self.exited_pids)}
-        optional = {"worker_id": self.worker_id, "model": self.model, "last_exit": self.last_exit,
-                    "pid": self.process.pid if self.process is not None else None}
-        entry.update({k: v for k, v in optional.items() if v is not None})
-        if self.last_exit is not None and not self.gave_up:
-            entry["next_start_in_s"] = round(max(0.0, self.next_start_s - now_s), 3)
-        return entry
-
-
-def worker_settings(cfg: FleetConfig) -> list[Any]:
-    """One WorkerSettings per model replica."""
-    from workers.worker import WorkerSettings
-
-    out = []
-    for spec in cfg.models:
-        if spec.on_demand:
-            continue  # started by the broker's first request (actors/model_manager.py)
-        for i in range(spec.replicas):
-            out.append(WorkerSettings(
-                worker_id=f"{spec.name}-{i}", model=spec.name, source=spec.source, connect=local_backend(cfg.backend),
-                batching=spec.batching, heartbeat_interval_s=cfg.heartbeat_interval_s,
-                heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level,
-                metrics_events=events_addr(cfg.metrics_export, cfg.metrics_events),
-            ))
-    return out
-
-
-def local_backend(addr: str) -> str:
-    """Where local workers connect for a bind address (a wildcard binds every interface)."""
-    return addr.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
+    run_broker: Callable[[FleetConfig], None]
+    run_worker: Callable[[WorkerSpec, FleetConfig], None]
+    run_collector: Callable[[FleetConfig], None]
+    run_gateway: Callable[[FleetConfig], None]
+    check_source: Callable[[str], None]  # raises FileNotFoundError or ValueError for a source no worker could load
+    weights_bytes: Callable[[str], int | None]  # estimated bytes of one replica's weights; None when unknown
 
 
 class Supervisor:
     """Owns every child process of one fleet."""
 
-    def __init__(self, cfg: FleetConfig) -> None:
-        from actors.collector import run_collector
-        from broker.broker import run_broker
-        from workers.worker import run_worker
-
+    def __init__(self, cfg: FleetConfig, wiring: Wiring, *, clock: Clock | None = None,
+                 launch: Launch | None = None) -> None:
         self.cfg = cfg
-        self.children: list[Child] = []
-        backoff_s = cfg.restart_backoff_s
+        self.wiring = wiring
+        self.clock = clock or MonotonicClock()
+        self.children = Children(launch or self._launch, self.clock, RestartPolicy.from_config(cfg))
         if cfg.metrics_export:
-            self.children.append(Child("collector", "collector", run_collector, cfg, backoff_s=backoff_s))
-        self.children.append(Child("broker", "broker", run_broker, cfg, backoff_s=backoff_s))
-        for ws in worker_settings(cfg):
-            self.children.append(Child(f"worker:{ws.worker_id}", "worker", run_worker, ws, worker_id=ws.worker_id,
-                                       model=ws.model, backoff_s=backoff_s))
+            self.children.add(ChildSpec.service(COLLECTOR))
+        self.children.add(ChildSpec.service(BROKER))
+        self.models = ModelManager(cfg, self.children, check_source=wiring.check_source,
+                                   weights_bytes=wiring.weights_bytes)
+        self.models.add_configured()
         if cfg.http_port:
-            from broker.gateway import run_gateway
-
-            self.children.append(Child("gateway", "gateway", run_gateway, cfg, backoff_s=backoff_s))
+            self.children.add(ChildSpec.service(GATEWAY))
         self.stop_event = threading.Event()
         self.failure: str | None = None  # set when the fleet cannot go on (the broker was given up)
+        self.child_cfg: FleetConfig | None = None  # the children's config, with the runtime folder (open())
+        self.link: SupervisorLink | None = None
         self.events: EventSender | NullSender | None = None
-        self._reported: tuple[Any, ...] = ()
-        self._next_report_s = 0.0
-        self.reporter: FleetReporter | None = None
-        self.report_every_s = min(1.0, cfg.heartbeat_interval_s)
-        self.next_report_s = 0.0
-        self.models = ModelManager(self)  # runtime load/unload and on-demand models (opened by start)
+        self.registered: frozenset[str] = frozenset()  # worker ids registered with the broker, from its last ack
+        self.state_every_s = min(1.0, cfg.heartbeat_interval_s)
+        self._next_state_s = 0.0
+        self._worker_event_key: tuple[Any, ...] = ()
+        self._next_worker_event_s = 0.0
 
     # ---- start ----------------------------------------------------------------------
+
+    def open(self) -> FleetConfig:
+        """Make the runtime folder (and local CurveZMQ keys), bind the control socket; idempotent.
+
+        Constructing a supervisor has no side effects; ``start`` (or the first child started) opens it.
+        """
+        if self.child_cfg is None:
+            self.child_cfg = prepare_runtime(self.cfg)
+            self.link = SupervisorLink(self.child_cfg.runtime_dir)
+            # Connect early, so the first event is not dropped.
+            self.events = make_event_sender(events_addr(self.cfg.metrics_export, self.cfg.metrics_events),
+                                            "supervisor")
+        return self.child_cfg
+
+    def _launch(self, spec: ChildSpec) -> Process:
+        """Spawn one child with the entry point the wiring names for its kind."""
+        cfg = self.open()
+        if spec.worker is not None:
+            return spawn_child(spec.name, self.wiring.run_worker, (spec.worker, cfg))
+        entry = {BROKER: self.wiring.run_broker, COLLECTOR: self.wiring.run_collector,
+                 GATEWAY: self.wiring.run_gateway}[spec.kind]
+        return spawn_child(spec.name, entry, (cfg,))
 
     def start(self) -> None:
         """Spawn everything not yet running and wait until every replica has registered with the broker."""
@@ -157,41 +124,28 @@ class Supervisor:
         problem = self.models.startup_problem()
         if problem:
             raise StartupError(problem)
-        self.models.open()  # the runtime folder (and local CurveZMQ keys) first: the reporter needs them
-        if self.events is None:  # connect early, so the first report is not dropped
-            self.events = make_event_sender(events_addr(self.cfg.metrics_export, self.cfg.metrics_events), "supervisor")
-        if self.reporter is None:
-            self.reporter = FleetReporter(local_backend(self.cfg.backend), curve=local_client_keys(self.cfg))
-        for child in self.children:
-            if not child.alive:
-                child.start()
+        self.open()
+        self.children.start_all()
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        """Poll the broker's status until all replicas are ready, or fail naming the setting."""
-        from broker.client import Client, FleetError
-
+        """Until all replicas are registered (the broker's acks say which), or fail naming the setting."""
         want = {m.name: m.replicas for m in self.cfg.models if not m.on_demand}
-        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        deadline_s = self.clock.now() + self.cfg.ready_timeout_s
         have: dict[str, int] = {}
-        with Client(local_backend(self.cfg.frontend), timeout_s=2.0, curve=local_client_keys(self.cfg)) as client:
-            while time.monotonic() < deadline:
-                if self.stop_event.is_set():
-                    raise StartupError("interrupted while starting")
-                for child in self.children:
-                    if child.kind != "collector" and child.process is not None and not child.alive:
-                        code = child.process.exitcode
-                        raise StartupError(f"{child.name} exited with code {code} during start-up (see its log above)")
-                self.report(force=False)
-                try:
-                    models = client.status(timeout_s=1.0)["models"]
-                except FleetError:
-                    continue
-                have = {name: sum(1 for w in models.get(name, {}).get("workers", []) if w["state"] == "ready")
-                        for name in want}
-                if all(have[n] >= want[n] for n in want) and self.gateway_listening():
-                    return
-                self.stop_event.wait(0.2)
+        while self.clock.now() < deadline_s:
+            if self.stop_event.is_set():
+                raise StartupError("interrupted while starting")
+            for child in self.children:
+                if child.kind != COLLECTOR and child.process is not None and not child.alive:
+                    code = child.process.exitcode
+                    raise StartupError(f"{child.name} exited with code {code} during start-up (see its log above)")
+            self.send_state(force=True)
+            self.serve(READY_POLL_S)
+            have = {name: sum(1 for c in self.children.workers(name) if c.worker_id in self.registered)
+                    for name in want}
+            if all(have[n] >= want[n] for n in want) and self.gateway_listening():
+                return
         missing = ", ".join(f"{n} ({have.get(n, 0)}/{want[n]})" for n in want if have.get(n, 0) < want[n])
         if not missing:
             missing = f"HTTP gateway not listening on {self.cfg.http_host}:{self.cfg.http_port}"
@@ -218,135 +172,108 @@ class Supervisor:
         self.stop_event.set()
 
     def run(self) -> None:
-        """Watch children until asked to stop; restart what dies, report to the broker and the collector."""
-        while not self.models.wait(0.1):  # serves the control channel meanwhile
+        """Watch children until asked to stop: serve the broker's calls, restart, reap, tell the broker."""
+        while not self.stop_event.is_set():
+            self.serve(LOOP_S)
             changed = self.check_children()
-            self.report(force=changed)
-            self.kill_hung()
-            self.report_metrics()
+            self.children.reap()
+            self.send_state(force=changed)
+            self.send_worker_event()
+
+    def serve(self, timeout_s: float) -> None:
+        """Handle what the broker sends for ``timeout_s`` (calls, acks); just wait when there is no link."""
+        if self.link is None:
+            self.stop_event.wait(timeout_s)
+            return
+        deadline_s = self.clock.now() + timeout_s
+        while not self.stop_event.is_set():
+            left_s = deadline_s - self.clock.now()
+            if left_s <= 0 or not self.link.poll(left_s):
+                return
+            for msg in self.link.receive():
+                self.handle(msg)
+
+    def handle(self, msg: Message) -> None:
+        """One message from the broker: an ack of our state, or a call to answer."""
+        if isinstance(msg, SupervisorStateAck):
+            self.registered = frozenset(msg.registered)
+            self.kill_hung(msg.silent_workers)
+            return
+        if self.link is not None:
+            self.link.send(self.models.handle(msg))
+        self._next_state_s = 0.0  # tell the broker about the change at once
 
     def check_children(self) -> bool:
-        """Restart exited children, respecting backoff and the intensity limit; True if anything changed."""
-        now = time.monotonic()
-        changed = False
-        for child in self.children:
-            if child.gave_up or child.alive or child.process is None:
-                continue
-            if child.last_exit is None:
-                changed = True
-                self._on_exit(child, now)
-                if child.gave_up:
-                    continue
-            if now >= child.next_start_s:
-                changed = True
-                child.restarts += 1
-                child.restart_times_s.append(now)
-                child.last_exit = None
-                child.start()
-        return changed
+        """Restart exited children; stop the fleet when the broker was given up on. True if anything changed."""
+        changed = self.children.check()
+        broker = self.children.get(BROKER)
+        if broker is not None and broker.gave_up and self.failure is None:
+            self.failure = "the broker keeps exiting; the fleet cannot serve without it"
+            self.stop_event.set()
+        return bool(changed)
 
-    def _on_exit(self, child: Child, now: float) -> None:
-        """Record an exit; schedule the restart, or give up past the intensity limit."""
-        assert child.process is not None
-        child.last_exit = child.process.exitcode
-        if child.process.pid is not None:
-            child.exited_pids.append(child.process.pid)
-        if now - child.started_at_s >= self.cfg.restart_window_s:
-            child.backoff_s = self.cfg.restart_backoff_s  # it had been stable: start the backoff over
-        child.restart_times_s = [t for t in child.restart_times_s if now - t < self.cfg.restart_window_s]
-        if len(child.restart_times_s) >= self.cfg.restart_max:
-            child.gave_up = True
-            log.error("%s exited (code %s) after %d restarts in %.0fs (restart_max=%d); giving up on it",
-                      child.name, child.last_exit, len(child.restart_times_s), self.cfg.restart_window_s,
-                      self.cfg.restart_max)
-            if child.kind == "broker":
-                self.failure = "the broker keeps exiting; the fleet cannot serve without it"
-                self.stop_event.set()
+    def state(self) -> SupervisorState:
+        """What the supervisor runs, as the broker is told."""
+        now = self.clock.now()
+        return SupervisorState(children=[c.view(now) for c in self.children], models=self.models.models_view(),
+                               memory=self.models.memory_view(), supervisor_pid=os.getpid())
+
+    def send_state(self, *, force: bool) -> None:
+        """Send the state to the broker when something changed, else every ``state_every_s``."""
+        now = self.clock.now()
+        if self.link is None or (not force and now < self._next_state_s):
             return
-        child.next_start_s = now + child.backoff_s
-        log.warning("%s exited with code %s; restarting in %.1fs", child.name, child.last_exit, child.backoff_s)
-        child.backoff_s = min(child.backoff_s * 2, self.cfg.restart_backoff_max_s)
+        self._next_state_s = now + self.state_every_s
+        self.link.send(self.state())
 
-    def report(self, *, force: bool) -> None:
-        """Send ``fleet_info`` to the broker when something changed, else every report_every_s."""
-        now = time.monotonic()
-        if self.reporter is None or (not force and now < self.next_report_s):
-            return
-        self.next_report_s = now + self.report_every_s
-        self.reporter.send([c.report(now) for c in self.children])
-
-    def kill_hung(self) -> None:
+    def kill_hung(self, silent_workers: list[dict[str, Any]]) -> None:
         """Kill workers the broker declared dead for silence that still run after hung_grace_s."""
-        if self.reporter is None:
-            return
-        acks = self.reporter.acks()
-        if not acks:
-            return
-        by_id = {c.worker_id: c for c in self.children if c.worker_id is not None}
-        for silent in acks[-1].silent_workers:
-            child = by_id.get(silent.get("worker_id"))
+        for silent in silent_workers:
+            child = self.children.by_worker_id(silent.get("worker_id"))
             age_s = silent.get("silent_for_s", 0.0)
-            if child is None or child.process is None or not child.alive or child.process.pid != silent.get("pid"):
+            if child is None or not child.alive or child.pid != silent.get("pid"):
                 continue
             if isinstance(age_s, (int, float)) and age_s >= self.cfg.hung_grace_s:
-                log.error("%s (pid %d) has been silent for %.1fs (hung_grace_s=%g); killing it",
-                          child.name, child.process.pid, age_s, self.cfg.hung_grace_s)
-                child.process.kill()
+                log.error("%s (pid %s) has been silent for %.1fs (hung_grace_s=%g); killing it",
+                          child.name, child.pid, age_s, self.cfg.hung_grace_s)
+                self.children.kill(child)
 
-    def report_metrics(self) -> None:
+    def send_worker_event(self) -> None:
         """Send the workers' restart counts and liveness to the collector, on change and periodically."""
-        if self.events is None:
-            self.events = make_event_sender(events_addr(self.cfg.metrics_export, self.cfg.metrics_events), "supervisor")
-        if not self.events.enabled:
+        if self.events is None or not self.events.enabled:
             return
-        workers = [{"worker": c.arg.worker_id, "model": c.arg.model, "restarts": c.restarts, "alive": c.alive,
-                    "gave_up": c.gave_up} for c in self.children if c.kind == "worker"]
-        now = time.monotonic()
+        workers = [{"worker": c.worker_id, "model": c.model, "restarts": c.restarts, "alive": c.alive,
+                    "gave_up": c.gave_up} for c in self.children.workers()]
+        now = self.clock.now()
         key = tuple(tuple(w.values()) for w in workers)
-        if key == self._reported and now < self._next_report_s:
+        if key == self._worker_event_key and now < self._next_worker_event_s:
             return
         sent = self.events.send("supervisor", {"workers": workers})
-        self._reported = key
-        # A dropped report (collector not connected yet, or restarting) is retried soon.
-        self._next_report_s = now + (METRICS_REFRESH_S if sent else 0.5)
-
-    def restart_counts(self) -> dict[str, Any]:
-        """Restarts and state per child, for status and metrics."""
-        return {c.name: {"restarts": c.restarts, "alive": c.alive, "gave_up": c.gave_up,
-                         "pid": c.process.pid if c.process else None} for c in self.children}
+        self._worker_event_key = key
+        # A dropped event (collector not connected yet, or restarting) is retried soon.
+        self._next_worker_event_s = now + (WORKER_EVENT_REFRESH_S if sent else 0.5)
 
     # ---- stop ---------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Drain the broker and the gateway, then stop workers; kill whatever outlives its deadline."""
-        front = [c for c in self.children if c.kind in ("broker", "gateway")]
-        others = [c for c in self.children if c.kind not in ("broker", "gateway")]
-        self._stop(front, self.cfg.drain_timeout_s + 5.0)
-        self._stop(others, 10.0)
+        """Drain the broker and the gateway, then stop workers; kill whatever outlives its deadline (idempotent)."""
+        front = [c for c in self.children if c.kind in (BROKER, GATEWAY)]
+        others = [c for c in self.children if c.kind not in (BROKER, GATEWAY)]
+        self.children.stop(front, self.cfg.drain_timeout_s + 5.0)
+        self.children.stop(others, 10.0)
+        self.children.close()
         if self.events is not None:
             self.events.close()
             self.events = None
-        if self.reporter is not None:
-            self.reporter.close()
-            self.reporter = None
-        self.models.close()
-
-    def _stop(self, children: list[Child], timeout_s: float) -> None:
-        procs = [c.process for c in children if c.process is not None and c.process.is_alive()]
-        for p in procs:
-            p.terminate()  # SIGTERM: the child drains or tears down
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                log.warning("%s did not stop in %.0fs; killing it", p.name, timeout_s)
-                p.kill()
-                p.join(5.0)
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.child_cfg is not None and self.child_cfg.runtime_dir != self.cfg.runtime_dir:
+            shutil.rmtree(self.child_cfg.runtime_dir, ignore_errors=True)
 
 
-def run_fleet(cfg: FleetConfig, *, on_ready: Callable[[], None] | None = None) -> int:
+def run_fleet(sup: Supervisor, *, on_ready: Callable[[], None] | None = None) -> int:
     """Run a fleet in the foreground until SIGINT/SIGTERM; returns the exit code."""
-    sup = Supervisor(cfg)
     signal.signal(signal.SIGINT, sup.request_stop)
     signal.signal(signal.SIGTERM, sup.request_stop)
     try:
@@ -357,7 +284,7 @@ def run_fleet(cfg: FleetConfig, *, on_ready: Callable[[], None] | None = None) -
         if sup.failure is not None:
             log.error("stopping: %s", sup.failure)
             return 1
-        log.info("stopping: draining in-flight requests (drain_timeout_s=%g)", cfg.drain_timeout_s)
+        log.info("stopping: draining in-flight requests (drain_timeout_s=%g)", sup.cfg.drain_timeout_s)
         return 0
     except StartupError as exc:
         if sup.stop_event.is_set() and sup.failure is None:

@@ -25,7 +25,7 @@ import contextlib
 from typing import Any, Callable
 
 from actors.config import BatchingConfig
-from actors.embedded import BackgroundFleet
+from fleet.embedded import BackgroundFleet
 from benchmarks.common import Report, environment, progress, questions, spread, within_noise
 from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, TokenTimer, free_port, http_requester, run_load
 from benchmarks.overhead import local_config

@@ -45,7 +45,7 @@ import zmq  # noqa: E402
 
 from actors.clock import MonotonicClock  # noqa: E402
 from actors.config import BatchingConfig, FleetConfig  # noqa: E402
-from actors.embedded import BackgroundFleet  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 from actors.metrics import EventSender  # noqa: E402
 from benchmarks.common import Report, environment, progress, questions  # noqa: E402
 from benchmarks.load import fleet_requester, free_port, run_load  # noqa: E402

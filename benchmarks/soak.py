@@ -34,7 +34,7 @@ from typing import Any
 import zmq.asyncio
 
 from actors.config import FleetConfig, ModelSpec
-from actors.embedded import BackgroundFleet
+from fleet.embedded import BackgroundFleet
 from actors.stats import percentile
 from benchmarks.common import Report, add_out_argument, environment, progress
 from broker.client import AsyncClient, Completion, FleetError

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from typing import Any
 
 import zmq
@@ -18,17 +17,18 @@ from actors.clock import MonotonicClock
 from actors.config import FleetConfig
 from actors.control import CONTROL_TYPES, TO_BROKER, control_addr
 from actors.curve import check_bind_policy, start_server_auth
-from actors.logs import setup_logging
 from actors.metrics import events_addr, make_event_sender
 from actors.protocol import (
-    BACKEND_TYPES, CLIENT_TYPES, UNAVAILABLE,
-    Cancel, Disconnect, FleetInfo, Generate, Load, Message, Models, ModelsReply, ProtocolError,
+    CLIENT_TYPES, UNAVAILABLE, WORKER_TYPES,
+    Cancel, Disconnect, Generate, Load, Message, Models, ModelsReply, ProtocolError,
     Ready, Status, StatusReply, Unload, encode, encode_map, error_for, from_map, unpack_frames,
 )
+from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import make_socket
-from broker.lifecycle import CONTROL, ModelControl
-from broker.report import child_restarts, models_summary, supervisor_view
-from broker.state import CLIENT, WORKER, BrokerState, Out
+from broker.lifecycle import ModelControl
+from broker.records import Dest, Out
+from broker.state import BrokerState
+from broker.status import make_status, models_summary
 from broker.telemetry import make_broker_event
 
 log = logging.getLogger("mlx_fleet.broker")
@@ -62,7 +62,7 @@ class BrokerActor:
         self.drain_deadline_s: float | None = None
         self.stop_requested = False
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
-        # Runtime model management: a DEALER to the supervisor's control endpoint (actors/control.py).
+        # The supervisor's channel (actors/control.py): its state, and runtime model management.
         self.control_sock: zmq.Socket | None = None
         if cfg.runtime_dir:
             self.control_sock = make_socket(self.ctx, zmq.DEALER)
@@ -75,7 +75,7 @@ class BrokerActor:
         self.auth: Any = None
 
     def bind(self) -> None:
-        """Bind both endpoints (CurveZMQ servers when configured); raises naming the address."""
+        """Bind both endpoints (CurveZMQ servers when configured); StartError naming the address."""
         for warning in check_bind_policy(self.cfg):
             log.warning("%s", warning)
         if self.cfg.curve_server_secret:
@@ -85,7 +85,8 @@ class BrokerActor:
             try:
                 sock.bind(addr)
             except zmq.ZMQError as exc:
-                raise zmq.ZMQError(exc.errno, f"cannot bind {addr}: {exc.strerror}") from None
+                raise StartError(f"cannot bind {addr}: {exc.strerror}") from None
+        log.info("broker on %s (clients) and %s (workers)", self.cfg.frontend, self.cfg.backend)
 
     # ---- sending ------------------------------------------------------------------
 
@@ -95,15 +96,15 @@ class BrokerActor:
             out = outs.pop(0)
             body = out.body
             frames = encode(body) if isinstance(body, Message) else encode_map(body)
-            if out.to == CONTROL:
+            if out.to is Dest.CONTROL:
                 self.send_control(frames)
                 continue
-            sock = self.frontend if out.to == CLIENT else self.backend
+            sock = self.frontend if out.to is Dest.CLIENT else self.backend
             try:
                 sock.send_multipart([out.identity, *frames], flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (never reads)
                 self.state.counters["dropped"] += 1
-                if out.to == CLIENT:
+                if out.to is Dest.CLIENT:
                     log.info("client %s unreachable (%s); cancelling its requests", out.identity.hex(), exc.strerror)
                     outs.extend(self.state.client_gone(out.identity))
                 elif out.identity in self.state.workers:
@@ -122,16 +123,16 @@ class BrokerActor:
         except ProtocolError as exc:
             err = error_for(exc)
             self.state.replies.count("", err.to_map())
-            self.send([Out(CLIENT, identity, err)])
+            self.send([Out(Dest.CLIENT, identity, err)])
             return
         if isinstance(msg, Generate):
             self.send(self.state.handle_generate(identity, msg))
         elif isinstance(msg, Cancel):
             self.send(self.state.handle_cancel(identity, msg.request_id))
         elif isinstance(msg, Models):
-            self.send([Out(CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
+            self.send([Out(Dest.CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
         elif isinstance(msg, Status):
-            self.send([Out(CLIENT, identity, StatusReply(status=self.status(), request_id=msg.request_id))])
+            self.send([Out(Dest.CLIENT, identity, StatusReply(status=self.status(), request_id=msg.request_id))])
         elif isinstance(msg, Load):
             self.send(self.lifecycle.handle_load(identity, msg))
         elif isinstance(msg, Unload):
@@ -145,13 +146,10 @@ class BrokerActor:
         identity, body = frames[0], frames[1:]
         try:
             raw = unpack_frames(body)
-            msg = from_map(raw, allowed=BACKEND_TYPES)
+            msg = from_map(raw, allowed=WORKER_TYPES)
         except ProtocolError as exc:
             self.malformed_dropped += 1
             self._log_malformed(exc.message)
-            return
-        if isinstance(msg, FleetInfo):
-            self.send(self.state.handle_fleet_info(identity, msg))
             return
         if identity not in self.state.workers and identity.decode(errors="replace") in self.lifecycle.retired:
             return  # a worker on its way out: let it go quiet
@@ -171,7 +169,7 @@ class BrokerActor:
             self.malformed_logged_s = now
 
     def handle_control(self) -> None:
-        """One message from the supervisor: a reply to a control call, or its fleet report."""
+        """One message from the supervisor: a reply to a control call, or its state."""
         assert self.control_sock is not None
         frames = self.control_sock.recv_multipart(copy=True)
         try:
@@ -182,7 +180,7 @@ class BrokerActor:
         self.send(self.lifecycle.handle_control(msg))
 
     def send_control(self, frames: list[bytes]) -> None:
-        """To the supervisor; it answers every call, so a message it cannot take is logged."""
+        """To the supervisor; a call or an ack it cannot take is logged and dropped."""
         if self.control_sock is None:
             return
         try:
@@ -192,16 +190,15 @@ class BrokerActor:
 
     def models_list(self) -> list[dict[str, Any]]:
         """One entry per model for the `models` reply."""
-        return models_summary(self.state.snapshot()["models"])
+        return models_summary(make_status(self.state, self.lifecycle)["models"])
 
     def status(self) -> dict[str, Any]:
-        """The `status` reply: routing state plus what the supervisor reported (fleet_info and fleet_report)."""
-        snap = self.lifecycle.decorate(self.state.snapshot())
-        snap["broker"] = {"pid": os.getpid(), "malformed_dropped": self.malformed_dropped,
-                          "frontend": self.cfg.frontend, "backend": self.cfg.backend,
-                          "restarts": child_restarts(self.state, "broker")}
-        snap["supervisor"].update(supervisor_view(self.state) or {})
-        return snap
+        """The `status` reply: routing state, model lifecycles, the supervisor's children, and this broker."""
+        status = make_status(self.state, self.lifecycle)
+        restarts = self.state.supervisor.restarts("broker") if self.state.supervisor else 0
+        status["broker"] = {"pid": os.getpid(), "malformed_dropped": self.malformed_dropped,
+                            "frontend": self.cfg.frontend, "backend": self.cfg.backend, "restarts": restarts}
+        return status
 
     # ---- loop --------------------------------------------------------------------
 
@@ -258,7 +255,7 @@ class BrokerActor:
                 self.events.send("broker", make_broker_event(self.state))
                 next_metrics_s = now + METRICS_INTERVAL_S
         self._safely(lambda: self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished")))
-        bye = [Out(WORKER, w.identity, Disconnect(reason="broker shutting down")) for w in self.state.workers.values()]
+        bye = [Out(Dest.WORKER, w.identity, Disconnect(reason="broker shutting down")) for w in self.state.workers.values()]
         self._safely(lambda: self.send(bye))
         if self.events.enabled:
             self.events.send("broker", make_broker_event(self.state))  # the final counts
@@ -291,14 +288,9 @@ class BrokerActor:
 
 def run_broker(cfg: FleetConfig) -> None:
     """Process entry point (spawned by the supervisor)."""
-    setup_logging(cfg.log_level, "broker")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates Ctrl-C
-    actor = BrokerActor(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: actor.request_stop())
-    actor.bind()
-    log.info("broker on %s (clients) and %s (workers)", cfg.frontend, cfg.backend)
-    try:
-        actor.run()
-    finally:
-        actor.close()
-    log.info("broker stopped")
+
+    def hooks() -> Hooks:
+        actor = BrokerActor(cfg)
+        return Hooks(start=actor.bind, loop=actor.run, stop=actor.close, request_stop=actor.request_stop)
+
+    run_process("broker", cfg.log_level, hooks)

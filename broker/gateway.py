@@ -19,8 +19,6 @@ import contextlib
 import hmac
 import json
 import logging
-import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,8 +27,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from actors.config import FleetConfig
-from actors.logs import setup_logging
+from actors.curve import local_client_keys
 from actors.protocol import CANCELLED, DEFAULT_LIMITS
+from actors.runtime import Hooks, StartError, run_process
+from actors.sockets import local_addr
 from broker.client import GRACE_S, AsyncClient, Completion, FleetError, StreamChunk
 from broker.openai_responses import FINISH_REASONS, ResponseFormat, json_bytes
 from broker.openai_schema import (
@@ -62,10 +62,7 @@ class GatewaySettings:
     @classmethod
     def from_config(cls, cfg: FleetConfig) -> "GatewaySettings":
         """Settings for the gateway that `mlx-fleet up` runs beside the broker."""
-        from actors.curve import local_client_keys
-        from actors.supervisor import local_backend
-
-        return cls(connect=local_backend(cfg.frontend), host=cfg.http_host, port=cfg.http_port, api_key=cfg.api_key,
+        return cls(connect=local_addr(cfg.frontend), host=cfg.http_host, port=cfg.http_port, api_key=cfg.api_key,
                    request_timeout_s=cfg.request_timeout_s, drain_timeout_s=cfg.drain_timeout_s, log_level=cfg.log_level,
                    curve=local_client_keys(cfg))
 
@@ -287,26 +284,55 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event, *, on_ready: Cal
         await client.close()
 
 
+class GatewayProcess:
+    """The gateway process's actor: one asyncio loop that serves until a stop is requested."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = False
+
+    def start(self) -> None:
+        """Warn about a gateway open to the network without a key."""
+        if self.settings.host not in ("127.0.0.1", "localhost", "::1") and not self.settings.api_key:
+            log.warning("the HTTP gateway binds %s with no API key: anyone who can reach it can use the fleet "
+                        "(set MLX_FLEET_API_KEY or --api-key)", self.settings.host)
+
+    def run(self) -> None:
+        """Serve until ``request_stop``; a port that cannot be bound is a StartError."""
+        s = self.settings
+        try:
+            asyncio.run(self._main())
+        except OSError as exc:
+            raise StartError(f"cannot bind the HTTP gateway to {s.host}:{s.port}: {exc.strerror or exc}; "
+                             "change --http-port or http_port (0 turns the gateway off)") from None
+
+    async def _main(self) -> None:
+        s = self.settings
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._stop_requested:
+            self._stop.set()
+        auth = "bearer token required" if s.api_key else "no auth"
+        await serve(s, self._stop, on_ready=lambda: log.info(
+            "OpenAI-compatible gateway on http://%s:%d/v1 (%s), broker %s", s.host, s.port, auth, s.connect))
+
+    def request_stop(self) -> None:
+        """Signal-safe: wake the loop to drain and stop."""
+        self._stop_requested = True
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def close(self) -> None:
+        """Nothing outlives the loop: ``serve`` closes the client and the server."""
+
+
 def run_gateway(cfg: FleetConfig) -> None:
     """Process entry point (spawned by the supervisor when ``http_port`` is not 0)."""
-    setup_logging(cfg.log_level, "gateway")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates Ctrl-C
-    settings = GatewaySettings.from_config(cfg)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-        log.warning("the HTTP gateway binds %s with no API key: anyone who can reach it can use the fleet "
-                    "(set MLX_FLEET_API_KEY or --api-key)", settings.host)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        auth = "bearer token required" if settings.api_key else "no auth"
-        await serve(settings, stop, on_ready=lambda: log.info(
-            "OpenAI-compatible gateway on http://%s:%d/v1 (%s), broker %s", settings.host, settings.port, auth, settings.connect))
+    def hooks() -> Hooks:
+        gw = GatewayProcess(GatewaySettings.from_config(cfg))
+        return Hooks(start=gw.start, loop=gw.run, stop=gw.close, request_stop=gw.request_stop)
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        log.error("cannot bind the HTTP gateway to %s:%d: %s; change --http-port or http_port (0 turns the gateway off)",
-                  settings.host, settings.port, exc.strerror or exc)
-        sys.exit(1)
-    log.info("gateway stopped")
+    run_process("gateway", cfg.log_level, hooks)

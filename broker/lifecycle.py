@@ -1,9 +1,10 @@
 """Runtime model management in the broker: load, unload with drain, on-demand models.
 
 Pure like :mod:`broker.state`: a clock, no sockets; handlers return :class:`Out`
-lists. Outs addressed to ``CONTROL`` go to the supervisor over the control
+lists. Outs addressed to ``Dest.CONTROL`` go to the supervisor over the control
 channel (:mod:`actors.control`); the supervisor starts and stops processes, this
-object decides when.
+object decides when. The supervisor's state message also arrives here: it keeps
+the configured models in step with what the supervisor runs.
 
 - ``load``: forwarded to the supervisor; on its reply the model becomes
   configured (requests queue for it) and the client gets ``control_reply``.
@@ -26,16 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.clock import Clock
-from actors.control import FleetReport, Start, Stop
-from actors.protocol import (
-    BAD_REQUEST, UNAVAILABLE, UNKNOWN_MODEL, ControlReply, Error, Load, Message, Ready, Unload,
-)
-from broker.report import worker_children
-from broker.state import CLIENT, BrokerState, Out
+from actors.control import Start, Stop, SupervisorState
+from actors.protocol import BAD_REQUEST, UNAVAILABLE, ControlReply, Error, Load, Message, Ready, Unload
+from broker.records import Dest, ModelRecord, Out, WorkerRecord
+from broker.state import BrokerState
 
 log = logging.getLogger("mlx_fleet.broker")
-
-CONTROL = "control"  # Out.to for the supervisor
 
 
 @dataclass
@@ -82,7 +79,6 @@ class ModelControl:
         }
         self.calls: dict[str, Call] = {}
         self.retired: set[str] = set()  # worker ids that must not register again
-        self.report: FleetReport | None = None
         self._keys = itertools.count(1)
 
     def life(self, name: str) -> ModelLife:
@@ -95,9 +91,9 @@ class ModelControl:
         key = f"ctl{next(self._keys)}"
         body.request_id = key  # type: ignore[attr-defined]
         self.calls[key] = Call(key, op, model, self.clock.now() + self.call_timeout_s, **kw)
-        return [Out(CONTROL, b"", body)]
+        return [Out(Dest.CONTROL, b"", body)]
 
-    def _live(self, name: str) -> list[Any]:
+    def _live(self, name: str) -> list[WorkerRecord]:
         return [w for w in self.state.live_workers(name) if not w.retiring]
 
     # ---- client calls ------------------------------------------------------------------
@@ -106,16 +102,16 @@ class ModelControl:
         """Forward a valid load to the supervisor; refuse one that cannot work."""
         problem = _load_problem(msg)
         if problem:
-            return [Out(CLIENT, client, Error(BAD_REQUEST, f"load: {problem}", msg.request_id))]
+            return [Out(Dest.CLIENT, client, Error(BAD_REQUEST, f"load: {problem}", msg.request_id))]
         if not self.supervised:
-            return [Out(CLIENT, client, Error(UNAVAILABLE, "load needs the supervisor (`mlx-fleet up`)", msg.request_id))]
+            return [Out(Dest.CLIENT, client, Error(UNAVAILABLE, "load needs the supervisor (`mlx-fleet up`)", msg.request_id))]
         m = self.state.models.get(msg.model)
         busy = any(c.model == msg.model and c.op in ("load", "unload") for c in self.calls.values())
         life = self.lives.get(msg.model)
         if busy or (life is not None and life.unloading) or (
                 m is not None and m.accepting and (m.configured or self._live(msg.model))):
             text = f"model {msg.model!r} is already served or changing; unload it first"
-            return [Out(CLIENT, client, Error(BAD_REQUEST, text, msg.request_id))]
+            return [Out(Dest.CLIENT, client, Error(BAD_REQUEST, text, msg.request_id))]
         forward = Load(model=msg.model, source=msg.source, replicas=msg.replicas, on_demand=msg.on_demand,
                        idle_unload_s=msg.idle_unload_s)
         return self._call("load", msg.model, forward, client=client, client_rid=msg.request_id, load=msg)
@@ -125,10 +121,9 @@ class ModelControl:
         m = self.state.models.get(msg.model)
         life = self.lives.get(msg.model)
         if m is None or not m.accepting or (not m.configured and not self._live(msg.model)):
-            served = ", ".join(sorted(n for n, r in self.state.models.items() if r.accepting)) or "none"
-            return [Out(CLIENT, client, Error(UNKNOWN_MODEL, f"unknown model {msg.model!r} (served: {served})", msg.request_id))]
+            return [Out(Dest.CLIENT, client, self.state.unknown_model(msg.model, msg.request_id))]
         if life is not None and life.unloading:
-            return [Out(CLIENT, client, Error(BAD_REQUEST, f"model {msg.model!r} is already unloading", msg.request_id))]
+            return [Out(Dest.CLIENT, client, Error(BAD_REQUEST, f"model {msg.model!r} is already unloading", msg.request_id))]
         life = self.life(msg.model)
         m.accepting = False
         life.unloading = Call("", "unload", msg.model, 0.0, client, msg.request_id)
@@ -149,13 +144,13 @@ class ModelControl:
         out: list[Out] = []
         for key, rec in list(m.queue.ordered()):
             text = f"model {life.name!r} was unloaded (drain_timeout_s={self.drain_timeout_s:g}) before this request started"
-            out += self.state._finish(rec, Error(UNAVAILABLE, text, key))
+            out += self.state.finish(rec, Error(UNAVAILABLE, text, key))
         ids = self.retire(life.name)
         m.configured = False
         pending, life.unloading = life.unloading, None
         if not self.supervised:
             self.lives.pop(life.name, None)
-            return out + [Out(CLIENT, pending.client or b"", ControlReply("unload", life.name, "unloaded", ids, pending.client_rid))]
+            return out + [Out(Dest.CLIENT, pending.client or b"", ControlReply("unload", life.name, "unloaded", ids, pending.client_rid))]
         return out + self._call("unload", life.name, Stop("", life.name, forget=True),
                                 client=pending.client, client_rid=pending.client_rid)
 
@@ -197,11 +192,11 @@ class ModelControl:
     # ---- the supervisor's answers ---------------------------------------------------------
 
     def handle_control(self, msg: Message) -> list[Out]:
-        """A reply to one of our calls, or the supervisor's periodic report."""
-        if isinstance(msg, FleetReport):
-            self.report = msg
-            self._sync(msg)
-            return []
+        """A reply to one of our calls, or the supervisor's state (kept by the state, acked)."""
+        if isinstance(msg, SupervisorState):
+            out = self.state.handle_supervisor_state(msg)
+            self._sync(msg.models)
+            return out
         key = getattr(msg, "request_id", None)
         call = self.calls.pop(key, None) if isinstance(key, str) else None
         if call is None:
@@ -221,10 +216,10 @@ class ModelControl:
             return []
         body = msg.to_map()
         body["request_id"] = call.client_rid
-        return [Out(CLIENT, call.client, body)]
+        return [Out(Dest.CLIENT, call.client, body)]
 
     def _configure(self, load: Load) -> None:
-        m = self.state._model(load.model)
+        m = self.state.ensure_model(load.model)
         m.configured, m.accepting = True, True
         m.no_worker_since_s = self.clock.now()
         life = self.life(load.model)
@@ -241,13 +236,13 @@ class ModelControl:
         code, text = getattr(msg, "code", UNAVAILABLE), getattr(msg, "message", "start failed")
         out: list[Out] = []
         for key, rec in list(m.queue.ordered()) if m else []:
-            out += self.state._finish(rec, Error(code, f"could not start on-demand model {name!r}: {text}", key))
+            out += self.state.finish(rec, Error(code, f"could not start on-demand model {name!r}: {text}", key))
         return out
 
-    def _sync(self, report: FleetReport) -> None:
+    def _sync(self, models: list[dict[str, Any]]) -> None:
         """Make the configured models match what the supervisor runs (after a broker restart too)."""
         names = set()
-        for spec in report.models:
+        for spec in models:
             name = spec.get("name")
             if not isinstance(name, str):
                 continue
@@ -255,7 +250,7 @@ class ModelControl:
             life = self.lives.get(name)
             if life is not None and life.unloading:
                 continue
-            m = self.state._model(name)
+            m = self.state.ensure_model(name)
             m.configured, m.accepting = True, True
             life = self.life(name)
             life.on_demand = bool(spec.get("on_demand", False))
@@ -285,11 +280,11 @@ class ModelControl:
                 self.life(call.model).starting = False
             if call.client is not None:
                 text = f"the supervisor did not answer {call.op} within {self.call_timeout_s:g}s"
-                out.append(Out(CLIENT, call.client, Error(UNAVAILABLE, text, call.client_rid)))
+                out.append(Out(Dest.CLIENT, call.client, Error(UNAVAILABLE, text, call.client_rid)))
         self._forget_empty()
         return out
 
-    def _idle_check(self, life: ModelLife, m: Any, now: float) -> list[Out]:
+    def _idle_check(self, life: ModelLife, m: ModelRecord, now: float) -> list[Out]:
         live = self._live(life.name)
         if not live or life.starting:
             return []
@@ -311,61 +306,7 @@ class ModelControl:
                 continue
             if name in self.lives and self.lives[name].unloading:
                 continue
-            del self.state.models[name]
-
-    # ---- reporting ---------------------------------------------------------------------------
-
-    def decorate(self, snap: dict[str, Any]) -> dict[str, Any]:
-        """Add lifecycle state, restarts and starting children to a BrokerState snapshot.
-
-        The supervisor's ``fleet_info`` (broker/report.py) is the authority on its
-        children: the snapshot already has their restarts, and rows for those not
-        registered. The ``fleet_report`` fills in what ``fleet_info`` did not cover
-        (a supervisor that sent no ``fleet_info`` yet) and adds models and memory.
-        """
-        info = worker_children(self.state)
-        reported = {w.get("worker_id"): w for w in (self.report.workers if self.report else [])}
-        for name, model in snap["models"].items():
-            life = self.lives.get(name)
-            m = self.state.models[name]
-            registered = {w["worker_id"] for w in model["workers"] if w["state"] in ("ready", "retiring")}
-            for w in model["workers"]:
-                if w["worker_id"] not in info:
-                    w["restarts"] = reported.get(w["worker_id"], {}).get("restarts", w.get("restarts", 0))
-            children = {**reported, **{wid: {**c, "hung": _row_state(model, wid) == "hung"} for wid, c in info.items()}}
-            model["starting"] = [
-                {"worker_id": wid, "pid": c.get("pid"), "restarts": c.get("restarts", 0), "state": _child_state(c)}
-                for wid, c in sorted(children.items()) if c.get("model") == name and wid not in registered
-            ]
-            model["on_demand"] = bool(life and life.on_demand)
-            model["idle_unload_s"] = life.idle_unload_s if life and life.on_demand else None
-            model["state"] = _model_state(m, life, model)
-        snap["supervisor"] = {"connected": self.report is not None,
-                              "memory": dict(self.report.memory) if self.report else {}}
-        return snap
-
-
-def _row_state(model: dict[str, Any], worker_id: str) -> str | None:
-    return next((w["state"] for w in model["workers"] if w["worker_id"] == worker_id), None)
-
-
-def _child_state(child: dict[str, Any]) -> str:
-    """An unregistered worker child in one word: failed (given up), hung, starting or restarting."""
-    if child.get("gave_up"):
-        return "failed"
-    if child.get("hung"):
-        return "hung"
-    return "starting" if child.get("alive") else "restarting"
-
-
-def _model_state(m: Any, life: ModelLife | None, model: dict[str, Any]) -> str:
-    if not m.accepting:
-        return "unloading"
-    if any(w["state"] == "ready" for w in model["workers"]):
-        return "ready"
-    if (life and life.starting) or model["starting"]:
-        return "starting"
-    return "cold" if life and life.on_demand else "no_workers"
+            self.state.forget_model(name)
 
 
 def _load_problem(msg: Load) -> str:

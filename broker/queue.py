@@ -12,7 +12,7 @@ import heapq
 import itertools
 from typing import Generic, Iterator, TypeVar
 
-PRIORITY_RANK = {"urgent": 0, "default": 1, "background": 2}
+from actors.protocol import PRIORITY_RANK
 
 T = TypeVar("T")
 
@@ -53,15 +53,6 @@ class PriorityQueue(Generic[T]):
         for _, seq, key in sorted(self._heap):
             if self._live(seq, key):
                 yield key, self._items[key][1]
-
-    def peek(self) -> tuple[str, T] | None:
-        """The first live item, or None."""
-        while self._heap:
-            _, seq, key = self._heap[0]
-            if self._live(seq, key):
-                return key, self._items[key][1]
-            heapq.heappop(self._heap)
-        return None
 
     def _live(self, seq: int, key: str) -> bool:
         entry = self._items.get(key)

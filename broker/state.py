@@ -1,6 +1,7 @@
 """The broker's routing, queueing and liveness state: pure, no sockets, a clock.
 
-The records it keeps live in :mod:`broker.records`; the status view in :mod:`broker.report`.
+The records it keeps live in :mod:`broker.records`; the `status` view is built
+from it by :mod:`broker.status`.
 
 Every handler returns a list of :class:`Out` (who to send what); the broker
 actor only moves bytes. Requests get broker-side keys (``b<N>``) so that two
@@ -14,14 +15,15 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from actors.clock import Clock
+from actors.control import SupervisorState, SupervisorStateAck
 from actors.protocol import (
     OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
-    Cancel, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat, Message, Ready,
+    Cancel, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
-from broker.records import CLIENT, WORKER, ModelRecord, Out, RequestRecord, SilentWorker, WorkerRecord
-from broker.report import clean_children, make_snapshot, silent_report, worker_children
-from broker.telemetry import ReplyCounts
+from broker.records import (
+    Dest, ModelRecord, Out, ReplyCounts, RequestRecord, SilentWorker, SupervisorView, WorkerRecord,
+)
 
 SILENT_MEMORY_S = 3600.0  # how long a silent worker is remembered if it never returns
 MAX_SILENT = 1024
@@ -63,46 +65,55 @@ class BrokerState:
         self.losses: deque[dict[str, Any]] = deque(maxlen=32)
         # Identities asked to send `ready`, so a burst of their messages gets one request.
         self.reregister_asked_s: dict[bytes, float] = {}
-        self.fleet_children: list[dict[str, Any]] = []
-        self.fleet_info_at_s: float | None = None
+        self.supervisor: SupervisorView | None = None  # the supervisor's latest state, once one came
         self.accepting = True
         self.departures: list[tuple[str, str]] = []  # (worker_id, reason) of workers lost since last read
         self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0}
         self.replies = ReplyCounts()  # terminal replies to clients, for metrics
         self._keys = itertools.count(1)
         for name in models:
-            self._model(name).configured = True
+            self.ensure_model(name).configured = True
 
-    # ---- helpers -------------------------------------------------------------
+    # ---- models and requests ------------------------------------------------------
 
-    def _model(self, name: str) -> ModelRecord:
+    def ensure_model(self, name: str) -> ModelRecord:
+        """The routing record of model ``name``, created (not configured, accepting) when missing."""
         rec = self.models.get(name)
         if rec is None:
             rec = self.models[name] = ModelRecord(name, PriorityQueue(aging_s=self.aging_s))
             rec.no_worker_since_s = self.clock.now()
         return rec
 
+    def forget_model(self, name: str) -> None:
+        """Drop the routing record of ``name`` (the caller checked nothing of it is left)."""
+        self.models.pop(name, None)
+
     def live_workers(self, model: str) -> list[WorkerRecord]:
         """Workers registered for ``model``."""
         return [w for w in self.workers.values() if w.model == model]
 
-    def _finish(self, rec: RequestRecord, body: Message) -> list[Out]:
-        """Send the one terminal reply (once) and forget the request if no worker holds it."""
+    def unknown_model(self, name: str, request_id: str | None) -> Error:
+        """The ``unknown_model`` error for a model this broker does not serve, naming those it does."""
+        served = ", ".join(sorted(n for n, m in self.models.items() if m.accepting)) or "none"
+        return Error(UNKNOWN_MODEL, f"unknown model {name!r} (served: {served})", request_id)
+
+    def finish(self, rec: RequestRecord, body: Message | dict[str, Any]) -> list[Out]:
+        """Send a request's one terminal reply (once) and forget it if no worker holds it."""
         out: list[Out] = []
         if not rec.answered:
             rec.answered = True
             data = body.to_map() if isinstance(body, Message) else body
             self.replies.count(rec.request.model, data)
-            out.append(Out(CLIENT, rec.client, _rewrite(data, rec.request.request_id)))
+            out.append(Out(Dest.CLIENT, rec.client, _rewrite(data, rec.request.request_id)))
         self.by_client.pop((rec.client, rec.request.request_id), None)
         if rec.worker is None:
             self.requests.pop(rec.key, None)
-            self._model(rec.request.model).queue.remove(rec.key)
+            self.ensure_model(rec.request.model).queue.remove(rec.key)
         return out
 
     def _refuse(self, client: bytes, msg: Generate, err: Error) -> list[Out]:
         self.replies.count(msg.model if msg.model in self.models else "", err.to_map())
-        return [Out(CLIENT, client, err)]
+        return [Out(Dest.CLIENT, client, err)]
 
     # ---- client side ------------------------------------------------------------
 
@@ -113,8 +124,7 @@ class BrokerState:
             return self._refuse(client, msg, Error(UNAVAILABLE, "the fleet is shutting down", msg.request_id))
         model = self.models.get(msg.model)
         if model is None or not model.accepting or (not model.configured and not self.live_workers(msg.model)):
-            known = ", ".join(sorted(n for n, m in self.models.items() if m.accepting)) or "none"
-            return self._refuse(client, msg, Error(UNKNOWN_MODEL, f"unknown model {msg.model!r} (served: {known})", msg.request_id))
+            return self._refuse(client, msg, self.unknown_model(msg.model, msg.request_id))
         if (client, msg.request_id) in self.by_client:
             return self._refuse(client, msg, Error("bad_request", f"request_id {msg.request_id!r} is already in flight", msg.request_id))
         if len(model.queue) >= self.queue_limit:
@@ -135,10 +145,10 @@ class BrokerState:
         if rec is None or rec.answered:
             return []
         if rec.worker is None:
-            return self._finish(rec, Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec)))
+            return self.finish(rec, Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec)))
         if not rec.cancel_sent:
             rec.cancel_sent = True
-            return [Out(WORKER, rec.worker, Cancel(request_id=key))]
+            return [Out(Dest.WORKER, rec.worker, Cancel(request_id=key))]
         return []
 
     def client_gone(self, client: bytes) -> list[Out]:
@@ -166,7 +176,7 @@ class BrokerState:
             identity, msg.worker_id, msg.model, max(0, msg.capacity), msg.pid, msg.host, msg.info,
             expiry_s=now + self.liveness_s, last_used_s=now,
         )
-        self._model(msg.model).no_worker_since_s = None
+        self.ensure_model(msg.model).no_worker_since_s = None
         return out + self.dispatch()
 
     def handle_worker_message(self, identity: bytes, msg: Message, raw: dict[str, Any]) -> list[Out]:
@@ -190,14 +200,14 @@ class BrokerState:
             worker.running.discard(key)
             worker.served += 1
             rec.worker = None
-            out = self._finish(rec, raw)
+            out = self.finish(rec, raw)
             self.requests.pop(key, None)
             return out + self.dispatch()
         # A chunk: forward unless the client already has its answer.
         rec.streamed = True
         if rec.answered:
             return []
-        return [Out(CLIENT, rec.client, _rewrite(raw, rec.request.request_id))]
+        return [Out(Dest.CLIENT, rec.client, _rewrite(raw, rec.request.request_id))]
 
     def _ask_to_register(self, identity: bytes, msg: Message) -> list[Out]:
         """An unknown worker (we restarted, or declared it dead): ask for `ready`, once per interval."""
@@ -206,7 +216,7 @@ class BrokerState:
         if isinstance(msg, Disconnect) or (asked is not None and now - asked < self.heartbeat_interval_s):
             return []
         self.reregister_asked_s[identity] = now
-        return [Out(WORKER, identity, Disconnect(reason="unknown worker, send ready"))]
+        return [Out(Dest.WORKER, identity, Disconnect(reason="unknown worker, send ready"))]
 
     def worker_gone(self, identity: bytes, reason: str, *, silent: bool = False) -> list[Out]:
         """Forget a worker; requeue its unstarted requests once, fail the rest.
@@ -227,7 +237,7 @@ class BrokerState:
         for k, v in list(self.affinity.items()):
             if v == identity:
                 del self.affinity[k]
-        model = self._model(worker.model)
+        model = self.ensure_model(worker.model)
         if not self.live_workers(worker.model):
             model.no_worker_since_s = self.clock.now()
         out: list[Out] = []
@@ -241,7 +251,7 @@ class BrokerState:
             elif rec.cancel_sent:
                 # The client asked to stop it: end it as cancelled rather than start it again.
                 done = Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec))
-                out += self._finish(rec, done)
+                out += self.finish(rec, done)
             elif not rec.streamed and rec.requeues < self.max_requeues and self.accepting:
                 rec.requeues += 1
                 self.counters["requeued"] += 1
@@ -249,7 +259,7 @@ class BrokerState:
             else:
                 why = ("after output had started" if rec.streamed else
                        "while draining" if not self.accepting else f"and it was already requeued {rec.requeues}x")
-                out += self._finish(rec, Error(WORKER_LOST, f"worker {worker.worker_id} was lost ({reason}) {why}", key))
+                out += self.finish(rec, Error(WORKER_LOST, f"worker {worker.worker_id} was lost ({reason}) {why}", key))
         return out + self.dispatch()
 
     # ---- routing ---------------------------------------------------------------
@@ -294,7 +304,7 @@ class BrokerState:
                 body["request_id"] = key
                 if rec.request.timeout_s is not None:
                     body["timeout_s"] = max(0.001, rec.deadline_s - now)
-                out.append(Out(WORKER, worker.identity, Dispatch(request=body, queue_s=now - rec.enqueued_at_s)))
+                out.append(Out(Dest.WORKER, worker.identity, Dispatch(request=body, queue_s=now - rec.enqueued_at_s)))
         return out
 
     def _bind_affinity(self, key: tuple[str, str], identity: bytes) -> None:
@@ -317,13 +327,13 @@ class BrokerState:
             msg = Error(TIMEOUT, f"request exceeded its timeout_s ({rec.deadline_s - rec.enqueued_at_s:.3f}s)", rec.key)
             if rec.worker is not None and not rec.cancel_sent:
                 rec.cancel_sent = True
-                out.append(Out(WORKER, rec.worker, Cancel(request_id=rec.key)))
-            out += self._finish(rec, msg)
+                out.append(Out(Dest.WORKER, rec.worker, Cancel(request_id=rec.key)))
+            out += self.finish(rec, msg)
         for model in self.models.values():
             since = model.no_worker_since_s
             if since is not None and len(model.queue) and now - since >= self.no_worker_timeout_s:
                 for key, rec in list(model.queue.ordered()):
-                    out += self._finish(rec, Error(UNAVAILABLE, f"model {model.name!r} has had no live worker for {now - since:.0f}s", key))
+                    out += self.finish(rec, Error(UNAVAILABLE, f"model {model.name!r} has had no live worker for {now - since:.0f}s", key))
         return out
 
     def _forget_old(self, now: float) -> None:
@@ -335,24 +345,30 @@ class BrokerState:
             if now - rec.since_s >= SILENT_MEMORY_S or len(self.silent) > MAX_SILENT:
                 del self.silent[wid]
 
-    # ---- the supervisor's report ---------------------------------------------------
+    # ---- the supervisor -------------------------------------------------------------
 
-    def handle_fleet_info(self, identity: bytes, msg: FleetInfo) -> list[Out]:
-        """Keep the supervisor's view; forget workers whose process it saw exit; ack with the silent ones."""
-        self.fleet_children = clean_children(msg.children)
-        self.fleet_info_at_s = self.clock.now()
+    def handle_supervisor_state(self, msg: SupervisorState) -> list[Out]:
+        """Keep the supervisor's view; forget workers whose process it saw exit; ack (registered and silent)."""
+        self.supervisor = view = SupervisorView.of(msg, self.clock.now())
         out: list[Out] = []
-        children = worker_children(self)
+        children = view.workers()
         for w in list(self.workers.values()):
             child = children.get(w.worker_id)
             if child is not None and w.pid in child["exited_pids"]:
                 code = child.get("last_exit")
                 out += self.worker_gone(w.identity, f"its process {w.pid} exited (code {code})")
-        return out + [Out(WORKER, identity, FleetInfoAck(silent_workers=silent_report(self)))]
+        registered = sorted(w.worker_id for w in self.workers.values() if not w.retiring)
+        return out + [Out(Dest.CONTROL, b"", SupervisorStateAck(registered, self.silent_workers()))]
+
+    def silent_workers(self) -> list[dict[str, Any]]:
+        """Workers declared dead for silence and not registered since (their process may be hung)."""
+        now = self.clock.now()
+        return [{"worker_id": s.worker_id, "pid": s.pid, "silent_for_s": round(now - s.since_s, 3)}
+                for s in self.silent.values()]
 
     def heartbeats(self) -> list[Out]:
         """One heartbeat to every worker (the actor calls this every interval)."""
-        return [Out(WORKER, w.identity, Heartbeat(worker_id="broker")) for w in self.workers.values()]
+        return [Out(Dest.WORKER, w.identity, Heartbeat(worker_id="broker")) for w in self.workers.values()]
 
     def stop_accepting(self) -> None:
         """Draining: refuse new requests; queued and running ones still complete."""
@@ -362,18 +378,12 @@ class BrokerState:
         """Give every open request its terminal error (broker exit)."""
         out: list[Out] = []
         for rec in list(self.requests.values()):
-            out += self._finish(rec, Error(code, message, rec.key))
+            out += self.finish(rec, Error(code, message, rec.key))
         return out
 
     def _queued_timings(self, rec: RequestRecord) -> dict[str, float]:
         waited = self.clock.now() - rec.enqueued_at_s
         return {"queue_s": waited, "ttft_s": 0.0, "total_s": waited}
-
-    # ---- reporting ------------------------------------------------------------------
-
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-like view for `status` (see broker.report)."""
-        return make_snapshot(self)
 
 
 def _zero_usage() -> dict[str, int]:

@@ -1,44 +1,17 @@
-"""The broker's side of metrics: reply counts and the periodic ``broker`` event.
+"""The broker's side of metrics: the periodic ``broker`` event.
 
 The broker sends one snapshot a second rather than an event per change: it is
-cheaper under load, and its counters are cumulative, so a dropped snapshot or a
-restarted collector loses nothing. See :mod:`actors.metrics` for the schema.
+cheaper under load, and its counters (``BrokerState.replies``) are cumulative,
+so a dropped snapshot or a restarted collector loses nothing. See
+:mod:`actors.metrics` for the schema.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from broker.state import BrokerState, WorkerRecord
-
-
-class ReplyCounts:
-    """Terminal replies sent to clients, per model. Model "" when the request named no served model."""
-
-    def __init__(self) -> None:
-        self.finished: Counter[tuple[str, str]] = Counter()  # (model, finish_reason)
-        self.failed: Counter[tuple[str, str]] = Counter()  # (model, error code)
-        self.prompt_tokens: Counter[str] = Counter()  # per model, from `done` usage
-        self.generation_tokens: Counter[str] = Counter()
-
-    def count(self, model: str, data: dict[str, Any]) -> None:
-        """Count one terminal reply (a ``done`` or ``error`` map)."""
-        kind = data.get("type")
-        if kind == "done":
-            self.finished[(model, str(data.get("finish_reason")))] += 1
-            usage = data.get("usage")
-            if isinstance(usage, dict):
-                self.prompt_tokens[model] += _token_count(usage.get("prompt_tokens"))
-                self.generation_tokens[model] += _token_count(usage.get("completion_tokens"))
-        elif kind == "error":
-            self.failed[(model, str(data.get("code")))] += 1
-
-
-def _token_count(value: Any) -> int:
-    """A usage figure from a worker, trusted only when it is a plausible count."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else 0
+from broker.records import WorkerRecord
+from broker.state import BrokerState
 
 
 def worker_state(w: WorkerRecord) -> str:

@@ -31,12 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.clock import Clock
-from actors.config import BatchingConfig
+from actors.config import POLICIES, BatchingConfig
 from actors.stats import percentile
 
 # Float slack so "first arrival + window" releases at the window, not one ulp after it.
 _EPS_S = 1e-9
-_POLICIES = ("immediate", "fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,8 @@ class AdmissionPolicy:
     """
 
     def __init__(self, cfg: BatchingConfig, clock: Clock) -> None:
-        if cfg.policy not in _POLICIES:
-            raise ValueError(f"policy: expected one of {_POLICIES}, got {cfg.policy!r}")
+        if cfg.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {cfg.policy!r}")
         self._cfg = cfg
         self._clock = clock
         self._admission_batch = max(1, cfg.admission_batch)

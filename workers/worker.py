@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -23,13 +22,13 @@ import zmq
 
 from actors.config import BatchingConfig
 from actors.curve import apply_client, load_client_keys
-from actors.logs import setup_logging
 from actors.metrics import make_event_sender
 from actors.protocol import (
-    BAD_REQUEST, INTERNAL, UNAVAILABLE,
+    BAD_REQUEST, INTERNAL, PRIORITY_RANK, UNAVAILABLE,
     Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message,
     ProtocolError, Ready, decode, encode, from_map,
 )
+from actors.runtime import Hooks, run_process
 from actors.sockets import make_socket
 from workers.faults import make_fault_injector
 from workers.telemetry import WorkerTelemetry
@@ -258,8 +257,7 @@ class WorkerActor:
             return
         from workers.engine import EngineRequest
 
-        rank = {"urgent": 0, "default": 1, "background": 2}
-        chosen = sorted(self.waiting.values(), key=lambda p: (rank[p.request.priority], p.arrived_s))[: d.admit]
+        chosen = sorted(self.waiting.values(), key=lambda p: (PRIORITY_RANK[p.request.priority], p.arrived_s))[: d.admit]
         now = time.monotonic()
         self.telemetry.on_admit(now - min(p.arrived_s for p in chosen), now)
         reqs = []
@@ -397,12 +395,10 @@ class WorkerActor:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Process entry point (spawned by the supervisor, or `mlx-fleet worker`)."""
-    setup_logging(settings.log_level, f"worker:{settings.worker_id}")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    actor = WorkerActor(settings)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(actor, "running", False))
-    try:
-        actor.setup()
-        actor.run()
-    finally:
-        actor.teardown()
+
+    def hooks() -> Hooks:
+        actor = WorkerActor(settings)
+        return Hooks(start=actor.setup, loop=actor.run, stop=actor.teardown,
+                     request_stop=lambda: setattr(actor, "running", False))
+
+    run_process(f"worker:{settings.worker_id}", settings.log_level, hooks)

@@ -38,16 +38,16 @@ def workers_of(client: Client, model: str) -> dict[str, dict[str, Any]]:
 
 
 def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m actors.cli ARGS`` from the repository root; returns the finished process."""
-    cmd = [*(prefix or []), sys.executable, "-m", "actors.cli", *args]
+    """Run ``python -m fleet ARGS`` from the repository root; returns the finished process."""
+    cmd = [*(prefix or []), sys.executable, "-m", "fleet", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy())
 
 
 class WorkerProcess:
-    """``python -m actors.cli worker ...`` as a subprocess; a context manager that stops it."""
+    """``python -m fleet worker ...`` as a subprocess; a context manager that stops it."""
 
     def __init__(self, *args: str, prefix: list[str] | None = None, log_path: Path | None = None) -> None:
-        self.cmd = [*(prefix or []), sys.executable, "-m", "actors.cli", "worker", *args]
+        self.cmd = [*(prefix or []), sys.executable, "-m", "fleet", "worker", *args]
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

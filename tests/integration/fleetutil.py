@@ -14,7 +14,7 @@ import msgpack
 import zmq
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec
-from actors.embedded import BackgroundFleet
+from fleet.embedded import BackgroundFleet
 from actors.protocol import PROTOCOL_TAG
 
 

@@ -179,7 +179,7 @@ def test_curve_serves_only_authorised_clients_and_workers(tmp_path: Path, keys):
 
 
 def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys):
-    """The supervisor's fleet_info and a local HTTP gateway reach a CurveZMQ broker with the local key."""
+    """With CurveZMQ on, the supervisor's state reaches the broker and a local HTTP gateway serves with the local key."""
     good = load_client_keys(str(keys["client"][1]), str(keys["broker"][0]))
     fleet = start_fleet(transport="tcp", gateway=True, models=(("demo", "demo", 1),), heartbeat_interval_s=0.3,
                         restart_backoff_s=0.1, curve_server_secret=str(keys["broker"][1]),
@@ -190,7 +190,7 @@ def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys)
                 st = client.status()
                 return st if (st["supervisor"].get("children") and st["supervisor"]["connected"]) else None
 
-            st = wait_for(reported, 30, "fleet_info and fleet_report over CurveZMQ")
+            st = wait_for(reported, 30, "the supervisor's state in status")
             assert {"broker", "gateway", "worker:demo-0"} <= {c["name"] for c in st["supervisor"]["children"]}
             old_pid = fleet.child("worker:demo-0").process.pid
             os.kill(old_pid, signal.SIGKILL)
@@ -314,7 +314,7 @@ def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed
     frontend = managed.cfg.frontend
 
     def lazy_children() -> list[Any]:
-        return [c for c in managed.sup.children if c.kind == "worker" and c.arg.model == "lazy"]
+        return managed.sup.children.workers("lazy")
 
     with Client(frontend, timeout_s=120) as client:
         model = client.status()["models"]["lazy"]
@@ -342,7 +342,7 @@ def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Pat
     front, back = f"ipc://{tmp_path}/f", f"ipc://{tmp_path}/b"
     env = {**os.environ, "MLX_METRICS_EXPORT": "off", "MLX_FLEET_HTTP_PORT": "0"}  # only the serving path
     log = tmp_path / "up.log"
-    up = subprocess.Popen([sys.executable, "-m", "actors.cli", "up", "--model", "a=demo", "--model", "b=demo",
+    up = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--model", "a=demo", "--model", "b=demo",
                            "--replicas", "b=2", "--frontend", front, "--backend", back],
                           cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:

@@ -231,7 +231,7 @@ def test_crash_looping_worker_is_given_up_and_reported(monkeypatch, capsys):
     """Past restart_max restarts in restart_window_s a worker is given up; the rest keeps serving."""
     import asyncio
 
-    from actors.cli import main as cli_main
+    from fleet.cli import main as cli_main
 
     monkeypatch.setenv("MLX_FLEET_ENABLE_FAULTS", "1")
     monkeypatch.setenv("MLX_FLEET_FAULTS", "worker=demo-1,exit_after_dispatches=1")
@@ -315,7 +315,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
     log_path = tmp_path / "up.log"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "up", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--config", str(config)],
                                 cwd=root, stdout=log_file, stderr=subprocess.STDOUT)
     addr = f"ipc://{ipc}/front"
     raw = RawClient(addr)

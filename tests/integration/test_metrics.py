@@ -84,7 +84,7 @@ class MetricsFleet(RunningFleet):
 
     def start(self) -> "MetricsFleet":
         try:
-            self.child("collector").start()
+            self.sup.children.start("collector")
             wait_for(lambda: http_get(self.base_url + "/health")[0] == 200, 60, "the collector's /health")
             status, body = http_get(self.base_url + "/ready")
             self.ready_before = (status, json.loads(body))

@@ -136,7 +136,7 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
     broker_log = tmp_path / "broker.log"
     try:
         net.create()
-        broker = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "actors.cli", "up", "--config",
+        broker = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "fleet", "up", "--config",
                                    str(write_broker_config(tmp_path / "fleet.toml", keys))],
                                   cwd=ROOT, stdout=open(broker_log, "wb"), stderr=subprocess.STDOUT)
         procs.append(broker)

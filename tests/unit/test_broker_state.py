@@ -20,7 +20,9 @@ from actors.protocol import (
     Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
-from broker.state import CLIENT, WORKER, BrokerState, Out
+from broker.records import Dest, Out
+from broker.state import BrokerState
+from broker.status import make_status
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -58,7 +60,7 @@ class Fleet:
         self.sent += outs
         for out in outs:
             body = body_map(out)
-            if out.to == CLIENT:
+            if out.to is Dest.CLIENT:
                 self.timeline.append(Event("msg", out.identity, body.get("request_id"), body))
             elif isinstance(out.body, Dispatch):
                 self.where[out.body.request["request_id"]] = out.identity
@@ -69,7 +71,7 @@ class Fleet:
     def generate(self, client: bytes = b"c1", rid: str = "r1", model: str = "a", **fields: Any) -> list[Out]:
         msg = Generate(request_id=rid, model=model, prompt="hi", **fields)
         outs = self.state.handle_generate(client, msg)
-        refusals = [o for o in outs if o.to == CLIENT]
+        refusals = [o for o in outs if o.to is Dest.CLIENT]
         if refusals:
             assert len(outs) == 1 and isinstance(outs[0].body, Error)
             self.refusals.append((client, body_map(outs[0])))
@@ -80,7 +82,7 @@ class Fleet:
 
     def refusal(self, outs: list[Out]) -> str:
         """The error code of an immediate refusal."""
-        assert len(outs) == 1 and outs[0].to == CLIENT and isinstance(outs[0].body, Error)
+        assert len(outs) == 1 and outs[0].to is Dest.CLIENT and isinstance(outs[0].body, Error)
         return outs[0].body.code
 
     def cancel(self, client: bytes = b"c1", rid: str = "r1") -> list[Out]:
@@ -175,7 +177,7 @@ class Fleet:
 
 
 def worker_outs(outs: list[Out], cls: type[Message] | None = None) -> list[Out]:
-    return [o for o in outs if o.to == WORKER and (cls is None or isinstance(o.body, cls))]
+    return [o for o in outs if o.to is Dest.WORKER and (cls is None or isinstance(o.body, cls))]
 
 
 def dispatched(outs: list[Out]) -> list[tuple[bytes, str]]:
@@ -442,7 +444,7 @@ def test_priority_queue_order(pushes: list[tuple[str, str, float]], expected: li
     for key, prio, at in pushes:
         q.push(key, key, prio, T0 + at)
     assert [k for k, _ in q.ordered()] == expected
-    assert q.peek() == (expected[0], expected[0])
+    assert next(q.ordered()) == (expected[0], expected[0])
     assert q.remove(expected[0]) == expected[0] and expected[0] not in q
     assert q.remove(expected[0]) is None
     assert [k for k, _ in q.ordered()] == expected[1:] and len(q) == len(expected) - 1
@@ -457,7 +459,7 @@ def test_priority_queue_requeue_and_compaction() -> None:
     q.push("k0", 0, "default", T0)  # a requeue keeps its original arrival
     assert [k for k, _ in q.ordered()] == ["k0", "k199"]
     assert len(q._heap) < 200  # dead entries were compacted away
-    assert q.peek() == ("k0", 0)
+    assert next(q.ordered()) == ("k0", 0)
 
 
 # ---- worker loss ------------------------------------------------------------------------------
@@ -581,7 +583,7 @@ def test_unknown_worker_gets_disconnect(msg: Message) -> None:
     f.ready("w")
     f.generate(rid="r1")
     outs = f.from_worker(b"ghost", msg)
-    assert len(outs) == 1 and outs[0].to == WORKER and outs[0].identity == b"ghost"
+    assert len(outs) == 1 and outs[0].to is Dest.WORKER and outs[0].identity == b"ghost"
     assert isinstance(outs[0].body, Disconnect)
     assert f.to_client() == []
     f.done(rid="r1")
@@ -796,7 +798,7 @@ def test_draining() -> None:
     f.generate(rid="queued")
     f.state.stop_accepting()
     assert f.refusal(f.generate(rid="late")) == UNAVAILABLE
-    assert not f.state.snapshot()["accepting"]
+    assert not make_status(f.state)["accepting"]
     outs = f.done(rid="run")
     assert dispatched(outs) == [(w, f.key(rid="queued"))]  # queued work still runs
     f.done(rid="queued")
@@ -839,7 +841,7 @@ def test_fail_all_and_snapshot() -> None:
     w = f.ready("w", capacity=1)
     f.generate(rid="run")
     f.generate(rid="queued")
-    snap = f.state.snapshot()
+    snap = make_status(f.state)
     assert snap["models"]["a"]["queue_depth"] == 1 and snap["models"]["a"]["running"] == 1
     assert snap["models"]["a"]["workers"][0]["worker_id"] == "w" and snap["requests"] == 2
     f.fail_all("broker stopping")

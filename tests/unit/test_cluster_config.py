@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from actors.cli import build_parser
-from actors.cli_cluster import format_status
+from fleet.cli import build_parser
+from fleet.cli_cluster import format_status
 from actors.config import ConfigError, FleetConfig, load_config
 from actors.curve import AuthorizedKeys, check_bind_policy, is_loopback, load_client_keys, make_keys
 from actors.model_manager import budget_verdict
@@ -94,7 +94,7 @@ def test_bind_policy() -> None:
 
 
 def test_up_flags_reach_the_config() -> None:
-    from actors.cli import config_from_args
+    from fleet.cli import config_from_args
 
     args = build_parser().parse_args(["up", "--backend", "tcp://*:5556", "--insecure", "--memory-budget-bytes", "99",
                                       "--model", "a=demo", "--model", "b=demo-small"])
@@ -176,10 +176,11 @@ def test_status_table_shows_replicas_state_and_blas() -> None:
             "chat": {"state": "ready", "queue_depth": 3, "running": 2, "on_demand": False, "idle_unload_s": None,
                      "workers": [{"worker_id": "chat-0", "host": "h1", "pid": 11, "state": "ready", "in_flight": 2,
                                   "free": 2, "capacity": 4, "served": 9, "restarts": 1,
-                                  "info": {"blas": {"name": "openblas", "path": "/x/libopenblas.so"}}}],
-                     "starting": [{"worker_id": "chat-1", "pid": 12, "state": "starting", "restarts": 0}]},
+                                  "info": {"blas": {"name": "openblas", "path": "/x/libopenblas.so"}}},
+                                 {"worker_id": "chat-1", "host": "-", "pid": 12, "state": "starting", "in_flight": 0,
+                                  "free": 0, "capacity": 0, "served": 0, "restarts": 0, "info": {}}]},
             "lazy": {"state": "cold", "queue_depth": 0, "running": 0, "on_demand": True, "idle_unload_s": 60.0,
-                     "workers": [], "starting": []},
+                     "workers": []},
         },
         "counters": {"accepted": 5},
         "supervisor": {"memory": {"budget_bytes": 2 * MIB, "loaded_bytes": MIB}},
@@ -191,11 +192,12 @@ def test_status_table_shows_replicas_state_and_blas() -> None:
 
 
 def test_constructing_a_supervisor_has_no_side_effects() -> None:
-    from actors.supervisor import Supervisor
+    from fleet.wiring import make_supervisor
 
     before = set(Path("/tmp").glob("mlxf-run-*"))
-    sup = Supervisor(load_config(env={}, overrides={"memory_budget_bytes": 1}))
-    assert sup.models.sock is None and not sup.cfg.runtime_dir  # no folder, no socket until start()
+    sup = make_supervisor(load_config(env={}, overrides={"memory_budget_bytes": 1}))
+    assert sup.link is None and sup.child_cfg is None  # no folder, no socket until start()
+    assert all(c.process is None for c in sup.children)
     assert set(Path("/tmp").glob("mlxf-run-*")) == before
-    sup.models.close()  # safe when never opened
+    sup.shutdown()  # safe when never opened
 

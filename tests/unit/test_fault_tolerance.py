@@ -1,19 +1,20 @@
-"""Unit tests for fault tolerance: the fault switch, broker liveness and requeue, the supervisor's restarts.
+"""Unit tests for fault tolerance: the fault switch, broker liveness and requeue, the worker's reconnect.
 
 Pure objects on a fake clock; no sockets, no processes, no sleeping.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
 
 from actors.clock import FakeClock
-from actors.config import FleetConfig, ModelSpec
-from actors.protocol import Chunk, Disconnect, FleetInfo, FleetInfoAck, Generate, Heartbeat, Ready
-from broker.state import CLIENT, WORKER, BrokerState, Out
+from actors.control import SupervisorState, SupervisorStateAck
+from actors.protocol import Chunk, Disconnect, Generate, Heartbeat, Ready
+from broker.records import Dest, Out
+from broker.state import BrokerState
+from broker.status import make_status
 from workers.faults import FaultInjector, FaultPlan, FaultSpecError, load_faults, parse_faults
 
 pytestmark = pytest.mark.timeout(10)
@@ -93,12 +94,12 @@ def gen(state: BrokerState, rid: str, **kw: Any) -> list[Out]:
 
 
 def to_client(outs: list[Out]) -> list[dict[str, Any]]:
-    return [o.body if isinstance(o.body, dict) else o.body.to_map() for o in outs if o.to == CLIENT]
+    return [o.body if isinstance(o.body, dict) else o.body.to_map() for o in outs if o.to is Dest.CLIENT]
 
 
 def dispatched(outs: list[Out]) -> dict[str, bytes]:
     """request key -> worker identity for every dispatch in ``outs``."""
-    return {o.body.request["request_id"]: o.identity for o in outs if o.to == WORKER and o.body.TYPE == "dispatch"}
+    return {o.body.request["request_id"]: o.identity for o in outs if o.to is Dest.WORKER and o.body.TYPE == "dispatch"}
 
 
 def test_silent_worker_is_lost_after_liveness_and_its_requests_follow_the_rules() -> None:
@@ -155,27 +156,30 @@ def test_unknown_worker_is_asked_to_register_once_per_interval() -> None:
 
 
 def report(state: BrokerState, **child: Any) -> list[Out]:
+    """The supervisor's state message with one worker child, w0."""
     entry = {"name": "worker:w0", "kind": "worker", "worker_id": "w0", "model": "m", "alive": True,
              "restarts": 0, "gave_up": False, "exited_pids": [], **child}
-    return state.handle_fleet_info(b"sup", FleetInfo(children=[entry, {"name": "broker", "kind": "broker", "restarts": 3}]))
+    children = [entry, {"name": "broker", "kind": "broker", "restarts": 3}]
+    return state.handle_supervisor_state(SupervisorState(children=children, models=[{"name": "m"}]))
 
 
-def test_fleet_info_drops_a_worker_whose_process_exited_and_acks() -> None:
+def test_supervisor_state_drops_a_worker_whose_process_exited_and_acks() -> None:
     state, clock = make_state()
     ready(state, W0, pid=100)
     gen(state, "r")
     outs = report(state, pid=100)
     assert W0 in state.workers  # alive, same pid
-    ack = [o for o in outs if o.identity == b"sup"]
-    assert isinstance(ack[0].body, FleetInfoAck) and ack[0].body.silent_workers == []
+    ack = [o for o in outs if o.to is Dest.CONTROL]
+    assert isinstance(ack[0].body, SupervisorStateAck) and ack[0].body.silent_workers == []
+    assert ack[0].body.registered == ["w0"]
     assert W0 in state.workers
     report(state, pid=101, alive=True, restarts=1, exited_pids=[100])
     assert W0 not in state.workers and len(state.models["m"].queue) == 1  # requeued at once, no liveness wait
-    snap = state.snapshot()
+    snap = make_status(state)
     (row,) = snap["models"]["m"]["workers"]
     assert row["state"] == "starting" and row["restarts"] == 1 and row["pid"] == 101
     ready(state, W0, pid=101)
-    (row,) = state.snapshot()["models"]["m"]["workers"]
+    (row,) = make_status(state)["models"]["m"]["workers"]
     assert row["state"] == "ready" and row["restarts"] == 1
 
 
@@ -192,19 +196,19 @@ def test_ack_names_silent_workers_and_status_shows_hung_and_gave_up() -> None:
     clock.advance(3.5)
     state.tick()
     clock.advance(2.0)
-    (ack,) = [o.body for o in report(state, pid=100) if o.identity == b"sup"]
+    (ack,) = [o.body for o in report(state, pid=100) if o.to is Dest.CONTROL]
     assert ack.silent_workers == [{"worker_id": "w0", "pid": 100, "silent_for_s": 2.0}]
-    (row,) = state.snapshot()["models"]["m"]["workers"]
+    (row,) = make_status(state)["models"]["m"]["workers"]
     assert row["state"] == "hung"
     report(state, pid=100, alive=False, gave_up=True, restarts=5, exited_pids=[100])
-    (row,) = state.snapshot()["models"]["m"]["workers"]
+    (row,) = make_status(state)["models"]["m"]["workers"]
     assert row["state"] == "gave_up" and row["restarts"] == 5
 
 
 def test_malformed_children_are_dropped_not_fatal() -> None:
     state, _ = make_state()
-    state.handle_fleet_info(b"sup", FleetInfo(children=[{"name": 5}, {"name": "x", "pid": "nope", "exited_pids": ["a", 3]}]))
-    assert state.fleet_children == [{"name": "x", "exited_pids": [3]}]
+    state.handle_supervisor_state(SupervisorState(children=[{"name": 5}, {"name": "x", "pid": "nope", "exited_pids": ["a", 3]}]))
+    assert state.supervisor is not None and state.supervisor.children == [{"name": "x", "exited_pids": [3]}]
 
 
 def test_affinity_keys_are_bounded() -> None:
@@ -221,94 +225,8 @@ def test_client_gone_cancels_queued_and_running() -> None:
     gen(state, "running")
     gen(state, "queued")
     outs = state.client_gone(C)
-    assert [o.body.TYPE for o in outs if o.to == WORKER] == ["cancel"]
+    assert [o.body.TYPE for o in outs if o.to is Dest.WORKER] == ["cancel"]
     assert not state.by_client and len(state.requests) == 1  # the running one awaits its worker's done
-
-
-# ---- supervisor restarts ------------------------------------------------------------------------
-
-
-class FakeProcess:
-    """Stands in for a multiprocessing Process."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.exitcode: int | None = None
-
-    def is_alive(self) -> bool:
-        return self.exitcode is None
-
-    def kill(self) -> None:
-        self.exitcode = -9
-
-
-@pytest.fixture
-def supervisor(monkeypatch: pytest.MonkeyPatch) -> Any:
-    from actors import supervisor as sup_mod
-
-    now = [1000.0]
-    pids = iter(range(500, 600))
-    monkeypatch.setattr(sup_mod.time, "monotonic", lambda: now[0])
-
-    def fake_start(child: Any) -> None:
-        child.process = FakeProcess(next(pids))
-        child.started_at_s = now[0]
-
-    monkeypatch.setattr(sup_mod.Child, "start", fake_start)
-    cfg = dataclasses.replace(FleetConfig(), models=(ModelSpec("m", "demo", 1),), restart_max=3, restart_window_s=60.0,
-                              restart_backoff_s=0.5, restart_backoff_max_s=2.0, metrics_export=False, http_port=0)
-    sup = sup_mod.Supervisor(cfg)
-    for child in sup.children:
-        child.start()
-    return sup, now
-
-
-def child(sup: Any, name: str) -> Any:
-    return next(c for c in sup.children if c.name == name)
-
-
-def test_restart_backoff_doubles_and_gives_up_past_the_limit(supervisor: Any) -> None:
-    sup, now = supervisor
-    worker = child(sup, "worker:m-0")
-    delays = []
-    for _ in range(3):
-        worker.process.exitcode = 1
-        assert sup.check_children()
-        delays.append(worker.next_start_s - now[0])
-        now[0] += delays[-1]
-        sup.check_children()
-        assert worker.alive
-    assert delays == [0.5, 1.0, 2.0] and worker.restarts == 3
-    worker.process.exitcode = 1
-    sup.check_children()
-    assert worker.gave_up and not worker.alive and sup.failure is None
-    entry = worker.report(now[0])
-    assert entry["gave_up"] and entry["restarts"] == 3 and len(entry["exited_pids"]) == 4
-
-
-def test_a_stable_run_resets_the_backoff_and_old_restarts_expire(supervisor: Any) -> None:
-    sup, now = supervisor
-    worker = child(sup, "worker:m-0")
-    for _ in range(3):
-        worker.process.exitcode = 1
-        sup.check_children()
-        now[0] = worker.next_start_s
-        sup.check_children()
-    now[0] += 61.0  # ran longer than restart_window_s
-    worker.process.exitcode = 1
-    sup.check_children()
-    assert not worker.gave_up and worker.next_start_s - now[0] == 0.5
-
-
-def test_giving_up_on_the_broker_stops_the_fleet(supervisor: Any) -> None:
-    sup, now = supervisor
-    broker = child(sup, "broker")
-    for _ in range(4):
-        broker.process.exitcode = 1
-        sup.check_children()
-        now[0] += 10.0
-        sup.check_children()
-    assert broker.gave_up and sup.failure and sup.stop_event.is_set()
 
 
 # ---- worker reconnect ---------------------------------------------------------------------------

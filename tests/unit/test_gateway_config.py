@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from actors.cli import build_parser, config_from_args
+from fleet.cli import build_parser, config_from_args
 from actors.config import ConfigError, load_config
-from actors.supervisor import Supervisor
 from broker.gateway import GatewaySettings
+from fleet.wiring import make_supervisor
 
 
 def test_defaults_bind_loopback_port_8000_without_a_key():
@@ -46,7 +46,7 @@ def test_cli_flags(monkeypatch):
 
 @pytest.mark.parametrize("port, want", [(8000, True), (0, False)])
 def test_supervisor_adds_the_gateway_unless_port_is_0(port, want):
-    sup = Supervisor(load_config(env={}, overrides={"http_port": port}))
+    sup = make_supervisor(load_config(env={}, overrides={"http_port": port}))
     assert ("gateway" in [c.kind for c in sup.children]) is want
 
 

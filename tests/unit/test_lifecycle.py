@@ -1,6 +1,6 @@
 """Unit tests for broker.lifecycle: load, unload with drain, on-demand models, on a fake clock.
 
-The supervisor is played by hand: each ``Out`` to ``CONTROL`` is a call it must
+The supervisor is played by hand: each ``Out`` to ``Dest.CONTROL`` is a call it must
 answer with a ``control_reply`` or an ``error`` carrying the call's request_id.
 """
 
@@ -11,13 +11,15 @@ from typing import Any
 import pytest
 
 from actors.clock import FakeClock
-from actors.control import FleetReport, Start, Stop
+from actors.control import Start, Stop, SupervisorState, SupervisorStateAck
 from actors.protocol import (
     BAD_REQUEST, OVER_BUDGET, UNAVAILABLE, UNKNOWN_MODEL,
     ControlReply, Disconnect, Dispatch, Done, Error, Generate, Load, Message, Ready, Unload,
 )
-from broker.lifecycle import CONTROL, ModelControl
-from broker.state import CLIENT, WORKER, BrokerState, Out
+from broker.lifecycle import ModelControl
+from broker.records import Dest, Out
+from broker.state import BrokerState
+from broker.status import make_status
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,12 +44,12 @@ class Harness:
 
     def take(self, outs: list[Out]) -> list[Out]:
         for out in outs:
-            if out.to == CLIENT:
+            if out.to is Dest.CLIENT:
                 self.clients.append(body(out))
-            elif out.to == CONTROL:
+            elif out.to is Dest.CONTROL:
                 assert isinstance(out.body, Message)
                 self.calls.append(out.body)
-            elif out.to == WORKER and isinstance(out.body, Dispatch):
+            elif out.to is Dest.WORKER and isinstance(out.body, Dispatch):
                 self.dispatches.append((out.identity, out.body.request["request_id"]))
         return outs
 
@@ -120,7 +122,7 @@ def test_load_goes_to_the_supervisor_and_its_reply_to_the_client() -> None:
 ])
 def test_load_refusals(fields: dict[str, Any], code: str) -> None:
     h = Harness()
-    assert h.load(**fields)[0].to == CLIENT and h.last_client()["code"] == code
+    assert h.load(**fields)[0].to is Dest.CLIENT and h.last_client()["code"] == code
     assert not h.calls
 
 
@@ -279,77 +281,92 @@ def test_a_loaded_on_demand_model_starts_cold() -> None:
     h = Harness()
     h.load("lazy", on_demand=True, idle_unload_s=2.0)
     h.reply(h.calls[0])
-    assert h.ctl.decorate(h.state.snapshot())["models"]["lazy"]["state"] == "cold"
+    assert make_status(h.state, h.ctl)["models"]["lazy"]["state"] == "cold"
     h.generate("r1", "lazy")
     assert isinstance(h.calls[-1], Start)
     assert h.ctl.lives["lazy"].idle_unload_s == 2.0
 
 
-# ---- the supervisor's report and status ------------------------------------------------------
+# ---- the supervisor's state and status ------------------------------------------------------------
 
 
-def test_report_syncs_the_configured_models() -> None:
+def supervisor_state(h: Harness, *workers: dict[str, Any], models: tuple[str, ...] = ("a",), broker_restarts: int = 0,
+                     **fields: Any) -> list[Out]:
+    """The supervisor's state message: worker children of model a (unless they say otherwise), and the broker."""
+    children = [{"name": f"worker:{w['worker_id']}", "kind": "worker", "model": "a", "alive": True, "restarts": 0,
+                 "gave_up": False, "exited_pids": [], **w} for w in workers]
+    children.append({"name": "broker", "kind": "broker", "restarts": broker_restarts})
+    msg = SupervisorState(children=children, models=fields.pop("model_specs", [{"name": m} for m in models]),
+                          supervisor_pid=1, **fields)
+    return h.take(h.ctl.handle_control(msg))
+
+
+def test_state_syncs_the_configured_models_and_is_acked() -> None:
     h = Harness(models=("a", "gone"))
-    h.take(h.ctl.handle_control(FleetReport(models=[{"name": "a"}, {"name": "z", "on_demand": True, "idle_unload_s": 9}])))
+    outs = supervisor_state(h, model_specs=[{"name": "a"}, {"name": "z", "on_demand": True, "idle_unload_s": 9}])
     assert h.state.models["z"].configured and h.ctl.lives["z"].on_demand
     assert not h.state.models["gone"].configured
+    (ack,) = [o.body for o in outs if o.to is Dest.CONTROL]
+    assert isinstance(ack, SupervisorStateAck) and ack.registered == [] and ack.silent_workers == []
+    h.ready("a-0")
+    (ack,) = [o.body for o in supervisor_state(h) if o.to is Dest.CONTROL]
+    assert ack.registered == ["a-0"]
     h.generate("r1", "gone")
     assert h.terminal("r1")["code"] == UNKNOWN_MODEL
 
 
-def test_status_shows_state_restarts_and_starting_children() -> None:
+def test_status_shows_state_restarts_and_unregistered_children() -> None:
     h = Harness(models=("a", "lazy"), on_demand={"lazy": 5.0})
     h.ready("a-0")
-    workers = [{"worker_id": "a-0", "model": "a", "alive": True, "restarts": 2, "gave_up": False, "pid": 7},
-               {"worker_id": "a-1", "model": "a", "alive": True, "restarts": 0, "gave_up": False, "pid": 8},
-               {"worker_id": "a-2", "model": "a", "alive": False, "restarts": 5, "gave_up": True, "pid": 9}]
-    h.ctl.handle_control(FleetReport(models=[{"name": "a"}, {"name": "lazy", "on_demand": True}], workers=workers,
-                                     memory={"budget_bytes": 100, "loaded_bytes": 40}))
-    snap = h.ctl.decorate(h.state.snapshot())
+    supervisor_state(h, {"worker_id": "a-0", "restarts": 2, "pid": 7}, {"worker_id": "a-1", "pid": 8},
+                     {"worker_id": "a-2", "alive": False, "restarts": 5, "gave_up": True, "pid": 9},
+                     model_specs=[{"name": "a"}, {"name": "lazy", "on_demand": True}],
+                     memory={"budget_bytes": 100, "loaded_bytes": 40})
+    snap = make_status(h.state, h.ctl)
     a = snap["models"]["a"]
-    assert a["state"] == "ready" and a["workers"][0]["restarts"] == 2
-    assert [(w["worker_id"], w["state"]) for w in a["starting"]] == [("a-1", "starting"), ("a-2", "failed")]
+    assert a["state"] == "ready" and "starting" not in a  # one list of replicas
+    assert [(w["worker_id"], w["state"], w["restarts"]) for w in a["workers"]] == [
+        ("a-0", "ready", 2), ("a-1", "starting", 0), ("a-2", "gave_up", 5)]
     assert snap["models"]["lazy"]["state"] == "cold" and snap["models"]["lazy"]["on_demand"]
     assert snap["supervisor"]["memory"] == {"budget_bytes": 100, "loaded_bytes": 40}
+    assert snap["supervisor"]["connected"] and {c["name"] for c in snap["supervisor"]["children"]} == {
+        "worker:a-0", "worker:a-1", "worker:a-2", "broker"}
     h.unload("a")
     h.generate("r9", "a")
-    assert h.ctl.decorate(h.state.snapshot())["models"]["a"]["state"] == "unloading"
+    assert make_status(h.state, h.ctl)["models"]["a"]["state"] == "unloading"
 
 
-# ---- both supervisor reports at once (fleet_info and fleet_report) --------------------------------
+def test_a_model_waiting_for_its_children_is_starting_and_a_given_up_one_has_no_workers() -> None:
+    h = Harness(models=("a",))
+    supervisor_state(h, {"worker_id": "a-0", "pid": 8})
+    assert make_status(h.state, h.ctl)["models"]["a"]["state"] == "starting"
+    supervisor_state(h, {"worker_id": "a-0", "pid": 8, "alive": False, "gave_up": True, "restarts": 5})
+    assert make_status(h.state, h.ctl)["models"]["a"]["state"] == "no_workers"
 
 
-def fleet_info(h: Harness, *children: dict[str, Any], broker_restarts: int = 0) -> list[Out]:
-    from actors.protocol import FleetInfo
-
-    entries = [{"name": f"worker:{c['worker_id']}", "kind": "worker", "model": "a", "alive": True, "restarts": 0,
-                "gave_up": False, "exited_pids": [], **c} for c in children]
-    entries.append({"name": "broker", "kind": "broker", "restarts": broker_restarts})
-    return h.state.handle_fleet_info(b"sup", FleetInfo(children=entries, supervisor_pid=1))
+def test_before_any_state_the_supervisor_is_not_connected() -> None:
+    h = Harness()
+    assert make_status(h.state, h.ctl)["supervisor"] == {"connected": False, "memory": {}}
 
 
-def test_fleet_info_is_the_authority_on_restarts_and_rows_beside_the_report() -> None:
-    from actors.cli_cluster import format_status
-    from broker.report import models_summary
+def test_a_given_up_worker_is_listed_once_and_the_table_shows_it() -> None:
+    from broker.status import models_summary
+    from fleet.cli_cluster import format_status
 
     h = Harness(models=("a",))
     h.ready("a-0")
     h.ready("a-1")
     h.state.worker_gone(b"a-1", "its process 1 exited (code 1)")
-    fleet_info(h, {"worker_id": "a-0", "pid": 1, "restarts": 3},
-               {"worker_id": "a-1", "pid": 8, "alive": False, "gave_up": True, "restarts": 2}, broker_restarts=1)
-    # The report lags behind (stale restart counts); fleet_info wins for the workers it names.
-    h.ctl.handle_control(FleetReport(models=[{"name": "a"}], memory={"budget_bytes": 100, "loaded_bytes": 40},
-                                     workers=[{"worker_id": "a-0", "model": "a", "alive": True, "restarts": 1},
-                                              {"worker_id": "a-1", "model": "a", "alive": True, "restarts": 0}]))
-    snap = h.ctl.decorate(h.state.snapshot())
+    supervisor_state(h, {"worker_id": "a-0", "pid": 1, "restarts": 3},
+                     {"worker_id": "a-1", "pid": 8, "alive": False, "gave_up": True, "restarts": 2},
+                     broker_restarts=1, memory={"budget_bytes": 100, "loaded_bytes": 40})
+    snap = make_status(h.state, h.ctl)
     a = snap["models"]["a"]
     assert [(w["worker_id"], w["state"], w["restarts"]) for w in a["workers"]] == [("a-0", "ready", 3), ("a-1", "gave_up", 2)]
-    assert [(w["worker_id"], w["state"], w["restarts"]) for w in a["starting"]] == [("a-1", "failed", 2)]
     assert a["state"] == "ready" and snap["supervisor"]["memory"] == {"budget_bytes": 100, "loaded_bytes": 40}
     assert models_summary(snap["models"]) == [{"name": "a", "workers_ready": 1, "queue_depth": 0, "capacity": 1}]
 
-    snap["broker"] = {"pid": 42, "restarts": 1}
+    snap["broker"] = {"pid": 42, "restarts": h.state.supervisor.restarts("broker")}
     snap["recent_worker_losses"] = [{**loss, "ago_s": 0.0} for loss in snap["recent_worker_losses"]]
     table = format_status(snap)
     assert table.splitlines()[0].startswith("broker pid 42, restarts 1, accepting")

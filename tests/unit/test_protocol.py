@@ -10,12 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.control import CONTROL_TYPES, Start, Stop, SupervisorState, SupervisorStateAck
 from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, MESSAGE_TYPES, PROTOCOL_TAG,
-    Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, FleetInfo, FleetInfoAck, Generate, Heartbeat,
+    Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, Generate, Heartbeat,
     Limits, Load, Message, Models, ModelsReply, ProtocolError, Ready, Status, StatusReply, Unload, decode, encode,
     encode_map,
-    error_for, from_map,
+    error_for, from_map, unpack_frames,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,9 +74,6 @@ ROUND_TRIP = [
     Dispatch(request={"type": "generate", "request_id": "b1", "model": "demo", "prompt": "x"}, queue_s=0.25),
     Disconnect(),
     Disconnect(worker_id="w1", reason="shutdown"),
-    FleetInfo(children=[{"name": "worker:demo-0", "kind": "worker", "pid": 7, "restarts": 1}], supervisor_pid=6),
-    FleetInfoAck(),
-    FleetInfoAck(silent_workers=[{"worker_id": "demo-0", "pid": 7, "silent_for_s": 3.5}]),
     Load(model="b", source="demo-small"),
     Load(model="b", source="/models/x", replicas=2, on_demand=True, idle_unload_s=30.0, request_id="l1"),
     Unload(model="b", request_id="u1"),
@@ -95,6 +93,31 @@ def test_round_trip(msg: Message) -> None:
 
 def test_round_trip_covers_every_message_type() -> None:
     assert {m.TYPE for m in ROUND_TRIP} == set(MESSAGE_TYPES)
+
+
+# The supervisor <-> broker channel's own messages (the rest of CONTROL_TYPES are wire messages above).
+CONTROL_ROUND_TRIP: list[Message] = [
+    Start(request_id="ctl1", model="lazy"),
+    Stop(request_id="ctl2", model="b", forget=True),
+    SupervisorState(),
+    SupervisorState(children=[{"name": "worker:demo-0", "kind": "worker", "pid": 7, "restarts": 1, "exited_pids": [5]}],
+                    models=[{"name": "demo", "source": "demo", "replicas": 1}],
+                    memory={"budget_bytes": 0, "loaded_bytes": None}, supervisor_pid=6),
+    SupervisorStateAck(),
+    SupervisorStateAck(registered=["demo-1"], silent_workers=[{"worker_id": "demo-0", "pid": 7, "silent_for_s": 3.5}]),
+]
+
+
+@pytest.mark.parametrize("msg", CONTROL_ROUND_TRIP, ids=lambda m: m.TYPE)
+def test_control_round_trip(msg: Message) -> None:
+    back = from_map(unpack_frames(encode(msg)), registry=CONTROL_TYPES)
+    assert type(back) is type(msg) and back == msg
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        decode(encode(msg))  # never accepted on the client or worker endpoints
+
+
+def test_control_round_trip_covers_the_channel() -> None:
+    assert {m.TYPE for m in CONTROL_ROUND_TRIP} | set(MESSAGE_TYPES) >= set(CONTROL_TYPES)
 
 
 def test_int_widens_to_float() -> None:

@@ -13,7 +13,9 @@ import pytest
 
 from actors.clock import FakeClock
 from actors.protocol import Dispatch, Done, Error, Generate, Heartbeat, Ready
-from broker.state import WORKER, BrokerState, Out
+from broker.records import Dest, Out
+from broker.state import BrokerState
+from broker.status import make_status
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,7 +32,7 @@ class Router:
     def took(self, outs: list[Out]) -> list[str]:
         went = []
         for o in outs:
-            if o.to == WORKER and isinstance(o.body, Dispatch):
+            if o.to is Dest.WORKER and isinstance(o.body, Dispatch):
                 rid = self.state.requests[o.body.request["request_id"]].request.request_id
                 self.where[rid] = o.identity.decode()
                 went.append(o.identity.decode())
@@ -116,7 +118,7 @@ def test_retiring_worker_gets_nothing_new_but_finishes_its_work() -> None:
     r.state.workers[retiring.encode()].retiring = True
     assert all(r.send(f"n{i}") != [retiring] for i in range(4))
     assert r.end("r1") == []  # its slot is not refilled
-    assert r.state.snapshot()["models"]["m"]["workers"][0 if retiring == "a" else 1]["state"] == "retiring"
+    assert make_status(r.state)["models"]["m"]["workers"][0 if retiring == "a" else 1]["state"] == "retiring"
 
 
 def test_affinity_sticks_while_the_replica_lives_and_waits_when_it_is_full() -> None:
@@ -137,5 +139,5 @@ def test_peak_in_flight_is_recorded_per_worker() -> None:
         r.send(f"r{i}")
     for i in range(5):
         r.end(f"r{i}")
-    (w,) = r.state.snapshot()["models"]["m"]["workers"]
+    (w,) = make_status(r.state)["models"]["m"]["workers"]
     assert w["max_in_flight"] == 3 and w["served"] == 5 and w["in_flight"] == 0

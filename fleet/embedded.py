@@ -10,8 +10,9 @@ import shutil
 import threading
 from typing import Any
 
+from actors.children import Child
 from actors.config import FleetConfig
-from actors.supervisor import Supervisor
+from fleet.wiring import make_supervisor
 
 
 class BackgroundFleet:
@@ -20,7 +21,7 @@ class BackgroundFleet:
     def __init__(self, cfg: FleetConfig, ipc_dir: str | None = None) -> None:
         self.cfg = cfg
         self.ipc_dir = ipc_dir  # removed on stop
-        self.sup = Supervisor(cfg)
+        self.sup = make_supervisor(cfg)
         self._thread: threading.Thread | None = None
 
     def start(self) -> "BackgroundFleet":
@@ -49,6 +50,6 @@ class BackgroundFleet:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def child(self, name: str) -> Any:
-        """The Child record named ``name`` (e.g. 'worker:demo-0')."""
-        return next(c for c in self.sup.children if c.name == name)
+    def child(self, name: str) -> Child:
+        """The supervised child named ``name`` (e.g. 'worker:demo-0')."""
+        return self.sup.children[name]

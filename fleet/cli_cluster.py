@@ -11,7 +11,7 @@ from typing import Any
 from actors.config import load_config, parse_model_arg
 from actors.curve import CurveKeys, client_keys_from_config, make_keys
 
-DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
+DEFAULT_CONNECT = "tcp://127.0.0.1:5555"  # the `up` default frontend
 
 
 def add_client_options(p: argparse.ArgumentParser, *, timeout_s: float) -> None:
@@ -79,7 +79,7 @@ def wait_ready(client: Any, name: str, replicas: int, deadline_s: float) -> None
         ready = [w for w in model.get("workers", []) if w.get("state") == "ready"]
         if len(ready) >= replicas:
             return
-        failed = [w["worker_id"] for w in model.get("starting", []) if w.get("state") == "failed"]
+        failed = [w["worker_id"] for w in model.get("workers", []) if w.get("state") == "gave_up"]
         if failed:
             raise FleetError("unavailable", f"worker(s) {', '.join(failed)} failed to start (see the fleet's log)")
         if time.monotonic() >= deadline_s:
@@ -130,18 +130,10 @@ def format_status(status: dict[str, Any]) -> str:
         idle = f"yes, idle stop {m['idle_unload_s']:g}s" if m.get("on_demand") else "no"
         lines.append(f"{name:<16} {m.get('state', '?'):<10} {m['queue_depth']:>5} {m['running']:>7}  {idle}")
         for w in m["workers"]:  # registered workers, and (from the supervisor) starting/restarting/hung/gave_up
+            lines.append(_worker_line(w))
             b = (w.get("info") or {}).get("blas") or {}
             if b:
                 blas.add(f"{b.get('name', '?')} ({b.get('path') or 'bundled'})")
-            lines.append(f"  {w['worker_id']:<18} {str(w['host'])[:16]:<16} {w['pid']:>7} {w['state']:<9} "
-                         f"{w['in_flight']:>9} {w['free']:>4} {w['capacity']:>4} {w.get('served', 0):>6} "
-                         f"{w.get('restarts', 0):>8}  {b.get('name', '-')}")
-        listed = {w["worker_id"] for w in m["workers"]}
-        for w in m.get("starting", []):
-            if w["worker_id"] in listed:
-                continue
-            lines.append(f"  {w['worker_id']:<18} {'(local)':<16} {w.get('pid') or '-':>7} {w['state']:<9} "
-                         f"{'-':>9} {'-':>4} {'-':>4} {'-':>6} {w.get('restarts', 0):>8}  -")
     counters = status.get("counters", {})
     lines.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     for loss in status.get("recent_worker_losses", [])[-3:]:
@@ -152,6 +144,17 @@ def format_status(status: dict[str, Any]) -> str:
                      f"budget {memory['budget_bytes'] / 2**20:.1f} MiB")
     lines.append("BLAS in use: " + (", ".join(sorted(blas)) or "no worker registered"))
     return "\n".join(lines)
+
+
+def _worker_line(w: dict[str, Any]) -> str:
+    """One replica's row; a worker that is not registered has no host, load or BLAS to show."""
+    b = (w.get("info") or {}).get("blas") or {}
+    if w["state"] in ("ready", "retiring"):
+        return (f"  {w['worker_id']:<18} {str(w['host'])[:16]:<16} {w['pid']:>7} {w['state']:<9} "
+                f"{w['in_flight']:>9} {w['free']:>4} {w['capacity']:>4} {w.get('served', 0):>6} "
+                f"{w.get('restarts', 0):>8}  {b.get('name', '-')}")
+    return (f"  {w['worker_id']:<18} {'(local)':<16} {w.get('pid') or '-':>7} {w['state']:<9} "
+            f"{'-':>9} {'-':>4} {'-':>4} {'-':>6} {w.get('restarts', 0):>8}  -")
 
 
 def add_cluster_commands(sub: Any) -> None:

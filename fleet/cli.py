@@ -10,10 +10,8 @@ import sys
 import uuid
 from typing import Any
 
-from actors.cli_cluster import add_cluster_commands, client_curve
-from actors.config import ConfigError, FleetConfig, load_config, parse_model_arg
-
-DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
+from actors.config import POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
+from fleet.cli_cluster import DEFAULT_CONNECT, add_client_options, add_cluster_commands, client_curve
 
 
 def _replicas(values: list[str]) -> dict[str, int]:
@@ -60,6 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Run broker and workers in the foreground until Ctrl-C."""
     from actors.logs import setup_logging
     from actors.supervisor import run_fleet
+    from fleet.wiring import make_supervisor
 
     cfg = config_from_args(args)
     setup_logging(cfg.log_level, "fleet")
@@ -67,7 +66,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     log = logging.getLogger("mlx_fleet")
     http = f", OpenAI HTTP on http://{cfg.http_host}:{cfg.http_port}/v1" if cfg.http_port else ""
     log.info("starting fleet: %s; clients on %s%s", names, cfg.frontend, http)
-    return run_fleet(cfg, on_ready=lambda: log.info("fleet ready on %s%s (Ctrl-C to stop)", cfg.frontend, http))
+    return run_fleet(make_supervisor(cfg),
+                     on_ready=lambda: log.info("fleet ready on %s%s (Ctrl-C to stop)", cfg.frontend, http))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -107,7 +107,8 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Join a running broker as a worker for one model."""
     from actors.logs import setup_logging
-    from workers.worker import WorkerSettings, run_worker
+    from fleet.worker_entry import worker_settings
+    from workers.worker import run_worker
 
     cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level})
     name, source = parse_model_arg(args.model)
@@ -117,10 +118,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
              "curve_server_public": args.curve_server_key or cfg.curve_server_public}
     if bool(curve["curve_secret"]) != bool(curve["curve_server_public"]):
         raise ConfigError("--curve-secret and --curve-server-key go together")
-    run_worker(WorkerSettings(**curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
-                              batching=cfg.batching, heartbeat_interval_s=cfg.heartbeat_interval_s,
-                              heartbeat_liveness=cfg.heartbeat_liveness, blas=cfg.blas, log_level=cfg.log_level,
-                              metrics_events=args.metrics_events))
+    run_worker(worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
+                               batching=cfg.batching, metrics_events=args.metrics_events))
     return 0
 
 
@@ -128,7 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = argparse.ArgumentParser(prog="mlx-fleet", description="Serve MLX language models behind one ZeroMQ endpoint.")
     sub = p.add_subparsers(dest="command", required=True)
+    add_up_command(sub)
+    add_generate_command(sub)
+    dm = sub.add_parser("demo-model", help="write the built-in demo model to PATH")
+    dm.add_argument("path")
+    dm.add_argument("--size", default="demo", choices=["demo", "demo-small"])
+    dm.set_defaults(func=cmd_demo_model)
+    add_worker_command(sub)
+    add_cluster_commands(sub)
+    return p
 
+
+def add_up_command(sub: Any) -> None:
+    """`mlx-fleet up` and its settings."""
     up = sub.add_parser("up", help="run broker and workers in the foreground")
     up.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
                     help="a model to serve (repeatable); SOURCE is a folder, a hub id, or demo / demo-small")
@@ -145,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-timeout", type=float, help="seconds to wait for workers (ready_timeout_s)")
     up.add_argument("--drain-timeout", type=float, help="seconds to let in-flight requests finish on stop")
     up.add_argument("--blas", help="auto | reference | openblas | mkl | PATH (Linux CPU)")
-    up.add_argument("--policy", choices=["immediate", "fixed", "adaptive"])
+    up.add_argument("--policy", choices=POLICIES)
     up.add_argument("--window-ms", type=float)
     up.add_argument("--decode-window-ms", type=float, help="least admission window while sequences decode")
     up.add_argument("--no-fast-path", action="store_true")
@@ -161,24 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--memory-budget-bytes", type=int, help="refuse loads whose estimated weights exceed this")
     up.set_defaults(func=cmd_up)
 
+
+def add_generate_command(sub: Any) -> None:
+    """`mlx-fleet generate`."""
     gen = sub.add_parser("generate", help="stream a completion to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--model", required=True)
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--connect", default=DEFAULT_CONNECT)
-    gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the fleet")
-    gen.add_argument("--config", help="TOML config file (curve_client_secret, curve_server_public)")
-    gen.add_argument("--curve-secret", metavar="PATH", help="our secret cert (NAME.key_secret) for CurveZMQ")
-    gen.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
+    add_client_options(gen, timeout_s=60.0)
     gen.set_defaults(func=cmd_generate)
 
-    dm = sub.add_parser("demo-model", help="write the built-in demo model to PATH")
-    dm.add_argument("path")
-    dm.add_argument("--size", default="demo", choices=["demo", "demo-small"])
-    dm.set_defaults(func=cmd_demo_model)
 
+def add_worker_command(sub: Any) -> None:
+    """`mlx-fleet worker`: a worker joining a broker from another machine."""
     wk = sub.add_parser("worker", help="join a running broker as a worker")
     wk.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://HOST:5556")
     wk.add_argument("--model", required=True, metavar="NAME=SOURCE")
@@ -191,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--curve-secret", metavar="PATH", help="this worker's secret cert (NAME.key_secret)")
     wk.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
     wk.set_defaults(func=cmd_worker)
-    add_cluster_commands(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""How every fleet process runs: logging, signals, and three phases (start, loop, stop).
+
+A process entry point (``run_broker``, ``run_worker``, ...) builds its actor
+and hands :func:`run_process` four hooks, in the spirit of Pykka's actor
+lifecycle:
+
+- ``start``: bind, connect, load. A :class:`StartError` here (or in ``loop``)
+  logs its one-line message and exits with status 1.
+- ``loop``: serve until a stop is requested.
+- ``stop``: close what was opened; it runs however the first two ended.
+- ``request_stop``: called from the SIGTERM handler, so it only sets state.
+
+SIGINT is ignored: under the supervisor, Ctrl-C reaches the whole process
+group, and the supervisor alone decides the order in which children drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+from actors.logs import setup_logging
+
+log = logging.getLogger("mlx_fleet.runtime")
+
+
+class StartError(RuntimeError):
+    """The process cannot serve (a port in use, a bad setting); the message names what to change."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The four calls :func:`run_process` makes on a process's actor."""
+
+    start: Callable[[], None]
+    loop: Callable[[], None]
+    stop: Callable[[], None]
+    request_stop: Callable[[], None]
+
+
+def run_process(actor_name: str, log_level: str, make_hooks: Callable[[], Hooks]) -> None:
+    """Set up logging and signals, then start, loop and stop the actor ``make_hooks`` builds."""
+    setup_logging(log_level, actor_name)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    hooks = make_hooks()
+    signal.signal(signal.SIGTERM, lambda *_: hooks.request_stop())
+    try:
+        hooks.start()
+        hooks.loop()
+    except StartError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    finally:
+        hooks.stop()
+    log.info("%s stopped", actor_name)
