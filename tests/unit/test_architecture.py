@@ -1,0 +1,243 @@
+"""The shape of the code: who may import whom, no import cycles, module and function sizes.
+
+The import graph is built with ``ast`` from every ``import`` in the tree:
+imports inside functions and under ``TYPE_CHECKING`` count like any other.
+
+- ``actors`` is the base: it imports nothing of ``broker``, ``workers`` or ``fleet``.
+- ``broker`` and ``workers`` never import each other.
+- ``fleet`` (the composition root) is imported only by itself, ``tests`` and ``benchmarks``.
+- No module imports itself back, directly or through others.
+- No production module is over 450 lines, and no function over 80.
+- Every repository file a comment or a doc cites exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+PRODUCTION = ("actors", "broker", "workers", "fleet")
+PACKAGES = (*PRODUCTION, "tests", "benchmarks")
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+# (importer package, imported package) pairs that must never occur.
+FORBIDDEN = {
+    ("actors", "broker"), ("actors", "workers"), ("actors", "fleet"),
+    ("broker", "workers"), ("broker", "fleet"),
+    ("workers", "broker"), ("workers", "fleet"),
+}
+# Over the limits and not yet split: each entry says why. An entry that no longer
+# applies fails the test, so the list only ever shrinks.
+MODULE_ALLOWANCE = {
+    "actors/protocol.py": "the wire messages and the codec; splitting them is part of the protocol work",
+}
+FUNCTION_ALLOWANCE: dict[str, str] = {}
+
+
+@dataclass
+class Graph:
+    """Modules (dotted names) and the modules each one imports."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    edges: dict[str, set[str]] = field(default_factory=dict)
+
+
+def module_name(path: Path, root: Path) -> str:
+    """``actors/children.py`` -> ``actors.children``; a package's ``__init__.py`` -> the package."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every module name an ``import`` anywhere in ``tree`` may refer to (``from a import b``: a and a.b)."""
+    package = module if is_package else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(p for p in [*base_parts, node.module or ""] if p)
+            else:
+                base = node.module or ""
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def build_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> Graph:
+    """The import graph of ``packages`` under ``root``; an import of ``a.b.c`` also reaches ``a`` and ``a.b``."""
+    graph = Graph()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            graph.files[module_name(path, root)] = path
+    for module, path in graph.files.items():
+        targets: set[str] = set()
+        for name in imported_names(ast.parse(path.read_text(), str(path)), module, path.name == "__init__.py"):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                if prefix in graph.files and prefix != module:
+                    targets.add(prefix)
+        graph.edges[module] = targets
+    return graph
+
+
+def wrong_way_imports(graph: Graph) -> list[str]:
+    """Imports that break the layering, as ``importer -> imported`` lines."""
+    bad = []
+    for module, targets in sorted(graph.edges.items()):
+        src = module.split(".")[0]
+        for target in sorted(targets):
+            dst = target.split(".")[0]
+            if (src, dst) in FORBIDDEN or (dst == "fleet" and src not in ("fleet", "tests", "benchmarks")):
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def cycles(graph: Graph) -> list[list[str]]:
+    """Every strongly connected group of two or more modules (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph.edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def oversized(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Production modules over MAX_MODULE_LINES and functions over MAX_FUNCTION_LINES, with their lengths."""
+    modules: dict[str, int] = {}
+    functions: dict[str, int] = {}
+    for package in PRODUCTION:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            text = path.read_text()
+            if len(text.splitlines()) > MAX_MODULE_LINES:
+                modules[rel] = len(text.splitlines())
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        functions[f"{rel}:{node.name}"] = length
+    return modules, functions
+
+
+# ---- the checks on this tree -------------------------------------------------------------------
+
+
+def test_no_import_goes_the_wrong_way() -> None:
+    assert wrong_way_imports(build_graph(ROOT)) == []
+
+
+def test_there_is_no_import_cycle() -> None:
+    assert cycles(build_graph(ROOT)) == []
+
+
+def test_only_the_composition_root_imports_actors_broker_and_workers_together() -> None:
+    graph = build_graph(ROOT)
+    packages_reached: dict[str, set[str]] = {}
+    for module, targets in graph.edges.items():
+        if module.split(".")[0] in PRODUCTION:
+            packages_reached.setdefault(module.split(".")[0], set()).update(t.split(".")[0] for t in targets)
+    assert {p for p, reached in packages_reached.items() if {"actors", "broker", "workers"} <= reached} == {"fleet"}
+
+
+def test_modules_and_functions_stay_small() -> None:
+    modules, functions = oversized(ROOT)
+    assert {m: n for m, n in modules.items() if m not in MODULE_ALLOWANCE} == {}
+    assert {f: n for f, n in functions.items() if f not in FUNCTION_ALLOWANCE} == {}
+    stale = (set(MODULE_ALLOWANCE) - set(modules)) | (set(FUNCTION_ALLOWANCE) - set(functions))
+    assert not stale, f"within the limits now; drop the allowance: {sorted(stale)}"
+
+
+CITED = re.compile(r"\b(?:actors|broker|workers|fleet|tests|benchmarks|docs|scripts)/[\w./-]*\.(?:py|md|sh|json|toml)\b")
+
+
+def test_every_cited_file_exists() -> None:
+    texts = [p for p in ROOT.glob("*.md")] + [p for p in (ROOT / "docs").glob("*.md")]
+    texts += [p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if p != Path(__file__).resolve()]
+    texts.append(ROOT / "benchmarks" / "README.md")
+    missing = {f"{path.relative_to(ROOT)}: {ref}" for path in texts for ref in CITED.findall(path.read_text())
+               if not (ROOT / ref).exists()}
+    assert sorted(missing) == []
+
+
+# ---- the checker itself, on a made-up tree ----------------------------------------------------
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+BASE = {"actors/__init__.py": "", "broker/__init__.py": "", "workers/__init__.py": "", "fleet/__init__.py": ""}
+
+
+@pytest.mark.parametrize(("files", "want"), [
+    ({"actors/a.py": "def f():\n    from broker import b\n", "broker/b.py": ""}, ["actors.a -> broker", "actors.a -> broker.b"]),
+    ({"broker/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import workers.w\n", "workers/w.py": ""},
+     ["broker.b -> workers", "broker.b -> workers.w"]),
+    ({"workers/w.py": "from fleet.cli import main\n", "fleet/cli.py": ""}, ["workers.w -> fleet", "workers.w -> fleet.cli"]),
+    ({"fleet/cli.py": "import actors.a, broker.b, workers.w\n", "actors/a.py": "", "broker/b.py": "", "workers/w.py": ""}, []),
+])
+def test_the_checker_finds_wrong_way_imports(tmp_path: Path, files: dict[str, str], want: list[str]) -> None:
+    write_tree(tmp_path, {**BASE, **files})
+    assert wrong_way_imports(build_graph(tmp_path, PRODUCTION)) == want
+
+
+def test_the_checker_finds_cycles_through_function_and_type_checking_imports(tmp_path: Path) -> None:
+    write_tree(tmp_path, {**BASE,
+                          "broker/state.py": "from broker.status import view\n",
+                          "broker/status.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                              "    from broker.state import State\n",
+                          "actors/one.py": "def f():\n    from . import two\n",
+                          "actors/two.py": "import actors.one\n",
+                          "actors/three.py": "import actors.two\n"})
+    assert cycles(build_graph(tmp_path, PRODUCTION)) == [["actors.one", "actors.two"], ["broker.state", "broker.status"]]
+
+
+def test_the_checker_measures_modules_and_functions(tmp_path: Path) -> None:
+    long_function = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    write_tree(tmp_path, {**BASE, "workers/big.py": "\n" * MAX_MODULE_LINES + long_function,
+                          "workers/ok.py": "def g():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1)})
+    modules, functions = oversized(tmp_path)
+    assert modules == {"workers/big.py": MAX_MODULE_LINES + MAX_FUNCTION_LINES + 1}
+    assert functions == {"workers/big.py:f": MAX_FUNCTION_LINES + 1}
