@@ -4,7 +4,7 @@ It owns the children registry (:mod:`actors.children`) and drives it from one
 loop: serve the control channel (:mod:`actors.control`), restart what exited,
 reap retired workers, tell the broker what runs, and send the collector the
 workers' restarts. Children are started with ``spawn`` and ask the kernel to
-end them if the supervisor dies. A worker given up on is reported and the rest
+end them if the supervisor dies. A worker given up on stays listed and the rest
 of the fleet keeps running; the broker is essential, so giving up on it stops
 the fleet with an error.
 

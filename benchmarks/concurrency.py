@@ -22,11 +22,11 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import Report, add_out_argument, environment, progress, questions  # noqa: E402
 from benchmarks.load import MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 
 POLICIES: dict[str, dict[str, Any]] = {
     # The seed's policies, with no decode window.

@@ -25,11 +25,11 @@ import contextlib
 from typing import Any, Callable
 
 from actors.config import BatchingConfig
-from fleet.embedded import BackgroundFleet
 from benchmarks.common import Report, environment, progress, questions, spread, within_noise
 from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, TokenTimer, free_port, http_requester, run_load
 from benchmarks.overhead import local_config
 from broker.client import AsyncClient, Completion, StreamChunk
+from fleet.embedded import BackgroundFleet
 from workers.blas import blas_env, find_blas
 
 TARGETS = ("zmq", "gateway", "mlx_lm.server")

@@ -45,11 +45,11 @@ import zmq  # noqa: E402
 
 from actors.clock import MonotonicClock  # noqa: E402
 from actors.config import BatchingConfig, FleetConfig  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
 from actors.metrics import EventSender  # noqa: E402
 from benchmarks.common import Report, environment, progress, questions  # noqa: E402
 from benchmarks.load import fleet_requester, free_port, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 from workers.policies import make_policy  # noqa: E402
 from workers.telemetry import WorkerTelemetry  # noqa: E402
 

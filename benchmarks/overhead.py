@@ -25,10 +25,10 @@ from workers.blas import describe_blas, find_blas, preload_blas
 preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec, parse_bool  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import Report, Summary, add_out_argument, environment, fmt_ms, progress, questions, ratio  # noqa: E402
 from broker.client import Client  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 
 
 def local_config(model: str, batching: BatchingConfig | None = None, replicas: int = 1, **overrides: Any) -> tuple[FleetConfig, str]:

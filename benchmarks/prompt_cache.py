@@ -40,11 +40,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from actors.config import BatchingConfig  # noqa: E402  (needs the sys.path line above)
-from fleet.embedded import BackgroundFleet  # noqa: E402
 from actors.stats import percentile  # noqa: E402
 from benchmarks.common import env_markdown, environment, results_dir  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 from broker.client import Client  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 from workers.blas import blas_env, find_blas  # noqa: E402
 from workers.demo_model import ensure_demo_model  # noqa: E402
 

@@ -22,11 +22,11 @@ from workers.blas import find_blas, preload_blas
 preload_blas(find_blas("auto"))  # this process loads no model, but keep the workers' env identical
 
 from actors.config import BatchingConfig  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
 from benchmarks.common import RESULTS_DIR, Report, environment, progress, questions, ratio, spread  # noqa: E402
 from benchmarks.load import fleet_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 from broker.client import Client  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 
 REPLICAS = (1, 2)
 

@@ -35,12 +35,12 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig, ModelSpec  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
 from benchmarks import plots, tables  # noqa: E402
 from benchmarks.common import Report, add_out_argument, environment, progress  # noqa: E402
 from benchmarks.concurrency import prompts_for  # noqa: E402
 from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
 
 RunFn = Callable[[list[str], int], LoadRun]  # (prompts, clients) -> one measured run
 

@@ -34,10 +34,10 @@ from typing import Any
 import zmq.asyncio
 
 from actors.config import FleetConfig, ModelSpec
-from fleet.embedded import BackgroundFleet
 from actors.stats import percentile
 from benchmarks.common import Report, add_out_argument, environment, progress
 from broker.client import AsyncClient, Completion, FleetError
+from fleet.embedded import BackgroundFleet
 
 LOCAL_NO_ANSWER = "no answer from"  # the client's own timeout: the fleet never replied
 

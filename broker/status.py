@@ -4,9 +4,9 @@ A model's ``workers`` rows are the one view of its replicas: the registered
 workers (``ready``, or ``retiring`` while they are stopped), and under the
 supervisor (``mlx-fleet up``) its worker children that are not registered:
 ``starting``, ``restarting``, ``hung`` (declared dead for silence, process still
-running) or ``gave_up``. Restart counts come from the supervisor's state
-message (:class:`broker.records.SupervisorView`), the only report of its
-children the broker keeps.
+running) or ``gave_up``. Their restart counts and states come from the
+supervisor's latest state message (:class:`broker.records.SupervisorView`),
+the broker's one view of the supervisor's children.
 """
 
 from __future__ import annotations

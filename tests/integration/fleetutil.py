@@ -14,8 +14,8 @@ import msgpack
 import zmq
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec
-from fleet.embedded import BackgroundFleet
 from actors.protocol import PROTOCOL_TAG
+from fleet.embedded import BackgroundFleet
 
 
 def free_tcp_port() -> int:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from fleet.cli import build_parser
-from fleet.cli_cluster import format_status
 from actors.config import ConfigError, FleetConfig, load_config
 from actors.curve import AuthorizedKeys, check_bind_policy, is_loopback, load_client_keys, make_keys
 from actors.model_manager import budget_verdict
+from fleet.cli import build_parser
+from fleet.cli_cluster import format_status
 
 pytestmark = pytest.mark.timeout(30)
 

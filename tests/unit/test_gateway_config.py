@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.cli import build_parser, config_from_args
 from actors.config import ConfigError, load_config
 from broker.gateway import GatewaySettings
+from fleet.cli import build_parser, config_from_args
 from fleet.wiring import make_supervisor
 
 
