@@ -93,14 +93,19 @@ def test_restart_backoff_doubles_and_gives_up_past_the_limit(supervisor: Any) ->
     assert entry["gave_up"] and entry["restarts"] == 3 and len(entry["exited_pids"]) == 4
 
 
+def crash(sup: Any, child: Any, clock: FakeClock, wait_s: float | None = None) -> None:
+    """The child's process exits; time passes (its backoff when ``wait_s`` is None); the supervisor looks again."""
+    child.process.exitcode = 1
+    sup.check_children()
+    clock.advance(child.next_start_s - clock.now() if wait_s is None else wait_s)
+    sup.check_children()
+
+
 def test_a_stable_run_resets_the_backoff_and_old_restarts_expire(supervisor: Any) -> None:
     sup, clock = supervisor
     worker = sup.children["worker:m-0"]
     for _ in range(3):
-        worker.process.exitcode = 1
-        sup.check_children()
-        clock.advance(worker.next_start_s - clock.now())
-        sup.check_children()
+        crash(sup, worker, clock)
     clock.advance(61.0)  # ran longer than restart_window_s
     worker.process.exitcode = 1
     sup.check_children()
@@ -111,10 +116,7 @@ def test_giving_up_on_the_broker_stops_the_fleet(supervisor: Any) -> None:
     sup, clock = supervisor
     broker = sup.children["broker"]
     for _ in range(4):
-        broker.process.exitcode = 1
-        sup.check_children()
-        clock.advance(10.0)
-        sup.check_children()
+        crash(sup, broker, clock, wait_s=10.0)
     assert broker.gave_up and sup.failure and sup.stop_event.is_set()
 
 
