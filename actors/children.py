@@ -107,9 +107,9 @@ class RestartPolicy:
         return cls(cfg.restart_backoff_s, cfg.restart_backoff_max_s, cfg.restart_window_s, cfg.restart_max)
 
 
-@dataclass
+@dataclass(eq=False)
 class Child:
-    """One supervised process and its restart history."""
+    """One supervised process and its restart history (compared by identity)."""
 
     spec: ChildSpec
     backoff_s: float

@@ -195,7 +195,8 @@ class ModelControl:
         """A reply to one of our calls, or the supervisor's state (kept by the state, acked)."""
         if isinstance(msg, SupervisorState):
             out = self.state.handle_supervisor_state(msg)
-            self._sync(msg.models)
+            if self.state.supervisor is not None:
+                self._sync(self.state.supervisor.models)
             return out
         key = getattr(msg, "request_id", None)
         call = self.calls.pop(key, None) if isinstance(key, str) else None
