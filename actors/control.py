@@ -36,7 +36,7 @@ import zmq
 
 from actors.config import FleetConfig
 from actors.curve import make_local_keys
-from actors.protocol import ControlReply, Error, Load, Message, ProtocolError, encode, from_map, unpack_frames
+from actors.protocol import Addressed, ControlReply, Error, Load, Message, ProtocolError, encode, from_map, unpack_frames
 from actors.sockets import make_socket
 
 log = logging.getLogger("mlx_fleet.supervisor")
@@ -45,7 +45,7 @@ CONTROL_SOCKET = "control"
 
 
 @dataclass
-class Start(Message):
+class Start(Addressed):
     """Start the workers of an on-demand model (it has a request waiting)."""
 
     TYPE: ClassVar[str] = "start"
@@ -54,7 +54,7 @@ class Start(Message):
 
 
 @dataclass
-class Stop(Message):
+class Stop(Addressed):
     """Stop a model's worker processes; with ``forget`` the supervisor drops the model too."""
 
     TYPE: ClassVar[str] = "stop"

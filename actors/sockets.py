@@ -8,6 +8,9 @@ from actors.protocol import DEFAULT_LIMITS
 
 # High-water marks bound the memory a slow or absent peer can pin (messages).
 DEFAULT_HWM = 10_000
+# Between our own processes a frame may pass max_frame_bytes by the envelope the broker
+# adds (a dispatch wraps a client's generate). The client endpoint allows no headroom.
+FRAME_HEADROOM_BYTES = 4096
 
 
 def make_socket(
@@ -15,7 +18,7 @@ def make_socket(
     kind: int,
     *,
     hwm: int = DEFAULT_HWM,
-    max_msg_bytes: int | None = DEFAULT_LIMITS.max_frame_bytes + 4096,
+    max_msg_bytes: int | None = DEFAULT_LIMITS.max_frame_bytes + FRAME_HEADROOM_BYTES,
     identity: bytes | None = None,
 ) -> zmq.Socket:
     """A socket with linger 0, bounded queues and a maximum inbound message size."""
@@ -24,7 +27,8 @@ def make_socket(
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     if max_msg_bytes is not None:
-        # A larger frame makes libzmq drop the connection, so it never reaches Python.
+        # libzmq checks each inbound frame against it and drops the connection that sent a
+        # larger one, so such a frame never reaches Python.
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)

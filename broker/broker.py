@@ -19,7 +19,7 @@ from actors.control import CONTROL_TYPES, TO_BROKER, control_addr
 from actors.curve import check_bind_policy, start_server_auth
 from actors.metrics import events_addr, make_event_sender
 from actors.protocol import (
-    CLIENT_TYPES, UNAVAILABLE, WORKER_TYPES,
+    CLIENT_TYPES, DEFAULT_LIMITS, UNAVAILABLE, WORKER_TYPES,
     Cancel, Disconnect, Generate, Load, Message, Models, ModelsReply, ProtocolError,
     Ready, Status, StatusReply, Unload, encode, encode_map, error_for, from_map, unpack_frames,
 )
@@ -53,7 +53,10 @@ class BrokerActor:
         )
         self.ctx = ctx or zmq.Context()
         # A client more than client_hwm messages behind is "not reading": its requests are cancelled.
-        self.frontend = make_socket(self.ctx, zmq.ROUTER, hwm=cfg.client_hwm)
+        # A frame over max_frame_bytes drops that client's connection (docs/protocol.md, Limits).
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, hwm=cfg.client_hwm, max_msg_bytes=DEFAULT_LIMITS.max_frame_bytes)
+        # Clients set their own routing id; one that reconnects takes its id over from a stale connection.
+        self.frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.backend = make_socket(self.ctx, zmq.ROUTER)
         # A restarted worker reconnects under the same identity and must take it over.
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -28,7 +28,7 @@ from typing import Any
 
 from actors.clock import Clock
 from actors.control import Start, Stop, SupervisorState
-from actors.protocol import BAD_REQUEST, UNAVAILABLE, ControlReply, Error, Load, Message, Ready, Unload
+from actors.protocol import BAD_REQUEST, UNAVAILABLE, Addressed, ControlReply, Error, Load, Message, Ready, Unload
 from broker.records import Dest, ModelRecord, Out, WorkerRecord
 from broker.state import BrokerState
 
@@ -87,9 +87,9 @@ class ModelControl:
             self.lives[name] = ModelLife(name, last_busy_s=self.clock.now())
         return self.lives[name]
 
-    def _call(self, op: str, model: str, body: Message, **kw: Any) -> list[Out]:
+    def _call(self, op: str, model: str, body: Addressed, **kw: Any) -> list[Out]:
         key = f"ctl{next(self._keys)}"
-        body.request_id = key  # type: ignore[attr-defined]
+        body.request_id = key
         self.calls[key] = Call(key, op, model, self.clock.now() + self.call_timeout_s, **kw)
         return [Out(Dest.CONTROL, b"", body)]
 

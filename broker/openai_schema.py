@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from actors.protocol import (
-    BAD_REQUEST, CANCELLED, DEFAULT_LIMITS, ERROR_CODES, INTERNAL, OVER_BUDGET, OVERLOADED, PRIORITIES, TIMEOUT,
+    BAD_REQUEST, CANCELLED, DEFAULT_LIMITS, DUPLICATE_REQUEST, ERROR_CODES, INTERNAL, OVER_BUDGET, OVERLOADED, PRIORITIES, TIMEOUT,
     UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST, Generate, Limits, ProtocolError, validate_generate,
 )
 
@@ -70,6 +70,8 @@ FLEET_ERRORS: dict[str, tuple[int, str, str]] = {
     # The fleet cancelled it, not this HTTP client (a drain, an operator): retryable.
     CANCELLED: (503, "service_unavailable_error", "cancelled"),
     INTERNAL: (500, "server_error", "internal"),
+    # Another request with this id is in flight from the same client (the gateway's ids are fresh).
+    DUPLICATE_REQUEST: (409, "invalid_request_error", "duplicate_request"),
     # Raised locally by the client library: an answer from the broker it cannot decode.
     "bad_reply": (502, "server_error", "bad_reply"),
 }

@@ -10,6 +10,7 @@ clients may use the same request_id; replies are rewritten back.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import OrderedDict, deque
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from actors.clock import Clock
 from actors.control import SupervisorState, SupervisorStateAck
 from actors.protocol import (
-    OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
+    DUPLICATE_REQUEST, OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
     Cancel, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
@@ -126,7 +127,8 @@ class BrokerState:
         if model is None or not model.accepting or (not model.configured and not self.live_workers(msg.model)):
             return self._refuse(client, msg, self.unknown_model(msg.model, msg.request_id))
         if (client, msg.request_id) in self.by_client:
-            return self._refuse(client, msg, Error("bad_request", f"request_id {msg.request_id!r} is already in flight", msg.request_id))
+            text = f"request_id {msg.request_id!r} is already in flight; this second request was refused, the first goes on"
+            return self._refuse(client, msg, Error(DUPLICATE_REQUEST, text, msg.request_id))
         if len(model.queue) >= self.queue_limit:
             return self._refuse(client, msg, Error(OVERLOADED, f"model {msg.model!r} queue is full (queue_limit={self.queue_limit})", msg.request_id))
         key = f"b{next(self._keys)}"
@@ -300,11 +302,9 @@ class BrokerState:
                 rec.dispatched_at_s = now
                 if rec.request.affinity is not None:
                     self._bind_affinity((rec.request.model, rec.request.affinity), worker.identity)
-                body = rec.request.to_map()
-                body["request_id"] = key
-                if rec.request.timeout_s is not None:
-                    body["timeout_s"] = max(0.001, rec.deadline_s - now)
-                out.append(Out(Dest.WORKER, worker.identity, Dispatch(request=body, queue_s=now - rec.enqueued_at_s)))
+                left_s = None if rec.request.timeout_s is None else max(0.001, rec.deadline_s - now)
+                request = dataclasses.replace(rec.request, request_id=key, timeout_s=left_s)
+                out.append(Out(Dest.WORKER, worker.identity, Dispatch(request=request, queue_s=now - rec.enqueued_at_s)))
         return out
 
     def _bind_affinity(self, key: tuple[str, str], identity: bytes) -> None:

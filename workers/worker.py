@@ -26,7 +26,7 @@ from actors.metrics import make_event_sender
 from actors.protocol import (
     BAD_REQUEST, INTERNAL, PRIORITY_RANK, UNAVAILABLE,
     Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message,
-    ProtocolError, Ready, decode, encode, from_map,
+    ProtocolError, Ready, decode, encode,
 )
 from actors.runtime import Hooks, run_process
 from actors.sockets import make_socket
@@ -202,16 +202,12 @@ class WorkerActor:
     def handle_dispatch(self, msg: Dispatch) -> None:
         """Validate and tokenize a request; it then waits for admission."""
         now = time.monotonic()
-        key = str(msg.request.get("request_id", ""))
+        req = msg.request  # decoded and checked with the dispatch; its request_id is the broker's key
+        key = req.request_id
         try:
-            req = from_map({**msg.request, "type": "generate"})
-            assert isinstance(req, Generate)
             ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens)
             if len(ids) > self.s.max_prompt_tokens:
                 raise ValueError(f"prompt has {len(ids)} tokens; this worker's limit is {self.s.max_prompt_tokens}")
-        except ProtocolError as exc:
-            self.send(Error(BAD_REQUEST, exc.message, key))
-            return
         except Exception as exc:  # tokenizer or template failures are the request's fault
             self.send(Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key))
             return

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from actors.clock import FakeClock
 from actors.protocol import (
-    BAD_REQUEST, CANCELLED, OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
+    CANCELLED, DUPLICATE_REQUEST, OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
     Cancel, Chunk, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
@@ -63,7 +63,7 @@ class Fleet:
             if out.to is Dest.CLIENT:
                 self.timeline.append(Event("msg", out.identity, body.get("request_id"), body))
             elif isinstance(out.body, Dispatch):
-                self.where[out.body.request["request_id"]] = out.identity
+                self.where[out.body.request.request_id] = out.identity
         return outs
 
     # -- client side ------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def worker_outs(outs: list[Out], cls: type[Message] | None = None) -> list[Out]:
 
 def dispatched(outs: list[Out]) -> list[tuple[bytes, str]]:
     """(worker, broker key) of each Dispatch in ``outs``."""
-    return [(o.identity, o.body.request["request_id"]) for o in worker_outs(outs, Dispatch)]
+    return [(o.identity, o.body.request.request_id) for o in worker_outs(outs, Dispatch)]
 
 
 # ---- routing ------------------------------------------------------------------------------------
@@ -194,8 +194,8 @@ def test_routes_by_model_and_completes() -> None:
     outs = f.generate(rid="ra", model="a") + f.generate(rid="rb", model="b")
     assert [w for w, _ in dispatched(outs)] == [wa, wb]
     body = worker_outs(outs, Dispatch)[1].body
-    assert body.request["model"] == "b" and body.request["request_id"] == f.key(rid="rb")
-    assert body.request["request_id"] != "rb"  # the broker's own key goes to the worker
+    assert body.request.model == "b" and body.request.request_id == f.key(rid="rb")
+    assert body.request.request_id != "rb"  # the broker's own key goes to the worker
     f.chunk(rid="ra", text="he")
     f.done(rid="ra")
     f.done(rid="rb", finish_reason="length")
@@ -655,7 +655,7 @@ def test_running_request_times_out_and_its_late_done_frees_the_slot() -> None:
     f = Fleet(heartbeat_interval_s=10.0)
     w = f.ready("w", capacity=1)
     outs = f.generate(rid="r1", timeout_s=5.0)
-    assert worker_outs(outs, Dispatch)[0].body.request["timeout_s"] == pytest.approx(5.0)
+    assert worker_outs(outs, Dispatch)[0].body.request.timeout_s == pytest.approx(5.0)
     f.generate(rid="r2")
     f.chunk(rid="r1")
     f.heartbeat(w)
@@ -682,7 +682,7 @@ def test_dispatch_carries_remaining_timeout_and_queue_time() -> None:
     f.clock.advance(4.0)
     outs = f.done(rid="busy")
     body = worker_outs(outs, Dispatch)[0].body
-    assert body.request["timeout_s"] == pytest.approx(6.0)
+    assert body.request.timeout_s == pytest.approx(6.0)
     assert body.queue_s == pytest.approx(4.0)
     assert worker_outs(outs, Dispatch)[0].identity == w
     f.done(rid="r1")
@@ -784,8 +784,11 @@ def test_request_id_in_flight_is_refused_then_reusable() -> None:
     f = Fleet()
     f.ready("w", capacity=4)
     f.generate(rid="x")
-    assert f.refusal(f.generate(rid="x")) == BAD_REQUEST
+    refused = f.generate(rid="x")
+    assert f.refusal(refused) == DUPLICATE_REQUEST and refused[0].body.request_id == "x"
+    assert f.to_client(rid="x") == []  # the refusal belongs to the second request; the first goes on
     f.done(rid="x")
+    assert f.terminal(rid="x")["type"] == "done"
     assert dispatched(f.generate(rid="x"))  # a new request under the old id
     f.done(rid="x")
     f.check()

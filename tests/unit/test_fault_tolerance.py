@@ -99,7 +99,7 @@ def to_client(outs: list[Out]) -> list[dict[str, Any]]:
 
 def dispatched(outs: list[Out]) -> dict[str, bytes]:
     """request key -> worker identity for every dispatch in ``outs``."""
-    return {o.body.request["request_id"]: o.identity for o in outs if o.to is Dest.WORKER and o.body.TYPE == "dispatch"}
+    return {o.body.request.request_id: o.identity for o in outs if o.to is Dest.WORKER and o.body.TYPE == "dispatch"}
 
 
 def test_silent_worker_is_lost_after_liveness_and_its_requests_follow_the_rules() -> None:

@@ -50,7 +50,7 @@ class Harness:
                 assert isinstance(out.body, Message)
                 self.calls.append(out.body)
             elif out.to is Dest.WORKER and isinstance(out.body, Dispatch):
-                self.dispatches.append((out.identity, out.body.request["request_id"]))
+                self.dispatches.append((out.identity, out.body.request.request_id))
         return outs
 
     def generate(self, rid: str, model: str = "a") -> list[Out]:

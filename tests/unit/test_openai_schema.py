@@ -205,10 +205,10 @@ def test_protocol_limits_apply():
 
 WANT_STATUS = {
     "bad_request": 400, "unknown_model": 404, "overloaded": 429, "timeout": 504, "unavailable": 503,
-    "worker_lost": 502, "cancelled": 503, "internal": 500, "over_budget": 503,
+    "worker_lost": 502, "cancelled": 503, "internal": 500, "over_budget": 503, "duplicate_request": 409,
 }
 WANT_TYPE = {
-    400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error",
+    400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error",
     503: "service_unavailable_error", 502: "server_error", 500: "server_error",
 }
 

@@ -71,7 +71,7 @@ ROUND_TRIP = [
     Ready(worker_id="w1", model="demo", capacity=16, pid=4242, host="h", info={"blas": "openblas"}),
     Heartbeat(),
     Heartbeat(worker_id="w1", in_flight=3, free_slots=13),
-    Dispatch(request={"type": "generate", "request_id": "b1", "model": "demo", "prompt": "x"}, queue_s=0.25),
+    Dispatch(request=Generate(request_id="b1", model="demo", prompt="x", timeout_s=2.0), queue_s=0.25),
     Disconnect(),
     Disconnect(worker_id="w1", reason="shutdown"),
     Load(model="b", source="demo-small"),
@@ -194,7 +194,8 @@ def test_invalid_utf8_in_str_field() -> None:
     good = msgpack.packb(gen_map(prompt="AB"), use_bin_type=True)
     bad = good.replace(b"\xa2AB", b"\xa2\xff\xfe")
     assert bad != good
-    expect_bad([PROTOCOL_TAG, bad])
+    err = expect_bad([PROTOCOL_TAG, bad], request_id="r1")
+    assert "'prompt'" in err.message and "UTF-8" in err.message
 
 
 def test_bin_is_not_str() -> None:
@@ -269,7 +270,7 @@ BAD_MAPS: list[tuple[str, dict[str, Any], str | None]] = [
     ("tokens-float", gen_map(prompt=..., prompt_tokens=[1.0]), "r1"),
     ("tokens-bool", gen_map(prompt=..., prompt_tokens=[True]), "r1"),
     ("tokens-str", gen_map(prompt=..., prompt_tokens="123"), "r1"),
-    ("tokens-too-many", gen_map(prompt=..., prompt_tokens=[1] * (DEFAULT_LIMITS.max_prompt_tokens + 1)), None),
+    ("tokens-too-many", gen_map(prompt=..., prompt_tokens=[1] * (DEFAULT_LIMITS.max_prompt_tokens + 1)), "r1"),
     ("messages-empty", gen_map(prompt=..., messages=[]), "r1"),
     ("messages-not-dicts", gen_map(prompt=..., messages=["hi"]), "r1"),
     ("messages-no-role", gen_map(prompt=..., messages=[{"content": "x"}]), "r1"),
@@ -299,7 +300,8 @@ def test_bad_maps(obj: dict[str, Any], request_id: str | None) -> None:
         with pytest.raises(ProtocolError) as info:
             from_map(obj)
         assert info.value.code == BAD_REQUEST
-        expect_bad(frames_of(obj), request_id=None)
+        # The bounded decoder refuses it first; the refusal still names the request.
+        assert "non-string key" in expect_bad(frames_of(obj), request_id=request_id).message
         return
     err = expect_bad(frames_of(obj), request_id=request_id)
     assert err.message  # a human-readable reason

@@ -33,7 +33,7 @@ class Router:
         went = []
         for o in outs:
             if o.to is Dest.WORKER and isinstance(o.body, Dispatch):
-                rid = self.state.requests[o.body.request["request_id"]].request.request_id
+                rid = self.state.requests[o.body.request.request_id].request.request_id
                 self.where[rid] = o.identity.decode()
                 went.append(o.identity.decode())
         return went

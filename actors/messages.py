@@ -1,0 +1,262 @@
+"""The typed messages of the wire protocol, and its named constants.
+
+One dataclass per ``type``. :mod:`actors.protocol` re-exports every name here
+and holds the codec; ``docs/protocol.md`` is the reference for clients in
+other languages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+PROTOCOL_TAG = b"MLXF1"
+DEFAULT_CONNECT = "tcp://127.0.0.1:5555"  # the fleet's client endpoint unless configured otherwise
+
+# Error codes. Strings on the wire so any language can match them.
+BAD_REQUEST = "bad_request"
+UNKNOWN_MODEL = "unknown_model"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+WORKER_LOST = "worker_lost"
+INTERNAL = "internal"
+UNAVAILABLE = "unavailable"
+OVER_BUDGET = "over_budget"  # a `load` would exceed the fleet's memory_budget_bytes
+DUPLICATE_REQUEST = "duplicate_request"  # refuses a second generate whose request_id is in flight
+ERROR_CODES = frozenset({
+    BAD_REQUEST, UNKNOWN_MODEL, OVERLOADED, TIMEOUT, CANCELLED, WORKER_LOST, INTERNAL, UNAVAILABLE, OVER_BUDGET,
+    DUPLICATE_REQUEST,
+})
+
+FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+PRIORITIES = ("urgent", "default", "background")
+# Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+MAX_TOP_K = 1 << 20  # above any vocabulary; workers treat top_k >= vocab size as "off"
+
+
+class Message:
+    """Base of every wire message. ``TYPE`` is the value of the ``type`` key."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_map(self) -> dict[str, Any]:
+        """The message as a plain map, ``type`` included, ``None`` fields left out.
+
+        A field holding a message (``Dispatch.request``) becomes that message's map.
+        """
+        assert dataclasses.is_dataclass(self)
+        out: dict[str, Any] = {"type": self.TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Message):
+                out[f.name] = value.to_map()
+            elif value is not None:
+                out[f.name] = value
+        return out
+
+
+class Addressed(Message):
+    """A message that names a request: every one a client sends or gets, and the control calls."""
+
+    request_id: str | None
+
+
+# ---- client -> broker --------------------------------------------------------
+
+
+@dataclass
+class Generate(Addressed):
+    """Ask ``model`` to generate. Exactly one of prompt, messages, prompt_tokens."""
+
+    TYPE: ClassVar[str] = "generate"
+    request_id: str
+    model: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_tokens: list[int] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] | None = None
+    seed: int | None = None
+    stream: bool = True
+    timeout_s: float | None = None
+    priority: str = "default"
+    affinity: str | None = None
+    cache: bool = True
+
+
+@dataclass
+class Cancel(Addressed):
+    """Cancel a request (client -> broker, and broker -> worker)."""
+
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass
+class Models(Addressed):
+    """List the models the fleet serves."""
+
+    TYPE: ClassVar[str] = "models"
+    request_id: str | None = None
+
+
+@dataclass
+class Status(Addressed):
+    """Ask for the fleet's status: models, workers, queues."""
+
+    TYPE: ClassVar[str] = "status"
+    request_id: str | None = None
+
+
+@dataclass
+class Load(Addressed):
+    """Start serving ``model`` from ``source`` with ``replicas`` local workers (runtime management)."""
+
+    TYPE: ClassVar[str] = "load"
+    model: str
+    source: str
+    replicas: int = 1
+    on_demand: bool = False
+    idle_unload_s: float | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class Unload(Addressed):
+    """Stop serving ``model``: refuse new requests, drain the running ones, stop its workers."""
+
+    TYPE: ClassVar[str] = "unload"
+    model: str
+    request_id: str | None = None
+
+
+# ---- broker -> client (workers send chunk/done/error the same way) -----------
+
+
+@dataclass
+class Chunk(Addressed):
+    """New text and token ids for a streaming request; at most one per engine step."""
+
+    TYPE: ClassVar[str] = "chunk"
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Done(Addressed):
+    """The terminal success message. ``text``/``token_ids`` are set when not streaming."""
+
+    TYPE: ClassVar[str] = "done"
+    request_id: str
+    finish_reason: str
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class Error(Addressed):
+    """The terminal failure message, or the answer to a bad call."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+@dataclass
+class ModelsReply(Addressed):
+    """Answer to ``models``: one map per model (name, workers_ready, ...)."""
+
+    TYPE: ClassVar[str] = "models_reply"
+    models: list[dict]
+    request_id: str | None = None
+
+
+@dataclass
+class StatusReply(Addressed):
+    """Answer to ``status``: a JSON-like map, see docs/protocol.md."""
+
+    TYPE: ClassVar[str] = "status_reply"
+    status: dict
+    request_id: str | None = None
+
+
+@dataclass
+class ControlReply(Addressed):
+    """Answer to ``load``/``unload``: what was done (``workers`` started or stopped)."""
+
+    TYPE: ClassVar[str] = "control_reply"
+    op: str
+    model: str
+    message: str = ""
+    workers: list[str] = field(default_factory=list)
+    request_id: str | None = None
+
+
+# ---- worker <-> broker ------------------------------------------------------------
+
+
+@dataclass
+class Ready(Message):
+    """A worker announces itself and its decode capacity (sequences at once)."""
+
+    TYPE: ClassVar[str] = "ready"
+    worker_id: str
+    model: str
+    capacity: int
+    pid: int
+    host: str
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Heartbeat(Message):
+    """Liveness, both ways. From a worker it also reports load."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    worker_id: str = ""
+    in_flight: int = 0
+    free_slots: int = 0
+    stats: dict | None = None
+
+
+@dataclass
+class Dispatch(Message):
+    """Broker -> worker: run this request; its ``request_id`` is the broker's own key for it."""
+
+    TYPE: ClassVar[str] = "dispatch"
+    request: Generate
+    queue_s: float = 0.0
+
+
+@dataclass
+class Disconnect(Message):
+    """Either side says it is going away (worker shutdown, broker shutdown)."""
+
+    TYPE: ClassVar[str] = "disconnect"
+    worker_id: str = ""
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Generate, Cancel, Models, Status, Load, Unload, Chunk, Done, Error, ModelsReply, StatusReply,
+        ControlReply, Ready, Heartbeat, Dispatch, Disconnect,
+    )
+}
+# Import-time check: every message class here is registered under its own type.
+if any(t != c.TYPE for t, c in MESSAGE_TYPES.items()):
+    raise RuntimeError("actors.messages: a message class is registered under another type")
+
+CLIENT_TYPES = frozenset({"generate", "cancel", "models", "status", "load", "unload"})
+WORKER_TYPES = frozenset({"ready", "heartbeat", "chunk", "done", "error", "disconnect"})
