@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from actors.protocol import DEFAULT_CONNECT
+
 
 POLICIES = ("immediate", "fixed", "adaptive")  # the batching-window policies (workers/policies.py)
 
@@ -69,7 +71,7 @@ class ModelSpec:
 class FleetConfig:
     """Everything `mlx-fleet up` needs."""
 
-    frontend: str = "tcp://127.0.0.1:5555"
+    frontend: str = DEFAULT_CONNECT
     backend: str = "tcp://127.0.0.1:5556"
     metrics_export: bool = True
     metrics_host: str = "127.0.0.1"

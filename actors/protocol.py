@@ -82,13 +82,18 @@ def unpack_frames(frames: list[bytes], limits: Limits = DEFAULT_LIMITS) -> dict[
     return obj
 
 
-def decode(frames: list[bytes], limits: Limits = DEFAULT_LIMITS, *, allowed: frozenset[str] | None = None) -> Message:
-    """Decode and validate two frames into a typed message. Raises ProtocolError."""
-    return from_map(unpack_frames(frames, limits), limits, allowed=allowed)
+def decode(frames: list[bytes], limits: Limits = DEFAULT_LIMITS, *, allowed: frozenset[str] | None = None,
+           ignore_unknown: bool = False) -> Message:
+    """Decode and validate two frames into a typed message. Raises ProtocolError.
+
+    ``ignore_unknown`` drops fields the message does not define instead of refusing
+    them: clients read replies that way, so a newer fleet may add fields.
+    """
+    return from_map(unpack_frames(frames, limits), limits, allowed=allowed, ignore_unknown=ignore_unknown)
 
 
 def from_map(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS, *, allowed: frozenset[str] | None = None,
-             registry: dict[str, type[Message]] | None = None) -> Message:
+             registry: dict[str, type[Message]] | None = None, ignore_unknown: bool = False) -> Message:
     """Validate a map into a typed message (of ``registry``, default the wire types). Raises ProtocolError."""
     rid = obj.get("request_id")
     rid = rid if isinstance(rid, str) and len(rid) <= limits.max_id_chars else None
@@ -98,10 +103,11 @@ def from_map(obj: dict[str, Any], limits: Limits = DEFAULT_LIMITS, *, allowed: f
     cls = (MESSAGE_TYPES if registry is None else registry).get(mtype)
     if cls is None or (allowed is not None and mtype not in allowed):
         raise ProtocolError(BAD_REQUEST, f"unknown message type {mtype[:64]!r}", rid)
-    return _build(cls, mtype, obj, limits, rid)
+    return _build(cls, mtype, obj, limits, rid, ignore_unknown)
 
 
-def _build(cls: type[Message], mtype: str, obj: dict[str, Any], limits: Limits, rid: str | None) -> Message:
+def _build(cls: type[Message], mtype: str, obj: dict[str, Any], limits: Limits, rid: str | None,
+           ignore_unknown: bool = False) -> Message:
     """``cls`` from the fields of ``obj`` (its ``type`` already checked), types and bounds enforced."""
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
@@ -109,6 +115,8 @@ def _build(cls: type[Message], mtype: str, obj: dict[str, Any], limits: Limits, 
         if key == "type":
             continue
         if key not in hints:
+            if ignore_unknown:
+                continue
             raise ProtocolError(BAD_REQUEST, f"{mtype}: unknown field {str(key)[:64]!r}", rid)
         if value is None:
             continue

@@ -28,7 +28,7 @@ from actors.config import BatchingConfig
 from benchmarks.common import Report, environment, progress, questions, spread, within_noise
 from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, TokenTimer, free_port, http_requester, run_load
 from benchmarks.overhead import local_config
-from broker.client import AsyncClient, Completion, StreamChunk
+from broker.client import AsyncClient
 from fleet.embedded import BackgroundFleet
 from workers.blas import blas_env, find_blas
 
@@ -50,11 +50,12 @@ def async_fleet_requester(frontend: str, model: str, max_tokens: int) -> Callabl
 
         async def one(prompt: str) -> RequestSample:
             timer, tokens = TokenTimer(), 0
-            async for item in client.stream(prompt, model=model, max_tokens=max_tokens, temperature=0.0):
-                if isinstance(item, StreamChunk) and item.text:
+            stream = client.stream(prompt, model=model, max_tokens=max_tokens, temperature=0.0)
+            async for chunk in stream:
+                if chunk.text:
                     timer.token()
-                elif isinstance(item, Completion):
-                    tokens = int(item.usage.get("completion_tokens", 0))
+            assert stream.completion is not None
+            tokens = int(stream.completion.usage.get("completion_tokens", 0))
             return timer.sample(tokens)
 
         def close() -> None:

@@ -36,7 +36,7 @@ import zmq.asyncio
 from actors.config import FleetConfig, ModelSpec
 from actors.stats import percentile
 from benchmarks.common import Report, add_out_argument, environment, progress
-from broker.client import AsyncClient, Completion, FleetError
+from broker.client import AsyncClient, FleetError
 from fleet.embedded import BackgroundFleet
 
 LOCAL_NO_ANSWER = "no answer from"  # the client's own timeout: the fleet never replied
@@ -70,17 +70,16 @@ async def one_request(client: AsyncClient, rng: random.Random, tally: Tally) -> 
             tally.record("done", time.monotonic() - start_s)
         elif kind == "stream_cancel":
             stop_after = rng.randrange(1, 6)
-            agen = client.stream(prompt, model="demo", max_tokens=256)
+            stream = client.stream(prompt, model="demo", max_tokens=256)
             seen = 0
-            async for item in agen:
-                if isinstance(item, Completion):
-                    tally.record("done", time.monotonic() - start_s)
-                    break
-                seen += 1
-                if seen >= stop_after:
-                    tally.record("client_cancel")
-                    break
-            await agen.aclose()  # sends the cancel now, not at garbage collection
+            async with stream:  # leaving it early sends the cancel now, not at garbage collection
+                async for _ in stream:
+                    seen += 1
+                    if seen >= stop_after:
+                        tally.record("client_cancel")
+                        break
+            if stream.completion is not None:
+                tally.record("done", time.monotonic() - start_s)
         elif kind == "fleet_timeout":
             await client.generate(prompt, model="demo", max_tokens=512, timeout_s=rng.uniform(0.05, 0.5))
             tally.record("done", time.monotonic() - start_s)

@@ -9,20 +9,19 @@ after the first token arrives in-band, as an SSE ``data: {"error": ...}`` event.
 
 A client that goes away cancels its request in the fleet: aiohttp cancels the
 handler when the connection drops (``handler_cancellation``), and closing the
-AsyncClient stream sends ``cancel``, which frees the worker's slot.
+AsyncClient's stream sends ``cancel``, which frees the worker's slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -31,7 +30,7 @@ from actors.curve import local_client_keys
 from actors.protocol import CANCELLED, DEFAULT_LIMITS
 from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import local_addr
-from broker.client import GRACE_S, AsyncClient, Completion, FleetError, StreamChunk
+from broker.client import GRACE_S, AsyncClient, AsyncStream, Completion, FleetError, StreamChunk
 from broker.openai_responses import FINISH_REASONS, ResponseFormat, json_bytes
 from broker.openai_schema import (
     DEFAULT_MAX_TOKENS, OpenAIError, ParsedRequest, error_from_fleet, parse_chat_request, parse_completion_request,
@@ -146,13 +145,13 @@ class Gateway:
         rid = uuid.uuid4().hex
         fmt = ResponseFormat(parsed.kind, completion_id=id_prefix + rid, model=parsed.model,
                              created_s=int(time.time()), include_usage=parsed.include_usage)
-        items = self.client.stream(model=parsed.model, request_id=rid, _stream=parsed.stream, **parsed.options)
-        # Closing the stream early (error, disconnect, cancellation) sends `cancel` to the fleet.
-        async with contextlib.aclosing(items):
+        stream = self.client.stream(model=parsed.model, request_id=rid, stream=parsed.stream, **parsed.options)
+        # Leaving the stream early (error, disconnect, cancellation) sends `cancel` to the fleet.
+        async with stream:
             try:
-                first = await anext(items)  # the status waits for the fleet's first answer
+                first = await anext(stream, None)  # the status waits for the fleet's first answer
                 if not parsed.stream:
-                    done = first if isinstance(first, Completion) else await _last(items)
+                    done = await _completion(stream)
                     _raise_if_cancelled(done)
                     return json_response(fmt.full(done.text, FINISH_REASONS[done.finish_reason], done.usage))
             except FleetError as exc:
@@ -161,36 +160,32 @@ class Gateway:
             except asyncio.CancelledError:
                 log.info("client of %s went away; cancelling it in the fleet", fmt.id)
                 raise
-            return await self._stream(request, fmt, first, items)
+            return await self._stream(request, fmt, stream, first)
 
-    async def _stream(self, request: web.Request, fmt: ResponseFormat, first: StreamChunk | Completion,
-                      items: AsyncIterator[StreamChunk | Completion]) -> web.StreamResponse:
-        if isinstance(first, Completion):
-            _raise_if_cancelled(first)  # still time for a proper status
+    async def _stream(self, request: web.Request, fmt: ResponseFormat, stream: AsyncStream,
+                      first: StreamChunk | None) -> web.StreamResponse:
+        if first is None and stream.completion is not None:
+            _raise_if_cancelled(stream.completion)  # still time for a proper status
         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await resp.prepare(request)
         pending = fmt.start()
-        item: StreamChunk | Completion | None = first
+        chunk = first
         try:
-            while item is not None:
-                if isinstance(item, StreamChunk):
-                    if item.text:
-                        await resp.write(pending + fmt.delta(item.text))
+            try:
+                while chunk is not None:
+                    if chunk.text:
+                        await resp.write(pending + fmt.delta(chunk.text))
                         pending = b""
-                elif item.finish_reason in FINISH_REASONS:
-                    await resp.write(pending + fmt.finish(FINISH_REASONS[item.finish_reason], item.usage))
-                    break
+                    chunk = await anext(stream, None)
+            except FleetError as exc:
+                log.info("request %s failed mid-stream: %s", fmt.id, exc)
+                await resp.write(pending + fmt.error(error_from_fleet(exc.code, exc.message).body()))
+            else:
+                done = stream.completion
+                if done is not None and done.finish_reason in FINISH_REASONS:
+                    await resp.write(pending + fmt.finish(FINISH_REASONS[done.finish_reason], done.usage))
                 else:
                     await resp.write(pending + fmt.error(_cancelled_error().body()))
-                    break
-                try:
-                    item = await anext(items)
-                except FleetError as exc:
-                    log.info("request %s failed mid-stream: %s", fmt.id, exc)
-                    await resp.write(pending + fmt.error(error_from_fleet(exc.code, exc.message).body()))
-                    break
-                except StopAsyncIteration:
-                    item = None
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             log.info("client of %s went away mid-stream; cancelling it in the fleet", fmt.id)
@@ -236,12 +231,13 @@ async def _json_body(request: web.Request) -> Any:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-async def _last(items: AsyncIterator[StreamChunk | Completion]) -> Completion:
-    """Drain a non-streamed request to its Completion (raises FleetError on an error)."""
-    async for item in items:
-        if isinstance(item, Completion):
-            return item
-    raise FleetError("internal", "the fleet ended the request without a terminal message")
+async def _completion(stream: AsyncStream) -> Completion:
+    """Read a request to its end (raises FleetError on an error)."""
+    async for _ in stream:
+        pass
+    if stream.completion is None:
+        raise FleetError("internal", "the fleet ended the request without a terminal message")
+    return stream.completion
 
 
 def _cancelled_error() -> OpenAIError:

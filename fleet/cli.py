@@ -11,7 +11,8 @@ import uuid
 from typing import Any
 
 from actors.config import POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
-from fleet.cli_cluster import DEFAULT_CONNECT, add_client_options, add_cluster_commands, client_curve
+from actors.protocol import DEFAULT_CONNECT
+from fleet.cli_cluster import add_client_options, add_cluster_commands, client_curve
 
 
 def _replicas(values: list[str]) -> dict[str, int]:

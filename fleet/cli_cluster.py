@@ -10,8 +10,7 @@ from typing import Any
 
 from actors.config import load_config, parse_model_arg
 from actors.curve import CurveKeys, client_keys_from_config, make_keys
-
-DEFAULT_CONNECT = "tcp://127.0.0.1:5555"  # the `up` default frontend
+from actors.protocol import DEFAULT_CONNECT
 
 
 def add_client_options(p: argparse.ArgumentParser, *, timeout_s: float) -> None:

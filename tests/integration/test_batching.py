@@ -9,7 +9,7 @@ import pytest
 
 from actors.config import BatchingConfig
 from broker.client import Client
-from tests.integration.fleetutil import start_fleet
+from tests.integration.fleetutil import RawClient, start_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -86,22 +86,31 @@ def test_urgent_request_is_served_before_queued_background_work(fleet):
     # work behind it, then send one urgent request: it must finish before the
     # queued background requests get their first token.
     capacity = fleet.cfg.models[0].batching.decode_capacity
-    with Client(fleet.cfg.frontend, timeout_s=120) as client:
+    raw = RawClient(fleet.cfg.frontend)  # one socket carries all of them; read replies in arrival order
+    try:
+        def send(rid: str, prompt: str, max_tokens: int, priority: str) -> None:
+            raw.send({"type": "generate", "request_id": rid, "model": "demo", "prompt": prompt,
+                      "max_tokens": max_tokens, "priority": priority})
+
         # Staggered lengths free one slot at a time.
-        filler = [client.stream(f"fill {i}", model="demo", max_tokens=30 + 15 * i, priority="background")
-                  for i in range(capacity)]
-        queued = [client.stream(f"queued {i}", model="demo", max_tokens=5, priority="background") for i in range(4)]
-        urgent = client.stream("urgent", model="demo", max_tokens=5, priority="urgent")
+        for i in range(capacity):
+            send(f"filler-{i}", f"fill {i}", 30 + 15 * i, "background")
+        for i in range(4):
+            send(f"queued-{i}", f"queued {i}", 5, "background")
+        send("urgent", "urgent", 5, "urgent")
+        pending = {f"filler-{i}" for i in range(capacity)} | {f"queued-{i}" for i in range(4)} | {"urgent"}
+        known = set(pending)
         finished_order: list[str] = []
-        pending = {s.request_id: name for s, name in
-                   [(s, "filler") for s in filler] + [(s, "queued") for s in queued] + [(urgent, "urgent")]}
-        streams = {s.request_id: s for s in filler + queued + [urgent]}
-        # One socket carries all of them; drain replies in arrival order.
+        deadline = time.monotonic() + 60
         while pending:
-            data = client._recv(time.monotonic() + 60, "generate")
+            data = raw.recv(max(0.0, deadline - time.monotonic()))
+            assert data is not None, f"no reply within 60 s; still open: {sorted(pending)}"
             rid = data.get("request_id")
-            if rid in pending and data["type"] in ("done", "error"):
+            assert rid in known, data
+            if data["type"] in ("done", "error"):
                 assert data["type"] == "done", data
-                finished_order.append(pending.pop(rid))
-            assert rid in streams
+                pending.discard(rid)
+                finished_order.append(rid.split("-")[0])
+    finally:
+        raw.close()
     assert finished_order.index("urgent") < min(i for i, n in enumerate(finished_order) if n == "queued")

@@ -1,0 +1,228 @@
+"""What both client libraries share, without sockets: public types, open requests, the link.
+
+:class:`ClientCore` is the state of one client object: its open requests (each
+with the replies not yet read), whether a broker is connected, and what each
+reply or connection event means. ``Client`` and ``AsyncClient`` are thin shells
+that move frames and monitor events into it and wait on it, so both behave the
+same. It takes a clock, so its unit tests drive time without sleeping.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import zmq
+
+from actors.clock import Clock, MonotonicClock
+from actors.protocol import (
+    BAD_REQUEST, DEFAULT_LIMITS, DUPLICATE_REQUEST, TIMEOUT, UNAVAILABLE,
+    Addressed, Chunk, Done, Error, Generate, Message, ProtocolError, decode, encode,
+)
+
+DEFAULT_TIMEOUT_S = 120.0  # a call or request with no timeout_s of its own
+DEFAULT_CONNECT_TIMEOUT_S = 5.0  # how long a request waits for a broker to be connected at all
+GRACE_S = 2.0  # extra local wait past a request's own timeout_s, so the fleet's `timeout` error arrives first
+BAD_REPLY = "bad_reply"  # a local code: the broker's answer could not be decoded
+R = TypeVar("R", bound=Message)
+# The connection events the clients watch on their socket's monitor.
+MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+
+class FleetError(Exception):
+    """A request or call failed; ``code`` is the protocol error code (or ``bad_reply``)."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass
+class StreamChunk:
+    """New text (and its token ids) of a streaming request."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Completion:
+    """A finished request."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def new_request_id() -> str:
+    """A fresh, random request id."""
+    return uuid.uuid4().hex
+
+
+def make_generate(model: str, prompt: str | None, **options: Any) -> Generate:
+    """A ``generate`` message with a fresh request id; options are the protocol's fields."""
+    rid = options.pop("request_id", None) or new_request_id()
+    return Generate(request_id=rid, model=model, prompt=prompt, **options)
+
+
+def make_routing_id() -> bytes:
+    """A random ZeroMQ routing id for one client object (ASCII; never starts with a zero byte)."""
+    return uuid.uuid4().hex.encode()
+
+
+def encode_checked(msg: Message) -> list[bytes]:
+    """Frames for ``msg``; a payload the broker would not read raises ``bad_request`` here."""
+    frames = encode(msg)
+    if len(frames[1]) > DEFAULT_LIMITS.max_frame_bytes:
+        rid = msg.request_id if isinstance(msg, Addressed) else None
+        raise FleetError(BAD_REQUEST, f"request of {len(frames[1])} bytes exceeds max_frame_bytes="
+                         f"{DEFAULT_LIMITS.max_frame_bytes}", rid)
+    return frames
+
+
+def local_timeout_s(msg_timeout_s: float | None, default_s: float) -> float:
+    """How long a client waits for a request that asked the fleet for ``msg_timeout_s``."""
+    return msg_timeout_s + GRACE_S if msg_timeout_s is not None else default_s
+
+
+@dataclass
+class Pending:
+    """One open request: its unread replies, its deadline, and the output so far."""
+
+    request_id: str
+    what: str  # the message type, for error messages
+    sent_s: float
+    deadline_s: float
+    notify: Callable[[], None] | None = None  # wakes a waiting coroutine (AsyncClient)
+    inbox: deque[Message | FleetError] = field(default_factory=deque)
+    parts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    ended: bool = False  # the fleet sent its terminal message
+
+    def put(self, item: Message | FleetError) -> None:
+        """Queue a reply (or a local failure) for the reader of this request."""
+        self.inbox.append(item)
+        if self.notify is not None:
+            self.notify()
+
+
+class ClientCore:
+    """Open requests and the link to the broker of one client object; no sockets."""
+
+    def __init__(self, addr: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 clock: Clock | None = None) -> None:
+        self.addr = addr
+        self.connect_timeout_s = connect_timeout_s
+        self.clock = clock or MonotonicClock()
+        self.connected = False  # a broker completed the ZeroMQ handshake and has not gone since
+        self.refused = False  # the last handshake failed: the broker refused our CurveZMQ key
+        self.pending: dict[str, Pending] = {}
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def open(self, request_id: str, what: str, wait_s: float, notify: Callable[[], None] | None = None) -> Pending:
+        """Register a request about to be sent; a request_id already open here is refused."""
+        if request_id in self.pending:
+            raise FleetError(DUPLICATE_REQUEST, f"request_id {request_id!r} is already in flight on this client",
+                             request_id)
+        now = self.clock.now()
+        p = self.pending[request_id] = Pending(request_id, what, now, now + wait_s, notify)
+        return p
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request's record; replies that still come for it are ignored."""
+        self.pending.pop(request_id, None)
+
+    def take(self, p: Pending) -> Message | None:
+        """The next reply of ``p``, or None; a local failure queued for it is raised."""
+        if not p.inbox:
+            return None
+        item = p.inbox.popleft()
+        if isinstance(item, FleetError):
+            raise item
+        return item
+
+    def wait_until_s(self, p: Pending) -> float:
+        """When to stop waiting for ``p``'s next reply: its deadline, or sooner while no broker is connected."""
+        if self.connected:
+            return p.deadline_s
+        return min(p.deadline_s, p.sent_s + self.connect_timeout_s)
+
+    def expired(self, p: Pending) -> FleetError:
+        """The error of a request whose wait (``wait_until_s``) has passed."""
+        if not self.connected and p.sent_s + self.connect_timeout_s <= p.deadline_s:
+            why = ("the broker refused our CurveZMQ key" if self.refused else
+                   "no broker is connected (is the fleet running?)")
+            return FleetError(UNAVAILABLE, f"{why}: nothing answered at {self.addr} within "
+                              f"connect_timeout_s={self.connect_timeout_s:g}s")
+        return FleetError(TIMEOUT, f"no answer from {self.addr} within the timeout ({p.what})")
+
+    # ---- input --------------------------------------------------------------------------
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        """Route one reply to its request; replies for no open request are dropped."""
+        try:
+            msg = decode(frames, ignore_unknown=True)
+        except ProtocolError as exc:
+            p = self.pending.get(exc.request_id or "")
+            if p is not None:
+                p.put(FleetError(BAD_REPLY, f"undecodable reply from the broker: {exc.message}", p.request_id))
+            return
+        p = self.pending.get(msg.request_id or "") if isinstance(msg, Addressed) else None
+        if p is not None:
+            p.put(msg)
+
+    def on_event(self, event: int) -> None:
+        """A socket monitor event: track the link, and end every open request when it drops."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.connected, self.refused = True, False
+            for p in self.pending.values():
+                if p.notify is not None:
+                    p.notify()  # a waiter may now wait longer
+            return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self.refused = True
+            text = f"the broker at {self.addr} refused our CurveZMQ key"
+        elif event == zmq.EVENT_DISCONNECTED:
+            text = (f"lost the connection to the broker at {self.addr} (it may have restarted); "
+                    "the request's outcome is unknown")
+        else:
+            return
+        self.connected = False
+        for p in list(self.pending.values()):
+            p.put(FleetError(UNAVAILABLE, text))
+
+    # ---- a generate's replies -------------------------------------------------------------
+
+    def advance(self, p: Pending, msg: Message) -> StreamChunk | Completion | None:
+        """What one reply of a generate means: a chunk, the completion, or (error) a raised FleetError."""
+        if isinstance(msg, Chunk):
+            p.parts.append(msg.text)
+            p.ids.extend(msg.token_ids)
+            return StreamChunk(msg.text, msg.token_ids)
+        if isinstance(msg, Error):
+            p.ended = True
+            raise FleetError(msg.code, msg.message, p.request_id)
+        if isinstance(msg, Done):
+            p.ended = True
+            text = "".join(p.parts) if msg.text is None else msg.text
+            ids = p.ids if msg.token_ids is None else list(msg.token_ids)
+            return Completion(p.request_id, text, ids, msg.finish_reason, dict(msg.usage), dict(msg.timings))
+        return None  # nothing else answers a generate
+
+    def reply(self, p: Pending, msg: Message, reply_type: type[R]) -> R | None:
+        """A call's reply if ``msg`` is it; an ``error`` is raised; anything else is None."""
+        if isinstance(msg, Error):
+            p.ended = True
+            raise FleetError(msg.code, msg.message, p.request_id)
+        if isinstance(msg, reply_type):
+            p.ended = True
+            return msg
+        return None
