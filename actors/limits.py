@@ -10,9 +10,9 @@ from typing import Any
 class Limits:
     """Bounds enforced when decoding. Every field has a unit in its name.
 
-    ``max_frame_bytes`` bounds a payload frame. Sockets are built with the same
-    figure as ZeroMQ's ``MAXMSGSIZE`` (:mod:`actors.sockets`), so a larger frame
-    never reaches the decoder: ZeroMQ drops the connection that sent it.
+    ``max_frame_bytes`` bounds every frame. The broker's client endpoint has it as
+    ZeroMQ's ``MAXMSGSIZE``, so a larger frame from a client never reaches the
+    decoder: ZeroMQ drops the connection that sent it.
     """
 
     max_frame_bytes: int = 4 * 1024 * 1024

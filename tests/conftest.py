@@ -25,3 +25,9 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 (pytest hook sign
     """Remove the session's model cache."""
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def pytest_addoption(parser):
+    """``--connect ADDR`` points tests/conformance at a running fleet instead of one it starts."""
+    parser.addoption("--connect", action="store", default=None, metavar="ADDR",
+                     help="run tests/conformance against the fleet at ADDR (e.g. tcp://127.0.0.1:5555)")
