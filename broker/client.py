@@ -18,13 +18,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from actors.curve import apply_client
 from actors.protocol import (
-    DEFAULT_CONNECT, Addressed, Cancel, ControlReply, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
+    DEFAULT_CONNECT, Addressed, ControlReply, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
 )
-from actors.sockets import make_socket
 from broker.client_async import AsyncClient, AsyncStream
 from broker.client_core import (
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, MONITOR_EVENTS, R, ClientCore, Completion, FleetError,
-    Pending, StreamChunk, encode_checked, local_timeout_s, make_generate, make_routing_id, new_request_id,
+    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, ClientShell, Completion, FleetError, Pending,
+    StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
 )
 
 __all__ = [
@@ -43,7 +42,7 @@ def apply_curve_client(sock: zmq.Socket, curve: dict[str, bytes]) -> None:
     apply_client(sock, curve)
 
 
-class Client:
+class Client(ClientShell):
     """A blocking client. ``timeout_s`` bounds every call that has no own timeout.
 
     ``connect_timeout_s`` bounds how long a request waits for a broker to be
@@ -53,21 +52,11 @@ class Client:
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
                  ctx: zmq.Context | None = None) -> None:
-        self.connect_addr = connect
-        self.timeout_s = timeout_s
-        self.routing_id = make_routing_id()
-        self.core = ClientCore(connect, connect_timeout_s=connect_timeout_s)
-        self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.Context()
-        self.sock = make_socket(self.ctx, zmq.DEALER, identity=self.routing_id)
-        if curve:
-            apply_curve_client(self.sock, curve)
-        self._monitor = self.sock.get_monitor_socket(MONITOR_EVENTS)  # before connect: see the first handshake
-        self.sock.connect(connect)
+        super().__init__(ctx or zmq.Context(), ctx is None, connect, timeout_s=timeout_s,
+                         connect_timeout_s=connect_timeout_s, curve=curve)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
-        self.closed = False
 
     def __enter__(self) -> "Client":
         return self
@@ -77,15 +66,8 @@ class Client:
 
     def close(self) -> None:
         """Close the socket (linger 0); open streams end."""
-        if self.closed:
-            return
-        self.closed = True
-        self.core.pending.clear()
-        self.sock.disable_monitor()
-        self._monitor.close(0)
-        self.sock.close(0)
-        if self._own_ctx:
-            self.ctx.term()
+        if not self.closed:
+            self._close_sockets()
 
     # ---- plumbing ------------------------------------------------------------------
 
@@ -108,26 +90,12 @@ class Client:
     def _next(self, p: Pending) -> Message:
         """The next reply of ``p``, waiting for it; a local failure (timeout, lost broker) raises."""
         while True:
-            msg = self.core.take(p)
+            self._drain_events()  # a handshake or a drop may be waiting to be read
+            msg, left_s = self.core.next_or_wait(p)
             if msg is not None:
                 return msg
-            left_s = self.core.wait_until_s(p) - self.core.clock.now()
-            if left_s <= 0:
-                self._drain_events()  # a handshake may be waiting to be read
-                if self.core.wait_until_s(p) <= self.core.clock.now() and not p.inbox:
-                    raise self.core.expired(p)
-                continue
-            events = dict(self._poller.poll(left_s * 1000.0))
-            if self._monitor in events:
-                self._drain_events()
-            if self.sock in events:
+            if self.sock in dict(self._poller.poll(max(1, int(left_s * 1000.0)))):
                 self.core.on_frames(self.sock.recv_multipart())
-
-    def _abandon(self, p: Pending) -> None:
-        """Stop reading ``p``; if the fleet has not ended it, cancel it there."""
-        if not p.ended and not self.closed and p.request_id in self.core.pending:
-            self.cancel(p.request_id)
-        self.core.forget(p.request_id)
 
     def _call(self, msg: Addressed, reply_type: type[R], timeout_s: float | None) -> R:
         msg.request_id = new_request_id()
@@ -138,7 +106,7 @@ class Client:
                 if reply is not None:
                     return reply
         finally:
-            self.core.forget(p.request_id)
+            self._forget(p.request_id)
 
     # ---- calls ------------------------------------------------------------------------
 
@@ -170,10 +138,7 @@ class Client:
         The request still ends with its one terminal message, read from its stream.
         With no connected broker a send could wait; the cancel is dropped instead.
         """
-        try:
-            self.sock.send_multipart(encode_checked(Cancel(request_id)), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._cancel_now(request_id)
 
     def stream(self, prompt: str | None = None, *, model: str, **options: Any) -> "SyncStream":
         """Send a request; iterate the result for chunks. ``stream`` defaults to True.

@@ -15,39 +15,28 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from actors.protocol import (
-    DEFAULT_CONNECT, Addressed, Cancel, ControlReply, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
+    DEFAULT_CONNECT, Addressed, ControlReply, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
 )
-from actors.sockets import make_socket
-from actors.curve import apply_client
 from broker.client_core import (
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, MONITOR_EVENTS, R, ClientCore, Completion, Pending, StreamChunk,
-    encode_checked, local_timeout_s, make_generate, make_routing_id, new_request_id,
+    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, R, ClientShell, Completion, Pending, StreamChunk, encode_checked,
+    local_timeout_s, make_generate, new_request_id,
 )
 
 
-class AsyncClient:
+class AsyncClient(ClientShell):
     """An asyncio client: many concurrent requests over one socket. See :class:`broker.client.Client`."""
+
+    sock: zmq.asyncio.Socket  # made by an asyncio context
+    _monitor: zmq.asyncio.Socket
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
                  ctx: zmq.asyncio.Context | None = None) -> None:
-        self.connect_addr = connect
-        self.timeout_s = timeout_s
-        self.routing_id = make_routing_id()
-        self.core = ClientCore(connect, connect_timeout_s=connect_timeout_s)
-        self._own_ctx = ctx is None
-        self.ctx = ctx or zmq.asyncio.Context()
-        self.sock: zmq.asyncio.Socket = make_socket(self.ctx, zmq.DEALER, identity=self.routing_id)  # type: ignore[assignment]
-        if curve:
-            apply_client(self.sock, curve)
-        self._monitor = self.sock.get_monitor_socket(MONITOR_EVENTS)  # before connect: see the first handshake
-        self.sock.connect(connect)
-        # Cancels go out at once, without awaiting (also from a task being cancelled).
-        self._now_sock = zmq.Socket.shadow(self.sock.underlying)
+        super().__init__(ctx or zmq.asyncio.Context(), ctx is None, connect, timeout_s=timeout_s,
+                         connect_timeout_s=connect_timeout_s, curve=curve)
         self._wakeups: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.closed = False
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -67,12 +56,8 @@ class AsyncClient:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        self.core.pending.clear()
-        self.sock.disable_monitor()
-        self._monitor.close(0)
-        self.sock.close(0)
-        if self._own_ctx:
-            self.ctx.term()
+        self._wakeups.clear()
+        self._close_sockets()
 
     # ---- plumbing ------------------------------------------------------------------
 
@@ -82,7 +67,7 @@ class AsyncClient:
             self._reader = loop.create_task(self._read())
         if self._watcher is None or self._watcher.done():
             # Events from before anything watched: they set the link's state and concern no open request.
-            now_monitor = zmq.Socket.shadow(self._monitor.underlying)
+            now_monitor: zmq.Socket = zmq.Socket.shadow(self._monitor.underlying)
             while now_monitor.poll(0):
                 self.core.on_event(parse_monitor_message(now_monitor.recv_multipart())["event"])
             self._watcher = loop.create_task(self._watch())
@@ -110,37 +95,22 @@ class AsyncClient:
         return p, asyncio.ensure_future(sent)
 
     def _forget(self, request_id: str) -> None:
-        self.core.forget(request_id)
+        super()._forget(request_id)
         self._wakeups.pop(request_id, None)
 
     async def _next(self, p: Pending) -> Message:
         """The next reply of ``p``, waiting for it; a local failure (timeout, lost broker) raises."""
         wake = self._wakeups[p.request_id]
         while True:
-            msg = self.core.take(p)
+            msg, left_s = self.core.next_or_wait(p)
             if msg is not None:
                 return msg
-            left_s = self.core.wait_until_s(p) - self.core.clock.now()
-            if left_s <= 0:
-                raise self.core.expired(p)
             wake.clear()
             try:
                 async with asyncio.timeout(left_s):
                     await wake.wait()
             except TimeoutError:
                 pass
-
-    def _abandon(self, p: Pending) -> None:
-        """Stop reading ``p``; if the fleet has not ended it, cancel it there (without awaiting)."""
-        if not p.ended and not self.closed and p.request_id in self.core.pending:
-            self._cancel_now(p.request_id)
-        self._forget(p.request_id)
-
-    def _cancel_now(self, request_id: str) -> None:
-        try:
-            self._now_sock.send_multipart(encode_checked(Cancel(request_id)), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
 
     async def _call(self, msg: Addressed, reply_type: type[R], timeout_s: float | None) -> R:
         msg.request_id = new_request_id()

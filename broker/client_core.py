@@ -1,10 +1,11 @@
-"""What both client libraries share, without sockets: public types, open requests, the link.
+"""What both client libraries share: public types, the state of a client, its socket.
 
-:class:`ClientCore` is the state of one client object: its open requests (each
-with the replies not yet read), whether a broker is connected, and what each
-reply or connection event means. ``Client`` and ``AsyncClient`` are thin shells
-that move frames and monitor events into it and wait on it, so both behave the
-same. It takes a clock, so its unit tests drive time without sleeping.
+:class:`ClientCore` is the state of one client object, without sockets: its open
+requests (each with the replies not yet read), whether a broker is connected,
+and what each reply or connection event means. It takes a clock, so its unit
+tests drive time without sleeping. :class:`ClientShell` holds the socket side
+both clients share. ``Client`` and ``AsyncClient`` only move frames and monitor
+events into the core and wait on it, so both behave the same.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any, Callable, TypeVar
 import zmq
 
 from actors.clock import Clock, MonotonicClock
+from actors.curve import apply_client
 from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, DUPLICATE_REQUEST, TIMEOUT, UNAVAILABLE,
-    Addressed, Chunk, Done, Error, Generate, Message, ProtocolError, decode, encode,
+    Addressed, Cancel, Chunk, Done, Error, Generate, Message, ProtocolError, decode, encode,
 )
+from actors.sockets import make_socket
 
 DEFAULT_TIMEOUT_S = 120.0  # a call or request with no timeout_s of its own
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # how long a request waits for a broker to be connected at all
@@ -149,6 +152,19 @@ class ClientCore:
             raise item
         return item
 
+    def next_or_wait(self, p: Pending) -> tuple[Message | None, float]:
+        """``p``'s next reply if one is queued, else how long to wait for one.
+
+        A queued local failure, or a wait that has run out (``expired``), raises.
+        """
+        msg = self.take(p)
+        if msg is not None:
+            return msg, 0.0
+        left_s = self.wait_until_s(p) - self.clock.now()
+        if left_s <= 0:
+            raise self.expired(p)
+        return None, left_s
+
     def wait_until_s(self, p: Pending) -> float:
         """When to stop waiting for ``p``'s next reply: its deadline, or sooner while no broker is connected."""
         if self.connected:
@@ -226,3 +242,50 @@ class ClientCore:
             p.ended = True
             return msg
         return None
+
+
+class ClientShell:
+    """The socket side of both clients: a DEALER with its own routing id, its monitor, and the core."""
+
+    def __init__(self, ctx: zmq.Context, own_ctx: bool, connect: str, *, timeout_s: float,
+                 connect_timeout_s: float, curve: dict[str, bytes] | None) -> None:
+        self.connect_addr = connect
+        self.timeout_s = timeout_s
+        self.routing_id = make_routing_id()
+        self.core = ClientCore(connect, connect_timeout_s=connect_timeout_s)
+        self.ctx = ctx
+        self._own_ctx = own_ctx
+        self.sock = make_socket(ctx, zmq.DEALER, identity=self.routing_id)
+        if curve:
+            apply_client(self.sock, curve)
+        self._monitor = self.sock.get_monitor_socket(MONITOR_EVENTS)  # before connect: see the first handshake
+        self.sock.connect(connect)
+        # Sends that never wait (cancels), from any code path, the asyncio one included.
+        self._now_sock: zmq.Socket = zmq.Socket.shadow(self.sock.underlying)
+        self.closed = False
+
+    def _close_sockets(self) -> None:
+        """Close the socket and its monitor (linger 0), and the context if it is ours; open requests end."""
+        self.closed = True
+        self.core.pending.clear()
+        self.sock.disable_monitor()
+        self._monitor.close(0)
+        self.sock.close(0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def _cancel_now(self, request_id: str) -> None:
+        """Send ``cancel`` without waiting; with no broker to take it, it is dropped."""
+        try:
+            self._now_sock.send_multipart(encode_checked(Cancel(request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _forget(self, request_id: str) -> None:
+        self.core.forget(request_id)
+
+    def _abandon(self, p: Pending) -> None:
+        """Stop reading ``p``; if the fleet has not ended it, cancel it there."""
+        if not p.ended and not self.closed and p.request_id in self.core.pending:
+            self._cancel_now(p.request_id)
+        self._forget(p.request_id)

@@ -54,10 +54,11 @@ def test_what_a_waiting_request_gets(events: list[int], wait_s: float, connect_s
     for event in events:
         c.on_event(event)
     assert c.wait_until_s(p) == pytest.approx(100.0 + until_s)
+    if not p.inbox:  # nothing queued: it waits exactly that long
+        assert c.next_or_wait(p) == (None, pytest.approx(until_s))
     clock.advance(until_s)
     with pytest.raises(FleetError) as info:
-        if c.take(p) is None:  # a queued local failure raises here; else the wait has expired
-            raise c.expired(p)
+        c.next_or_wait(p)  # a queued local failure, or the expired wait
     assert info.value.code == code
     assert all(w in info.value.message for w in words), info.value.message
 
