@@ -22,7 +22,9 @@ from typing import Any, Callable
 from actors.children import ChildSpec, Children, WorkerSpec
 from actors.config import FleetConfig, ModelSpec
 from actors.control import Start, Stop
-from actors.protocol import BAD_REQUEST, INTERNAL, OVER_BUDGET, UNKNOWN_MODEL, ControlReply, Error, Load, Message
+from actors.protocol import (
+    BAD_REQUEST, INTERNAL, OVER_BUDGET, UNKNOWN_MODEL, Addressed, ControlReply, Error, Load, Message,
+)
 
 log = logging.getLogger("mlx_fleet.supervisor")
 
@@ -71,7 +73,7 @@ class ModelManager:
 
     # ---- calls -----------------------------------------------------------------------
 
-    def handle(self, msg: Message) -> Message:
+    def handle(self, msg: Message) -> Addressed:
         """Run one call from the broker (load, start or stop); every call gets one answer."""
         try:
             if isinstance(msg, Load):
@@ -85,10 +87,10 @@ class ModelManager:
         except Exception as exc:  # a failed call answers with an error; the supervisor goes on
             log.exception("control call %s failed", msg.TYPE)
             reply = Error(INTERNAL, f"{msg.TYPE} failed: {type(exc).__name__}: {exc}")
-        reply.request_id = getattr(msg, "request_id", None)  # type: ignore[attr-defined]
+        reply.request_id = msg.request_id if isinstance(msg, Addressed) else None
         return reply
 
-    def load(self, msg: Load) -> Message:
+    def load(self, msg: Load) -> Addressed:
         """Add a model and start its replicas (none yet when on-demand)."""
         if msg.model in self.specs:
             return Error(BAD_REQUEST, f"model {msg.model!r} is already loaded")
@@ -108,7 +110,7 @@ class ModelManager:
         ids = self.spawn(spec, spec.replicas)
         return ControlReply("load", spec.name, f"starting {len(ids)} replica(s)", ids)
 
-    def start(self, name: str) -> Message:
+    def start(self, name: str) -> Addressed:
         """Start an on-demand model's replicas (nothing to do if they run)."""
         spec = self.specs.get(name)
         if spec is None:
@@ -122,7 +124,7 @@ class ModelManager:
         ids = self.spawn(spec, count)
         return ControlReply("start", name, f"starting {len(ids)} replica(s)", ids)
 
-    def stop(self, name: str, *, forget: bool) -> Message:
+    def stop(self, name: str, *, forget: bool) -> Addressed:
         """Retire a model's worker processes (SIGTERM now, SIGKILL after the registry's grace)."""
         if forget:
             self.specs.pop(name, None)  # a model served only by remote workers has no spec here

@@ -198,7 +198,7 @@ class ModelControl:
             if self.state.supervisor is not None:
                 self._sync(self.state.supervisor.models)
             return out
-        key = getattr(msg, "request_id", None)
+        key = msg.request_id if isinstance(msg, Addressed) else None
         call = self.calls.pop(key, None) if isinstance(key, str) else None
         if call is None:
             return []
