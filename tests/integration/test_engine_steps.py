@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_solo import PROMPTS, drain, make_engine, migrate_after, mt, req, run  # noqa: F401
+from tests.integration.test_solo import PROMPTS, drain, make_engine, mt, req, run  # noqa: F401 (mt: the fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
