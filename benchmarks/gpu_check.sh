@@ -12,7 +12,7 @@
 # On this project's lent GPU machine (no network, 64 MiB per call, 10 minutes per call, 30 s warm
 # window between calls; see benchmarks/gpu_common.sh):
 #     benchmarks/gpu_check.sh prepare                                # here: wheels into .gpu/a and .gpu/b
-#     device run, carry [".gpu/a"], timeout_s 240:  bash benchmarks/gpu_check.sh stage   # half a wheel, the model
+#     device run, carry [".gpu/a"], timeout_s 300:  bash benchmarks/gpu_check.sh stage   # half a wheel, the model
 #     right after, carry [".gpu/b"], timeout_s 600: bash benchmarks/gpu_check.sh run     # install, run, write $OUT
 # It writes gpu_check.md, gpu_check.json and gpu_check.log into $OUT (default benchmarks/results).
 #
