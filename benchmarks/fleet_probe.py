@@ -143,4 +143,6 @@ ENGINE_NOTE = ("Engine figures come from the workers' heartbeat stats, read befo
                "path (solo: mlx-lm's generate_step alone; batch: the BatchGenerator; handoff: solo, then moved into "
                "the batch), engine steps, mean sequences per decode step, and each step cycle's wall time split into "
                "time inside mlx-lm and the worker's own code around it. CPU seconds are per process role over the run "
-               "(client = the benchmark process and its client threads).")
+               "(client = the benchmark process and its client threads). The bare BatchGenerator's row (concurrent "
+               "runs) is measured the same way in its own loop: time inside BatchGenerator.next against the rest, "
+               "and the CPU of the benchmark process, which is its engine.")

@@ -48,10 +48,4 @@ run() {
         ${PARTS:+--parts "$PARTS"} 2> >(tee "$out/gpu_check.log" >&2)
 }
 
-case "${1:-run}" in
-    prepare) prepare ;;
-    stage) stage ;;
-    run) run ;;
-    model) write_model ;;
-    *) echo "usage: $0 prepare|stage|run|model" >&2; exit 2 ;;
-esac
+dispatch "$@"

@@ -58,3 +58,14 @@ show_device() {
     "$PY" -c 'import mlx.core as mx; print("MLX", mx.__version__, "default device", mx.default_device())'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 }
+
+dispatch() {
+    # The sourcing script defines run(); the rest is common to both.
+    case "${1:-run}" in
+        prepare) prepare ;;
+        stage) stage ;;
+        run) run ;;
+        model) write_model ;;
+        *) echo "usage: $0 prepare|stage|run|model" >&2; exit 2 ;;
+    esac
+}

@@ -33,10 +33,4 @@ run() {
         --model "$MODEL_DIR" --questions "$QUESTIONS" --repeats "$REPEATS" --clients "$CLIENTS" --max-tokens "$MAX_TOKENS"
 }
 
-case "${1:-run}" in
-    prepare) prepare ;;
-    stage) stage ;;
-    run) run ;;
-    model) write_model ;;
-    *) echo "usage: $0 prepare|stage|run|model" >&2; exit 2 ;;
-esac
+dispatch "$@"

@@ -237,7 +237,7 @@ def markdown(data: dict[str, Any], labels: dict[str, str], args: argparse.Namesp
                 "\n### Overhead against the bare engine\n", tables.comparison_table(res, labels, BARE),
                 "\n### Against mlx_lm.server\n", tables.comparison_table(res, labels, SERVER),
                 "\n### Against the seed's v1.4.1 configuration\n", tables.comparison_table(res, labels, SEED_V141),
-                "\n### Inside the fleets: paths, step time, CPU (all repeats)\n", engine_table(engine, labels),
+                "\n### Inside the engines: paths, step time, CPU (all repeats)\n", engine_table(engine, labels),
                 "", ENGINE_NOTE, "", plots.plot_links(pngs.get(variant, []))]
     return "\n".join(out)
 

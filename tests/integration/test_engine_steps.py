@@ -85,6 +85,23 @@ def test_batched_steps_add_no_synchronisation_to_mlx_lms(mt, syncs):
     assert syncs.count(*SYNCS) == engine_waits
 
 
+def test_admitting_a_prompt_cache_hit_mid_batch_waits_for_nothing(mt, syncs):
+    engine = make_engine(mt, entries=8)
+    ids = engine.encode_prompt(PROMPTS[2], None, None)
+    run(engine, [req("a", ids, max_tokens=6)])
+    engine.insert([req("b", ids + [5, 6], max_tokens=30), req("c", ids, max_tokens=30)])
+    for _ in range(4):
+        engine.step()
+    syncs.calls.clear()
+    hits = engine.cache_stats.hits
+    engine.insert([req("d", ids + [7], max_tokens=10)])  # a hit on a's stored cache, while b and c decode
+    assert engine.cache_stats.hits == hits + 1
+    assert syncs.count(*SYNCS, "async_eval") == 0, syncs.calls  # the copy of the hit stays lazy
+    engine.step()
+    assert syncs.count(*SYNCS, who="ours") == 0, syncs.calls
+    drain(engine)
+
+
 def test_solo_steps_add_no_synchronisation_to_generate_steps(mt, syncs):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
