@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from workers.blas import describe_blas, find_blas, preload_blas
 
@@ -99,6 +99,29 @@ def compare(bare: list[Sample], served: list[Sample]) -> dict[str, Any]:
     return out
 
 
+def alternate(bare: Callable[[str], Sample], served: Callable[[str], Sample], qs: list[str],
+              deadline: float | None) -> tuple[list[Sample], list[Sample]]:
+    """Each question through both, alternating which goes first; no pair starts past ``deadline``."""
+    out: tuple[list[Sample], list[Sample]] = ([], [])
+    longest = 0.0
+    for i, q in enumerate(qs):
+        t_pair = time.monotonic()
+        if deadline is not None and t_pair + longest * 1.5 > deadline:
+            progress(f"overhead: deadline reached after {i} of {len(qs)} requests")
+            break
+        # Alternate which goes first, so neither always runs on a warmer cache.
+        if i % 2 == 0:
+            b, s = bare(q), served(q)
+        else:
+            s, b = served(q), bare(q)
+        out[0].append(b)
+        out[1].append(s)
+        longest = max(longest, time.monotonic() - t_pair)
+        if (i + 1) % 10 == 0:
+            progress(f"overhead: {i + 1}/{len(qs)} requests")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and write benchmarks/results/overhead.{json,md}."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -125,40 +148,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load(str(resolve_source(args.model)))
     name = served_name(args.model)
     cfg, ipc_dir = local_config(name, BatchingConfig(solo_fast_path=args.solo_fast_path), source=args.model)
-    bare: list[Sample] = []
-    served: list[Sample] = []
-    mismatches = 0
     deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else None
     with BackgroundFleet(cfg, ipc_dir), Client(cfg.frontend, timeout_s=120) as client:
         for q in qs[: args.warmup]:
             run_in_process(model, tokenizer, q, args.max_tokens)
             run_served(client, name, q, args.max_tokens)
         probe = FleetProbe(client, name)
-        before, longest = probe.before(), 0.0
-        for i, q in enumerate(qs):
-            t_pair = time.monotonic()
-            if deadline is not None and t_pair + longest * 1.5 > deadline:
-                progress(f"overhead: deadline reached after {i} of {len(qs)} requests")
-                break
-            # Alternate which goes first, so neither always runs on a warmer cache.
-            if i % 2 == 0:
-                b = run_in_process(model, tokenizer, q, args.max_tokens)
-                s = run_served(client, name, q, args.max_tokens)
-            else:
-                s = run_served(client, name, q, args.max_tokens)
-                b = run_in_process(model, tokenizer, q, args.max_tokens)
-            bare.append(b)
-            served.append(s)
-            mismatches += b.token_ids != s.token_ids
-            longest = max(longest, time.monotonic() - t_pair)
-            if (i + 1) % 10 == 0:
-                progress(f"overhead: {i + 1}/{len(qs)} requests")
+        before = probe.before()
+        bare, served = alternate(lambda q: run_in_process(model, tokenizer, q, args.max_tokens),
+                                 lambda q: run_served(client, name, q, args.max_tokens), qs, deadline)
         engine = probe.after(before)
         engine["cpu_s"]["client"] = None  # this process also ran the in-process requests
         worker_info = client.status()["models"][name]["workers"][0]["info"]
     worker_blas = worker_info["blas"]
     result = compare(bare, served)
-    result["token_mismatches"] = mismatches
+    result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
     result["requests_done"] = len(served)
     result["engine"] = engine
     result["paths"] = dict(Counter(x.path for x in served))
