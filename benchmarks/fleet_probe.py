@@ -20,7 +20,7 @@ from typing import Any
 
 PATHS = ("solo", "batch", "handoff")
 SUMMED = ("steps", "decode_steps", "generated_tokens", "solo_steps", "batch_steps", "handoffs", "step_cycles",
-          "mlx_s", "own_s", "busy_s", *(f"requests_{p}" for p in PATHS))
+          "mlx_s", "own_s", "busy_s", "prompt_cache_hits", "prompt_cache_hit_tokens", *(f"requests_{p}" for p in PATHS))
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -96,6 +96,7 @@ def summarize(delta: dict[str, float], cpu_s: dict[str, float | None], *, comple
         "handoffs": int(delta.get("handoffs", 0)), "steps": int(steps), "decode_steps": int(delta.get("decode_steps", 0)),
         "solo_steps": int(delta.get("solo_steps", 0)), "batch_steps": int(delta.get("batch_steps", 0)),
         "mean_batch": delta["generated_tokens"] / delta["decode_steps"] if delta.get("decode_steps") else 0.0,
+        "cache_hits": int(delta.get("prompt_cache_hits", 0)), "cache_hit_tokens": int(delta.get("prompt_cache_hit_tokens", 0)),
         "mlx_s": delta.get("mlx_s", 0.0), "own_s": delta.get("own_s", 0.0),
         "mlx_ms_per_step": delta.get("mlx_s", 0.0) / steps * 1000 if steps else 0.0,
         "own_ms_per_step": delta.get("own_s", 0.0) / steps * 1000 if steps else 0.0,
@@ -115,34 +116,38 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
             delta[f"requests_{p}"] = delta.get(f"requests_{p}", 0.0) + r["paths"][p]
         for k in ("handoffs", "solo_steps", "batch_steps", "steps", "decode_steps", "mlx_s", "own_s"):
             delta[k] = delta.get(k, 0.0) + r[k]
+        delta["prompt_cache_hits"] = delta.get("prompt_cache_hits", 0.0) + r["cache_hits"]
+        delta["prompt_cache_hit_tokens"] = delta.get("prompt_cache_hit_tokens", 0.0) + r["cache_hit_tokens"]
         delta["generated_tokens"] += r["mean_batch"] * r["decode_steps"]
         for role, v in r["cpu_s"].items():
             cpu[role] = None if v is None or (role in cpu and cpu[role] is None) else (cpu.get(role) or 0.0) + v
     return summarize(delta, cpu, complete=all(r["complete"] for r in runs))
 
 
-ENGINE_HEADER = ("| configuration | solo | batch | handoff | steps | mean batch | mlx-lm ms/step | own ms/step "
-                 "| own % | CPU s: worker / broker / client |")
+ENGINE_HEADER = ("| configuration | solo | batch | handoff | steps | mean batch | prompt-cache hits (tokens) "
+                 "| mlx-lm ms/step | own ms/step | own % | CPU s: worker / broker / client |")
 
 
 def engine_table(rows: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
     """One row per fleet configuration: requests by path, steps, the split, CPU by role."""
-    lines = [ENGINE_HEADER, "|---|" + "---:|" * 9]
+    lines = [ENGINE_HEADER, "|---|" + "---:|" * 10]
     for key, e in rows.items():
         if not e:
             continue
         cpu = " / ".join("—" if e["cpu_s"].get(r) is None else f"{e['cpu_s'][r]:.1f}" for r in ("worker", "broker", "client"))
         mark = "" if e["complete"] else " (heartbeat late)"
         lines.append(f"| {labels.get(key, key)}{mark} | {e['paths']['solo']} | {e['paths']['batch']} | "
-                     f"{e['paths']['handoff']} | {e['steps']} | {e['mean_batch']:.2f} | {e['mlx_ms_per_step']:.2f} | "
+                     f"{e['paths']['handoff']} | {e['steps']} | {e['mean_batch']:.2f} | "
+                     f"{e['cache_hits']} ({e['cache_hit_tokens']}) | {e['mlx_ms_per_step']:.2f} | "
                      f"{e['own_ms_per_step']:.2f} | {e['own_pct']:.1f} | {cpu} |")
     return "\n".join(lines)
 
 
 ENGINE_NOTE = ("Engine figures come from the workers' heartbeat stats, read before and after each run: requests by "
                "path (solo: mlx-lm's generate_step alone; batch: the BatchGenerator; handoff: solo, then moved into "
-               "the batch), engine steps, mean sequences per decode step, and each step cycle's wall time split into "
-               "time inside mlx-lm and the worker's own code around it. CPU seconds are per process role over the run "
-               "(client = the benchmark process and its client threads). The bare BatchGenerator's row (concurrent "
-               "runs) is measured the same way in its own loop: time inside BatchGenerator.next against the rest, "
-               "and the CPU of the benchmark process, which is its engine.")
+               "the batch), engine steps, mean sequences per decode step, prompt-cache hits (and the prompt tokens "
+               "they saved), and each step cycle's wall time split into time inside mlx-lm and the worker's own code "
+               "around it. CPU seconds are per process role over the run (client = the benchmark process and its "
+               "client threads). The bare BatchGenerator's row (concurrent runs) is measured the same way in its own "
+               "loop: time inside BatchGenerator.next against the rest, and the CPU of the benchmark process, which "
+               "is its engine.")

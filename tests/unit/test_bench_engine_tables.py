@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(10)
 def delta(**over: float) -> dict[str, float]:
     d = {"steps": 100.0, "decode_steps": 96.0, "generated_tokens": 720.0, "solo_steps": 6.0, "batch_steps": 90.0,
          "handoffs": 1.0, "mlx_s": 1.9, "own_s": 0.1, "requests_solo": 2.0, "requests_batch": 12.0,
-         "requests_handoff": 1.0}
+         "requests_handoff": 1.0, "prompt_cache_hits": 3.0, "prompt_cache_hit_tokens": 12.0}
     d.update(over)
     return d
 
@@ -33,7 +33,7 @@ def test_merge_adds_runs_and_recomputes_the_per_step_figures() -> None:
     b = summarize(delta(steps=50.0, decode_steps=50.0, generated_tokens=400.0, mlx_s=0.9, own_s=0.1),
                   {"worker": 1.0, "broker": None, "client": 0.1}, complete=False)
     m = merge([a, b])
-    assert m["steps"] == 150 and m["paths"]["batch"] == 24
+    assert m["steps"] == 150 and m["paths"]["batch"] == 24 and (m["cache_hits"], m["cache_hit_tokens"]) == (6, 24)
     assert m["mean_batch"] == pytest.approx(1120 / 146)
     assert m["own_ms_per_step"] == pytest.approx(0.2 / 150 * 1000)
     assert m["cpu_s"] == {"worker": 4.0, "broker": None, "client": pytest.approx(0.2)}
@@ -44,7 +44,7 @@ def test_engine_table_marks_late_heartbeats_and_unknown_cpu() -> None:
     e = summarize(delta(), {"worker": 3.0, "broker": None, "client": 0.1}, complete=False)
     table = engine_table({"fast-path": e, "bare": {}}, {"fast-path": "fleet (default)"})
     rows = table.splitlines()[2:]
-    assert len(rows) == 1 and rows[0].startswith("| fleet (default) (heartbeat late) | 2 | 12 | 1 | 100 | 7.50 |")
+    assert len(rows) == 1 and rows[0].startswith("| fleet (default) (heartbeat late) | 2 | 12 | 1 | 100 | 7.50 | 3 (12) |")
     assert rows[0].endswith("| 3.0 / — / 0.1 |")
 
 
