@@ -102,11 +102,7 @@ def _counters(snap: Snapshot) -> Iterator[Metric]:
         fast.add_metric([model], snap.stats[model].fast_path_admissions)
     yield fast
 
-    busy = CounterMetricFamily(PREFIX + "engine_busy_seconds", "Seconds a worker spent in engine steps.",
-                               labels=["model", "worker"])
-    for worker, g in sorted(snap.workers.items()):
-        busy.add_metric([g.model, worker], g.busy_s)
-    yield busy
+    yield from _engine_counters(snap)
 
     restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Times the supervisor restarted a worker process.",
                                    labels=["model", "worker"])
@@ -121,6 +117,30 @@ def _counters(snap: Snapshot) -> Iterator[Metric]:
     for (source, reason), n in sorted(snap.drops.items()):
         drops.add_metric([source, reason], n)
     yield drops
+
+
+def _engine_counters(snap: Snapshot) -> Iterator[Metric]:
+    """Engine time per worker (all of it, and split mlx-lm/own), and requests and decode steps by path."""
+    busy = CounterMetricFamily(PREFIX + "engine_busy_seconds", "Seconds a worker spent in engine steps.",
+                               labels=["model", "worker"])
+    split = CounterMetricFamily(PREFIX + "engine_time_seconds",
+                                "A worker's busy time from one engine step to the next: inside mlx-lm (part=mlx_lm) "
+                                "and in the worker's own code around it (part=own).", labels=["model", "worker", "part"])
+    for worker, g in sorted(snap.workers.items()):
+        busy.add_metric([g.model, worker], g.busy_s)
+        split.add_metric([g.model, worker, "mlx_lm"], g.mlx_s)
+        split.add_metric([g.model, worker, "own"], g.own_s)
+    paths = CounterMetricFamily(PREFIX + "engine_requests",
+                                "Requests a worker's engine finished, by path: solo (generate_step alone), batch "
+                                "(BatchGenerator), handoff (solo, then moved into the batch).", labels=["model", "path"])
+    steps = CounterMetricFamily(PREFIX + "engine_decode_steps", "Engine decode steps, by path: solo or batch.",
+                                labels=["model", "path"])
+    for model in snap.models:
+        for path, n in snap.stats[model].paths.items():
+            paths.add_metric([model, path], n)
+        for path, n in snap.stats[model].path_steps.items():
+            steps.add_metric([model, path], n)
+    yield from (busy, split, paths, steps)
 
 
 def _gauges(snap: Snapshot) -> Iterator[Metric]:

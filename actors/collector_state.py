@@ -18,9 +18,9 @@ from typing import Any
 
 from actors.clock import Clock
 from actors.metrics import (
-    BATCH_SIZE_BUCKETS, E2E_BUCKETS_S, ITL_BUCKETS_S, KNOWN_ERROR_CODES, KNOWN_FINISH_REASONS, OTHER,
-    QUEUE_BUCKETS_S, REGISTERED_STATES, TTFT_BUCKETS_S, WINDOW_WAIT_BUCKETS_S, WORKER_STATES,
-    EventError, bucket_index, decode_event,
+    BATCH_SIZE_BUCKETS, DECODE_PATHS, E2E_BUCKETS_S, ENGINE_PATHS, ITL_BUCKETS_S, KNOWN_ERROR_CODES,
+    KNOWN_FINISH_REASONS, OTHER, QUEUE_BUCKETS_S, REGISTERED_STATES, TTFT_BUCKETS_S, WINDOW_WAIT_BUCKETS_S,
+    WORKER_STATES, EventError, bucket_index, decode_event,
 )
 
 # Label cardinality caps: events that would add more series are dropped.
@@ -82,6 +82,8 @@ class ModelStats:
 
     histograms: dict[str, Histogram] = field(default_factory=_model_histograms)
     fast_path_admissions: int = 0
+    paths: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENGINE_PATHS, 0))  # finished, by path
+    path_steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DECODE_PATHS, 0))  # decode steps
 
 
 @dataclass
@@ -92,6 +94,8 @@ class WorkerGauges:
     admission_batch: int = 0
     window_s: float = 0.0
     busy_s: float = 0.0  # cumulative engine-step seconds seen by this collector
+    mlx_s: float = 0.0  # cumulative busy seconds inside mlx-lm
+    own_s: float = 0.0  # cumulative busy seconds in the worker's own code around it
 
 
 @dataclass
@@ -186,6 +190,10 @@ class CollectorState:
         for wait_s in ev["window_wait_s"]:
             h["window_wait"].observe(wait_s)
         stats.fast_path_admissions += ev["fast_path_admissions"]
+        _add_counts(stats.paths, ev.get("paths", {}))
+        _add_counts(stats.path_steps, ev.get("path_steps", {}))
+        gauges.mlx_s += ev.get("mlx_s", 0.0)
+        gauges.own_s += ev.get("own_s", 0.0)
         gauges.model = ev["model"]
         gauges.admission_batch = ev["admission_batch"]
         gauges.window_s = ev["window_s"]
@@ -292,6 +300,13 @@ class CollectorState:
             broker=gauges, broker_counters=counters, worker_states=self.worker_states(),
             restarts=restarts, drops=drops,
         )
+
+
+def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    """Add per-label increments; a label outside the known ones (``into``'s keys) goes under 'other'."""
+    for key, n in counts.items():
+        label = key if key in into else OTHER
+        into[label] = into.get(label, 0) + n
 
 
 def _relabel(counts: dict[str, int], known: tuple[str, ...]) -> dict[str, int]:

@@ -7,7 +7,10 @@ events that sender has dropped since it started). The four types:
 - ``step`` (worker, at most every ``flush_interval_s``): the batch size of every
   engine step since the last event, their summed duration, the admission waits
   of every batch admitted, fast-path admissions since the last event, and the
-  admission batch limit and window now in force.
+  admission batch limit and window now in force; and, since the last event, the
+  requests the engine finished by path (``ENGINE_PATHS``), its decode steps by
+  path (``DECODE_PATHS``), and its busy time split into seconds inside mlx-lm
+  (``mlx_s``) and its own (``own_s``).
 - ``request`` (worker, one per finished request): times (queue, TTFT, end to
   end), token counts, finish reason, and the inter-token latencies already
   binned into ``ITL_BUCKETS_S`` so the collector's histogram stays exact.
@@ -52,6 +55,13 @@ QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0)
 WINDOW_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
                          0.1, 0.25, 1.0)
+
+# How a worker's engine decoded a request: generate_step alone, the BatchGenerator, or
+# alone first and then moved into the batch. Decode steps are made by the first two.
+ENGINE_PATHS = ("solo", "batch", "handoff")
+DECODE_PATHS = ("solo", "batch")
+# The two parts of an engine's busy time: inside mlx-lm, and the worker's own code around it.
+STEP_TIME_PARTS = ("mlx_lm", "own")
 
 # Worker states: the first three are registered with the broker (ready for work
 # unless full); the collector derives the last two from the supervisor's view.
@@ -136,7 +146,9 @@ _SUPERVISED_WORKER = _record({"worker": _label, "model": _label, "restarts": _co
 EVENT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
     "step": ({**_COMMON, "model": _label, "worker": _label, "batch_sizes": _list_of(_count), "steps": _count,
               "busy_s": _seconds, "window_wait_s": _list_of(_seconds), "fast_path_admissions": _count,
-              "admission_batch": _count, "window_s": _seconds}, frozenset()),
+              "admission_batch": _count, "window_s": _seconds, "paths": _map_of(_count),
+              "path_steps": _map_of(_count), "mlx_s": _seconds, "own_s": _seconds},
+             frozenset({"paths", "path_steps", "mlx_s", "own_s"})),
     "request": ({**_COMMON, "model": _label, "worker": _label, "finish_reason": _label, "prompt_tokens": _count,
                  "completion_tokens": _count, "queue_s": _seconds, "ttft_s": _seconds, "e2e_s": _seconds,
                  "itl_counts": lambda v: _list_of(_count)(v) and len(v) == _ITL_COUNTS, "itl_sum_s": _seconds},

@@ -8,16 +8,20 @@
   no transport at all.
 
 Both return a :class:`benchmarks.load.LoadRun`, so every system shares one metric code
-path. Call them from the thread that loaded the model: MLX arrays belong to a thread.
+path; ``run_batched``'s also carries the figures a fleet's run reports from its workers
+(steps, mean batch, time inside ``BatchGenerator.next`` and around it, CPU), so the two
+sit side by side. Call them from the thread that loaded the model: MLX arrays belong to a thread.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.fleet_probe import cpu_seconds, summarize
 from benchmarks.load import LoadRun, RequestSample
 
 
@@ -86,12 +90,18 @@ def run_batched(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int,
         for uid in uids:
             live[uid] = _InFlight(started)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(os.getpid())
+    inside_s, steps, decode_steps, tokens = 0.0, 0, 0, 0
     try:
         admit(clients)
         while live:
+            t_step = time.perf_counter()
             _, responses = gen.next()
             now = time.perf_counter()
+            inside_s += now - t_step
+            steps += 1
+            decode_steps += bool(responses)
+            tokens += len(responses)
             done = 0
             for r in responses:
                 seq = live.get(r.uid)
@@ -108,4 +118,8 @@ def run_batched(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int,
     finally:
         if own:
             gen.close()
-    return LoadRun(clients, time.perf_counter() - t0, samples)
+    wall_s, cpu1 = time.perf_counter() - t0, cpu_seconds(os.getpid())
+    engine = summarize({"steps": steps, "decode_steps": decode_steps, "generated_tokens": tokens, "batch_steps": decode_steps,
+                        "requests_batch": len(samples), "mlx_s": inside_s, "own_s": wall_s - inside_s},
+                       {"worker": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "broker": None, "client": None})
+    return LoadRun(clients, wall_s, samples, engine)

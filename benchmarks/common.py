@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,11 @@ QUESTIONS_FILE = Path(__file__).resolve().parent / "questions.txt"
 OUT_ENV = "MLX_FLEET_BENCH_OUT"  # set by ``python -m benchmarks --out DIR`` for every subcommand
 PACKAGES = ("mlx", "mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-metal", "mlx-lm", "pyzmq", "msgpack",
             "prometheus-client", "numpy", "tokenizers")
+
+
+def served_name(model: str) -> str:
+    """The name a benchmark's fleet serves ``model`` under: a demo name as is, a folder by its base name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", Path(model).name) or "model"
 
 
 def results_dir() -> Path:

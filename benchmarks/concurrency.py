@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig  # noqa: E402
 from benchmarks import plots  # noqa: E402
-from benchmarks.common import Report, add_out_argument, environment, progress, questions  # noqa: E402
+from benchmarks.common import Report, add_out_argument, environment, progress, questions, served_name  # noqa: E402
+from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table  # noqa: E402
 from benchmarks.load import MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
+from broker.client import Client  # noqa: E402
 from fleet.embedded import BackgroundFleet  # noqa: E402
 
 POLICIES: dict[str, dict[str, Any]] = {
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--admission-batch", type=int, default=BatchingConfig.admission_batch)
     ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
     ap.add_argument("--name", default="concurrency")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="start no run that would end after this many seconds from the start; the report is "
+                         "written after every run (0: no deadline)")
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, 1 and 2 clients, 8 tokens")
     add_out_argument(ap)
     args = ap.parse_args(argv)
@@ -78,42 +84,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from workers.models import resolve_source
 
+    t_start = time.monotonic()
     model_path = str(resolve_source(args.model))
     results: dict[str, dict[int, Any]] = {}
-    with contextlib.ExitStack() as stack:
-        systems: dict[str, Any] = {}
-        for name in policies:
-            b = BatchingConfig(decode_capacity=args.decode_capacity, admission_batch=args.admission_batch, **POLICIES[name])
-            cfg, ipc_dir = local_config(args.model, b)
-            stack.enter_context(BackgroundFleet(cfg, ipc_dir))
-            systems[name] = fleet_requester(cfg.frontend, args.model, args.max_tokens)
-            progress(f"fleet up: {name}")
-        if not args.no_server:
-            server = stack.enter_context(MlxLmServer(model_path, env=blas_env(BLAS),
-                                                     extra_args=["--decode-concurrency", str(args.decode_capacity),
-                                                                 "--prompt-concurrency", str(args.admission_batch)]))
-            systems["mlx_lm.server"] = http_requester(server.port, model_path, args.max_tokens)
-            progress("mlx_lm.server up")
-        for name, make in systems.items():  # warm-up: compile paths, fill caches
-            run_load(make, 2, prompts_for(2, 1, 2, f"warm {name}"))
-        for level in levels:
-            for name, make in systems.items():
-                run = run_load(make, level, prompts_for(level, args.per_client, args.min_requests, name))
-                summary = run.summary()
-                results.setdefault(name, {})[level] = {"summary": summary, "samples": [s.__dict__ for s in run.samples]}
-                progress(f"{name} @ {level} clients: {summary['tok_per_s']:.1f} tok/s, "
-                         f"TTFT p50 {1000 * (summary['ttft_p50_s'] or 0):.0f} ms, ok {summary['ok']}/{summary['requests']}")
     report = Report(args.name, "Concurrency sweep: batching policies vs mlx_lm.server", environment(describe_blas(), args.model),
                     {"levels": levels, "max_tokens": args.max_tokens, "per_client": args.per_client,
                      "min_requests": args.min_requests, "decode_capacity": args.decode_capacity,
-                     "admission_batch": args.admission_batch})
-    report.results = results
-    report.add_markdown(markdown(results, levels))
-    report.add_markdown(plots.plot_links(sweep_plots(results, levels, args.out, args.name)))
-    json_path, md_path = report.write(args.out)
+                     "admission_batch": args.admission_batch, "deadline_s": args.deadline_s})
+
+    def write(plotted: bool = False) -> tuple[Path, Path]:
+        report.results, report.sections = results, []
+        report.add_markdown(markdown(results, levels))
+        if plotted:
+            report.add_markdown(plots.plot_links(sweep_plots(results, levels, args.out, args.name)))
+        return report.write(args.out)
+
+    with contextlib.ExitStack() as stack:
+        systems, probes = start_systems(stack, args, policies, model_path)
+        for name, make in systems.items():  # warm-up: compile paths, fill caches
+            run_load(make, 2, prompts_for(2, 1, 2, f"warm {name}"))
+        longest = 0.0
+        for level in levels:
+            for name, make in systems.items():
+                if args.deadline_s > 0 and time.monotonic() - t_start + longest * 1.2 + 5 > args.deadline_s:
+                    progress(f"{name} @ {level} clients: skipped (deadline)")
+                    continue
+                t0, probe = time.monotonic(), probes.get(name)
+                before = probe.before() if probe else None
+                run = run_load(make, level, prompts_for(level, args.per_client, args.min_requests, name))
+                longest = max(longest, time.monotonic() - t0)
+                summary = run.summary()
+                entry: dict[str, Any] = {"summary": summary, "samples": [x.__dict__ for x in run.samples]}
+                if probe is not None and before is not None:
+                    entry["engine"] = probe.after(before)
+                results.setdefault(name, {})[level] = entry
+                progress(f"{name} @ {level} clients: {summary['tok_per_s']:.1f} tok/s, "
+                         f"TTFT p50 {1000 * (summary['ttft_p50_s'] or 0):.0f} ms, ok {summary['ok']}/{summary['requests']}")
+                write()
+    json_path, md_path = write(plotted=True)
     progress(f"wrote {json_path} and {md_path}")
     print(md_path.read_text())
     return results
+
+
+def start_systems(stack: contextlib.ExitStack, args: argparse.Namespace, policies: list[str],
+                  model_path: str) -> tuple[dict[str, Any], dict[str, FleetProbe]]:
+    """A fleet per policy (with a probe into its worker) and mlx_lm.server, all kept up."""
+    systems: dict[str, Any] = {}
+    probes: dict[str, FleetProbe] = {}
+    served = served_name(args.model)
+    for name in policies:
+        b = BatchingConfig(decode_capacity=args.decode_capacity, admission_batch=args.admission_batch, **POLICIES[name])
+        cfg, ipc_dir = local_config(served, b, source=model_path)
+        stack.enter_context(BackgroundFleet(cfg, ipc_dir))
+        systems[name] = fleet_requester(cfg.frontend, served, args.max_tokens)
+        probes[name] = FleetProbe(stack.enter_context(Client(cfg.frontend, timeout_s=30)), served)
+        progress(f"fleet up: {name}")
+    if not args.no_server:
+        server = stack.enter_context(MlxLmServer(model_path, env=blas_env(BLAS),
+                                                 extra_args=["--decode-concurrency", str(args.decode_capacity),
+                                                             "--prompt-concurrency", str(args.admission_batch)]))
+        systems["mlx_lm.server"] = http_requester(server.port, model_path, args.max_tokens)
+        progress("mlx_lm.server up")
+    return systems, probes
 
 
 def markdown(results: dict[str, dict[int, Any]], levels: list[int]) -> str:
@@ -132,6 +165,11 @@ def markdown(results: dict[str, dict[int, Any]], levels: list[int]) -> str:
                 cells.append("—" if v is None else fmt.format(v * scale))
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     out.append(targets(results))
+    for n in levels:
+        engine = {name: by_level[n]["engine"] for name, by_level in results.items() if by_level.get(n, {}).get("engine")}
+        if engine:
+            out += [f"\n### Inside the fleets at {n} client{'s' if n > 1 else ''}\n", engine_table(engine, {})]
+    out += ["", ENGINE_NOTE]
     return "\n".join(out)
 
 

@@ -34,6 +34,7 @@ class RequestSample:
     ok: bool = True
     error: str = ""
     started_s: float = 0.0
+    path: str = ""  # the fleet's done.timings.path: solo | batch | handoff ("" elsewhere)
 
 
 class TokenTimer:
@@ -67,6 +68,7 @@ class LoadRun:
     clients: int
     wall_s: float
     samples: list[RequestSample]
+    engine: dict[str, Any] | None = None  # a fleet's engine figures for the run (benchmarks.fleet_probe)
 
     @property
     def ok(self) -> list[RequestSample]:
@@ -134,6 +136,25 @@ def run_load(make_requester: Callable[[], tuple[Requester, Callable[[], None]]],
     return LoadRun(clients, time.perf_counter() - t0, samples)
 
 
+def run_direct(make_requester: Callable[[], tuple[Requester, Callable[[], None]]], prompts: list[str]) -> LoadRun:
+    """One client in the calling thread (no client thread), one prompt after another."""
+    send, close = make_requester()
+    samples: list[RequestSample] = []
+    t0 = time.perf_counter()
+    try:
+        for prompt in prompts:
+            started = time.perf_counter()
+            try:
+                sample = send(prompt)
+            except Exception as exc:  # recorded as a failed request, as run_load does
+                sample = RequestSample(0.0, time.perf_counter() - started, 0, ok=False, error=f"{type(exc).__name__}: {exc}"[:200])
+            sample.started_s = started
+            samples.append(sample)
+    finally:
+        close()
+    return LoadRun(1, time.perf_counter() - t0, samples)
+
+
 def fleet_requester(frontend: str, model: str, max_tokens: int, **options: Any) -> Callable[[], tuple[Requester, Callable[[], None]]]:
     """A factory of per-thread requesters over the ZeroMQ client."""
     from broker.client import Client
@@ -147,7 +168,9 @@ def fleet_requester(frontend: str, model: str, max_tokens: int, **options: Any) 
             for _ in stream:
                 timer.token()
             assert stream.completion is not None
-            return timer.sample(stream.completion.usage.get("completion_tokens", 0))
+            sample = timer.sample(stream.completion.usage.get("completion_tokens", 0))
+            sample.path = str(stream.completion.timings.get("path", ""))
+            return sample
 
         return send, client.close
 

@@ -18,7 +18,8 @@ import dataclasses
 import os
 import tempfile
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 from workers.blas import describe_blas, find_blas, preload_blas
 
@@ -26,17 +27,21 @@ preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec, parse_bool  # noqa: E402
 from benchmarks import plots  # noqa: E402
-from benchmarks.common import Report, Summary, add_out_argument, environment, fmt_ms, progress, questions, ratio  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Report, Summary, add_out_argument, environment, fmt_ms, progress, questions, ratio, served_name,
+)
+from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table  # noqa: E402
 from broker.client import Client  # noqa: E402
 from fleet.embedded import BackgroundFleet  # noqa: E402
 
 
-def local_config(model: str, batching: BatchingConfig | None = None, replicas: int = 1, **overrides: Any) -> tuple[FleetConfig, str]:
-    """A fleet on fresh ipc endpoints serving ``model`` (source == name), metrics and HTTP gateway off."""
+def local_config(model: str, batching: BatchingConfig | None = None, replicas: int = 1, *, source: str | None = None,
+                 **overrides: Any) -> tuple[FleetConfig, str]:
+    """A fleet on fresh ipc endpoints serving ``model`` (from ``source``, default the name), metrics and HTTP gateway off."""
     ipc_dir = tempfile.mkdtemp(prefix="mlxf-bench-", dir="/tmp")
     b = batching or BatchingConfig()
     cfg = FleetConfig(frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back", metrics_export=False,
-                      http_port=0, models=(ModelSpec(model, model, replicas, b),), batching=b)
+                      http_port=0, models=(ModelSpec(model, source or model, replicas, b),), batching=b)
     return dataclasses.replace(cfg, **overrides), ipc_dir
 
 
@@ -48,6 +53,7 @@ class Sample:
     total_s: float
     tokens: int
     token_ids: list[int]
+    path: str = ""  # served only: how the worker decoded it (solo | batch | handoff)
 
 
 def run_in_process(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> Sample:
@@ -77,7 +83,8 @@ def run_served(client: Client, model: str, prompt: str, max_tokens: int) -> Samp
             ttft = time.perf_counter() - t0
     total = time.perf_counter() - t0
     assert stream.completion is not None
-    return Sample(ttft or total, total, len(stream.completion.token_ids), stream.completion.token_ids)
+    return Sample(ttft or total, total, len(stream.completion.token_ids), stream.completion.token_ids,
+                  str(stream.completion.timings.get("path", "")))
 
 
 def compare(bare: list[Sample], served: list[Sample]) -> dict[str, Any]:
@@ -92,6 +99,29 @@ def compare(bare: list[Sample], served: list[Sample]) -> dict[str, Any]:
     return out
 
 
+def alternate(bare: Callable[[str], Sample], served: Callable[[str], Sample], qs: list[str],
+              deadline: float | None) -> tuple[list[Sample], list[Sample]]:
+    """Each question through both, alternating which goes first; no pair starts past ``deadline``."""
+    out: tuple[list[Sample], list[Sample]] = ([], [])
+    longest = 0.0
+    for i, q in enumerate(qs):
+        t_pair = time.monotonic()
+        if deadline is not None and t_pair + longest * 1.5 > deadline:
+            progress(f"overhead: deadline reached after {i} of {len(qs)} requests")
+            break
+        # Alternate which goes first, so neither always runs on a warmer cache.
+        if i % 2 == 0:
+            b, s = bare(q), served(q)
+        else:
+            s, b = served(q), bare(q)
+        out[0].append(b)
+        out[1].append(s)
+        longest = max(longest, time.monotonic() - t_pair)
+        if (i + 1) % 10 == 0:
+            progress(f"overhead: {i + 1}/{len(qs)} requests")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and write benchmarks/results/overhead.{json,md}."""
     ap = argparse.ArgumentParser(description=__doc__)
@@ -100,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--name", default="overhead")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="start no request pair after this many seconds from the start (0: no deadline)")
     ap.add_argument("--solo-fast-path", type=parse_bool, default=parse_bool(os.environ.get("MLX_FLEET_SOLO_FAST_PATH", "on")),
                     help="the worker's solo fast path (default: MLX_FLEET_SOLO_FAST_PATH, else on)")
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, 4 requests of 8 tokens")
@@ -114,31 +146,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     qs = (questions() * ((args.requests // 50) + 1))[: args.requests]
     model, tokenizer = load(str(resolve_source(args.model)))
-    cfg, ipc_dir = local_config(args.model, BatchingConfig(solo_fast_path=args.solo_fast_path))
-    bare: list[Sample] = []
-    served: list[Sample] = []
-    mismatches = 0
+    name = served_name(args.model)
+    cfg, ipc_dir = local_config(name, BatchingConfig(solo_fast_path=args.solo_fast_path), source=args.model)
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else None
     with BackgroundFleet(cfg, ipc_dir), Client(cfg.frontend, timeout_s=120) as client:
         for q in qs[: args.warmup]:
             run_in_process(model, tokenizer, q, args.max_tokens)
-            run_served(client, args.model, q, args.max_tokens)
-        for i, q in enumerate(qs):
-            # Alternate which goes first, so neither always runs on a warmer cache.
-            if i % 2 == 0:
-                b = run_in_process(model, tokenizer, q, args.max_tokens)
-                s = run_served(client, args.model, q, args.max_tokens)
-            else:
-                s = run_served(client, args.model, q, args.max_tokens)
-                b = run_in_process(model, tokenizer, q, args.max_tokens)
-            bare.append(b)
-            served.append(s)
-            mismatches += b.token_ids != s.token_ids
-            if (i + 1) % 10 == 0:
-                progress(f"overhead: {i + 1}/{len(qs)} requests")
-        worker_info = client.status()["models"][args.model]["workers"][0]["info"]
+            run_served(client, name, q, args.max_tokens)
+        probe = FleetProbe(client, name)
+        before = probe.before()
+        bare, served = alternate(lambda q: run_in_process(model, tokenizer, q, args.max_tokens),
+                                 lambda q: run_served(client, name, q, args.max_tokens), qs, deadline)
+        engine = probe.after(before)
+        engine["cpu_s"]["client"] = None  # this process also ran the in-process requests
+        worker_info = client.status()["models"][name]["workers"][0]["info"]
     worker_blas = worker_info["blas"]
     result = compare(bare, served)
-    result["token_mismatches"] = mismatches
+    result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
+    result["requests_done"] = len(served)
+    result["engine"] = engine
+    result["paths"] = dict(Counter(x.path for x in served))
     result["samples"] = {"bare": [dataclasses.asdict(s) | {"token_ids": None} for s in bare],
                          "served": [dataclasses.asdict(s) | {"token_ids": None} for s in served]}
     report = Report(args.name, "Serving overhead: fleet vs in-process mlx-lm (sequential)",
@@ -174,7 +201,12 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
                  f"median {fmt_ms(pd.median)} ms, stdev {fmt_ms(pd.stdev)} ms. "
                  f"Mean response overhead: {(r['total']['ratio']['mean'] - 1) * 100:+.2f}%. "
                  f"TTFT overhead p50: {r['ttft']['diff_ms']['median']:+.2f} ms.")
-    lines.append(f"\nGreedy token mismatches between bare and served: {r['token_mismatches']} of {args.requests}.")
+    lines.append(f"\nGreedy token mismatches between bare and served: {r['token_mismatches']} of {r['requests_done']}"
+                 + ("" if r["requests_done"] == args.requests else f" (the deadline stopped it at {r['requests_done']} "
+                                                                   f"of {args.requests} requests)") + ".")
+    paths = ", ".join(f"{p} {n}" for p, n in sorted(r["paths"].items())) or "none reported"
+    lines += [f"\nPaths of the served requests (their `done` timings): {paths}.", "",
+              engine_table({"served": r["engine"]}, {"served": "served (fleet)"}), "", ENGINE_NOTE]
     return "\n".join(lines)
 
 

@@ -25,10 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 
@@ -36,13 +35,13 @@ BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig, ModelSpec  # noqa: E402
 from benchmarks import plots, tables  # noqa: E402
-from benchmarks.common import Report, add_out_argument, environment, progress  # noqa: E402
-from benchmarks.concurrency import prompts_for  # noqa: E402
-from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
+from benchmarks.common import Report, add_out_argument, environment, progress, served_name  # noqa: E402
+from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table, merge  # noqa: E402
+from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_direct, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
+from benchmarks.seed_runs import Plan, RunFn, System, measure  # noqa: E402
+from broker.client import Client  # noqa: E402
 from fleet.embedded import BackgroundFleet  # noqa: E402
-
-RunFn = Callable[[list[str], int], LoadRun]  # (prompts, clients) -> one measured run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +65,8 @@ CONFIGS: tuple[Config, ...] = (
     Config(SERVER, "mlx_lm.server"),
 )
 QUICK = {"model": "demo", "questions": 4, "repeats": 1, "max_tokens": 8, "clients": 4, "warmup": 1, "name": "seed_quick"}
-NO_GPU_NOTE = ("No GPU machine was lent in this task (the device tool's `status` said so), so the run on "
-               "`mlx[cuda]` with a random-weight model of Llama-3.2-3B's configuration (the seed's model) was "
-               "not done. `benchmarks/gpu_seed.sh` is the prepared run for a session that has one (one command where "
-               "`mlx[cuda]` is installed; see benchmarks/README.md for the lent machine). "
+NO_GPU_NOTE = ("This run was not on a GPU. `benchmarks/gpu_check.sh` is the prepared GPU run (`mlx[cuda]`, a "
+               "random-weight model of Llama-3.2-3B's configuration, the seed's model); see benchmarks/README.md. "
                "For scale: the seed reported about 405 ms per 50-token response and about 94 ms TTFT on Apple silicon.")
 
 
@@ -84,6 +81,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default="sequential,concurrent")
     ap.add_argument("--configs", default=",".join(c.key for c in CONFIGS), help="subset, comma-separated")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests per system and variant")
+    ap.add_argument("--order", choices=("back-to-back", "alternating"), default="back-to-back",
+                    help="sequential variant: each system answers all questions in turn (the seed's way), or "
+                         "question by question every system in turn")
+    ap.add_argument("--client", choices=("thread", "direct"), default="thread",
+                    help="sequential variant: the fleet's one client runs in a client thread (as under load) or "
+                         "in the benchmark's main thread (as benchmarks/overhead.py does)")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="stop starting runs that would end later than this many seconds after the start; the "
+                         "report says what was left out (0: no deadline)")
     ap.add_argument("--name", default="seed")
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): " + str(QUICK))
     add_out_argument(ap)
@@ -97,110 +103,89 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def served_name(model: str) -> str:
-    """The name the fleets serve ``model`` under: a demo name as is, a folder by its base name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", Path(model).name) or "model"
-
-
 def start_systems(stack: contextlib.ExitStack, configs: list[Config], args: argparse.Namespace,
-                  model_path: str) -> dict[str, RunFn]:
+                  model_path: str) -> dict[str, System]:
     """Start every configuration and keep it up for the whole run; one runner each."""
-    systems: dict[str, RunFn] = {}
+    systems: dict[str, System] = {}
     name = served_name(args.model)
     for c in configs:
         if c.key == BARE:
-            from mlx_lm import load
-
-            from benchmarks.bare import make_batch_generator, run_batched, run_sequential
-
-            model, tokenizer = load(model_path)
-            gens: dict[int, Any] = {}  # one generator per client count, kept like a server keeps its own
-            stack.callback(lambda: [g.close() for g in gens.values()])
-
-            def bare(prompts: list[str], clients: int, m: Any = model, t: Any = tokenizer) -> LoadRun:
-                if clients == 1:
-                    return run_sequential(m, t, prompts, args.max_tokens)
-                if clients not in gens:
-                    gens[clients] = make_batch_generator(m, t, clients)
-                return run_batched(m, t, prompts, args.max_tokens, clients, gen=gens[clients])
-
-            systems[c.key] = bare
+            systems[c.key] = System(c.key, _bare_runner(stack, model_path, args.max_tokens))
         elif c.key == SERVER:
             b = BatchingConfig()
             server = stack.enter_context(MlxLmServer(model_path, env=blas_env(BLAS), extra_args=[
                 "--decode-concurrency", str(b.decode_capacity), "--prompt-concurrency", str(b.admission_batch)]))
-            systems[c.key] = _closed_loop(http_requester(server.port, model_path, args.max_tokens))
+            systems[c.key] = System(c.key, _closed_loop(http_requester(server.port, model_path, args.max_tokens)))
         else:
             assert c.batching is not None
             cfg, ipc_dir = local_config(name, c.batching, models=(ModelSpec(name, model_path, 1, c.batching),))
             stack.enter_context(BackgroundFleet(cfg, ipc_dir))
-            systems[c.key] = _closed_loop(fleet_requester(cfg.frontend, name, args.max_tokens))
+            make = fleet_requester(cfg.frontend, name, args.max_tokens)
+            probe = FleetProbe(stack.enter_context(Client(cfg.frontend, timeout_s=30)), name)
+            systems[c.key] = System(c.key, _closed_loop(make, direct=args.client == "direct"), probe)
         progress(f"seed: up: {c.label}")
     return systems
 
 
-def _closed_loop(make_requester: Any) -> RunFn:
-    return lambda prompts, clients: run_load(make_requester, clients, prompts)
+def _bare_runner(stack: contextlib.ExitStack, model_path: str, max_tokens: int) -> RunFn:
+    """mlx-lm in this process: stream_generate for 1 client, a kept BatchGenerator for more."""
+    from mlx_lm import load
+
+    from benchmarks.bare import make_batch_generator, run_batched, run_sequential
+
+    model, tokenizer = load(model_path)
+    gens: dict[int, Any] = {}  # one generator per client count, kept like a server keeps its own
+    stack.callback(lambda: [g.close() for g in gens.values()])
+
+    def bare(prompts: list[str], clients: int) -> LoadRun:
+        if clients == 1:
+            return run_sequential(model, tokenizer, prompts, max_tokens)
+        if clients not in gens:
+            gens[clients] = make_batch_generator(model, tokenizer, clients)
+        return run_batched(model, tokenizer, prompts, max_tokens, clients, gen=gens[clients])
+
+    return bare
 
 
-def rotated(keys: list[str], by: int) -> list[str]:
-    """``keys`` starting at position ``by`` (mod len), wrapping around."""
-    k = by % len(keys) if keys else 0
-    return keys[k:] + keys[:k]
+def _closed_loop(make_requester: Any, *, direct: bool = False) -> RunFn:
+    def run(prompts: list[str], clients: int) -> LoadRun:
+        if direct and clients == 1:
+            return run_direct(make_requester, prompts)
+        return run_load(make_requester, clients, prompts)
 
-
-def measure(systems: dict[str, RunFn], args: argparse.Namespace) -> dict[str, Any]:
-    """Warm up, then every repeat × variant × configuration, interleaved; metrics and raw samples."""
-    variants = {v: (1 if v == "sequential" else args.clients) for v in args.variants.split(",")}
-    metrics: dict[str, dict[str, list[dict[str, float]]]] = {v: {k: [] for k in systems} for v in variants}
-    samples: dict[str, dict[str, list[list[dict[str, Any]]]]] = {v: {k: [] for k in systems} for v in variants}
-    order: list[dict[str, Any]] = []
-    for key, run in systems.items():
-        for clients in sorted(set(variants.values())):
-            run(prompts_for(clients, 0, max(args.warmup, 1) * clients, f"warm {key}"), clients)
-    progress(f"seed: warmed up {len(systems)} systems")
-    total, done, t_start = args.repeats * len(variants) * len(systems), 0, time.monotonic()
-    for rep in range(args.repeats):
-        for variant, clients in variants.items():
-            prompts = prompts_for(clients, 0, args.questions, f"r{rep + 1}")
-            for key in rotated(list(systems), rep):
-                t0 = time.monotonic()
-                run = systems[key](prompts, clients)
-                m = tables.run_metrics(run)
-                metrics[variant][key].append(m)
-                samples[variant][key].append([s.__dict__ for s in run.samples])
-                order.append({"repeat": rep + 1, "variant": variant, "config": key, "seconds": time.monotonic() - t0})
-                done += 1
-                eta = (time.monotonic() - t_start) / done * (total - done)
-                progress(f"seed {done}/{total} (eta {eta:.0f} s): repeat {rep + 1} {variant} {key}: "
-                         f"mean {m['response_mean_s'] * 1000:.1f} ms, TTFT {m['ttft_mean_s'] * 1000:.1f} ms, "
-                         f"{m['tok_per_s']:.1f} tok/s, ok {int(m['ok'])}/{int(m['requests'])}")
-    return {"variants": variants, "metrics": metrics, "samples": samples, "order": order}
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the comparison and write ``<out>/<name>.{json,md}`` and its CDF plots."""
+    """Run the comparison and write ``<out>/<name>.{json,md}`` (after every run) and its CDF plots."""
     args = parse_args(argv)
     from workers.models import resolve_source
 
+    t0 = time.monotonic()
     wanted = set(args.configs.split(","))
     configs = [c for c in CONFIGS if c.key in wanted]
+    labels = {c.key: c.label for c in configs}
     model_path = str(resolve_source(args.model))
-    t0 = time.monotonic()
+    plan = Plan({v: (1 if v == "sequential" else args.clients) for v in args.variants.split(",")}, args.repeats,
+                args.questions, args.warmup, args.order, t0 + args.deadline_s if args.deadline_s > 0 else None)
     with contextlib.ExitStack() as stack:
         systems = start_systems(stack, configs, args, model_path)
-        data = measure(systems, args)
-    labels = {c.key: c.label for c in configs}
-    env = environment(describe_blas(), f"{args.model} ({model_path})")
-    report = Report(args.name, "The seed's comparison: 50 questions, bare engine, fleet steps, mlx_lm.server", env,
-                    {"questions": args.questions, "max_tokens": args.max_tokens, "repeats": args.repeats,
-                     "clients": args.clients, "warmup": args.warmup, "configs": [c.key for c in configs],
-                     "quick": args.quick})
-    report.results = {"labels": labels, "wall_s": time.monotonic() - t0, **data,
-                      "gpu_note": None if _on_gpu(env) else NO_GPU_NOTE}
-    pngs = seed_plots(data, labels, args.out, args.name)
-    report.add_markdown(markdown(data, labels, args, env, pngs))
-    json_path, md_path = report.write(args.out)
+        env = environment(describe_blas(), f"{args.model} ({model_path})")  # MLX is imported by now
+        report = Report(args.name, "The seed's comparison: 50 questions, bare engine, fleet steps, mlx_lm.server", env,
+                        {"questions": args.questions, "max_tokens": args.max_tokens, "repeats": args.repeats,
+                         "clients": args.clients, "warmup": args.warmup, "configs": [c.key for c in configs],
+                         "order": args.order, "client": args.client, "deadline_s": args.deadline_s,
+                         "quick": args.quick})
+
+        def write(data: dict[str, Any], pngs: dict[str, list[tuple[str, Path | None]]] | None = None) -> tuple[Path, Path]:
+            report.results = {"labels": labels, "wall_s": time.monotonic() - t0, **data,
+                              "gpu_note": None if _on_gpu(env) else NO_GPU_NOTE}
+            report.sections = []
+            report.add_markdown(markdown(data, labels, args, env, pngs or {}))
+            return report.write(args.out)
+
+        data = measure(systems, plan, on_progress=write)
+    json_path, md_path = write(data, seed_plots(data, labels, args.out, args.name))
     progress(f"wrote {json_path} and {md_path} in {time.monotonic() - t0:.0f} s")
     print(md_path.read_text())
     return report.results
@@ -236,16 +221,24 @@ def markdown(data: dict[str, Any], labels: dict[str, str], args: argparse.Namesp
            "", f"**GPU.** Ran on MLX device `{env.get('mlx_device')}`." if _on_gpu(env) else f"**GPU.** {NO_GPU_NOTE}"]
     if args.quick:
         out.append("\n**Quick smoke run: not a result.**")
+    out.append(f"\nSystems alive: {', '.join(f'`{k}`' for k in labels)}. Sequential order: {data['order']}; the "
+               f"fleet's sequential client ran {'in the main thread' if args.client == 'direct' else 'in a client thread'}.")
+    if data["skipped"]:
+        out.append(f"\n**Partial: the deadline ({args.deadline_s:g} s) left out {len(data['skipped'])} of "
+                   f"{data['planned']} runs:** " + ", ".join(f"{s['variant']} {s['config']} (repeat {s['repeat']})"
+                                                            for s in data["skipped"]) + ".")
     out.append(headline(data, labels))
     for variant, clients in data["variants"].items():
-        res = data["metrics"][variant]
+        res = {k: v for k, v in data["metrics"][variant].items() if v}
+        engine = {k: merge([e for e in runs if e]) for k, runs in data["engine"][variant].items()}
         out += [f"\n## {variant.capitalize()} ({clients} client{'s' if clients > 1 else ''})",
                 "\n### Response time, throughput, success (the seed's table)\n", tables.metrics_table(res, labels),
                 "\n### Time to first token\n", tables.metrics_table(res, labels, tables.TTFT_COLUMNS),
                 "\n### Overhead against the bare engine\n", tables.comparison_table(res, labels, BARE),
                 "\n### Against mlx_lm.server\n", tables.comparison_table(res, labels, SERVER),
                 "\n### Against the seed's v1.4.1 configuration\n", tables.comparison_table(res, labels, SEED_V141),
-                "", plots.plot_links(pngs.get(variant, []))]
+                "\n### Inside the engines: paths, step time, CPU (all repeats)\n", engine_table(engine, labels),
+                "", ENGINE_NOTE, "", plots.plot_links(pngs.get(variant, []))]
     return "\n".join(out)
 
 
@@ -253,7 +246,7 @@ def headline(data: dict[str, Any], labels: dict[str, str]) -> str:
     """The fleet's default configuration against the bare engine and mlx_lm.server, in words."""
     lines = ["\n## Headline\n"]
     for variant, clients in data["variants"].items():
-        res = data["metrics"][variant]
+        res = {k: v for k, v in data["metrics"][variant].items() if v}
         if DEFAULT not in res:
             continue
         for other in (BARE, SERVER):
@@ -263,6 +256,8 @@ def headline(data: dict[str, Any], labels: dict[str, str]) -> str:
             for metric, label in (("response_mean_s", "mean response"), ("ttft_mean_s", "TTFT mean"), ("tok_per_s", "tok/s")):
                 c = tables.compare(res[DEFAULT], res[other], metric)
                 parts.append(f"{label} {c['change_pct']:+.1f}% ({c['verdict']})")
+            c = tables.compare(res[DEFAULT], res[other], "ttft_median_s")
+            parts.append(f"TTFT p50 {(c['value'] - c['baseline']) * 1000:+.1f} ms ({c['verdict']})")
             lines.append(f"- {variant}, {clients} client(s): {labels[DEFAULT]} vs {labels[other]}: " + "; ".join(parts) + ".")
     return "\n".join(lines) if len(lines) > 1 else ""
 

@@ -1,9 +1,10 @@
-"""The engine adapter over mlx-lm's continuous batching: with :mod:`workers.solo`, the only mlx importer.
+"""The engine adapter over mlx-lm's continuous batching: with :mod:`workers.solo` and
+:mod:`workers.sampling`, the only mlx importer.
 
 :class:`Engine` wraps ``BatchGenerator``: ``insert`` requests with their own
 sampler, max_tokens and stop strings; ``step`` once; ``remove`` to cancel.
-Each stream is detokenized on its own so multi-byte characters come out whole.
-Every call must come from the one thread that owns MLX.
+Each stream is detokenized on its own (:mod:`workers.text_stream`) so multi-byte
+characters come out whole. Every call must come from the one thread that owns MLX.
 
 With a prompt cache (:mod:`workers.prompt_cache`), a request starts from a private copy
 of the longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and
@@ -14,22 +15,31 @@ Solo fast path (``solo_fast_path``): a request inserted alone into an idle engin
 decoded by mlx-lm's own ``generate_step`` (:class:`workers.solo.Solo`, private to this
 module), as in-process mlx-lm would; the next insert moves it into the ``BatchGenerator``
 mid-stream with the same output. Its stream lives under the uid ``SOLO_UID`` until then.
+
+Between steps the engine forces no evaluation of its own: mlx-lm's step already leaves the
+next step in flight when it returns (``async_eval``, then a wait on the current tokens only),
+and a finished sequence's cache is stored with ``async_eval``, so the detokenizing, stop
+strings and messages that follow a step run while MLX still computes. ``stats``
+(:class:`workers.engine_stats.StepStats`) counts the path each request took and splits the
+busy time into mlx-lm's part and ours.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_sampler
 
+from actors.clock import Clock, MonotonicClock
+from workers.engine_stats import BATCH, HANDOFF, SOLO, StepClock, StepStats
 from workers.prompt_cache import PromptCache, PromptCacheStats
+from workers.sampling import SamplerPool
 from workers.solo import Solo, can_go_solo
+from workers.text_stream import TextStream
 
 SOLO_UID = -1  # the solo sequence's key in ``Engine.streams`` (BatchGenerator uids are >= 0)
 
@@ -60,105 +70,14 @@ class StepEvent:
     first_token: bool = False
     completion_tokens: int = 0  # set on the final event; EOS included
     cached_tokens: int = 0  # prompt tokens reused from the prompt cache; set on the final event
-
-
-@dataclass
-class StepStats:
-    """Per-step figures the worker reports (and the collector aggregates)."""
-
-    steps: int = 0
-    decode_steps: int = 0
-    last_batch_size: int = 0
-    max_batch_size: int = 0
-    sequences_decoded: int = 0  # sum of batch sizes over decode steps
-    generated_tokens: int = 0
-    last_step_s: float = 0.0
-    busy_s: float = 0.0
-
-    @property
-    def mean_batch_size(self) -> float:
-        """Average number of sequences per decode step."""
-        return self.sequences_decoded / self.decode_steps if self.decode_steps else 0.0
-
-
-class _Stream:
-    """Per-request detokenizer and stop-string state."""
-
-    def __init__(self, req: EngineRequest, detokenizer: Any) -> None:
-        self.req = req
-        self.detok = detokenizer
-        self.text = ""  # decoded so far (stop strings search here)
-        self.emitted = 0  # characters of ``text`` already handed out
-        self.pending_ids: list[int] = []
-        self.tokens = 0
-        self.cached_tokens = 0
-        self.hold = max((len(s) for s in req.stop), default=1) - 1
-
-    def add(self, token: int | None) -> None:
-        if token is not None:
-            self.detok.add_token(token)
-            self.pending_ids.append(token)
-            self.tokens += 1
-        self.text += self.detok.last_segment
-
-    def find_stop(self) -> int:
-        """Index in ``text`` where the earliest stop string starts, or -1."""
-        start = max(0, self.emitted - self.hold)
-        hits = [i for i in (self.text.find(s, start) for s in self.req.stop) if i >= 0]
-        return min(hits) if hits else -1
-
-    def take(self, upto: int | None = None) -> tuple[str, list[int]]:
-        """Text ready to send (holding back a possible stop-string prefix) and pending ids."""
-        if upto is None:
-            upto = len(self.text) - (self._stop_prefix_len() if self.req.stop else 0)
-        upto = max(upto, self.emitted)
-        out = self.text[self.emitted:upto]
-        self.emitted = upto
-        ids, self.pending_ids = self.pending_ids, []
-        return out, ids
-
-    def _stop_prefix_len(self) -> int:
-        tail = self.text[max(self.emitted, len(self.text) - self.hold):]
-        for n in range(len(tail), 0, -1):
-            if any(s.startswith(tail[-n:]) for s in self.req.stop):
-                return n
-        return 0
-
-
-def make_request_sampler(temperature: float, top_p: float, top_k: int, seed: int | None) -> Callable[[mx.array], mx.array]:
-    """mlx-lm's sampler; with a seed, the same filters drawing from a private key."""
-    if temperature == 0.0 or seed is None:
-        return make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
-    return SeededSampler(temperature, top_p, top_k, seed)
-
-
-class SeededSampler:
-    """mlx-lm's top-p/top-k filters, then a draw from a private key split once per call.
-
-    ``rewind`` undoes the last split: the solo handoff drops one drawn-but-unseen token.
-    """
-
-    def __init__(self, temperature: float, top_p: float, top_k: int, seed: int) -> None:
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.key = mx.random.key(seed)
-        self.previous_key = self.key
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        if 0.0 < self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.top_k > 0:
-            logprobs = apply_top_k(logprobs, self.top_k)
-        self.previous_key = self.key
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1.0 / self.temperature), key=sub)
-
-    def rewind(self) -> None:
-        """Draw the last call's token again on the next call."""
-        self.key = self.previous_key
+    path: str = ""  # solo | batch | handoff; set on the final event
 
 
 class Engine:
-    """Continuous batching over one loaded model and tokenizer."""
+    """Continuous batching over one loaded model and tokenizer.
+
+    ``clock`` times the steps and the split of their time (``stats``); the real clock by default.
+    """
 
     def __init__(
         self,
@@ -171,6 +90,7 @@ class Engine:
         prompt_cache_entries: int = 0,
         prompt_cache_bytes: int = 0,
         solo_fast_path: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -184,9 +104,12 @@ class Engine:
             prefill_batch_size=min(admission_batch, decode_capacity),
             prefill_step_size=prefill_step_size,
         )
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, TextStream] = {}
         self.uid_of: dict[str, int] = {}
         self.stats = StepStats()
+        self.clock = clock or MonotonicClock()
+        self.timing = StepClock(self.clock, self.stats)
+        self.samplers = SamplerPool()
         self.prompt_cache = make_kv_prompt_cache(model, max_entries=prompt_cache_entries, max_bytes=prompt_cache_bytes)
         self.prefill_step_size = prefill_step_size
         # A handoff trims one token off the solo cache; caches that cannot be trimmed always batch.
@@ -237,27 +160,31 @@ class Engine:
 
         A request with ``cache`` set starts from the longest cached prefix of its prompt.
         One request into an idle engine goes solo; any insert moves a solo sequence into the batch.
+        Unseeded requests with the same sampling settings share one sampler object, so the
+        batch is sampled in one call.
         """
         if not reqs:
             return
-        found = [self._lookup(r) for r in reqs]
-        samplers = [make_request_sampler(r.temperature, r.top_p, self._top_k(r.top_k), r.seed) for r in reqs]
-        if self.solo_fast_path and len(reqs) == 1 and not self.streams:
-            (r,), ((kv, n),), (sampler,) = reqs, found, samplers
-            self.solo = Solo(self.model, r.prompt_tokens, max_tokens=r.max_tokens, sampler=sampler, cache=kv,
-                             cached_tokens=n, prefill_step_size=self.prefill_step_size)
-            uids = [SOLO_UID]
-        else:
-            self._hand_off_solo()
-            uids = self.gen.insert(
-                [r.prompt_tokens[n:] for r, (_, n) in zip(reqs, found)],
-                max_tokens=[r.max_tokens for r in reqs],
-                caches=[kv for kv, _ in found],
-                all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
-                samplers=samplers,
-            )
+        self.timing.open()
+        samplers = [self.samplers.get(r.temperature, r.top_p, self._top_k(r.top_k), r.seed) for r in reqs]
+        with self.timing.mlx():
+            found = [self._lookup(r) for r in reqs]
+            if self.solo_fast_path and len(reqs) == 1 and not self.streams:
+                (r,), ((kv, n),), (sampler,) = reqs, found, samplers
+                self.solo = Solo(self.model, r.prompt_tokens, max_tokens=r.max_tokens, sampler=sampler, cache=kv,
+                                 cached_tokens=n, prefill_step_size=self.prefill_step_size)
+                uids, path = [SOLO_UID], SOLO
+            else:
+                self._hand_off_solo()
+                uids, path = self.gen.insert(
+                    [r.prompt_tokens[n:] for r, (_, n) in zip(reqs, found)],
+                    max_tokens=[r.max_tokens for r in reqs],
+                    caches=[kv for kv, _ in found],
+                    all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
+                    samplers=samplers,
+                ), BATCH
         for uid, req, (_, n) in zip(uids, reqs, found):
-            stream = self.streams[uid] = _Stream(req, self.tokenizer.detokenizer)
+            stream = self.streams[uid] = TextStream(req, self.tokenizer.detokenizer, path)
             stream.cached_tokens = n
             self.uid_of[req.key] = uid
 
@@ -270,7 +197,9 @@ class Engine:
         (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv], all_tokens=[all_tokens],
                                  samplers=[solo.sampler])
         stream = self.streams[uid] = self.streams.pop(SOLO_UID)
+        stream.path = HANDOFF
         self.uid_of[stream.req.key] = uid
+        self.stats.handoffs += 1
 
     def _lookup(self, req: EngineRequest) -> tuple[list[Any] | None, int]:
         if not self.prompt_cache.enabled:
@@ -284,8 +213,9 @@ class Engine:
         """Keep a finished sequence's cache (its prompt plus generated tokens)."""
         if kv is None or not tokens or not req.cache or not self.prompt_cache.enabled:
             return
-        # Evaluate now: a lazy slice would keep the whole batch's KV buffers alive.
-        mx.eval([c.state for c in kv])
+        # The cut copies are computed behind the step in flight, never waited for here; once
+        # computed they no longer hold on to the batch's KV buffers.
+        mx.async_eval([c.state for c in kv])
         self.prompt_cache.store(tokens, kv)
 
     def _top_k(self, top_k: int) -> int:
@@ -296,21 +226,34 @@ class Engine:
     def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
         """Drop requests now; each gets a final event with ``reason``."""
         uids = [self.uid_of[k] for k in keys if k in self.uid_of]
-        if SOLO_UID in uids and self.solo is not None:
-            self.solo.close()
-            self.solo = None
-        if any(uid != SOLO_UID for uid in uids):
-            self.gen.remove([uid for uid in uids if uid != SOLO_UID])
-        return [self._finish(uid, reason) for uid in uids]
+        with self.timing.mlx():
+            if SOLO_UID in uids and self.solo is not None:
+                self.solo.close()
+                self.solo = None
+            if any(uid != SOLO_UID for uid in uids):
+                self.gen.remove([uid for uid in uids if uid != SOLO_UID])
+        events = [self._finish(uid, reason) for uid in uids]
+        if not self.streams:
+            self.timing.close()
+        return events
 
     def step(self) -> list[StepEvent]:
         """Run one engine step; at most one event per request."""
         if not self.streams:
             return []
-        if self.solo is not None:
-            return self._step_solo()
-        t0 = time.perf_counter()
-        _, responses = self.gen.next()
+        self.timing.step_started()
+        t0 = self.clock.now()
+        solo = self.solo is not None
+        events, batch = self._step_solo() if solo else self._step_batch()
+        self.stats.record_step(batch, self.clock.now() - t0, solo=solo)
+        if not self.streams:
+            self.timing.close()
+        return events
+
+    def _step_batch(self) -> tuple[list[StepEvent], int]:
+        """One ``BatchGenerator`` step: its events, and how many sequences it decoded."""
+        with self.timing.mlx():
+            _, responses = self.gen.next()
         events: list[StepEvent] = []
         stopped: dict[int, EngineRequest] = {}
         for r in responses:
@@ -321,20 +264,21 @@ class Engine:
             if cut:
                 stopped[r.uid] = stream.req
             elif r.finish_reason is not None:
-                self._store(stream.req, r.prompt_cache, r.all_tokens)
+                with self.timing.mlx():
+                    self._store(stream.req, r.prompt_cache, r.all_tokens)
             events.append(event)
         if stopped:
-            for uid, (kv, tokens) in self.gen.remove(list(stopped), return_prompt_caches=True).items():
-                self._store(stopped[uid], kv, tokens)
-        self._record(len(responses), time.perf_counter() - t0)
-        return events
+            with self.timing.mlx():
+                for uid, (kv, tokens) in self.gen.remove(list(stopped), return_prompt_caches=True).items():
+                    self._store(stopped[uid], kv, tokens)
+        return events, len(responses)
 
-    def _step_solo(self) -> list[StepEvent]:
+    def _step_solo(self) -> tuple[list[StepEvent], int]:
         """One ``generate_step`` token: a decode step of batch 1, finishing as BatchGenerator would."""
         assert self.solo is not None
-        t0 = time.perf_counter()
         solo = self.solo
-        token = solo.next()
+        with self.timing.mlx():
+            token = solo.next()
         if token in self.eos_ids:
             reason: str | None = "stop"
         else:
@@ -343,9 +287,9 @@ class Engine:
         event, _ = self._on_token(SOLO_UID, token, reason)
         if event.finish_reason is not None:  # EOS, length or a stop string: keep its cache
             self.solo = None
-            self._store(req, *solo.finished_cache())
-        self._record(1, time.perf_counter() - t0)
-        return [event]
+            with self.timing.mlx():
+                self._store(req, *solo.finished_cache())
+        return [event], 1
 
     def _on_token(self, uid: int, token: int, finish_reason: str | None) -> tuple[StepEvent, bool]:
         """Detokenize one new token of ``uid``: its event, and whether a stop string ended it."""
@@ -355,7 +299,7 @@ class Engine:
         stream.add(None if is_eos else token)
         if is_eos:
             stream.tokens += 1  # the EOS counts as a generated token, it is not shown
-        cut = stream.find_stop() if stream.req.stop else -1
+        cut = stream.find_stop() if stream.stop else -1
         if cut >= 0:
             text, ids = stream.take(cut)
             return self._finish(uid, "stop", text, ids, first), True
@@ -370,24 +314,9 @@ class Engine:
     def _finish(self, uid: int, reason: str, text: str = "", ids: list[int] | None = None, first: bool = False) -> StepEvent:
         stream = self.streams.pop(uid)
         self.uid_of.pop(stream.req.key, None)
-        return StepEvent(stream.req.key, text, ids or [], reason, first, stream.tokens, stream.cached_tokens)
-
-    def tokens_of(self, key: str) -> int:
-        """Generated tokens so far for a live request (EOS included)."""
-        uid = self.uid_of.get(key)
-        return self.streams[uid].tokens if uid is not None else 0
-
-    def _record(self, batch: int, step_s: float) -> None:
-        s = self.stats
-        s.steps += 1
-        s.last_step_s = step_s
-        s.busy_s += step_s
-        s.last_batch_size = batch
-        if batch:
-            s.decode_steps += 1
-            s.sequences_decoded += batch
-            s.generated_tokens += batch
-            s.max_batch_size = max(s.max_batch_size, batch)
+        self.stats.requests[stream.path] += 1
+        return StepEvent(stream.req.key, text, ids or [], reason, first, stream.tokens, stream.cached_tokens,
+                         stream.path)
 
     def close(self) -> None:
         """Release the generator's resources."""

@@ -2,7 +2,9 @@
 
 Per engine step the worker only appends a number to a list. The buffered
 steps go out as one ``step`` event at most every ``flush_interval_s`` (and
-when the engine goes idle, and with each heartbeat so the gauges stay fresh).
+when the engine goes idle, and with each heartbeat so the gauges stay fresh),
+with what the engine's cumulative counters (requests and decode steps by path,
+the mlx-lm/own split of its busy time) gained since the last event.
 Each finished request is one ``request`` event whose inter-token latencies
 are binned here, so no event is ever sent per token.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.metrics import ITL_BUCKETS_S, EventSender, NullSender, bucket_counts
+from workers.engine_stats import StepStats
 
 FLUSH_INTERVAL_S = 0.1
 MAX_BUFFERED = 512  # flush early rather than grow an event past this many items
@@ -38,6 +41,8 @@ class WorkerTelemetry:
         self._busy_s = 0.0
         self._window_wait_s: list[float] = []
         self._fast_path_sent = 0
+        self._engine: StepStats | None = None
+        self._engine_sent = StepStats()  # the engine's cumulative counters as of the last event
         self._last_flush_s = 0.0
 
     @classmethod
@@ -53,14 +58,15 @@ class WorkerTelemetry:
         if len(self._window_wait_s) >= MAX_BUFFERED:
             self.flush(now_s)
 
-    def on_step(self, batch_size: int, step_s: float, now_s: float) -> None:
-        """One engine step of ``batch_size`` sequences took ``step_s``."""
+    def on_step(self, stats: StepStats, now_s: float) -> None:
+        """One engine step: ``stats`` is the engine's (its last step's size and time, and the totals)."""
         if not self.enabled:
             return
+        self._engine = stats
         self._steps += 1
-        self._busy_s += step_s
-        if batch_size > 0:  # a prefill-only step decodes nothing
-            self._batch_sizes.append(batch_size)
+        self._busy_s += stats.last_step_s
+        if stats.last_batch_size > 0:  # a prefill-only step decodes nothing
+            self._batch_sizes.append(stats.last_batch_size)
         if now_s - self._last_flush_s >= self.flush_interval_s or len(self._batch_sizes) >= MAX_BUFFERED:
             self.flush(now_s)
 
@@ -74,6 +80,7 @@ class WorkerTelemetry:
             "busy_s": self._busy_s, "window_wait_s": self._window_wait_s,
             "fast_path_admissions": max(0, fast_path - self._fast_path_sent),
             "admission_batch": int(self.policy.admission_batch), "window_s": self.policy.window_ms / 1000.0,
+            **self._engine_increments(),
         })
         self._fast_path_sent = fast_path
         self._batch_sizes = []
@@ -81,6 +88,19 @@ class WorkerTelemetry:
         self._steps = 0
         self._busy_s = 0.0
         self._last_flush_s = now_s
+
+    def _engine_increments(self) -> dict[str, Any]:
+        """What the engine's counters gained since the last event (nothing before its first step)."""
+        e, sent = self._engine, self._engine_sent
+        if e is None:
+            return {}
+        out = {"paths": {p: max(0, n - sent.requests[p]) for p, n in e.requests.items()},
+               "path_steps": {"solo": max(0, e.solo_steps - sent.solo_steps),
+                              "batch": max(0, e.batch_steps - sent.batch_steps)},
+               "mlx_s": max(0.0, e.mlx_s - sent.mlx_s), "own_s": max(0.0, e.own_s - sent.own_s)}
+        sent.requests, sent.solo_steps, sent.batch_steps = dict(e.requests), e.solo_steps, e.batch_steps
+        sent.mlx_s, sent.own_s = e.mlx_s, e.own_s
+        return out
 
     def on_request(self, *, finish_reason: str, prompt_tokens: int, completion_tokens: int,
                    queue_s: float | None, ttft_s: float | None, e2e_s: float, itl_s: list[float]) -> None:

@@ -289,7 +289,7 @@ class WorkerActor:
         now = time.monotonic()
         for event in events:
             self.emit(event, now)
-        self.telemetry.on_step(self.engine.stats.last_batch_size, self.engine.stats.last_step_s, now)
+        self.telemetry.on_step(self.engine.stats, now)
         if not self.engine.active:
             self.telemetry.flush(now)
 
@@ -318,14 +318,16 @@ class WorkerActor:
             p.text.append(event.text)
         if event.finish_reason is not None:
             del self.active[p.key]
-            self.finish(p, event.finish_reason, event.completion_tokens, event.cached_tokens)
+            self.finish(p, event.finish_reason, event.completion_tokens, event.cached_tokens, event.path)
 
-    def finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0) -> None:
-        """Send ``done`` with usage and timings (measured from broker acceptance)."""
+    def finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0, path: str = "") -> None:
+        """Send ``done`` with usage and timings (measured from broker acceptance; ``path``: solo | batch | handoff)."""
         now = time.monotonic()
         base = p.broker_queue_s - p.arrived_s
         admitted = p.admitted_s or now
-        timings = {"queue_s": base + admitted, "ttft_s": base + (p.first_token_s or now), "total_s": base + now}
+        timings: dict[str, Any] = {"queue_s": base + admitted, "ttft_s": base + (p.first_token_s or now), "total_s": base + now}
+        if path:
+            timings["path"] = path
         usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
         done = Done(p.key, reason, usage, timings)
         self.telemetry.on_request(
@@ -366,10 +368,8 @@ class WorkerActor:
 
     def stats(self) -> dict[str, Any]:
         """Engine and policy figures, reported with each heartbeat."""
-        e, p = self.engine.stats, self.policy.stats
-        return {"steps": e.steps, "decode_steps": e.decode_steps, "max_batch_size": e.max_batch_size,
-                "mean_batch_size": round(e.mean_batch_size, 3), "generated_tokens": e.generated_tokens,
-                "busy_s": round(e.busy_s, 4), "fast_path_admissions": p.fast_path_admissions,
+        p = self.policy.stats
+        return {**self.engine.stats.as_dict(), "fast_path_admissions": p.fast_path_admissions,
                 "admitted": p.admitted, "window_waits": p.window_waits,
                 "admission_batch": self.policy.admission_batch, "window_ms": self.policy.window_ms,
                 **self.engine.cache_stats.as_dict()}

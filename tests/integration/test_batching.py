@@ -42,8 +42,11 @@ def worker_stats(client: Client) -> dict:
 
 def test_eight_concurrent_clients_match_single_stream(fleet):
     with Client(fleet.cfg.frontend, timeout_s=60) as client:
-        alone = {p: client.generate(p, model="demo", max_tokens=24).token_ids for p in PROMPTS}
+        singles = {p: client.generate(p, model="demo", max_tokens=24) for p in PROMPTS}
+    alone = {p: c.token_ids for p, c in singles.items()}
+    assert {c.timings["path"] for c in singles.values()} == {"solo"}  # one at a time: generate_step
     results: dict[str, list[int]] = {}
+    paths: list[str] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(PROMPTS))
 
@@ -51,7 +54,9 @@ def test_eight_concurrent_clients_match_single_stream(fleet):
         try:
             with Client(fleet.cfg.frontend, timeout_s=60) as c:
                 barrier.wait(10)
-                results[prompt] = c.generate(prompt, model="demo", max_tokens=24).token_ids
+                done = c.generate(prompt, model="demo", max_tokens=24)
+                results[prompt] = done.token_ids
+                paths.append(done.timings["path"])
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -67,6 +72,16 @@ def test_eight_concurrent_clients_match_single_stream(fleet):
                          10, "a heartbeat reporting a batched step")
     assert stats["max_batch_size"] >= 4, stats
     assert stats["mean_batch_size"] > 1.0
+    assert set(paths) <= {"solo", "batch", "handoff"} and "batch" in paths, paths
+    with Client(fleet.cfg.frontend, timeout_s=30) as client:
+        stats = wait_for(lambda: counted_by_path(worker_stats(client)["stats"], 2 * len(PROMPTS)), 10,
+                         "a heartbeat counting every request by path")
+    assert stats["requests_solo"] >= len(PROMPTS) and stats["batch_steps"] > 0 and stats["mlx_s"] > stats["own_s"] > 0
+
+
+def counted_by_path(stats: dict, at_least: int) -> dict | None:
+    """``stats`` once its per-path request counts add up to ``at_least``."""
+    return stats if sum(stats.get(f"requests_{p}", 0) for p in ("solo", "batch", "handoff")) >= at_least else None
 
 
 def test_cancel_frees_the_slot(fleet):

@@ -129,6 +129,33 @@ def test_step_events_fill_batch_and_window_histograms_and_gauges() -> None:
     assert (g.admission_batch, g.window_s, g.busy_s) == (4, 0.002, pytest.approx(0.04))
 
 
+def test_step_events_add_engine_paths_and_time_split() -> None:
+    state, _ = make_state()
+    state.apply(step_event())  # a worker that reports no engine figures still counts
+    state.apply(step_event(paths={"solo": 2, "batch": 1, "handoff": 1}, path_steps={"solo": 30, "batch": 12},
+                           mlx_s=0.5, own_s=0.02))
+    state.apply(step_event(paths={"batch": 3, "weird": 1}, path_steps={"batch": 5}, mlx_s=0.25, own_s=0.01))
+    stats, g = state.stats["a"], state.workers["a-0"]
+    assert stats.paths == {"solo": 2, "batch": 4, "handoff": 1, "other": 1}
+    assert stats.path_steps == {"solo": 30, "batch": 17}
+    assert (g.mlx_s, g.own_s) == (pytest.approx(0.75), pytest.approx(0.03))
+    out = scrape(state)
+    assert out["mlxfleet_engine_requests_total"][(("model", "a"), ("path", "batch"))] == 4
+    assert out["mlxfleet_engine_requests_total"][(("model", "b"), ("path", "solo"))] == 0
+    assert out["mlxfleet_engine_decode_steps_total"][(("model", "a"), ("path", "solo"))] == 30
+    split = out["mlxfleet_engine_time_seconds_total"]
+    assert split[(("model", "a"), ("part", "mlx_lm"), ("worker", "a-0"))] == pytest.approx(0.75)
+    assert split[(("model", "a"), ("part", "own"), ("worker", "a-0"))] == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("bad", [{"paths": {"solo": -1}}, {"path_steps": ["solo"]}, {"mlx_s": -0.1},
+                                 {"own_s": "1"}])
+def test_step_events_with_ill_typed_engine_figures_are_refused(bad: dict[str, Any]) -> None:
+    state, _ = make_state()
+    assert not state.apply_frames(encode_event(step_event(**bad)))
+    assert state.malformed == 1
+
+
 @pytest.mark.parametrize("reports, total", [
     ([0, 3, 5], 5),  # cumulative growth
     ([4, 1], 5),  # the sender restarted: its count started again from 0

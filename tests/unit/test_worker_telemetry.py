@@ -9,6 +9,7 @@ import pytest
 from actors.clock import FakeClock
 from actors.config import BatchingConfig
 from actors.metrics import ITL_BUCKETS_S, bucket_counts, decode_event, encode_event
+from workers.engine_stats import StepStats
 from workers.policies import make_policy
 from workers.telemetry import WorkerTelemetry
 
@@ -44,9 +45,11 @@ def test_steps_are_buffered_into_one_event_per_flush_interval() -> None:
     t = 100.0
     tel.flush(t)
     sender.events.clear()
+    stats = StepStats()
     for i in range(50):  # 50 steps of 4 ms: 0.2 s, so two flushes
         t += 0.004
-        tel.on_step(batch_size=3 if i else 0, step_s=0.004, now_s=t)
+        stats.record_step(3 if i else 0, 0.004, solo=False)
+        tel.on_step(stats, now_s=t)
     assert len(sender.events) == 2
     sizes = [n for ev in sender.events for n in ev["batch_sizes"]]
     steps = sum(ev["steps"] for ev in sender.events)
@@ -68,6 +71,29 @@ def test_fast_path_admissions_are_sent_as_increments() -> None:
     assert [ev["fast_path_admissions"] for ev in sender.events] == [1, 2, 0]
     assert sender.events[0]["window_wait_s"] == [0.0]
     assert sender.events[0]["admission_batch"] == 8 and sender.events[0]["window_s"] == pytest.approx(0.001)
+
+
+def test_engine_paths_steps_and_time_split_are_sent_as_increments() -> None:
+    tel, sender, _ = make()
+    tel.flush(1.0)
+    assert "paths" not in sender.events[-1]  # no engine step seen yet: nothing to report
+    stats = StepStats()
+    for solo in (True, True, False):
+        stats.record_step(1, 0.01, solo=solo)
+    stats.requests.update(solo=1, handoff=1)
+    stats.mlx_s, stats.own_s = 0.03, 0.002
+    tel.on_step(stats, 1.01)
+    tel.flush(1.02)
+    stats.record_step(2, 0.01, solo=False)
+    stats.requests["batch"] += 2
+    stats.mlx_s += 0.01
+    tel.on_step(stats, 1.03)
+    tel.flush(1.04)
+    tel.flush(1.05)
+    got = [(ev["paths"], ev["path_steps"], ev["mlx_s"], ev["own_s"]) for ev in sender.events[1:]]
+    assert got == [({"solo": 1, "batch": 0, "handoff": 1}, {"solo": 2, "batch": 1}, 0.03, 0.002),
+                   ({"solo": 0, "batch": 2, "handoff": 0}, {"solo": 0, "batch": 1}, pytest.approx(0.01), 0.0),
+                   ({"solo": 0, "batch": 0, "handoff": 0}, {"solo": 0, "batch": 0}, 0.0, 0.0)]
 
 
 def test_request_event_bins_inter_token_latencies() -> None:
@@ -92,7 +118,7 @@ def test_times_never_reached_are_left_out() -> None:
 def test_disabled_telemetry_sends_nothing() -> None:
     tel = WorkerTelemetry.disabled()
     tel.on_admit(0.1, 1.0)
-    tel.on_step(4, 0.01, 5.0)
+    tel.on_step(StepStats(), 5.0)
     tel.on_request(finish_reason="stop", prompt_tokens=1, completion_tokens=1, queue_s=0.0, ttft_s=0.0,
                    e2e_s=0.0, itl_s=[])
     tel.close(6.0)
