@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import struct
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 
 from workers import demo_model as dm
 from workers import demo_tokenizer as dtok
+from workers.cache import install_dir, remove_path, staging_path
 
 LLAMA_3_2_3B = dm.DemoSize("llama-3.2-3b-config", hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8,
                            intermediate_size=8192)
@@ -94,7 +93,7 @@ def write_llama3b_model(path: Path, *, spec: dm.DemoSize = LLAMA_3_2_3B, dtype: 
         raise ValueError(f"dtype must be one of {sorted(SAFETENSORS_DTYPE)}, got {dtype!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    staged = staging_path(path)
     staged.mkdir()
     try:
         tokenizer = dtok.train_demo_tokenizer()
@@ -105,9 +104,9 @@ def write_llama3b_model(path: Path, *, spec: dm.DemoSize = LLAMA_3_2_3B, dtype: 
             {"bos_token_id": dtok.BOS_TOKEN_ID, "eos_token_id": dtok.EOS_TOKEN_ID, "do_sample": False}))
         plan = [t for t in dm._tensor_plan(spec, VOCAB_SIZE) if t[0] != "lm_head.weight"]  # tied
         write_safetensors(staged / "model.safetensors", plan, seed, tokenizer.get_vocab_size(), dtype)
-        dm._install_dir(staged, path)
+        install_dir(staged, path)
     except BaseException:
-        dm._remove(staged)
+        remove_path(staged)
         raise
     return path
 

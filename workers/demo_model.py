@@ -16,15 +16,11 @@ This module does not import ``mlx``; it writes safetensors itself.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +29,8 @@ import numpy as np
 import tokenizers
 
 from workers import demo_tokenizer as dtok
+from workers.cache import build_once, install_dir, remove_path, staging_path
+from workers.cache import cache_dir as demo_cache_dir
 
 # Bump when the folder's contents change for the same size, seed and corpus.
 FORMAT_VERSION = 1
@@ -224,27 +222,6 @@ def _write_contents(folder: Path, spec: DemoSize, seed: int) -> None:
     _write_safetensors(folder / "model.safetensors", _tensor_plan(spec, vocab_size), seed)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _install_dir(staged: Path, target: Path) -> None:
-    """Move ``staged`` to ``target``, replacing whatever ``target`` holds."""
-    try:
-        os.rename(staged, target)  # atomic; also replaces an empty directory
-        return
-    except OSError:
-        if not os.path.lexists(target):
-            raise
-    retired = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
-    os.rename(target, retired)
-    os.rename(staged, target)
-    _remove(retired)
-
-
 def write_demo_model(path: Path, size: str = "demo", *, seed: int = DEFAULT_SEED) -> Path:
     """Write a demo model folder at ``path`` and return ``path``.
 
@@ -255,28 +232,15 @@ def write_demo_model(path: Path, size: str = "demo", *, seed: int = DEFAULT_SEED
     spec = get_demo_size(size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    staged = staging_path(path)
     os.mkdir(staged)
     try:
         _write_contents(staged, spec, seed)
-        _install_dir(staged, path)
+        install_dir(staged, path)
     except BaseException:
-        _remove(staged)
+        remove_path(staged)
         raise
     return path
-
-
-def demo_cache_dir() -> Path:
-    """Return the mlx-fleet cache folder.
-
-    ``$MLX_FLEET_CACHE`` if set, else ``$XDG_CACHE_HOME/mlx-fleet`` (when that is an
-    absolute path), else ``~/.cache/mlx-fleet``.
-    """
-    if explicit := os.environ.get("MLX_FLEET_CACHE"):
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "mlx-fleet"
 
 
 def _is_complete(folder: Path) -> bool:
@@ -284,31 +248,16 @@ def _is_complete(folder: Path) -> bool:
                for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def _stale_staging_dirs(target: Path) -> Iterator[Path]:
-    return target.parent.glob(f".{target.name}.tmp-*")
-
-
 def ensure_demo_model(size: str = "demo", *, cache_dir: Path | None = None) -> Path:
     """Return ``<cache>/models/<size>-<fingerprint>``, building it first if absent.
 
-    Safe when several processes call it at once: builders serialise on an
-    ``fcntl.flock`` lock file, and the folder appears only once complete. Raises
-    ``ValueError`` for an unknown ``size``.
+    Safe when several processes call it at once (:func:`workers.cache.build_once`).
+    Raises ``ValueError`` for an unknown ``size``.
     """
     spec = get_demo_size(size)
     models_dir = Path(cache_dir if cache_dir is not None else demo_cache_dir()) / "models"
     target = models_dir / f"{spec.name}-{demo_fingerprint(spec.name)}"
-    if _is_complete(target):
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with open(models_dir / f".{target.name}.lock", "ab") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)  # released when the file closes
-        if not _is_complete(target):  # another process may have built it meanwhile
-            # Staging dirs left by a builder that died; live builders hold this lock.
-            for stale in _stale_staging_dirs(target):
-                _remove(stale)
-            write_demo_model(target, spec.name, seed=DEFAULT_SEED)
-    return target
+    return build_once(target, _is_complete, lambda staged: _write_contents(staged, spec, DEFAULT_SEED))
 
 
 def _demo_size_name(source: str) -> str | None:

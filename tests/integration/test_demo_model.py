@@ -182,14 +182,14 @@ def test_ensure_builds_once_and_caches(tmp_path: Path, monkeypatch: pytest.Monke
 def test_ensure_concurrent_callers_build_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = dm.write_demo_model
+    real_write = dm._write_contents
     builds: list[Path] = []
 
-    def counting_write(path: Path, size: str = "demo", *, seed: int = 0) -> Path:
-        builds.append(path)
-        return real_write(path, size, seed=seed)
+    def counting_write(folder: Path, spec: dm.DemoSize, seed: int) -> None:
+        builds.append(folder)
+        real_write(folder, spec, seed)
 
-    monkeypatch.setattr(dm, "write_demo_model", counting_write)
+    monkeypatch.setattr(dm, "_write_contents", counting_write)
     # flock locks belong to open file descriptions, so threads contend like processes.
     results: list[Path] = []
     def call() -> None:
