@@ -38,6 +38,7 @@ class WorkerSpec:
     model: str
     source: str
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    dtype: str = "auto"  # the precision it loads the model at (actors.config.DTYPES)
 
 
 @dataclass(frozen=True)

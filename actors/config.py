@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A setting with a bad value; the message names the setting and its source."""
 
 
+# The precisions a model may be served at (workers/precision.py applies them).
+DTYPES = ("auto", "quantized", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """How a worker admits waiting requests into its continuous batch."""
@@ -65,6 +69,7 @@ class ModelSpec:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     on_demand: bool = False  # no worker until the first request; stopped after idle_unload_s
     idle_unload_s: float = 300.0
+    dtype: str = "auto"  # one of DTYPES: auto = float32 on a CPU device, as stored (quantized) elsewhere
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class FleetConfig:
     http_port: int = 8000  # 0 turns the gateway off
     api_key: str = field(default="", repr=False)  # bearer token the gateway requires; empty: none
     blas: str = "auto"
+    dtype: str = "auto"  # the models' default precision (one of DTYPES); [[models]] may set their own
     restart_max: int = 5  # restarts of one child allowed within restart_window_s
     restart_window_s: float = 60.0
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart
@@ -140,6 +146,7 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_FRONTEND": "frontend",
     "MLX_FLEET_BACKEND": "backend",
     "MLX_FLEET_BLAS": "blas",
+    "MLX_FLEET_DTYPE": "dtype",
     "MLX_FLEET_DECODE_CAPACITY": "decode_capacity",
     "MLX_FLEET_DECODE_WINDOW_MS": "decode_window_ms",
     "MLX_FLEET_PREFILL_STEP_SIZE": "prefill_step_size",
@@ -297,15 +304,17 @@ def load_config(
     _apply({k: v for k, v in (overrides or {}).items() if v is not None}, "command line", values)
 
     batching = _build_batching(values, BatchingConfig())
+    fleet_dtype = check_dtype(values.get("dtype", FleetConfig.dtype), "dtype")
     specs: dict[str, ModelSpec] = {}
     for entry in toml_models:
-        spec = _model_from_toml(entry, batching, str(path))
+        spec = _model_from_toml(entry, batching, str(path), fleet_dtype)
         specs[spec.name] = spec
     for name, source in models or []:
         old = specs.get(name)
-        specs[name] = dataclasses.replace(old, source=source) if old else ModelSpec(name, source, 1, batching)
+        specs[name] = dataclasses.replace(old, source=source) if old else ModelSpec(name, source, 1, batching,
+                                                                                    dtype=fleet_dtype)
     if not specs:
-        specs["demo"] = ModelSpec("demo", "demo", 1, batching)
+        specs["demo"] = ModelSpec("demo", "demo", 1, batching, dtype=fleet_dtype)
     for name, count in (replicas or {}).items():
         if name not in specs:
             raise ConfigError(f"--replicas {name}={count}: no model named {name!r}")
@@ -342,10 +351,17 @@ def validate_cluster(cfg: FleetConfig) -> None:
         raise ConfigError("memory_budget_bytes must be >= 0 (0: no limit)")
 
 
-def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: str) -> ModelSpec:
+def check_dtype(value: Any, what: str) -> str:
+    """``value`` if it is one of DTYPES; ConfigError naming ``what`` otherwise."""
+    if value not in DTYPES:
+        raise ConfigError(f"{what}: expected one of {', '.join(DTYPES)}, got {value!r}")
+    return str(value)
+
+
+def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: str, dtype: str) -> ModelSpec:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("source"), str):
         raise ConfigError(f"{path}: each [[models]] needs string 'name' and 'source'")
-    unknown = set(entry) - {"name", "source", "replicas", "batching", "on_demand", "idle_unload_s"}
+    unknown = set(entry) - {"name", "source", "replicas", "batching", "on_demand", "idle_unload_s", "dtype"}
     if unknown:
         raise ConfigError(f"{path}: model {entry['name']}: unknown keys {sorted(unknown)}")
     own_batching = entry.get("batching", {})
@@ -361,4 +377,6 @@ def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: s
     replicas = _coerce("replicas", entry.get("replicas", 1), int, path)
     on_demand = _coerce("on_demand", entry.get("on_demand", False), bool, source)
     idle_unload_s = _coerce("idle_unload_s", entry.get("idle_unload_s", ModelSpec.idle_unload_s), float, source)
-    return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching), on_demand, idle_unload_s)
+    own_dtype = check_dtype(entry.get("dtype", dtype), f"{source} dtype")
+    return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching), on_demand, idle_unload_s,
+                     own_dtype)

@@ -99,7 +99,7 @@ class ModelManager:
         except (FileNotFoundError, ValueError) as exc:
             return Error(BAD_REQUEST, str(exc))
         spec = ModelSpec(msg.model, msg.source, msg.replicas, self.cfg.batching, msg.on_demand,
-                         msg.idle_unload_s if msg.idle_unload_s is not None else ModelSpec.idle_unload_s)
+                         msg.idle_unload_s if msg.idle_unload_s is not None else ModelSpec.idle_unload_s, self.cfg.dtype)
         if spec.on_demand:
             self.specs[spec.name] = spec
             return ControlReply("load", spec.name, "on demand: starts at its first request")
@@ -141,7 +141,7 @@ class ModelManager:
         gen = self.generations.get(spec.name, -1) + 1
         self.generations[spec.name] = gen
         return [WorkerSpec(f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}", spec.name, spec.source,
-                           spec.batching) for i in range(count)]
+                           spec.batching, spec.dtype) for i in range(count)]
 
     def spawn(self, spec: ModelSpec, count: int) -> list[str]:
         """Start ``count`` workers of ``spec``; their ids."""

@@ -123,7 +123,7 @@ def format_status(status: dict[str, Any]) -> str:
              f"{status.get('requests', 0)} requests open",
              f"{'MODEL':<16} {'STATE':<10} {'QUEUE':>5} {'RUNNING':>7}  ON-DEMAND",
              f"  {'WORKER':<18} {'HOST':<16} {'PID':>7} {'STATE':<9} {'IN-FLIGHT':>9} {'FREE':>4} "
-             f"{'CAP':>4} {'SERVED':>6} {'RESTARTS':>8}  BLAS"]
+             f"{'CAP':>4} {'SERVED':>6} {'RESTARTS':>8}  {'PRECISION':<17} BLAS"]
     blas: set[str] = set()
     for name, m in sorted(status.get("models", {}).items()):
         idle = f"yes, idle stop {m['idle_unload_s']:g}s" if m.get("on_demand") else "no"
@@ -146,14 +146,15 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def _worker_line(w: dict[str, Any]) -> str:
-    """One replica's row; a worker that is not registered has no host, load or BLAS to show."""
-    b = (w.get("info") or {}).get("blas") or {}
+    """One replica's row; a worker that is not registered has no host, load, precision or BLAS to show."""
+    info = w.get("info") or {}
+    b = info.get("blas") or {}
     if w["state"] in ("ready", "retiring"):
         return (f"  {w['worker_id']:<18} {str(w['host'])[:16]:<16} {w['pid']:>7} {w['state']:<9} "
                 f"{w['in_flight']:>9} {w['free']:>4} {w['capacity']:>4} {w.get('served', 0):>6} "
-                f"{w.get('restarts', 0):>8}  {b.get('name', '-')}")
+                f"{w.get('restarts', 0):>8}  {str(info.get('precision', '-')):<17} {b.get('name', '-')}")
     return (f"  {w['worker_id']:<18} {'(local)':<16} {w.get('pid') or '-':>7} {w['state']:<9} "
-            f"{'-':>9} {'-':>4} {'-':>4} {'-':>6} {w.get('restarts', 0):>8}  -")
+            f"{'-':>9} {'-':>4} {'-':>4} {'-':>6} {w.get('restarts', 0):>8}  {'-':<17} -")
 
 
 def add_cluster_commands(sub: Any) -> None:

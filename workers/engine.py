@@ -36,6 +36,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from actors.clock import Clock, MonotonicClock
 from workers.engine_stats import BATCH, HANDOFF, SOLO, StepClock, StepStats
+from workers.precision import apply_dtype
 from workers.prompt_cache import PromptCache, PromptCacheStats
 from workers.sampling import SamplerPool
 from workers.solo import Solo, can_go_solo
@@ -344,11 +345,12 @@ def make_kv_prompt_cache(model: Any, *, max_entries: int, max_bytes: int) -> Pro
                        copy_prefix=_copy_kv_prefix, can_trim=can_trim_prompt_cache)
 
 
-def load_model(path: str) -> tuple[Any, Any]:
-    """Load a model folder (or hub id) through ``mlx_lm.load``."""
+def load_model(path: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a model folder (or hub id) through ``mlx_lm.load``, at ``dtype`` (:mod:`workers.precision`)."""
     from mlx_lm import load
 
-    return load(path)
+    model, tokenizer = load(path)
+    return apply_dtype(model, dtype), tokenizer
 
 
 def mlx_info() -> dict[str, Any]:

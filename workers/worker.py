@@ -50,6 +50,7 @@ class WorkerSettings:
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 5
     blas: str = "auto"
+    dtype: str = "auto"  # auto | quantized | float32 | bfloat16 | float16 (workers/precision.py)
     log_level: str = "INFO"
     max_prompt_tokens: int = 16_384
     metrics_events: str | None = None  # the collector's event endpoint; None sends no metrics
@@ -110,10 +111,11 @@ class WorkerActor:
         from workers import engine as engine_mod
         from workers.models import resolve_source
         from workers.policies import AutoTuner, make_policy
+        from workers.precision import describe_precision
 
-        path = resolve_source(self.s.source)
+        path = resolve_source(self.s.source, self.s.dtype)
         t0 = time.perf_counter()
-        model, tokenizer = engine_mod.load_model(str(path))
+        model, tokenizer = engine_mod.load_model(str(path), self.s.dtype)
         b = self.s.batching
         self.engine = engine_mod.Engine(
             model, tokenizer, decode_capacity=b.decode_capacity,
@@ -124,12 +126,14 @@ class WorkerActor:
         self.policy = make_policy(b, MonotonicClock())
         self.tuner = AutoTuner(b, self.policy) if b.auto_tune else None
         self.telemetry = WorkerTelemetry(sender, self.policy, model=self.s.model, worker=self.s.worker_id)
-        self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source,
+        self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source, "dtype": self.s.dtype,
+                     "precision": describe_precision(model),
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
                      "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes,
                      "solo_fast_path": self.engine.solo_fast_path}
-        log.info("loaded %s from %s in %.2fs; blas=%s", self.s.model, path, time.perf_counter() - t0, self.info["blas"])
+        log.info("loaded %s from %s in %.2fs; precision=%s; blas=%s", self.s.model, path, time.perf_counter() - t0,
+                 self.info["precision"], self.info["blas"])
         self.connect()
 
     def connect(self) -> None:

@@ -37,10 +37,12 @@ def workers_of(client: Client, model: str) -> dict[str, dict[str, Any]]:
     return {w["worker_id"]: w for w in rows if w["state"] in ("ready", "retiring")}
 
 
-def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m fleet ARGS`` from the repository root; returns the finished process."""
+def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None,
+        input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fleet ARGS`` from the repository root (``input_text`` on its stdin); returns the finished process."""
     cmd = [*(prefix or []), sys.executable, "-m", "fleet", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy())
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy(),
+                          input=input_text)
 
 
 class WorkerProcess:

@@ -176,7 +176,8 @@ def test_status_table_shows_replicas_state_and_blas() -> None:
             "chat": {"state": "ready", "queue_depth": 3, "running": 2, "on_demand": False, "idle_unload_s": None,
                      "workers": [{"worker_id": "chat-0", "host": "h1", "pid": 11, "state": "ready", "in_flight": 2,
                                   "free": 2, "capacity": 4, "served": 9, "restarts": 1,
-                                  "info": {"blas": {"name": "openblas", "path": "/x/libopenblas.so"}}},
+                                  "info": {"blas": {"name": "openblas", "path": "/x/libopenblas.so"},
+                                           "precision": "quantized 4/8-bit"}},
                                  {"worker_id": "chat-1", "host": "-", "pid": 12, "state": "starting", "in_flight": 0,
                                   "free": 0, "capacity": 0, "served": 0, "restarts": 0, "info": {}}]},
             "lazy": {"state": "cold", "queue_depth": 0, "running": 0, "on_demand": True, "idle_unload_s": 60.0,
@@ -187,6 +188,8 @@ def test_status_table_shows_replicas_state_and_blas() -> None:
     }
     text = format_status(status)
     assert "chat-0" in text and "openblas" in text and "chat-1" in text and "starting" in text
+    (row,) = [ln for ln in text.splitlines() if ln.split() and ln.split()[0] == "chat-0"]
+    assert row.split()[-3:] == ["quantized", "4/8-bit", "openblas"]
     assert "idle stop 60s" in text and "1.0 MiB of weights loaded, budget 2.0 MiB" in text
     assert "BLAS in use: openblas (/x/libopenblas.so)" in text
 

@@ -48,6 +48,8 @@ PRECEDENCE = [
     ("frontend", "[fleet]\nfrontend = \"ipc:///tmp/a\"\n", "MLX_FLEET_FRONTEND", "ipc:///tmp/b", "ipc:///tmp/c",
      ["tcp://127.0.0.1:5555", "ipc:///tmp/a", "ipc:///tmp/b", "ipc:///tmp/c"]),
     ("queue_limit", "queue_limit = 10\n", "MLX_FLEET_QUEUE_LIMIT", "20", 30, [1024, 10, 20, 30]),
+    ("dtype", "dtype = \"quantized\"\n", "MLX_FLEET_DTYPE", "bfloat16", "float32",
+     ["auto", "quantized", "bfloat16", "float32"]),
 ]
 
 
@@ -329,3 +331,33 @@ def test_error_names_setting_and_source(tmp_path: Path) -> None:
         load(tmp_path, "window_ms = \"fast\"\n")
     with pytest.raises(ConfigError, match=r"windw_ms.*command line"):
         load(tmp_path, overrides={"windw_ms": 1})
+
+
+# ---- dtype: the fleet's default, per model in TOML ----------------------------------------
+
+DTYPE_CASES = [
+    # (TOML, env, CLI dtype, CLI models, expected {model: dtype})
+    (None, {}, None, [], {"demo": "auto"}),
+    (None, {"MLX_FLEET_DTYPE": "float16"}, None, [("a", "x")], {"a": "float16"}),
+    ("dtype = \"float32\"\n[[models]]\nname = \"a\"\nsource = \"x\"\n[[models]]\nname = \"b\"\nsource = \"y\"\n"
+     "dtype = \"quantized\"\n", {}, None, [], {"a": "float32", "b": "quantized"}),
+    ("[[models]]\nname = \"b\"\nsource = \"y\"\ndtype = \"quantized\"\n", {}, "bfloat16", [("b", "z"), ("c", "w")],
+     {"b": "quantized", "c": "bfloat16"}),
+]
+
+
+@pytest.mark.parametrize(("toml", "env", "cli", "models", "expected"), DTYPE_CASES)
+def test_model_dtype(tmp_path: Path, toml: str | None, env: dict[str, str], cli: str | None,
+                     models: list[tuple[str, str]], expected: dict[str, str]) -> None:
+    cfg = load(tmp_path, toml, env=env, overrides={"dtype": cli}, models=models)
+    assert {m.name: m.dtype for m in cfg.models} == expected
+
+
+@pytest.mark.parametrize(("toml", "env"), [
+    (None, {"MLX_FLEET_DTYPE": "int8"}),
+    ("dtype = \"fp32\"\n", {}),
+    ("[[models]]\nname = \"a\"\nsource = \"x\"\ndtype = \"q4\"\n", {}),
+])
+def test_bad_dtype_is_refused(tmp_path: Path, toml: str | None, env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="dtype.*auto, quantized, float32, bfloat16, float16"):
+        load(tmp_path, toml, env=env)
