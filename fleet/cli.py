@@ -10,7 +10,7 @@ import sys
 import uuid
 from typing import Any
 
-from actors.config import POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
+from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
 from actors.protocol import DEFAULT_CONNECT
 from fleet.cli_cluster import add_client_options, add_cluster_commands, client_curve
 
@@ -34,7 +34,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         "policy": args.policy, "window_ms": args.window_ms, "decode_window_ms": args.decode_window_ms, "decode_capacity": args.decode_capacity,
         "admission_batch": args.admission_batch, "log_level": args.log_level,
         "prompt_cache_entries": args.prompt_cache_entries, "prompt_cache_bytes": args.prompt_cache_bytes,
-        "http_host": args.http_host, "http_port": args.http_port, "api_key": args.api_key,
+        "http_host": args.http_host, "http_port": args.http_port, "api_key": args.api_key, "dtype": args.dtype,
     }
     if args.no_fast_path:
         overrides["fast_path"] = False
@@ -78,9 +78,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
         options["seed"] = args.seed
+    if args.chat:  # the prompt as one user message, formatted by the model's chat template
+        options["messages"] = [{"role": "user", "content": args.prompt}]
     try:
         with Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)) as client:
-            stream = client.stream(args.prompt, model=args.model, **options)
+            stream = client.stream(None if args.chat else args.prompt, model=args.model, **options)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -91,6 +93,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nmlx-fleet: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation in the terminal (broker/chat.py)."""
+    from broker.chat import chat_command
+    from broker.client import Client
+
+    return chat_command(args, lambda: Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)))
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Fetch and convert a SOURCE into the cache now, as a worker would; print its folder."""
+    from workers.models import fetch_source, resolve_source
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        if args.fetch_only:
+            found = fetch_source(args.source, progress=say)
+        else:
+            found = resolve_source(args.source, args.dtype, progress=say)
+        print(found if found is not None else f"{args.source}: nothing to fetch")
+    except (OSError, ValueError, RuntimeError) as exc:  # not found, refused GGUF, failed fetch
+        print(f"mlx-fleet: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -111,7 +140,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fleet.worker_entry import worker_settings
     from workers.worker import run_worker
 
-    cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level})
+    cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level, "dtype": args.dtype})
     name, source = parse_model_arg(args.model)
     worker_id = args.worker_id or f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     setup_logging(cfg.log_level, f"worker:{worker_id}")
@@ -120,7 +149,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if bool(curve["curve_secret"]) != bool(curve["curve_server_public"]):
         raise ConfigError("--curve-secret and --curve-server-key go together")
     run_worker(worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
-                               batching=cfg.batching, metrics_events=args.metrics_events))
+                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype))
     return 0
 
 
@@ -130,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_up_command(sub)
     add_generate_command(sub)
+    add_model_commands(sub)
     dm = sub.add_parser("demo-model", help="write the built-in demo model to PATH")
     dm.add_argument("path")
     dm.add_argument("--size", default="demo", choices=["demo", "demo-small"])
@@ -143,7 +173,8 @@ def add_up_command(sub: Any) -> None:
     """`mlx-fleet up` and its settings."""
     up = sub.add_parser("up", help="run broker and workers in the foreground")
     up.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
-                    help="a model to serve (repeatable); SOURCE is a folder, a hub id, or demo / demo-small")
+                    help="a model to serve (repeatable); SOURCE is a folder, a .gguf file, a hub id, "
+                         "or smollm2 / demo / demo-small")
     up.add_argument("--replicas", action="append", default=[], metavar="NAME=N")
     up.add_argument("--config", help="TOML config file")
     up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
@@ -157,6 +188,7 @@ def add_up_command(sub: Any) -> None:
     up.add_argument("--ready-timeout", type=float, help="seconds to wait for workers (ready_timeout_s)")
     up.add_argument("--drain-timeout", type=float, help="seconds to let in-flight requests finish on stop")
     up.add_argument("--blas", help="auto | reference | openblas | mkl | PATH (Linux CPU)")
+    up.add_argument("--dtype", choices=DTYPES, help="the models' precision (default auto: float32 on CPU, else quantized)")
     up.add_argument("--policy", choices=POLICIES)
     up.add_argument("--window-ms", type=float)
     up.add_argument("--decode-window-ms", type=float, help="least admission window while sequences decode")
@@ -182,8 +214,24 @@ def add_generate_command(sub: Any) -> None:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--chat", action="store_true", help="send PROMPT as one user message (the model's chat template)")
     add_client_options(gen, timeout_s=60.0)
     gen.set_defaults(func=cmd_generate)
+
+
+def add_model_commands(sub: Any) -> None:
+    """`mlx-fleet chat` and `mlx-fleet pull`."""
+    from broker.chat import add_chat_arguments
+
+    ch = sub.add_parser("chat", help="a conversation in the terminal (one answer when stdin is not a terminal)")
+    add_chat_arguments(ch)
+    add_client_options(ch, timeout_s=300.0)
+    ch.set_defaults(func=cmd_chat)
+    pl = sub.add_parser("pull", help="fetch and convert a model SOURCE into the cache now (smollm2, a .gguf file...)")
+    pl.add_argument("source")
+    pl.add_argument("--dtype", choices=DTYPES, default="auto", help="the precision to convert a GGUF file to")
+    pl.add_argument("--fetch-only", action="store_true", help="download what SOURCE needs, convert nothing")
+    pl.set_defaults(func=cmd_pull)
 
 
 def add_worker_command(sub: Any) -> None:
@@ -196,6 +244,7 @@ def add_worker_command(sub: Any) -> None:
                     help="the fleet collector's event endpoint, e.g. tcp://HOST:5557 (default: send no metrics)")
     wk.add_argument("--config")
     wk.add_argument("--blas")
+    wk.add_argument("--dtype", choices=DTYPES)
     wk.add_argument("--log-level")
     wk.add_argument("--curve-secret", metavar="PATH", help="this worker's secret cert (NAME.key_secret)")
     wk.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
