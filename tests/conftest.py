@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from workers.blas import find_blas, preload_blas
 
@@ -19,6 +20,8 @@ preload_blas(find_blas(os.environ.get("MLX_FLEET_BLAS", "auto")))
 _OWN_CACHE = None
 if "MLX_FLEET_CACHE" not in os.environ:
     _OWN_CACHE = os.environ["MLX_FLEET_CACHE"] = tempfile.mkdtemp(prefix="mlxf-cache-")
+# Fetched model files (SmolLM2's GGUF) outlive the session: fetched once per checkout.
+os.environ.setdefault("MLX_FLEET_DOWNLOADS", str(Path(__file__).resolve().parents[1] / ".cache" / "downloads"))
 
 
 def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 (pytest hook signature)
