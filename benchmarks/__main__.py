@@ -52,6 +52,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("gateway-overhead", "benchmarks.gateway_overhead", "the HTTP gateway against the ZeroMQ client", "gateway_overhead"),
     Command("metrics-cost", "benchmarks.metrics_cost", "throughput with metrics export on and off", "metrics_cost"),
     Command("blas", "benchmarks.blas_gemm", "float32 GEMM GFLOP/s: reference BLAS against the optimized ones", "blas_gemm"),
+    Command("smollm2", "benchmarks.smollm2", "SmolLM2-135M float32 at 1-32 clients vs mlx_lm.server, and served vs in-process", "smollm2"),
     Command("soak", "benchmarks.soak", "64 clients for 5 min with cancels and timeouts: crashes, lost requests, RSS", "soak"),
 )
 BY_NAME = {c.name: c for c in COMMANDS}

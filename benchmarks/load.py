@@ -155,8 +155,9 @@ def run_direct(make_requester: Callable[[], tuple[Requester, Callable[[], None]]
     return LoadRun(1, time.perf_counter() - t0, samples)
 
 
-def fleet_requester(frontend: str, model: str, max_tokens: int, **options: Any) -> Callable[[], tuple[Requester, Callable[[], None]]]:
-    """A factory of per-thread requesters over the ZeroMQ client."""
+def fleet_requester(frontend: str, model: str, max_tokens: int, *, chat: bool = False,
+                    **options: Any) -> Callable[[], tuple[Requester, Callable[[], None]]]:
+    """A factory of per-thread requesters over the ZeroMQ client (``chat``: each prompt as one user message)."""
     from broker.client import Client
 
     def make() -> tuple[Requester, Callable[[], None]]:
@@ -164,7 +165,8 @@ def fleet_requester(frontend: str, model: str, max_tokens: int, **options: Any) 
 
         def send(prompt: str) -> RequestSample:
             timer = TokenTimer()
-            stream = client.stream(prompt, model=model, max_tokens=max_tokens, **options)
+            text = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+            stream = client.stream(model=model, max_tokens=max_tokens, **text, **options)
             for _ in stream:
                 timer.token()
             assert stream.completion is not None
@@ -178,17 +180,20 @@ def fleet_requester(frontend: str, model: str, max_tokens: int, **options: Any) 
 
 
 def http_requester(port: int, model: str, max_tokens: int, *, host: str = "127.0.0.1",
-                   headers: dict[str, str] | None = None) -> Callable[[], tuple[Requester, Callable[[], None]]]:
-    """A factory of per-thread requesters for an OpenAI-style /v1/completions with SSE."""
+                   headers: dict[str, str] | None = None, chat: bool = False) -> Callable[[], tuple[Requester, Callable[[], None]]]:
+    """A factory of per-thread requesters for an OpenAI-style /v1/completions with SSE
+    (``chat``: /v1/chat/completions, each prompt as one user message)."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
 
     def make() -> tuple[Requester, Callable[[], None]]:
         conn = http.client.HTTPConnection(host, port, timeout=300)
 
         def send(prompt: str) -> RequestSample:
-            body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            text = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+            body = json.dumps({"model": model, **text, "max_tokens": max_tokens, "temperature": 0.0,
                                "stream": True, "stream_options": {"include_usage": True}})
             timer = TokenTimer()
-            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", **(headers or {})})
+            conn.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
@@ -203,7 +208,8 @@ def http_requester(port: int, model: str, max_tokens: int, *, host: str = "127.0
                 event = json.loads(data)
                 if event.get("usage"):
                     tokens = event["usage"].get("completion_tokens", tokens)
-                if event.get("choices") and event["choices"][0].get("text"):
+                choice = (event.get("choices") or [{}])[0]
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
                     timer.token()
             resp.read()
             return timer.sample(tokens)

@@ -56,7 +56,7 @@ class Sample:
     path: str = ""  # served only: how the worker decoded it (solo | batch | handoff)
 
 
-def run_in_process(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> Sample:
+def run_in_process(model: Any, tokenizer: Any, prompt: str | list[int], max_tokens: int) -> Sample:
     """mlx-lm's own streaming loop, greedy."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -73,11 +73,11 @@ def run_in_process(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> 
     return Sample(ttft, time.perf_counter() - t0, len(ids), ids)
 
 
-def run_served(client: Client, model: str, prompt: str, max_tokens: int) -> Sample:
-    """The same request through the broker and a worker."""
+def run_served(client: Client, model: str, prompt: str | None, max_tokens: int, **options: Any) -> Sample:
+    """The same request through the broker and a worker (``options``: e.g. ``messages`` instead of a prompt)."""
     t0 = time.perf_counter()
     ttft = 0.0
-    stream = client.stream(prompt, model=model, max_tokens=max_tokens)
+    stream = client.stream(prompt, model=model, max_tokens=max_tokens, **options)
     for _ in stream:
         if not ttft:
             ttft = time.perf_counter() - t0

