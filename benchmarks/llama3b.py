@@ -29,7 +29,7 @@ import numpy as np
 
 from workers import demo_model as dm
 from workers import demo_tokenizer as dtok
-from workers.cache import install_dir, remove_path, staging_path
+from workers.cache import build_into
 
 LLAMA_3_2_3B = dm.DemoSize("llama-3.2-3b-config", hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8,
                            intermediate_size=8192)
@@ -91,11 +91,7 @@ def write_llama3b_model(path: Path, *, spec: dm.DemoSize = LLAMA_3_2_3B, dtype: 
     """Write the folder at ``path`` (built beside it, then renamed into place); returns ``path``."""
     if dtype not in SAFETENSORS_DTYPE:
         raise ValueError(f"dtype must be one of {sorted(SAFETENSORS_DTYPE)}, got {dtype!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = staging_path(path)
-    staged.mkdir()
-    try:
+    def build(staged: Path) -> None:
         tokenizer = dtok.train_demo_tokenizer()
         for name, data in dtok.tokenizer_files(tokenizer).items():
             (staged / name).write_bytes(data)
@@ -104,11 +100,8 @@ def write_llama3b_model(path: Path, *, spec: dm.DemoSize = LLAMA_3_2_3B, dtype: 
             {"bos_token_id": dtok.BOS_TOKEN_ID, "eos_token_id": dtok.EOS_TOKEN_ID, "do_sample": False}))
         plan = [t for t in dm._tensor_plan(spec, VOCAB_SIZE) if t[0] != "lm_head.weight"]  # tied
         write_safetensors(staged / "model.safetensors", plan, seed, tokenizer.get_vocab_size(), dtype)
-        install_dir(staged, path)
-    except BaseException:
-        remove_path(staged)
-        raise
-    return path
+
+    return build_into(Path(path), build)
 
 
 def main(argv: list[str] | None = None) -> int:

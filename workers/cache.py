@@ -76,6 +76,23 @@ def staging_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def build_into(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(folder)`` on a fresh staging folder, then rename it to ``target`` (replacing it).
+
+    ``target`` never shows a half-built folder; a build that raises leaves nothing behind.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = staging_path(target)
+    os.mkdir(staged)
+    try:
+        build(staged)
+        install_dir(staged, target)
+    except BaseException:
+        remove_path(staged)
+        raise
+    return target
+
+
 def build_once(target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
     """Return ``target``, first running ``build(staging_folder)`` if it is not complete.
 
@@ -93,14 +110,7 @@ def build_once(target: Path, is_complete: Callable[[Path], bool], build: Callabl
             return target
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # live builders hold this lock
             remove_path(stale)
-        staged = staging_path(target)
-        os.mkdir(staged)
-        try:
-            build(staged)
-            install_dir(staged, target)
-        except BaseException:
-            remove_path(staged)
-            raise
+        build_into(target, build)
     return target
 
 

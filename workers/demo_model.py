@@ -29,7 +29,7 @@ import numpy as np
 import tokenizers
 
 from workers import demo_tokenizer as dtok
-from workers.cache import build_once, install_dir, remove_path, staging_path
+from workers.cache import build_into, build_once
 from workers.cache import cache_dir as demo_cache_dir
 
 # Bump when the folder's contents change for the same size, seed and corpus.
@@ -230,17 +230,7 @@ def write_demo_model(path: Path, size: str = "demo", *, seed: int = DEFAULT_SEED
     Raises ``ValueError`` for an unknown ``size``.
     """
     spec = get_demo_size(size)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = staging_path(path)
-    os.mkdir(staged)
-    try:
-        _write_contents(staged, spec, seed)
-        install_dir(staged, path)
-    except BaseException:
-        remove_path(staged)
-        raise
-    return path
+    return build_into(Path(path), lambda staged: _write_contents(staged, spec, seed))
 
 
 def _is_complete(folder: Path) -> bool:
