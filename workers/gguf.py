@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from actors.config import DTYPES
 from workers.cache import build_once, cache_dir, file_sha256
 from workers.gguf_file import GGUFError, GGUFHeader, read_gguf
 from workers.gguf_tokenizer import check_tokenizer, end_token_ids, tokenizer_files
@@ -41,10 +42,9 @@ from workers.gguf_tokenizer import check_tokenizer, end_token_ids, tokenizer_fil
 log = logging.getLogger("mlx_fleet.gguf")
 
 FORMAT_VERSION = 1  # bump when a converted folder's contents change for the same file and precision
-PRECISIONS = ("quantized", "float32", "bfloat16", "float16")
+PRECISIONS = tuple(d for d in DTYPES if d != "auto")  # what a conversion writes: a dtype made concrete
 SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
 SUPPORTED_ARCHITECTURES = ("llama",)
-GROUP_SIZE = 32  # the block size of every supported quantized type
 
 Progress = Callable[[str], None]
 
