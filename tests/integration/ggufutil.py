@@ -152,12 +152,41 @@ def demo_tokenizer_metadata(folder: Path) -> dict[str, Any]:
     }
 
 
+def sentencepiece_metadata(vocab_size: int) -> tuple[dict[str, Any], Any]:
+    """A SentencePiece BPE tokenizer trained on the demo corpus, as llama.cpp's converter stores it
+    (``tokenizer.ggml.model = llama``: pieces, scores, token types), and the trained processor."""
+    import io
+
+    import sentencepiece as spm
+
+    from workers.demo_tokenizer import read_corpus_text
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(read_corpus_text().splitlines()), model_writer=proto, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    n = sp.get_piece_size()
+
+    def kind(i: int) -> int:  # llama.cpp's token types
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+            "tokenizer.ggml.token_type": [kind(i) for i in range(n)], "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": True}
+    return meta, sp
+
+
 def demo_as_gguf(path: Path, folder: Path, *, types: dict[str, str] | None = None,
-                 architecture: str = "llama", permute: bool = True) -> Path:
+                 architecture: str = "llama", permute: bool = True, tokenizer: dict[str, Any] | None = None) -> Path:
     """Write the demo model in ``folder`` as a GGUF file, as llama.cpp's converter would.
 
     ``types`` maps GGUF tensor names (or ``*`` for every matrix) to a ggml type;
     norms stay F32. ``permute=False`` leaves Q and K in the Hugging Face layout.
+    ``tokenizer`` replaces the demo's ``tokenizer.ggml.*`` metadata (the chat template stays).
     """
     import mlx.core as mx
 
@@ -189,6 +218,6 @@ def demo_as_gguf(path: Path, folder: Path, *, types: dict[str, str] | None = Non
         f"{arch}.attention.head_count": heads, f"{arch}.attention.head_count_kv": kv_heads,
         f"{arch}.rope.freq_base": float(cfg["rope_theta"]), f"{arch}.rope.dimension_count": cfg["head_dim"],
         f"{arch}.attention.layer_norm_rms_epsilon": float(cfg["rms_norm_eps"]),
-        **demo_tokenizer_metadata(folder),
+        **demo_tokenizer_metadata(folder), **(tokenizer or {}),
     }
     return write_gguf(path, metadata, tensors)

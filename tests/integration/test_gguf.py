@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.integration.ggufutil import demo_as_gguf, permute_rows, write_gguf
+from tests.integration.ggufutil import demo_as_gguf, permute_rows, sentencepiece_metadata, write_gguf
 from workers import demo_model as dm
 from workers.cache import file_sha256
 from workers.gguf import convert_gguf, converted_folder, ensure_converted
@@ -144,6 +144,29 @@ def test_half_precisions(tmp_path: Path, demo_dir: Path, precision: str) -> None
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == precision
 
 
+def test_sentencepiece_tokenizer_encodes_as_sentencepiece(tmp_path: Path, demo_dir: Path) -> None:
+    """A Llama-2-style GGUF (SentencePiece BPE: pieces and scores, no merges) converts to a
+    tokenizer that gives SentencePiece's own ids, byte fallback and all."""
+    from mlx_lm import load
+
+    meta, sp = sentencepiece_metadata(vocab_size=2048)  # the demo model's vocabulary size
+    folder = convert(demo_as_gguf(tmp_path / "spm.gguf", demo_dir, tokenizer=meta), tmp_path / "out", "float32")
+    _, tokenizer = load(str(folder))
+    texts = [*TEXTS, "  two  spaces\nnew line", " leading space", "x", "emoji 🙂🚀 and 中文", "The year 2024 has 366 days."]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert ids == [1, *sp.encode(text)], text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        # What a worker streams with: mlx-lm's SentencePiece detokenizer, which drops an
+        # answer's leading whitespace (its own rule, for any SentencePiece model).
+        detok = tokenizer.detokenizer
+        detok.reset()
+        for token in ids[1:]:
+            detok.add_token(token)
+        detok.finalize()
+        assert detok.text == text.lstrip(), text
+
+
 # ---- refusals -----------------------------------------------------------------------------
 
 
@@ -168,11 +191,11 @@ def _not_gguf(tmp_path: Path, demo_dir: Path) -> Path:
 
 
 def _bad_pre(tmp_path: Path, demo_dir: Path) -> Path:
-    path = demo_as_gguf(tmp_path / "pre.gguf", demo_dir)
-    header = read_gguf(path)
-    meta = dict(header.metadata, **{"tokenizer.ggml.pre": "deepseek-coder"})
-    tensors = [(t.name, np.zeros(t.dims[::-1], np.float32), "F32") for t in header.tensors]
-    return write_gguf(tmp_path / "pre2.gguf", meta, tensors)
+    return demo_as_gguf(tmp_path / "pre.gguf", demo_dir, tokenizer={"tokenizer.ggml.pre": "deepseek-coder"})
+
+
+def _unigram(tmp_path: Path, demo_dir: Path) -> Path:
+    return demo_as_gguf(tmp_path / "t5.gguf", demo_dir, tokenizer={"tokenizer.ggml.model": "t5"})
 
 
 def _extra_tensor(tmp_path: Path, demo_dir: Path) -> Path:
@@ -188,6 +211,7 @@ REFUSALS = [
     (_qwen, r"architecture 'qwen2' is not supported"),
     (_not_gguf, r"not a GGUF file"),
     (_bad_pre, r"tokenizer pre-split 'deepseek-coder' is not supported"),
+    (_unigram, r"tokenizer model 't5' is not supported"),
     (_extra_tensor, r"tensor 'rope_freqs\.weight' has no counterpart"),
 ]
 
