@@ -14,6 +14,10 @@ float32 is memory-bound on a CPU, so batching should pay even more than on the d
 - **Single-stream overhead**: the questions sequentially through the fleet and through
   ``mlx_lm.stream_generate`` in this process (greedy), alternating request by request, as
   ``benchmarks/overhead.py`` does on the demo model; greedy token mismatches are counted.
+- **Precision**: in this process, one stream at a time, the same questions at each
+  precision a GGUF converts to (float32, quantized, bfloat16, float16), rounds
+  interleaved: mlx-lm's own prompt and generation tok/s. This is what ``dtype=auto``
+  (float32 on a CPU device, quantized elsewhere) rests on.
 
     python -m benchmarks smollm2 [--levels 1,4,16,32] [--repeats 2] [--max-tokens 64] [--overhead-requests 30]
     python -m benchmarks --out /tmp/bench smollm2 --quick       # smoke run: 1 and 2 clients, 8 tokens
@@ -82,6 +86,47 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
     result["tokens"] = {"bare": sum(s.tokens for s in bare), "served": sum(s.tokens for s in served)}
     result["samples"] = {"bare": [dataclasses.asdict(s) for s in bare], "served": [dataclasses.asdict(s) for s in served]}
     return result
+
+
+def precisions(names: list[str], count: int, rounds: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
+    """Prompt and generation tok/s of in-process mlx-lm at each precision, ``rounds`` interleaved rounds."""
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from workers.models import resolve_source
+
+    loaded = {name: load(str(resolve_source(MODEL, name, progress=progress))) for name in names}
+    qs = questions()[:count]
+    out: dict[str, dict[str, list[float]]] = {name: {"prompt_tps": [], "generation_tps": []} for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, tokenizer = loaded[name]
+            for q in qs:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+                last = None
+                for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
+                    pass
+                if last is not None:
+                    out[name]["prompt_tps"].append(last.prompt_tps)
+                    out[name]["generation_tps"].append(last.generation_tps)
+            progress(f"precision round {r + 1}/{rounds}: {name} done")
+    loaded.clear()
+    mx.clear_cache()
+    return out
+
+
+def precision_markdown(result: dict[str, dict[str, list[float]]], count: int, rounds: int) -> str:
+    """Median prompt and generation tok/s per precision, with their range."""
+    import statistics
+
+    lines = [f"### Precision on this device (in-process mlx-lm, {count} questions x {rounds} rounds, one stream)", "",
+             "| precision | generation tok/s (median, range) | prompt tok/s (median, range) |", "|---|---:|---:|"]
+    for name, r in result.items():
+        cells = [f"{statistics.median(v):.1f} ({min(v):.1f}–{max(v):.1f})" if v else "—"
+                 for v in (r["generation_tps"], r["prompt_tps"])]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def concurrency(systems: dict[str, Any], levels: list[int], repeats: int, per_client: int,
@@ -197,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--decode-capacity", type=int, default=32, help="the fleet's and mlx_lm.server's decode concurrency")
     ap.add_argument("--overhead-requests", type=int, default=30, help="0 skips the single-stream part")
+    ap.add_argument("--precisions", default="float32,quantized,bfloat16,float16",
+                    help="precisions compared in process ('' skips that part)")
+    ap.add_argument("--precision-requests", type=int, default=3, help="questions per precision and round")
+    ap.add_argument("--precision-rounds", type=int, default=2)
     ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
     ap.add_argument("--name", default="smollm2")
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): 1 and 2 clients, 8 tokens")
@@ -205,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.levels, args.repeats, args.per_client, args.min_requests, args.max_tokens = "1,2", 1, 1, 2, 8
         args.overhead_requests, args.name = 3, args.name + "_quick"
+        args.precisions, args.precision_requests, args.precision_rounds = "float32,quantized", 1, 1
     levels = [int(x) for x in args.levels.split(",")]
 
     from workers.models import resolve_source
@@ -229,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             systems["mlx_lm.server"] = http_requester(server.port, "default_model", args.max_tokens, chat=True)
             progress("mlx_lm.server up")
         runs = concurrency(systems, levels, args.repeats, args.per_client, args.min_requests)
+    names = [n for n in args.precisions.split(",") if n]
+    prec = precisions(names, args.precision_requests, args.precision_rounds, args.max_tokens) if names else None
     report = Report(args.name, "SmolLM2-135M (float32): the fleet against mlx_lm.server, and single-stream overhead",
                     environment(describe_blas(), f"{MODEL} ({folder.name}), float32"),
                     {"levels": levels, "repeats": args.repeats, "per_client": args.per_client,
@@ -239,11 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report.results = {
         "summary": {name: {level: pooled(r).summary() for level, r in by_level.items()} for name, by_level in runs.items()},
         "per_repeat_tok_per_s": {name: {level: per_repeat(r) for level, r in by_level.items()} for name, by_level in runs.items()},
-        "gains": gains(runs, levels), "overhead": over,
+        "gains": gains(runs, levels), "overhead": over, "precisions": prec,
         "samples": {name: {level: [[s.__dict__ for s in r.samples] for r in rs] for level, rs in by_level.items()}
                     for name, by_level in runs.items()},
     }
     report.add_markdown(markdown(runs, levels, over, args))
+    if prec is not None:
+        report.add_markdown(precision_markdown(prec, args.precision_requests, args.precision_rounds))
     json_path, md_path = report.write(args.out)
     progress(f"wrote {json_path} and {md_path}")
     print(md_path.read_text())
