@@ -50,7 +50,6 @@ SYSTEMS = ("fleet", "mlx_lm.server")
 
 def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: int) -> dict[str, Any]:
     """Sequential requests, alternating between in-process mlx-lm and the fleet; their comparison."""
-    import mlx.core as mx
     from mlx_lm import load
 
     model, tokenizer = load(str(folder))
@@ -79,8 +78,6 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
                 bare.append(in_process(q))
             if (i + 1) % 10 == 0:
                 progress(f"overhead: {i + 1}/{len(qs)} requests")
-    del model
-    mx.clear_cache()
     result = compare(bare, served)
     result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
     result["tokens"] = {"bare": sum(s.tokens for s in bare), "served": sum(s.tokens for s in served)}

@@ -13,6 +13,7 @@ message: it is answered and the command exits.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any, Callable, TextIO
 
@@ -139,7 +140,7 @@ def chat_command(args: argparse.Namespace, make_client: Callable[[], Any]) -> in
                     return 1
                 return answer_once(client, args.model, text, out=sys.stdout, options=options, system=args.system)
             try:
-                import readline  # noqa: F401 (line editing and history for input())
+                importlib.import_module("readline")  # line editing and history for input()
             except ImportError:
                 pass
             return run_chat(client, args.model, read_line=input, out=sys.stdout, err=sys.stderr,
