@@ -40,7 +40,7 @@ from actors.config import BatchingConfig  # noqa: E402
 from benchmarks.common import RESULTS_DIR, Report, add_out_argument, environment, progress, questions, spread  # noqa: E402
 from benchmarks.gateway_overhead import pooled, tagged_prompts  # noqa: E402
 from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
-from benchmarks.overhead import Sample, compare, local_config, run_in_process, run_served  # noqa: E402
+from benchmarks.overhead import Sample, alternate, compare, local_config, run_in_process, run_served  # noqa: E402
 from broker.client import Client  # noqa: E402
 from fleet.embedded import BackgroundFleet  # noqa: E402
 
@@ -54,8 +54,6 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
 
     model, tokenizer = load(str(folder))
     qs = (questions() * (count // 50 + 1))[:count]
-    bare: list[Sample] = []
-    served: list[Sample] = []
 
     def in_process(q: str) -> Sample:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
@@ -69,15 +67,7 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
         for q in qs[:warmup]:
             in_process(q)
             through_fleet(q)
-        for i, q in enumerate(qs):
-            if i % 2 == 0:  # alternate which goes first, so neither always runs on a warmer cache
-                bare.append(in_process(q))
-                served.append(through_fleet(q))
-            else:
-                served.append(through_fleet(q))
-                bare.append(in_process(q))
-            if (i + 1) % 10 == 0:
-                progress(f"overhead: {i + 1}/{len(qs)} requests")
+        bare, served = alternate(in_process, through_fleet, qs, None)
     result = compare(bare, served)
     result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
     result["tokens"] = {"bare": sum(s.tokens for s in bare), "served": sum(s.tokens for s in served)}
