@@ -9,6 +9,7 @@ imports inside functions and under ``TYPE_CHECKING`` count like any other.
 - No module imports itself back, directly or through others.
 - No production module is over 450 lines, and no function over 80.
 - Every repository file a comment or a doc cites exists.
+- No merge-conflict marker is left in a tracked text.
 """
 
 from __future__ import annotations
@@ -194,6 +195,18 @@ def test_every_cited_file_exists() -> None:
     missing = {f"{path.relative_to(ROOT)}: {ref}" for path in texts for ref in CITED.findall(path.read_text())
                if not (ROOT / ref).exists()}
     assert sorted(missing) == []
+
+
+MARKER = re.compile(r"^(?:<{7}|>{7})(?: |$)", re.MULTILINE)
+
+
+def test_no_merge_conflict_marker_is_left_in_a_tracked_text() -> None:
+    texts = [p for p in ROOT.glob("*.md")] + [p for p in (ROOT / "docs").rglob("*") if p.is_file()]
+    texts += [p for package in PACKAGES for p in (ROOT / package).rglob("*")
+              if p.is_file() and p.suffix in (".py", ".md", ".sh", ".toml", ".txt")]
+    texts += [ROOT / "pyproject.toml", ROOT / ".ci" / "run", *(ROOT / "scripts").glob("*")]
+    marked = sorted(str(p.relative_to(ROOT)) for p in texts if p.is_file() and MARKER.search(p.read_text(errors="replace")))
+    assert marked == []
 
 
 # ---- the checker itself, on a made-up tree ----------------------------------------------------
