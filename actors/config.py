@@ -44,9 +44,8 @@ class BatchingConfig:
     adaptive_medium_depth: int = 5
     admission_batch: int = 8  # waiting requests prefilled together
     decode_capacity: int = 16  # sequences decoding at once; advertised to the broker
-    # Prompt tokens per sequence per engine step. A step is one uninterrupted MLX call, so this
-    # bounds how long a worker goes without heartbeating (admission_batch x this many tokens)
-    # and how long decoding sequences stall behind a long prompt.
+    # Prompt tokens per sequence per engine step: bounds how long decoding sequences stall
+    # behind a long prompt, against the throughput of larger prefill chunks.
     prefill_step_size: int = 128
     auto_tune: bool = False
     auto_tune_min_batch: int = 2
@@ -101,7 +100,8 @@ class FleetConfig:
     restart_window_s: float = 60.0
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart
     restart_backoff_max_s: float = 30.0
-    hung_grace_s: float = 30.0  # kill a worker the broker declared silent after this long
+    hung_grace_s: float = 30.0  # kill a worker the broker declared silent or hung after this long
+    hung_step_s: float = 60.0  # a worker holding work whose engine loop made no progress this long is hung
     client_hwm: int = 1000  # messages queued per client before it counts as not reading
     log_level: str = "INFO"
     # Cluster: CurveZMQ key files (certificates from `mlx-fleet keys`), bind policy, memory budget.
@@ -334,6 +334,8 @@ def load_config(
         raise ConfigError("http_port must be in 0..65535 (0 turns the HTTP gateway off)")
     if cfg.no_worker_timeout_s <= 0:
         raise ConfigError("no_worker_timeout_s must be > 0")
+    if cfg.hung_step_s <= 0:
+        raise ConfigError("hung_step_s must be > 0")
     validate_cluster(cfg)
     return cfg
 

@@ -227,6 +227,8 @@ class Heartbeat(Message):
     in_flight: int = 0
     free_slots: int = 0
     stats: dict | None = None
+    steps_completed: int = 0  # engine steps the worker's MLX loop has completed
+    step_elapsed_s: float = 0.0  # how long the loop has been in its current step (or work); 0 when idle
 
 
 @dataclass

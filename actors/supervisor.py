@@ -9,8 +9,9 @@ of the fleet keeps running; the broker is essential, so giving up on it stops
 the fleet with an error.
 
 The broker shows the children in `status`, forgets a worker as soon as its
-process exits, and names workers it declared dead for silence: one still
-running ``hung_grace_s`` later is hung, and is killed and restarted.
+process exits, and names workers it declared dead for silence or for no engine
+progress (``hung_step_s``): one still running ``hung_grace_s`` later is hung, and
+is killed and restarted.
 
 With ``metrics_export`` on, the collector is a child too, started first. It is
 not on the serving path: start-up does not wait for it, and when it dies the
@@ -227,14 +228,14 @@ class Supervisor:
         self.link.send(self.state())
 
     def kill_hung(self, silent_workers: list[dict[str, Any]]) -> None:
-        """Kill workers the broker declared dead for silence that still run after hung_grace_s."""
+        """Kill workers the broker declared dead (silent, or hung with no engine progress) still running after hung_grace_s."""
         for silent in silent_workers:
             child = self.children.by_worker_id(silent.get("worker_id"))
             age_s = silent.get("silent_for_s", 0.0)
             if child is None or not child.alive or child.pid != silent.get("pid"):
                 continue
             if isinstance(age_s, (int, float)) and age_s >= self.cfg.hung_grace_s:
-                log.error("%s (pid %s) has been silent for %.1fs (hung_grace_s=%g); killing it",
+                log.error("%s (pid %s) was declared silent or hung %.1fs ago (hung_grace_s=%g); killing it",
                           child.name, child.pid, age_s, self.cfg.hung_grace_s)
                 self.children.kill(child)
 

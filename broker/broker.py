@@ -50,6 +50,7 @@ class BrokerActor:
             heartbeat_liveness=cfg.heartbeat_liveness,
             default_timeout_s=cfg.request_timeout_s,
             no_worker_timeout_s=cfg.no_worker_timeout_s,
+            hung_step_s=cfg.hung_step_s,
         )
         self.ctx = ctx or zmq.Context()
         # A client more than client_hwm messages behind is "not reading": its requests are cancelled.

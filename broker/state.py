@@ -46,11 +46,13 @@ class BrokerState:
         max_requeues: int = 1,
         aging_s: float = 2.0,
         max_affinity_keys: int = 65_536,
+        hung_step_s: float = 60.0,
     ) -> None:
         self.clock = clock
         self.queue_limit = queue_limit
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness_s = heartbeat_interval_s * heartbeat_liveness
+        self.hung_step_s = hung_step_s
         self.default_timeout_s = default_timeout_s
         self.no_worker_timeout_s = no_worker_timeout_s
         self.max_requeues = max_requeues
@@ -191,6 +193,10 @@ class BrokerState:
             worker.reported_in_flight = msg.in_flight
             if msg.stats is not None:
                 worker.stats = msg.stats
+            if worker.running and msg.step_elapsed_s >= self.hung_step_s:
+                # Its I/O thread answers, but its engine loop has not moved: handled as a lost worker.
+                why = f"no engine progress for {msg.step_elapsed_s:.1f}s (hung_step_s={self.hung_step_s:g})"
+                return self.worker_gone(identity, why, silent=True)
             return []
         if isinstance(msg, Disconnect):
             return self.worker_gone(identity, msg.reason or "worker disconnected")
@@ -223,8 +229,9 @@ class BrokerState:
     def worker_gone(self, identity: bytes, reason: str, *, silent: bool = False) -> list[Out]:
         """Forget a worker; requeue its unstarted requests once, fail the rest.
 
-        ``silent`` marks a worker declared dead for missing heartbeats: its process
-        may still run (hung), so it is remembered until it registers again.
+        ``silent`` marks a worker declared dead for missing heartbeats or for no engine
+        progress: its process may still run (hung), so it is remembered until it registers
+        again, and the supervisor kills it after ``hung_grace_s``.
         """
         worker = self.workers.pop(identity, None)
         if worker is None:

@@ -27,7 +27,6 @@ busy time into mlx-lm's part and ours.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -39,39 +38,11 @@ from workers.engine_stats import BATCH, HANDOFF, SOLO, StepClock, StepStats
 from workers.precision import apply_dtype
 from workers.prompt_cache import PromptCache, PromptCacheStats
 from workers.sampling import SamplerPool
+from workers.sequences import EngineRequest, StepEvent  # defined apart: the session reads them without MLX
 from workers.solo import Solo, can_go_solo
 from workers.text_stream import TextStream
 
 SOLO_UID = -1  # the solo sequence's key in ``Engine.streams`` (BatchGenerator uids are >= 0)
-
-
-@dataclass
-class EngineRequest:
-    """One sequence to generate. ``key`` is unique among live requests."""
-
-    key: str
-    prompt_tokens: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    cache: bool = True  # use and feed the prompt cache
-
-
-@dataclass
-class StepEvent:
-    """What one step produced for one request. ``text`` may be empty (held back)."""
-
-    key: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    first_token: bool = False
-    completion_tokens: int = 0  # set on the final event; EOS included
-    cached_tokens: int = 0  # prompt tokens reused from the prompt cache; set on the final event
-    path: str = ""  # solo | batch | handoff; set on the final event
 
 
 class Engine:

@@ -1,13 +1,17 @@
-"""A test-only fault switch for workers: hang or crash on purpose.
+"""A test-only fault switch for workers: hang, stall or crash on purpose.
 
 Off in production. Faults are read from ``MLX_FLEET_FAULTS`` only when
 ``MLX_FLEET_ENABLE_FAULTS=1`` is also set, so a stray variable cannot break a
 real fleet. The value is a comma-separated list of ``key=value``:
 
 - ``worker=ID``: only the worker with this id is affected (default: every worker);
-- ``hang_after_dispatches=N``: on the N-th dispatch the worker stops its loop and
-  its heartbeats, as if an MLX call never returned, until SIGTERM or ``hang_s``;
+- ``hang_after_dispatches=N``: on the N-th dispatch the worker's MLX loop stops, as if
+  an MLX call never returned, until SIGTERM or ``hang_s``; its I/O thread goes on
+  heartbeating (with no progress), so the broker declares it hung after ``hung_step_s``;
 - ``hang_s=F``: how long a hang lasts (default: until the process is stopped);
+- ``stall_step_s=F``: one engine step takes F seconds longer, as a very long prefill would;
+  the loop stays inside that step (the I/O thread keeps heartbeating and answering);
+- ``stall_at_step=N``: which engine step stalls (default 1, the first);
 - ``exit_after_dispatches=N``: on the N-th dispatch the process exits at once
   (``os._exit``, no teardown), as a crash would;
 - ``exit_code=N``: the code of that exit (default 70).
@@ -42,13 +46,16 @@ class FaultPlan:
     hang_s: float | None = None
     exit_after_dispatches: int | None = None
     exit_code: int = 70
+    stall_step_s: float | None = None
+    stall_at_step: int = 1
 
     def applies_to(self, worker_id: str) -> bool:
         """True when this plan targets ``worker_id``."""
         return self.worker is None or self.worker == worker_id
 
 
-_INT_KEYS = ("hang_after_dispatches", "exit_after_dispatches", "exit_code")
+_INT_KEYS = ("hang_after_dispatches", "exit_after_dispatches", "exit_code", "stall_at_step")
+_FLOAT_KEYS = ("hang_s", "stall_step_s")
 
 
 def parse_faults(text: str) -> FaultPlan:
@@ -66,7 +73,7 @@ def parse_faults(text: str) -> FaultPlan:
                 values[key] = value
             elif key in _INT_KEYS:
                 values[key] = int(value)
-            elif key == "hang_s":
+            elif key in _FLOAT_KEYS:
                 values[key] = float(value)
             else:
                 raise FaultSpecError(f"{FAULTS_VAR}: unknown fault {key!r}")
@@ -103,6 +110,7 @@ class FaultInjector:
         self.exit_process = exit_process
         self.dispatches = 0
         self.hangs = 0
+        self.steps = 0
 
     def on_dispatch(self) -> None:
         """Called once per dispatch the worker accepts."""
@@ -114,12 +122,23 @@ class FaultInjector:
         if p.hang_after_dispatches is not None and self.dispatches == p.hang_after_dispatches:
             self.hang()
 
+    def on_step(self) -> None:
+        """Called by the MLX loop as each engine step begins."""
+        self.steps += 1
+        p = self.plan
+        if p.stall_step_s is not None and self.steps == p.stall_at_step:
+            log.error("fault: stalling engine step %d for %gs", self.steps, p.stall_step_s)
+            self._block(p.stall_step_s)
+
     def hang(self) -> None:
-        """Block the calling (engine) thread: no steps, no heartbeats, no input."""
+        """Block the calling (MLX) thread: no steps, no input taken."""
         self.hangs += 1
         log.error("fault: hanging at dispatch %d (for %s)", self.dispatches,
                   f"{self.plan.hang_s:g}s" if self.plan.hang_s is not None else "ever")
-        until_s = None if self.plan.hang_s is None else time.monotonic() + self.plan.hang_s
+        self._block(self.plan.hang_s)
+
+    def _block(self, seconds: float | None) -> None:
+        until_s = None if seconds is None else time.monotonic() + seconds
         # Still honour SIGTERM (keep_running turns false) so tests tear down quickly.
         while self.keep_running() and (until_s is None or time.monotonic() < until_s):
             self.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Unit tests for fault tolerance: the fault switch, broker liveness and requeue, the worker's reconnect.
+"""Unit tests for fault tolerance: the fault switch, broker liveness and requeue, hung workers.
 
 Pure objects on a fake clock; no sockets, no processes, no sleeping.
 """
@@ -27,12 +27,15 @@ pytestmark = pytest.mark.timeout(10)
     ("hang_after_dispatches=3", FaultPlan(hang_after_dispatches=3)),
     ("worker=demo-1, exit_after_dispatches=2, exit_code=9", FaultPlan(worker="demo-1", exit_after_dispatches=2, exit_code=9)),
     ("hang_after_dispatches=1,hang_s=0.5", FaultPlan(hang_after_dispatches=1, hang_s=0.5)),
+    ("stall_step_s=10", FaultPlan(stall_step_s=10.0)),
+    ("stall_step_s=2.5,stall_at_step=3", FaultPlan(stall_step_s=2.5, stall_at_step=3)),
 ])
 def test_parse_faults(text: str, want: FaultPlan) -> None:
     assert parse_faults(text) == want
 
 
-@pytest.mark.parametrize("text", ["explode=1", "hang_after_dispatches", "hang_after_dispatches=x", "hang_s="])
+@pytest.mark.parametrize("text", ["explode=1", "hang_after_dispatches", "hang_after_dispatches=x", "hang_s=",
+                                  "stall_step_s=long", "stall_at_step=1.5"])
 def test_parse_faults_rejects(text: str) -> None:
     with pytest.raises(FaultSpecError):
         parse_faults(text)
@@ -72,6 +75,19 @@ def test_injector_exits_and_hangs_at_the_planned_dispatch() -> None:
     assert hang.hangs == 1 and len(slept) == 5
     hang.on_dispatch()  # only the planned dispatch hangs
     assert hang.hangs == 1
+
+
+def test_injector_stalls_the_planned_step_only() -> None:
+    slept: list[float] = []
+    inj = FaultInjector(FaultPlan(stall_step_s=0.2, stall_at_step=2), keep_running=lambda: True,
+                        sleep=slept.append)
+    inj.on_step()
+    assert slept == []
+    inj.on_step()  # the planned step: blocks (in 0.05 s naps) until its time is up
+    assert slept and all(s == 0.05 for s in slept)
+    count = len(slept)
+    inj.on_step()
+    assert len(slept) == count
 
 
 # ---- broker liveness and requeue ---------------------------------------------------------------
@@ -229,72 +245,49 @@ def test_client_gone_cancels_queued_and_running() -> None:
     assert not state.by_client and len(state.requests) == 1  # the running one awaits its worker's done
 
 
-# ---- worker reconnect ---------------------------------------------------------------------------
+# ---- hung workers: heartbeats without engine progress -------------------------------------------
 
 
-def test_worker_reconnects_with_growing_backoff_and_resets_when_it_hears_the_broker(monkeypatch) -> None:
-    from types import SimpleNamespace
-
-    from workers import worker as wmod
-
-    now = [0.0]
-    monkeypatch.setattr(wmod.time, "monotonic", lambda: now[0])
-    actor = wmod.WorkerActor(wmod.WorkerSettings("w", "m", "demo", "ipc:///tmp/mlxf-none",
-                                                 heartbeat_interval_s=1.0, heartbeat_liveness=3))
-    reconnects: list[float] = []
-
-    def connect() -> None:
-        reconnects.append(now[0])
-        actor.last_heard_s = now[0]
-
-    actor.connect = connect  # type: ignore[method-assign]
-    actor.send = lambda msg: None  # type: ignore[method-assign]
-    actor.stats = lambda: {}  # type: ignore[method-assign]
-    actor.engine = SimpleNamespace(free_slots=1, remove=lambda keys: [])
-    try:
-        def run_until(t_s: float) -> None:
-            while now[0] < t_s:
-                now[0] = round(now[0] + 0.1, 6)
-                actor.keepalive()
-
-        run_until(60.0)
-        gaps = [b - a for a, b in zip(reconnects, reconnects[1:])]
-        assert reconnects[0] == pytest.approx(3.1, abs=0.15)  # liveness x interval, then the first try
-        assert all(b >= a for a, b in zip(gaps, gaps[1:])) and gaps[-1] >= 8.0, gaps
-        actor.heard()  # any message from the broker
-        heard_at, count = now[0], len(reconnects)
-        run_until(heard_at + 3.0)
-        assert len(reconnects) == count  # quiet for no more than liveness: no reconnect
-        run_until(heard_at + 4.2)
-        assert len(reconnects) == count + 1  # the backoff was reset: liveness plus one beat at most
-    finally:
-        actor.ctx.term()
+def beat(state: BrokerState, ident: bytes, elapsed_s: float, steps: int = 0) -> list[Out]:
+    hb = Heartbeat(ident.decode(), steps_completed=steps, step_elapsed_s=elapsed_s)
+    return state.handle_worker_message(ident, hb, hb.to_map())
 
 
-def test_worker_does_not_reconnect_when_broker_messages_wait_after_a_long_step(monkeypatch) -> None:
-    from types import SimpleNamespace
+def test_a_worker_without_progress_past_hung_step_s_is_lost_though_it_heartbeats() -> None:
+    state, clock = make_state(hung_step_s=10.0)
+    ready(state, W0)
+    sent = dispatched(gen(state, "streamed") + gen(state, "fresh"))
+    key_streamed = next(k for k in sent if state.requests[k].request.request_id == "streamed")
+    state.handle_worker_message(W0, Chunk(key_streamed, "x", [1]), {"type": "chunk", "request_id": key_streamed})
+    for elapsed_s in (0.0, 1.0, 2.0, 9.9):  # beats keep it alive; a long step is not a hang
+        clock.advance(1.0)
+        assert beat(state, W0, elapsed_s) == [] and W0 in state.workers
+    clock.advance(1.0)
+    outs = beat(state, W0, 10.0)
+    assert W0 not in state.workers
+    (err,) = to_client(outs)
+    assert err["request_id"] == "streamed" and err["code"] == "worker_lost" and "no engine progress" in err["message"]
+    # Remembered as silent: the supervisor's ack names it, so it is killed after hung_grace_s.
+    assert state.silent["w0"].pid == 100
+    sent = dispatched(ready(state, W1))
+    assert [state.requests[k].request.request_id for k in sent] == ["fresh"]  # the unstarted one is requeued
 
-    from workers import worker as wmod
 
-    now = [0.0]
-    monkeypatch.setattr(wmod.time, "monotonic", lambda: now[0])
-    actor = wmod.WorkerActor(wmod.WorkerSettings("w", "m", "demo", "ipc:///tmp/mlxf-none",
-                                                 heartbeat_interval_s=1.0, heartbeat_liveness=3))
-    reconnects: list[float] = []
-    actor.connect = lambda: reconnects.append(now[0])  # type: ignore[method-assign]
-    actor.send = lambda msg: None  # type: ignore[method-assign]
-    actor.stats = lambda: {}  # type: ignore[method-assign]
-    actor.engine = SimpleNamespace(free_slots=1, remove=lambda keys: [])
-    pending = [True]
-    actor.sock = SimpleNamespace(poll=lambda timeout=0: 1 if pending[0] else 0, close=lambda linger=0: None)
-    try:
-        now[0] = 10.0  # one engine step outlasted the liveness, but broker messages wait unread
-        actor.keepalive()
-        assert reconnects == []
-        pending[0] = False
-        now[0] = 20.0  # truly silent now
-        actor.keepalive()
-        assert reconnects == [20.0]
-    finally:
-        actor.sock = None
-        actor.ctx.term()
+def test_an_idle_worker_is_never_hung() -> None:
+    state, clock = make_state(hung_step_s=10.0)
+    ready(state, W0)
+    clock.advance(1.0)
+    assert beat(state, W0, 100.0) == [] and W0 in state.workers  # holds no work
+
+
+def test_hung_workers_go_to_the_supervisor_in_the_ack() -> None:
+    state, clock = make_state(hung_step_s=5.0)
+    ready(state, W0, pid=100)
+    gen(state, "r")
+    clock.advance(1.0)
+    beat(state, W0, 5.0)
+    clock.advance(2.0)
+    (ack,) = [o.body for o in report(state, pid=100) if o.to is Dest.CONTROL]
+    assert ack.silent_workers == [{"worker_id": "w0", "pid": 100, "silent_for_s": 2.0}]
+    (row,) = make_status(state)["models"]["m"]["workers"]
+    assert row["state"] == "hung"

@@ -1,0 +1,327 @@
+"""The worker's request session: what a worker does with its requests, apart from moving bytes.
+
+Pure: no MLX, no sockets. It takes a clock and an engine (anything shaped like
+:class:`EngineLike`, which :class:`workers.engine.Engine` is), and each call returns
+what to send. The worker's MLX thread drives it:
+
+``dispatch`` / ``cancel`` as messages arrive, then ``admit`` and ``step`` in turn,
+blocking for input for at most ``wait_s()`` when there is nothing to step.
+
+It keeps the requests in flight (waiting for admission, then decoding), asks the
+batching policy (:mod:`workers.policies`) when to admit, feeds the auto-tuner,
+measures each request's timings (from broker acceptance) and reports telemetry.
+
+Its output is wire messages (``done``, ``error``) and :class:`workers.replies.Progress`
+records, which the I/O thread's :class:`workers.replies.ReplyLedger` turns into
+``chunk`` messages and completes the ``done`` of non-streamed requests with their text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actors.clock import Clock
+from actors.protocol import (
+    BAD_REQUEST, INTERNAL, PRIORITY_RANK, UNAVAILABLE,
+    Dispatch, Done, Error, Generate,
+)
+from workers.engine_stats import StepStats
+from workers.policies import AdmissionPolicy, AutoTuner, Decision
+from workers.replies import Outgoing, Progress, request_timings
+from workers.sequences import EngineRequest, StepEvent
+from workers.telemetry import WorkerTelemetry
+
+log = logging.getLogger("mlx_fleet.worker")
+
+
+class CacheStats(Protocol):
+    """The prompt cache's counters."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters by name."""
+        ...
+
+
+class EngineLike(Protocol):
+    """What the session needs of an engine: continuous batching, one step at a time."""
+
+    @property
+    def active(self) -> int:
+        """Sequences inserted and not finished."""
+        ...
+
+    @property
+    def free_slots(self) -> int:
+        """How many more sequences fit."""
+        ...
+
+    @property
+    def stats(self) -> StepStats:
+        """Step and path figures."""
+        ...
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Prompt-cache figures."""
+        ...
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
+        """Token ids of a prompt; raises ValueError for one the model cannot take."""
+        ...
+
+    def insert(self, reqs: list[EngineRequest]) -> None:
+        """Queue sequences for prefill."""
+        ...
+
+    def step(self) -> list[StepEvent]:
+        """One step; at most one event per sequence."""
+        ...
+
+    def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
+        """Drop sequences now; each gets a final event."""
+        ...
+
+    def set_admission_batch(self, n: int) -> None:
+        """How many prompts are prefilled together."""
+        ...
+
+    def close(self) -> None:
+        """Release resources."""
+        ...
+
+
+@dataclass
+class Pending:
+    """A request held by the session: waiting for admission, then decoding."""
+
+    key: str
+    request: Generate
+    prompt_ids: list[int]
+    base_s: float  # broker queue time minus arrival here: adds to clock times to measure from acceptance
+    arrived_s: float
+    admitted_s: float = 0.0
+    first_token_s: float = 0.0
+    last_token_s: float = 0.0
+    tokens: int = 0  # generated so far (EOS included)
+    itl_s: list[float] = field(default_factory=list)  # inter-token latencies, for metrics
+
+    def progress(self, text: str = "", token_ids: list[int] | None = None) -> Progress:
+        """This request's figures now, with new output."""
+        return Progress(self.key, text, token_ids or [], len(self.prompt_ids), self.tokens,
+                        self.admitted_s, self.first_token_s)
+
+
+class WorkerSession:
+    """The requests of one worker: admission, steps, cancels, timings; returns what to send."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        policy: AdmissionPolicy,
+        *,
+        clock: Clock,
+        tuner: AutoTuner | None = None,
+        telemetry: WorkerTelemetry | None = None,
+        max_prompt_tokens: int = 16_384,
+        idle_flush_s: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.clock = clock
+        self.tuner = tuner
+        self.telemetry = telemetry or WorkerTelemetry.disabled()
+        self.max_prompt_tokens = max_prompt_tokens
+        self.idle_flush_s = idle_flush_s
+        self.waiting: dict[str, Pending] = {}
+        self.active: dict[str, Pending] = {}
+        self.steps_completed = 0
+        self._flushed_s = clock.now()
+
+    # ---- input ------------------------------------------------------------------
+
+    def dispatch(self, msg: Dispatch, arrived_s: float | None = None) -> list[Outgoing]:
+        """Tokenize a request (decoded and checked with its dispatch); it then waits for admission.
+
+        ``arrived_s`` is when the worker received it (default: now).
+        """
+        now = self.clock.now() if arrived_s is None else arrived_s
+        req = msg.request
+        key = req.request_id  # the broker's own key
+        try:
+            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens)
+            if len(ids) > self.max_prompt_tokens:
+                raise ValueError(f"prompt has {len(ids)} tokens; this worker's limit is {self.max_prompt_tokens}")
+        except Exception as exc:  # tokenizer or template failures are the request's fault
+            return [Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key)]
+        pending = self.waiting[key] = Pending(key, req, ids, msg.queue_s - now, now)
+        return [pending.progress()]
+
+    def cancel(self, key: str) -> list[Outgoing]:
+        """End a request now: dropped if waiting, removed from the batch if decoding."""
+        pending = self.waiting.pop(key, None)
+        if pending is not None:
+            return self._finish(pending, "cancelled", 0)
+        out: list[Outgoing] = []
+        for event in self.engine.remove([key], "cancelled"):
+            out += self._on_event(event, None)
+        return out
+
+    def drop_all(self) -> None:
+        """Forget every request without a reply (the broker no longer knows them)."""
+        if self.active:
+            self.engine.remove(list(self.active))
+        self.waiting.clear()
+        self.active.clear()
+
+    def stop(self, message: str) -> list[Outgoing]:
+        """Fail every request held with ``unavailable`` and forget them (the worker is stopping)."""
+        out: list[Outgoing] = [Error(UNAVAILABLE, message, key) for key in [*self.waiting, *self.active]]
+        self.drop_all()
+        return out
+
+    # ---- running ----------------------------------------------------------------
+
+    @property
+    def stepping(self) -> bool:
+        """True while sequences are decoding: the loop should step, not wait."""
+        return self.engine.active > 0
+
+    def wait_s(self) -> float | None:
+        """How long the loop may wait for input: 0 when there is work now, None when idle."""
+        if self.engine.active:
+            return 0.0
+        if self.waiting:
+            d = self._decide(running=0)
+            if d.admit:
+                return 0.0
+            if d.wait_s is not None:
+                return max(0.0, d.wait_s)
+        return None
+
+    def admit(self) -> list[Outgoing]:
+        """Admit as many waiting requests as the policy says, in priority then arrival order."""
+        if not self.waiting:
+            return []
+        d = self._decide(running=self.engine.active)
+        if d.admit <= 0:
+            return []
+        chosen = sorted(self.waiting.values(), key=lambda p: (PRIORITY_RANK[p.request.priority], p.arrived_s))[: d.admit]
+        now = self.clock.now()
+        self.telemetry.on_admit(now - min(p.arrived_s for p in chosen), now)
+        reqs = []
+        for p in chosen:
+            del self.waiting[p.key]
+            p.admitted_s = now
+            self.active[p.key] = p
+            r = p.request
+            reqs.append(EngineRequest(p.key, p.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
+                                      list(r.stop or []), cache=r.cache))
+        try:
+            self.engine.insert(reqs)
+        except Exception as exc:
+            log.exception("insert failed")
+            for p in chosen:
+                self.active.pop(p.key, None)
+            return [Error(INTERNAL, f"engine insert failed: {exc}", p.key) for p in chosen]
+        return [p.progress() for p in chosen]
+
+    def step(self) -> list[Outgoing]:
+        """One engine step: each request's new output, and the done of those that finished."""
+        if not self.engine.active:
+            return []
+        try:
+            events = self.engine.step()
+        except Exception as exc:
+            # The engine's state is unknown now: fail everything it held, keep serving.
+            log.exception("engine step failed")
+            out: list[Outgoing] = [Error(INTERNAL, f"engine step failed: {type(exc).__name__}: {exc}", key)
+                                   for key in self.active]
+            self.engine.remove(list(self.active))
+            self.active.clear()
+            return out
+        finally:
+            self.steps_completed += 1
+        now = self.clock.now()
+        out = []
+        for event in events:
+            out += self._on_event(event, now)
+        self.telemetry.on_step(self.engine.stats, now)
+        if not self.engine.active:
+            self._flush(now)
+        return out
+
+    def tick(self) -> None:
+        """Idle upkeep: keep the admission gauges fresh (one telemetry flush per ``idle_flush_s``)."""
+        now = self.clock.now()
+        if now - self._flushed_s >= self.idle_flush_s:
+            self._flush(now)
+
+    # ---- figures ----------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests held: waiting and decoding."""
+        return len(self.waiting) + len(self.active)
+
+    def stats(self) -> dict[str, Any]:
+        """Engine and policy figures, reported with heartbeats."""
+        p = self.policy.stats
+        return {**self.engine.stats.as_dict(), "fast_path_admissions": p.fast_path_admissions,
+                "admitted": p.admitted, "window_waits": p.window_waits,
+                "admission_batch": self.policy.admission_batch, "window_ms": self.policy.window_ms,
+                **self.engine.cache_stats.as_dict()}
+
+    # ---- internals --------------------------------------------------------------
+
+    def _decide(self, *, running: int) -> Decision:
+        return self.policy.decide(
+            waiting=len(self.waiting), running=running, free_slots=self.engine.free_slots,
+            first_arrival_s=min(p.arrived_s for p in self.waiting.values()),
+            urgent_waiting=any(p.request.priority == "urgent" for p in self.waiting.values()))
+
+    def _on_event(self, event: StepEvent, token_s: float | None) -> list[Outgoing]:
+        """One engine event: its Progress, and the done when it is the last.
+
+        ``token_s`` is when a step produced the event's token; None for an event
+        that carries no new token (a removal).
+        """
+        p = self.active.get(event.key)
+        if p is None:
+            return []
+        if token_s is not None:
+            if p.last_token_s:
+                p.itl_s.append(token_s - p.last_token_s)
+            p.last_token_s = token_s
+            p.tokens += 1
+        if event.first_token and not p.first_token_s:
+            p.first_token_s = token_s or self.clock.now()
+        out: list[Outgoing] = [p.progress(event.text, event.token_ids)]
+        if event.finish_reason is not None:
+            del self.active[p.key]
+            out += self._finish(p, event.finish_reason, event.completion_tokens, event.cached_tokens, event.path)
+        return out
+
+    def _finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0,
+                path: str = "") -> list[Outgoing]:
+        """The request's ``done``: usage and timings, with the engine ``path`` it took when known
+        (solo | batch | handoff); the reply ledger adds the text."""
+        now = self.clock.now()
+        timings: dict[str, Any] = request_timings(p.base_s, p.admitted_s, p.first_token_s, now)
+        if path:
+            timings["path"] = path
+        usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens,
+                 "cached_tokens": cached_tokens}
+        self.telemetry.on_request(
+            finish_reason=reason, prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
+            queue_s=timings["queue_s"] if p.admitted_s else None,
+            ttft_s=timings["ttft_s"] if p.first_token_s else None, e2e_s=timings["total_s"], itl_s=p.itl_s)
+        if self.tuner is not None and p.first_token_s:
+            self.tuner.observe_batch([p.first_token_s - p.arrived_s])
+            self.engine.set_admission_batch(self.policy.admission_batch)
+        return [Done(p.key, reason, usage, timings)]
+
+    def _flush(self, now: float) -> None:
+        self.telemetry.flush(now)
+        self._flushed_s = now
