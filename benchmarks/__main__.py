@@ -48,6 +48,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("concurrency", "benchmarks.concurrency", "1-32 clients: batching policies against mlx_lm.server", "concurrency"),
     Command("replicas", "benchmarks.replicas", "1 against 2 replicas of one model", "replicas"),
     Command("engine-step", "benchmarks.engine_step", "decode-step time by batch size, cost of admitting prompts", "engine_step"),
+    Command("prefill-step", "benchmarks.prefill_step", "prefill_step_size 128/256/512: throughput and TTFT with long prompts in the mix", "prefill_step"),
     Command("prompt-cache", "benchmarks.prompt_cache", "multi-turn chat with and without the prompt cache, and mlx_lm.server", "prompt_cache"),
     Command("gateway-overhead", "benchmarks.gateway_overhead", "the HTTP gateway against the ZeroMQ client", "gateway_overhead"),
     Command("metrics-cost", "benchmarks.metrics_cost", "throughput with metrics export on and off", "metrics_cost"),

@@ -51,6 +51,7 @@ class WorkerRecord:
     stats: dict = field(default_factory=dict)
     retiring: bool = False  # being stopped (unload, idle): finishes what it runs, gets nothing new
     max_in_flight: int = 0  # the most requests it ever held at once
+    step_elapsed_s: float = 0.0  # from its last heartbeat: time in its engine loop's current step
 
     @property
     def free(self) -> int:

@@ -191,6 +191,7 @@ class BrokerState:
         worker.expiry_s = self.clock.now() + self.liveness_s
         if isinstance(msg, Heartbeat):
             worker.reported_in_flight = msg.in_flight
+            worker.step_elapsed_s = msg.step_elapsed_s
             if msg.stats is not None:
                 worker.stats = msg.stats
             if worker.running and msg.step_elapsed_s >= self.hung_step_s:

@@ -44,6 +44,7 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
             "state": "retiring" if w.retiring else "ready", "capacity": w.capacity,
             "in_flight": len(w.running), "free": w.free, "max_in_flight": w.max_in_flight,
             "served": w.served, "last_seen_s": round(now - (w.expiry_s - state.liveness_s), 3),
+            "step_elapsed_s": w.step_elapsed_s,
             "restarts": children.get(w.worker_id, {}).get("restarts", 0),
             "info": w.info, "stats": w.stats,
         }
@@ -58,6 +59,7 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
             "worker_id": wid, "pid": child.get("pid") or 0, "host": silent.host if silent else "-",
             "state": child_state(child, silent.pid if silent else None),
             "capacity": 0, "in_flight": 0, "free": 0, "max_in_flight": 0, "served": 0, "last_seen_s": None,
+            "step_elapsed_s": 0.0,
             "restarts": child.get("restarts", 0), "info": {}, "stats": {},
         })
     rows.sort(key=lambda r: r["worker_id"])

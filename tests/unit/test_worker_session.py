@@ -14,8 +14,8 @@ import pytest
 
 from actors.clock import FakeClock
 from actors.config import BatchingConfig
-from actors.metrics import decode_event, encode_event
 from actors.protocol import Chunk, Dispatch, Done, Error, Generate, Message
+from tests.unit.test_worker_telemetry import RecordingSender
 from workers.engine_stats import StepStats
 from workers.policies import make_auto_tuner, make_policy
 from workers.replies import Outgoing, Progress, ReplyLedger
@@ -114,23 +114,6 @@ class FakeEngine:
 
     def close(self) -> None:
         self.seqs.clear()
-
-
-class RecordingSender:
-    """Keeps telemetry events as the collector would decode them."""
-
-    enabled = True
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def send(self, kind: str, fields: dict[str, Any]) -> bool:
-        fields.update(type=kind, source="worker:m-0", dropped=0)
-        self.events.append(decode_event(encode_event(fields)))
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
