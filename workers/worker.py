@@ -178,6 +178,8 @@ class WorkerActor:
         wait_s = self.session.wait_s()
         if wait_s is None:  # idle: still wake once per heartbeat interval for the idle upkeep
             wait_s = self.s.heartbeat_interval_s
+        if wait_s > 0:
+            self.report(None)  # what the last step said goes out before the wait
         items: list[InboxItem] = []
         try:
             items.append(self.inbox.get(timeout=wait_s) if wait_s > 0 else self.inbox.get_nowait())

@@ -239,3 +239,21 @@ def test_no_healthy_worker_is_declared_dead_beside_two_cpu_hogs() -> None:
         for hog in hogs:
             hog.kill()
             hog.wait(10)
+
+
+@pytest.mark.integration
+def test_the_loop_hands_over_its_last_output_before_it_waits() -> None:
+    """With a 30 s heartbeat interval, a request's done must not wait for the idle loop's next wake-up."""
+    from broker.client import Client
+
+    with running_fleet(models=(("demo", "demo", 1),), heartbeat_interval_s=30.0, heartbeat_liveness=5) as fleet:
+        with Client(fleet.cfg.frontend, timeout_s=60) as client:
+            for stream in (True, False):
+                t0 = time.monotonic()
+                if stream:
+                    s = client.stream("hello", model="demo", max_tokens=4)
+                    for _ in s:
+                        pass
+                else:
+                    client.generate("hello", model="demo", max_tokens=4)
+                assert time.monotonic() - t0 < 10.0, "the last output waited for the loop's idle wake-up"
