@@ -61,6 +61,7 @@ class BrokerIO:
         self.free_slots = 0
         self.stats: dict | None = None
         self.failed = False
+        self.closing = False  # the loop's Close came: send what came before it, then end
         # Bound here so the loop's end can connect at once; used only by the thread after start().
         self.bell = make_socket(ctx, zmq.PAIR)
         self.bell.bind(doorbell)
@@ -95,12 +96,13 @@ class BrokerIO:
         poller = zmq.Poller()
         poller.register(self.bell, zmq.POLLIN)
         self._connect(poller)
-        closing = False
-        while not closing:
+        while not self.closing:
             events = dict(poller.poll(self.link.wait_s() * 1000.0))
             if self.bell in events:
                 self._drain_bell()
-            closing = self._drain_outbox()
+            self._drain_outbox()
+            if self.closing:
+                return
             if self.sock in events:
                 self._read_broker()
             due = self.link.due()
@@ -134,15 +136,16 @@ class BrokerIO:
             except zmq.Again:
                 return
 
-    def _drain_outbox(self) -> bool:
-        """Send everything the loop reported; True once its Close came."""
-        while True:
+    def _drain_outbox(self) -> None:
+        """Send everything the loop reported, up to its Close."""
+        while not self.closing:
             try:
                 item = self.outbox.get_nowait()
             except queue.Empty:
-                return False
+                return
             if isinstance(item, Close):
-                return True
+                self.closing = True
+                return
             self.progress.reported(item)
             self.free_slots = item.free_slots
             if item.stats is not None:
