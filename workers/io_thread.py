@@ -103,8 +103,9 @@ class BrokerIO:
             self._drain_outbox()
             if self.closing:
                 return
-            if self.sock in events:
-                self._read_broker()
+            # Read whether or not the poll saw it: a message that came while this thread
+            # waited for the GIL after a timed-out poll still proves the broker alive.
+            self._read_broker()
             due = self.link.due()
             if due == BrokerLink.RECONNECT:
                 log.warning("broker silent %.1fs; reconnecting (next try %.1fs later)",
