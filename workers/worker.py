@@ -73,6 +73,7 @@ class Pending:
     itl_s: list[float] = field(default_factory=list)  # inter-token latencies, for metrics
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    counted: bool = True  # False once the fleet ended it for the client (timeout, client gone): no latency metrics
 
 
 class WorkerActor:
@@ -199,7 +200,7 @@ class WorkerActor:
             if isinstance(msg, Dispatch):
                 self.handle_dispatch(msg)
             elif isinstance(msg, Cancel):
-                self.handle_cancel(msg.request_id)
+                self.handle_cancel(msg.request_id, msg.reason)
             elif isinstance(msg, Disconnect):
                 self.handle_disconnect(msg.reason)
 
@@ -219,11 +220,18 @@ class WorkerActor:
         if self.faults is not None:
             self.faults.on_dispatch()
 
-    def handle_cancel(self, key: str) -> None:
-        """Cancel: drop it if waiting, else free its slot at this step."""
-        pending = self.waiting.pop(key, None)
-        if pending is not None:
-            self.finish(pending, "cancelled", 0)
+    def handle_cancel(self, key: str, reason: str | None = None) -> None:
+        """Cancel: drop it if waiting, else free its slot at this step.
+
+        With a ``reason`` the fleet, not the client, ended it: the client gets no
+        ``done``, so the request stays out of the latency histograms.
+        """
+        waiting = self.waiting.pop(key, None)
+        pending = waiting or self.active.get(key)
+        if pending is not None and reason:
+            pending.counted = False
+        if waiting is not None:
+            self.finish(waiting, "cancelled", 0)
             return
         for event in self.engine.remove([key], "cancelled"):
             self.emit(event)
@@ -334,10 +342,11 @@ class WorkerActor:
             timings["path"] = path
         usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
         done = Done(p.key, reason, usage, timings)
-        self.telemetry.on_request(
-            finish_reason=reason, prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
-            queue_s=timings["queue_s"] if p.admitted_s else None,
-            ttft_s=timings["ttft_s"] if p.first_token_s else None, e2e_s=timings["total_s"], itl_s=p.itl_s)
+        if p.counted:
+            self.telemetry.on_request(
+                finish_reason=reason, prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
+                queue_s=timings["queue_s"] if p.admitted_s else None,
+                ttft_s=timings["ttft_s"] if p.first_token_s else None, e2e_s=timings["total_s"], itl_s=p.itl_s)
         if not p.request.stream:
             done.text = "".join(p.text)
             done.token_ids = p.token_ids
