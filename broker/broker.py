@@ -33,6 +33,7 @@ from actors.protocol import (
 )
 from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import make_socket
+from actors.wire_scan import peek_field
 from broker.clients import ClientConnections
 from broker.lifecycle import ModelControl
 from broker.records import Dest, Out
@@ -146,7 +147,11 @@ class BrokerActor:
             msg = from_map(raw, allowed=CLIENT_TYPES)
         except ProtocolError as exc:
             err = error_for(exc)
-            self.state.count_refusal(raw.get("model") if raw else None, err)
+            # Labelled with the model it named, when this fleet serves it (read even from a payload refused whole).
+            named = raw.get("model") if raw is not None else None
+            if raw is None and len(body) == 2:
+                named = peek_field(body[1], DEFAULT_LIMITS, "model")
+            self.state.count_refusal(named, err)
             self.send([Out(Dest.CLIENT, identity, err)])
             return
         if isinstance(msg, Generate):

@@ -226,6 +226,33 @@ def test_timeouts_and_vanished_clients_stay_out_of_the_latency_histograms(fleet:
     assert delta(now, "mlxfleet_requests_total", finish_reason="cancelled") == 0
 
 
+def test_a_refused_request_is_labelled_with_the_served_model_it_named(fleet: MetricsFleet) -> None:
+    from tests.integration.fleetutil import RawClient
+
+    before = fleet.scrape()
+    raw = RawClient(fleet.cfg.frontend)
+    try:
+        cases = [
+            ({"model": "b", "prompt": "x", "max_tokens": 0}, "b"),  # a bad value
+            ({"model": "b", "prompt_tokens": [1] * 131_073}, "b"),  # too large for the bounded decoder
+            ({"model": "nope", "prompt": "x", "max_tokens": 0}, ""),  # not a served model: never a label
+        ]
+        for i, (fields, _) in enumerate(cases):
+            reply = raw.call({"type": "generate", "request_id": f"bad{i}", **fields})
+            assert reply["type"] == "error" and reply["code"] == "bad_request", reply
+    finally:
+        raw.close()
+
+    def delta(samples: Samples, model: str) -> float:
+        return (value(samples, "mlxfleet_request_errors_total", model=model, code="bad_request")
+                - value(before, "mlxfleet_request_errors_total", model=model, code="bad_request"))
+
+    now = wait_for(lambda: (lambda s: s if delta(s, "b") + delta(s, "") >= 3 else None)(fleet.scrape()), 30,
+                   "the refusals to be counted")
+    assert (delta(now, "b"), delta(now, "")) == (2, 1)
+    assert "nope" not in {dict(k).get("model") for k in now["mlxfleet_request_errors_total"]}
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool not installed (Debian package 'prometheus'; scripts/ci-setup-promtool.sh)")
 def test_promtool_check_metrics_passes_on_a_live_scrape(fleet: MetricsFleet) -> None:
