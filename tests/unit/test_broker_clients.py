@@ -16,6 +16,7 @@ from broker.clients import ClientConnections
 from broker.deadlines import Deadlines
 from broker.queue import PriorityQueue
 from broker.records import ClientGone
+from broker.status import make_status
 from tests.unit.test_broker_state import T0, Fleet, body_map, dispatched, worker_outs
 
 pytestmark = pytest.mark.timeout(30)
@@ -90,6 +91,7 @@ def test_a_flooding_client_cannot_starve_another() -> None:
         f.generate(b"flood", f"f{i}")
     f.clock.advance(1.0)
     assert f.generate(b"polite", "p0") == []  # both slots busy: it waits
+    assert make_status(f.state)["models"]["a"]["clients_waiting"] == 2
     # The flood's turn comes first (it was waiting before), then the polite client's, not after all 18.
     assert dispatched(f.done(b"flood", "f0")) == [(w, f.key(b"flood", "f2"))]
     assert dispatched(f.done(b"flood", "f1")) == [(w, f.key(b"polite", "p0"))]
