@@ -42,11 +42,16 @@ log = logging.getLogger("mlx_fleet.collector")
 PREFIX = "mlxfleet_"
 # (key in ModelStats.histograms, metric name, help)
 HISTOGRAMS = (
-    ("ttft", "time_to_first_token_seconds", "Time from broker acceptance to the first generated token."),
-    ("itl", "inter_token_latency_seconds", "Time between consecutive generated tokens of a request."),
-    ("e2e", "e2e_request_latency_seconds", "Time from broker acceptance to the request's last token."),
-    ("queue", "request_queue_time_seconds", "Time from broker acceptance until a worker admitted the request."),
-    ("batch_size", "batch_size", "Sequences decoded per engine step."),
+    ("ttft", "time_to_first_token_seconds",
+     "Time from broker acceptance to the first generated token, of requests that ended in a done reply."),
+    ("itl", "inter_token_latency_seconds",
+     "Time between consecutive generated tokens of a request that ended in a done reply."),
+    ("e2e", "e2e_request_latency_seconds",
+     "Time from broker acceptance to the done reply, of requests a worker ended with done (not errors)."),
+    ("queue", "request_queue_time_seconds",
+     "Time from broker acceptance until a worker admitted the request, of requests that ended in a done reply."),
+    ("batch_size", "batch_size",
+     "Sequences decoded per engine step (every sequence, also of requests later cut short)."),
     ("window_wait", "batch_window_wait_seconds",
      "Time the oldest request of each admitted batch waited at the worker (batching window, free slot)."),
 )

@@ -103,6 +103,9 @@ class FleetConfig:
     hung_grace_s: float = 30.0  # kill a worker the broker declared silent or hung after this long
     hung_step_s: float = 60.0  # a worker holding work whose engine loop made no progress this long is hung
     client_hwm: int = 1000  # messages queued per client before it counts as not reading
+    # The kernel's send buffer per client connection (0: the OS default, which grows to megabytes
+    # over tcp and would hide a client that stopped reading from client_hwm).
+    client_sndbuf_bytes: int = 65_536
     log_level: str = "INFO"
     # Cluster: CurveZMQ key files (certificates from `mlx-fleet keys`), bind policy, memory budget.
     curve_server_secret: str = ""  # the broker's secret cert; set, both endpoints require CurveZMQ
@@ -336,6 +339,8 @@ def load_config(
         raise ConfigError("no_worker_timeout_s must be > 0")
     if cfg.hung_step_s <= 0:
         raise ConfigError("hung_step_s must be > 0")
+    if cfg.client_hwm < 1 or cfg.client_sndbuf_bytes < 0:
+        raise ConfigError("client_hwm must be >= 1 and client_sndbuf_bytes >= 0 (0: the OS default)")
     validate_cluster(cfg)
     return cfg
 

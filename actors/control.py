@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ from actors.sockets import make_socket
 log = logging.getLogger("mlx_fleet.supervisor")
 
 CONTROL_SOCKET = "control"
+RUNTIME_PREFIX = "mlxf-run-"
+OWNER_FILE = "owner.pid"  # the supervisor's pid, so a later start can tell a stale folder from a live one
 
 
 @dataclass
@@ -102,17 +106,64 @@ def control_addr(runtime_dir: str) -> str:
     return f"ipc://{Path(runtime_dir) / CONTROL_SOCKET}"
 
 
-def make_runtime_dir() -> str:
-    """A private (0700) folder under /tmp, short enough for ipc:// paths."""
-    path = tempfile.mkdtemp(prefix="mlxf-run-", dir="/tmp" if os.path.isdir("/tmp") else None)
+def runtime_root() -> str:
+    """Where runtime folders go: /tmp (short enough for ipc:// paths), else the system's temp folder."""
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+
+
+def make_runtime_dir(root: str | None = None) -> str:
+    """A private (0700) folder under ``root`` that names its owner (this process) in ``owner.pid``."""
+    path = tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=root or runtime_root())
     os.chmod(path, 0o700)
+    Path(path, OWNER_FILE).write_text(f"{os.getpid()}\n")
     return path
 
 
+def clean_stale_runtime_dirs(root: str | None = None) -> list[str]:
+    """Remove this user's runtime folders whose owner process is gone (a supervisor killed with SIGKILL).
+
+    A folder without a readable owner file (one being made right now, or one of
+    another version) and one whose owner still runs are left alone. Returns the
+    folders removed.
+    """
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(root or runtime_root()))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(RUNTIME_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            pid = int(Path(entry.path, OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and pid > 0 and not _process_exists(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
 def prepare_runtime(cfg: FleetConfig) -> FleetConfig:
-    """The children's copy of ``cfg``, with a fresh runtime folder (control socket, local worker keys)."""
+    """The children's copy of ``cfg``, with a fresh runtime folder (control socket, local worker keys).
+
+    Runtime folders left behind by supervisors that were killed are removed first.
+    """
     if cfg.runtime_dir:
         return cfg
+    for path in clean_stale_runtime_dirs():
+        log.info("removed %s: its supervisor is gone", path)
     runtime_dir = make_runtime_dir()
     if cfg.curve_server_secret:
         make_local_keys(runtime_dir)

@@ -31,6 +31,9 @@ ERROR_CODES = frozenset({
 })
 
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+# Why the broker cancels a request at its worker when the client did not ask (Cancel.reason).
+CANCEL_TIMEOUT = "timeout"
+CANCEL_CLIENT_GONE = "client_gone"
 PRIORITIES = ("urgent", "default", "background")
 # Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
@@ -92,10 +95,16 @@ class Generate(Addressed):
 
 @dataclass
 class Cancel(Addressed):
-    """Cancel a request (client -> broker, and broker -> worker)."""
+    """Cancel a request (client -> broker, and broker -> worker).
+
+    ``reason`` is set only by the broker, when the fleet rather than the client
+    ends the request (``timeout``, ``client_gone``): the client sees no ``done``
+    for it, so the worker leaves it out of the latency metrics.
+    """
 
     TYPE: ClassVar[str] = "cancel"
     request_id: str
+    reason: str | None = None
 
 
 @dataclass

@@ -121,7 +121,12 @@ def explain_refusal(payload: bytes, limits: Limits, exc: Exception) -> ProtocolE
 
 def peek_request_id(payload: bytes, limits: Limits) -> str | None:
     """The ``request_id`` of a payload that is refused for another reason, if it can be read."""
+    return peek_field(payload, limits, "request_id")
+
+
+def peek_field(payload: bytes, limits: Limits, key: str) -> str | None:
+    """A top-level string field (``max_id_chars`` at most) of a refused payload, if it can be read."""
     if len(payload) > limits.max_frame_bytes:
         return None
     _, entries = _entries(payload, limits)
-    return _read_str(dict((k, v) for k, v in entries if isinstance(k, str)).get("request_id"), limits)
+    return _read_str(dict((k, v) for k, v in entries if isinstance(k, str)).get(key), limits)

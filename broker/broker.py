@@ -3,15 +3,23 @@
 All decisions live in :class:`broker.state.BrokerState`; this module only
 decodes, calls a handler and sends what it returns. No message can raise out
 of the loop: decoding errors become ``bad_request`` replies or counted drops.
+
+A client is gone when its connection drops (the frontend's socket monitor,
+mapped to routing ids by :class:`broker.clients.ClientConnections`), when a
+send to it fails because it is unreachable, or when ``client_hwm`` messages
+wait for it (it is not reading). Its open requests then end at once, streamed
+or not, and the log gets one line for it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from actors.clock import MonotonicClock
 from actors.config import FleetConfig
@@ -25,6 +33,8 @@ from actors.protocol import (
 )
 from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import make_socket
+from actors.wire_scan import peek_field
+from broker.clients import ClientConnections
 from broker.lifecycle import ModelControl
 from broker.records import Dest, Out
 from broker.state import BrokerState
@@ -58,6 +68,11 @@ class BrokerActor:
         self.frontend = make_socket(self.ctx, zmq.ROUTER, hwm=cfg.client_hwm, max_msg_bytes=DEFAULT_LIMITS.max_frame_bytes)
         # Clients set their own routing id; one that reconnects takes its id over from a stale connection.
         self.frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A small kernel send buffer per connection keeps that backlog in ZeroMQ's count over tcp too.
+        if cfg.client_sndbuf_bytes > 0:
+            self.frontend.setsockopt(zmq.SNDBUF, cfg.client_sndbuf_bytes)
+        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.connections = ClientConnections()
         self.backend = make_socket(self.ctx, zmq.ROUTER)
         # A restarted worker reconnects under the same identity and must take it over.
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -109,8 +124,9 @@ class BrokerActor:
             except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (never reads)
                 self.state.counters["dropped"] += 1
                 if out.to is Dest.CLIENT:
-                    log.info("client %s unreachable (%s); cancelling its requests", out.identity.hex(), exc.strerror)
-                    outs.extend(self.state.client_gone(out.identity))
+                    why = (f"not reading ({self.cfg.client_hwm} messages waiting, client_hwm)" if exc.errno == zmq.EAGAIN
+                           else f"unreachable ({exc.strerror})")
+                    outs.extend(self.state.client_gone(out.identity, why))
                 elif out.identity in self.state.workers:
                     log.warning("worker %r unreachable: %s", out.identity, exc.strerror)
                     outs.extend(self.state.worker_gone(out.identity, f"unreachable: {exc.strerror}"))
@@ -119,14 +135,24 @@ class BrokerActor:
 
     def handle_frontend(self) -> None:
         """One client message."""
-        frames = self.frontend.recv_multipart(copy=True)
-        identity, body = frames[0], frames[1:]
+        first = self.frontend.recv(copy=False)
+        body = self.frontend.recv_multipart() if first.more else []
+        identity, fd = first.bytes, _source_fd(first)
+        if fd >= 0 and self.connections.fd_of.get(identity) != fd:
+            # A new client, or a new connection: first the events of connections closed before it (broker.clients).
+            self.handle_monitor()
+            self.connections.seen(identity, fd)
+        raw: dict[str, Any] | None = None
         try:
             raw = unpack_frames(body)
             msg = from_map(raw, allowed=CLIENT_TYPES)
         except ProtocolError as exc:
             err = error_for(exc)
-            self.state.replies.count("", err.to_map())
+            # Labelled with the model it named, when this fleet serves it (read even from a payload refused whole).
+            named = raw.get("model") if raw is not None else None
+            if raw is None and len(body) == 2:
+                named = peek_field(body[1], DEFAULT_LIMITS, "model")
+            self.state.count_refusal(named, err)
             self.send([Out(Dest.CLIENT, identity, err)])
             return
         if isinstance(msg, Generate):
@@ -143,6 +169,16 @@ class BrokerActor:
             self.send(self.lifecycle.handle_unload(identity, msg))
         if isinstance(msg, Generate):
             self.send(self.lifecycle.after_generate(msg.model))
+
+    def handle_monitor(self) -> None:
+        """Connection events of the frontend: a client whose connection dropped is gone."""
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            fd = event["value"]
+            gone = (self.connections.closed(fd) if event["event"] == zmq.EVENT_DISCONNECTED
+                    else self.connections.accepted(fd))
+            for identity in gone:
+                self.send(self.state.client_gone(identity, "disconnected"))
 
     def handle_backend(self) -> None:
         """One worker message."""
@@ -214,6 +250,7 @@ class BrokerActor:
         """Poll, handle, tick, heartbeat; until drained after a stop request."""
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         if self.control_sock is not None:
             poller.register(self.control_sock, zmq.POLLIN)
@@ -230,8 +267,11 @@ class BrokerActor:
                 self.drain_deadline_s = now + self.cfg.drain_timeout_s
             if self.drain_deadline_s is not None and (not self.state.requests or now >= self.drain_deadline_s):
                 break
-            timeout_ms = max(0.0, min(next_beat_s, next_tick_s) - now) * 1000.0
-            poller.poll(timeout_ms)
+            # Wake for the next beat, tick or request deadline (deadlines are kept to about a millisecond).
+            wake_s = min(next_beat_s, next_tick_s, self.state.next_deadline_s())
+            ready = dict(poller.poll(max(0, math.ceil((wake_s - now) * 1000.0))))
+            if self.monitor in ready:  # connection events are not urgent: once per wake-up
+                self._safely(self.handle_monitor)
             # Drain what is ready, workers first (their chunks unblock clients).
             for _ in range(512):
                 progressed = False
@@ -247,11 +287,14 @@ class BrokerActor:
                 if not progressed:
                     break
             now = self.clock.now()
+            if now >= self.state.next_deadline_s():
+                self._safely(lambda: self.send(self.state.expire()))
             if now >= next_tick_s:
                 self._safely(lambda: self.send(self.state.tick()))
                 self._safely(lambda: self.send(self.lifecycle.tick()))
                 self._log_departures()
                 next_tick_s = now + tick_every_s
+            self._log_clients_gone()
             if now >= next_beat_s:
                 self._safely(lambda: self.send(self.state.heartbeats()))
                 next_beat_s = now + interval_s
@@ -269,6 +312,13 @@ class BrokerActor:
             log.warning("worker %s lost: %s", worker_id, reason)
         self.state.departures.clear()
 
+    def _log_clients_gone(self) -> None:
+        # One line per client, however many requests it had open.
+        for gone in self.state.clients_gone:
+            log.info("client %s %s: cancelled %d running and dropped %d queued requests",
+                     _client_name(gone.identity), gone.reason, gone.running, gone.queued)
+        self.state.clients_gone.clear()
+
     def _safely(self, handler: Any) -> None:
         # A bug in one handler must not take the broker down; log it and go on.
         try:
@@ -280,6 +330,8 @@ class BrokerActor:
 
     def close(self) -> None:
         """Close sockets (linger 0) and the context."""
+        self.frontend.disable_monitor()
+        self.monitor.close(0)
         self.frontend.close(0)
         self.backend.close(0)
         self.events.close()
@@ -288,6 +340,20 @@ class BrokerActor:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _client_name(identity: bytes) -> str:
+    """A routing id for the log: as text when it is printable ASCII (our clients' ids are), else in hex."""
+    text = identity.decode("ascii", errors="replace")
+    return text[:40] if text.isascii() and text.isprintable() and "\ufffd" not in text else identity.hex()[:40]
+
+
+def _source_fd(frame: zmq.Frame) -> int:
+    """The descriptor of the connection a message came over (-1 where ZeroMQ cannot say, as for inproc)."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+        return -1
 
 
 def run_broker(cfg: FleetConfig) -> None:

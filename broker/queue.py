@@ -1,29 +1,96 @@
-"""A per-model priority queue with aging, so no class of work starves forever.
+"""A per-model queue: priorities with aging, and fair turns across clients.
 
-A request's score is ``rank * aging_s + enqueued_at_s``: urgent (rank 0) goes
-before default (1) before background (2), but a background request that has
-waited ``2 * aging_s`` longer than an urgent one goes first. The score is fixed
-at enqueue time, so a plain heap orders it.
+Two rules order the waiting requests:
+
+- **Between priorities, aging.** A request's score is ``rank * aging_s +
+  enqueued_at_s``. Urgent (rank 0) goes before default (1) before background
+  (2), but a background request that has waited ``2 * aging_s`` longer than an
+  urgent one goes first. The priority whose next request has the lowest score
+  is served.
+- **Within a priority, clients take turns** (round-robin by client identity).
+  A client's own requests go in arrival order; the clients with requests
+  waiting form a rotation. Each dispatch serves the client at the front, and a
+  client just served goes to the back while it still has requests waiting. A
+  client that had nothing waiting joins at the back. So one client's flood of
+  requests cannot starve another client: each waits for at most one request
+  of every other client that was waiting before it.
+
+``take`` is a dispatch (it moves the client's turn); ``remove`` is a cancel or
+a timeout (the client keeps its place).
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Generic, Iterator, TypeVar
 
-from actors.protocol import PRIORITY_RANK
+from actors.protocol import PRIORITIES, PRIORITY_RANK
 
 T = TypeVar("T")
 
 
+@dataclass
+class _Entry(Generic[T]):
+    """One waiting item."""
+
+    key: str
+    item: T
+    rank: int
+    client: bytes
+    enqueued_at_s: float
+    seq: int
+
+    def order(self) -> tuple[float, int]:
+        """Arrival order within its client (a requeued item keeps its original arrival)."""
+        return (self.enqueued_at_s, self.seq)
+
+
+class _Turns(Generic[T]):
+    """One priority's waiting items, per client, and the clients' rotation."""
+
+    def __init__(self) -> None:
+        # client -> its entries in arrival order; the dict's order is the rotation (front first).
+        self.rotation: OrderedDict[bytes, list[_Entry[T]]] = OrderedDict()
+
+    def add(self, entry: _Entry[T]) -> None:
+        waiting = self.rotation.get(entry.client)
+        if waiting is None:
+            waiting = self.rotation[entry.client] = []  # joins at the back
+        bisect.insort(waiting, entry, key=_Entry.order)
+
+    def drop(self, entry: _Entry[T], *, served: bool) -> None:
+        waiting = self.rotation[entry.client]
+        i = bisect.bisect_left(waiting, entry.order(), key=_Entry.order)
+        del waiting[i]
+        if not waiting:
+            del self.rotation[entry.client]
+        elif served:
+            self.rotation.move_to_end(entry.client)
+
+    def service_order(self) -> Iterator[_Entry[T]]:
+        """A snapshot of the order the entries would be served in, if nothing else arrived."""
+        turns = deque((list(waiting), 0) for waiting in self.rotation.values())
+
+        def walk() -> Iterator[_Entry[T]]:
+            while turns:
+                waiting, i = turns.popleft()
+                yield waiting[i]
+                if i + 1 < len(waiting):
+                    turns.append((waiting, i + 1))
+
+        return walk()
+
+
 class PriorityQueue(Generic[T]):
-    """Items ordered by (priority rank, arrival) with aging; removal by key is O(1)."""
+    """Items ordered by priority with aging, and by client turns within a priority; removal by key."""
 
     def __init__(self, *, aging_s: float = 2.0) -> None:
         self.aging_s = aging_s
-        self._heap: list[tuple[float, int, str]] = []
-        self._items: dict[str, tuple[int, T]] = {}
+        self._items: dict[str, _Entry[T]] = {}
+        self._classes: list[_Turns[T]] = [_Turns() for _ in PRIORITIES]
         self._seq = itertools.count()
 
     def __len__(self) -> int:
@@ -33,33 +100,51 @@ class PriorityQueue(Generic[T]):
         return key in self._items
 
     def score(self, priority: str, enqueued_at_s: float) -> float:
-        """The ordering key of a request; lower goes first."""
+        """The aging score of a request; between priorities, lower goes first."""
         return PRIORITY_RANK[priority] * self.aging_s + enqueued_at_s
 
-    def push(self, key: str, item: T, priority: str, enqueued_at_s: float) -> None:
-        """Add ``item`` under ``key``; a requeued item keeps its original arrival time."""
-        seq = next(self._seq)
-        self._items[key] = (seq, item)
-        heapq.heappush(self._heap, (self.score(priority, enqueued_at_s), seq, key))
+    def push(self, key: str, item: T, priority: str, enqueued_at_s: float, client: bytes = b"") -> None:
+        """Add ``item`` under ``key`` for ``client``; a requeued item keeps its original arrival time."""
+        self.remove(key)
+        entry = _Entry(key, item, PRIORITY_RANK[priority], client, enqueued_at_s, next(self._seq))
+        self._items[key] = entry
+        self._classes[entry.rank].add(entry)
 
     def remove(self, key: str) -> T | None:
-        """Take ``key`` out (lazily: its heap entry is skipped later)."""
+        """Take ``key`` out without using its client's turn (a cancel, a timeout)."""
         entry = self._items.pop(key, None)
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        self._classes[entry.rank].drop(entry, served=False)
+        return entry.item
+
+    def take(self, key: str) -> T | None:
+        """Take ``key`` out to serve it: its client goes to the back of its priority's rotation."""
+        entry = self._items.pop(key, None)
+        if entry is None:
+            return None
+        self._classes[entry.rank].drop(entry, served=True)
+        return entry.item
+
+    def waiting_clients(self) -> int:
+        """Distinct clients with something waiting."""
+        return len({c for turns in self._classes for c in turns.rotation})
 
     def ordered(self) -> Iterator[tuple[str, T]]:
-        """Live items in service order (a sorted snapshot; the queue may change meanwhile)."""
-        self._compact()
-        for _, seq, key in sorted(self._heap):
-            if self._live(seq, key):
-                yield key, self._items[key][1]
+        """Items in service order: a snapshot taken now, so the queue may change while it is read."""
+        orders = [(rank, turns.service_order()) for rank, turns in enumerate(self._classes) if turns.rotation]
+        return self._merge(orders)
 
-    def _live(self, seq: int, key: str) -> bool:
-        entry = self._items.get(key)
-        return entry is not None and entry[0] == seq
-
-    def _compact(self) -> None:
-        # Lazy deletion leaves dead entries; rebuild when they dominate.
-        if len(self._heap) > 2 * len(self._items) + 64:
-            self._heap = [e for e in self._heap if self._live(e[1], e[2])]
-            heapq.heapify(self._heap)
+    def _merge(self, orders: list[tuple[int, Iterator[_Entry[T]]]]) -> Iterator[tuple[str, T]]:
+        # Each priority's own order is kept; between them, the lowest aging score of the next item wins.
+        heads = {rank: next(it) for rank, it in orders}
+        iters = dict(orders)
+        while heads:
+            rank = min(heads, key=lambda r: (r * self.aging_s + heads[r].enqueued_at_s, r))
+            entry = heads[rank]
+            yield entry.key, entry.item
+            following = next(iters[rank], None)
+            if following is None:
+                del heads[rank]
+            else:
+                heads[rank] = following

@@ -77,6 +77,16 @@ class RequestRecord:
 
 
 @dataclass
+class ClientGone:
+    """A client found gone (disconnected, unreachable, not reading) while it had requests open."""
+
+    identity: bytes
+    reason: str
+    running: int  # requests cancelled at their workers
+    queued: int  # requests dropped from the queue
+
+
+@dataclass
 class SilentWorker:
     """A worker declared dead because it went quiet; its process may still be running."""
 

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 from actors.clock import Clock
 from actors.control import SupervisorState, SupervisorStateAck
 from actors.protocol import (
-    DUPLICATE_REQUEST, OVERLOADED, TIMEOUT, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
-    Cancel, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
+    DUPLICATE_REQUEST, OVERLOADED, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
+    Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
-from broker.records import (
-    Dest, ModelRecord, Out, ReplyCounts, RequestRecord, SilentWorker, SupervisorView, WorkerRecord,
-)
+from broker.records import Dest, ModelRecord, Out, RequestRecord, SilentWorker, SupervisorView, WorkerRecord
+from broker.requests import OpenRequests, rewrite
+from broker.routing import Affinity, pick_worker
 
 SILENT_MEMORY_S = 3600.0  # how long a silent worker is remembered if it never returns
 MAX_SILENT = 1024
@@ -59,10 +59,15 @@ class BrokerState:
         self.aging_s = aging_s
         self.models: dict[str, ModelRecord] = {}
         self.workers: dict[bytes, WorkerRecord] = {}
-        self.requests: dict[str, RequestRecord] = {}
-        self.by_client: dict[tuple[bytes, str], str] = {}
-        self.affinity: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self.max_affinity_keys = max_affinity_keys
+        # abandoned: requests whose client went away before their reply.
+        self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0,
+                                         "abandoned": 0}
+        self.open = OpenRequests(clock, self.models, self.counters)
+        self.requests = self.open.requests
+        self.by_client = self.open.by_client
+        self.replies = self.open.replies  # terminal replies to clients, for metrics
+        self.clients_gone = self.open.gone  # clients found gone with requests open, since the actor last read
+        self.affinity = Affinity(max_affinity_keys)
         # Workers declared dead for silence, by worker_id, until they register again.
         self.silent: dict[str, SilentWorker] = {}
         self.losses: deque[dict[str, Any]] = deque(maxlen=32)
@@ -71,8 +76,6 @@ class BrokerState:
         self.supervisor: SupervisorView | None = None  # the supervisor's latest state, once one came
         self.accepting = True
         self.departures: list[tuple[str, str]] = []  # (worker_id, reason) of workers lost since last read
-        self.counters: dict[str, int] = {"accepted": 0, "requeued": 0, "workers_lost": 0, "dropped": 0}
-        self.replies = ReplyCounts()  # terminal replies to clients, for metrics
         self._keys = itertools.count(1)
         for name in models:
             self.ensure_model(name).configured = True
@@ -102,20 +105,14 @@ class BrokerState:
 
     def finish(self, rec: RequestRecord, body: Message | dict[str, Any]) -> list[Out]:
         """Send a request's one terminal reply (once) and forget it if no worker holds it."""
-        out: list[Out] = []
-        if not rec.answered:
-            rec.answered = True
-            data = body.to_map() if isinstance(body, Message) else body
-            self.replies.count(rec.request.model, data)
-            out.append(Out(Dest.CLIENT, rec.client, _rewrite(data, rec.request.request_id)))
-        self.by_client.pop((rec.client, rec.request.request_id), None)
-        if rec.worker is None:
-            self.requests.pop(rec.key, None)
-            self.ensure_model(rec.request.model).queue.remove(rec.key)
-        return out
+        return self.open.finish(rec, body)
+
+    def count_refusal(self, model: Any, err: Error) -> None:
+        """Count an error reply to a request never accepted: labelled with its model if served here, else ""."""
+        self.replies.count(model if isinstance(model, str) and model in self.models else "", err.to_map())
 
     def _refuse(self, client: bytes, msg: Generate, err: Error) -> list[Out]:
-        self.replies.count(msg.model if msg.model in self.models else "", err.to_map())
+        self.count_refusal(msg.model, err)
         return [Out(Dest.CLIENT, client, err)]
 
     # ---- client side ------------------------------------------------------------
@@ -135,36 +132,23 @@ class BrokerState:
             return self._refuse(client, msg, Error(OVERLOADED, f"model {msg.model!r} queue is full (queue_limit={self.queue_limit})", msg.request_id))
         key = f"b{next(self._keys)}"
         timeout_s = msg.timeout_s if msg.timeout_s is not None else self.default_timeout_s
-        rec = RequestRecord(key, client, msg, now, now + timeout_s)
-        self.requests[key] = rec
-        self.by_client[(client, msg.request_id)] = key
-        model.queue.push(key, rec, msg.priority, now)
+        rec = self.open.add(key, client, msg, now, now + timeout_s)
+        model.queue.push(key, rec, msg.priority, now, client)
         self.counters["accepted"] += 1
         return self.dispatch()
 
     def handle_cancel(self, client: bytes, request_id: str) -> list[Out]:
         """Cancel a client's request: answer at once if queued, else ask its worker."""
-        key = self.by_client.get((client, request_id))
-        rec = self.requests.get(key) if key else None
+        rec = self.open.lookup(client, request_id)
         if rec is None or rec.answered:
             return []
         if rec.worker is None:
-            return self.finish(rec, Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec)))
-        if not rec.cancel_sent:
-            rec.cancel_sent = True
-            return [Out(Dest.WORKER, rec.worker, Cancel(request_id=key))]
-        return []
+            return self.finish(rec, Done(request_id=rec.key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec)))
+        return self.open.cancel_at_worker(rec)
 
-    def client_gone(self, client: bytes) -> list[Out]:
-        """A client can no longer be reached: cancel everything it has in flight."""
-        out: list[Out] = []
-        for (cid, rid) in [k for k in self.by_client if k[0] == client]:
-            rec = self.requests.get(self.by_client[(cid, rid)])
-            out += self.handle_cancel(client, rid)
-            if rec is not None:
-                rec.answered = True  # nothing more can reach it
-            self.by_client.pop((cid, rid), None)
-        return out
+    def client_gone(self, client: bytes, reason: str = "disconnected") -> list[Out]:
+        """A client can no longer be reached: end what it has open, with no reply (see OpenRequests)."""
+        return self.open.client_gone(client, reason)
 
     # ---- worker side -------------------------------------------------------------
 
@@ -216,7 +200,7 @@ class BrokerState:
         rec.streamed = True
         if rec.answered:
             return []
-        return [Out(Dest.CLIENT, rec.client, _rewrite(raw, rec.request.request_id))]
+        return [Out(Dest.CLIENT, rec.client, rewrite(raw, rec.request.request_id))]
 
     def _ask_to_register(self, identity: bytes, msg: Message) -> list[Out]:
         """An unknown worker (we restarted, or declared it dead): ask for `ready`, once per interval."""
@@ -244,9 +228,7 @@ class BrokerState:
         self.departures.append((worker.worker_id, reason))  # the actor logs these
         if silent:
             self.silent[worker.worker_id] = SilentWorker(worker.worker_id, worker.pid, worker.host, now)
-        for k, v in list(self.affinity.items()):
-            if v == identity:
-                del self.affinity[k]
+        self.affinity.forget_worker(identity)
         model = self.ensure_model(worker.model)
         if not self.live_workers(worker.model):
             model.no_worker_since_s = self.clock.now()
@@ -265,7 +247,7 @@ class BrokerState:
             elif not rec.streamed and rec.requeues < self.max_requeues and self.accepting:
                 rec.requeues += 1
                 self.counters["requeued"] += 1
-                model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s)
+                model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s, rec.client)
             else:
                 why = ("after output had started" if rec.streamed else
                        "while draining" if not self.accepting else f"and it was already requeued {rec.requeues}x")
@@ -276,53 +258,53 @@ class BrokerState:
 
     def pick_worker(self, rec: RequestRecord) -> WorkerRecord | None:
         """Affinity first; else the live replica with most free slots, least recently used on ties."""
-        req = rec.request
-        if req.affinity is not None:
-            bound = self.workers.get(self.affinity.get((req.model, req.affinity), b""))
-            if bound is not None:
-                return bound if bound.free > 0 else None
-        best: WorkerRecord | None = None
-        for w in self.workers.values():
-            if w.model != req.model or w.free <= 0:
-                continue
-            if best is None or (w.free, -w.last_used_s) > (best.free, -best.last_used_s):
-                best = w
-        return best
+        return pick_worker(rec, self.workers, self.affinity)
+
+    def _has_free(self, model: str) -> bool:
+        return any(w.model == model and w.free > 0 for w in self.workers.values())
 
     def dispatch(self) -> list[Out]:
-        """Move queued requests to workers with free slots, in priority order."""
+        """Move queued requests to workers with free slots, in queue order (priority, aging, client turns).
+
+        A request whose deadline has passed is not dispatched: it gets its
+        ``timeout`` here, at once.
+        """
         out: list[Out] = []
         now = self.clock.now()
         for model in self.models.values():
-            if not model.queue or not any(w.model == model.name and w.free > 0 for w in self.workers.values()):
+            if not model.queue or not self._has_free(model.name):
                 continue
-            for key, rec in list(model.queue.ordered()):
+            for key, rec in model.queue.ordered():
+                if rec.deadline_s <= now:
+                    out += self.open.time_out(rec)
+                    continue
                 worker = self.pick_worker(rec)
                 if worker is None:
-                    if not any(w.model == model.name and w.free > 0 for w in self.workers.values()):
+                    if not self._has_free(model.name):
                         break
                     continue  # affinity target busy; others may still go
-                model.queue.remove(key)
+                model.queue.take(key)
                 worker.running.add(key)
                 worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
                 worker.last_used_s = now
                 rec.worker = worker.identity
                 rec.dispatched_at_s = now
                 if rec.request.affinity is not None:
-                    self._bind_affinity((rec.request.model, rec.request.affinity), worker.identity)
+                    self.affinity.bind(rec.request.model, rec.request.affinity, worker.identity)
                 left_s = None if rec.request.timeout_s is None else max(0.001, rec.deadline_s - now)
                 request = dataclasses.replace(rec.request, request_id=key, timeout_s=left_s)
                 out.append(Out(Dest.WORKER, worker.identity, Dispatch(request=request, queue_s=now - rec.enqueued_at_s)))
         return out
 
-    def _bind_affinity(self, key: tuple[str, str], identity: bytes) -> None:
-        # Clients choose affinity keys freely; keep the most recent ones only (bounded memory).
-        self.affinity[key] = identity
-        self.affinity.move_to_end(key)
-        while len(self.affinity) > self.max_affinity_keys:
-            self.affinity.popitem(last=False)
-
     # ---- time ---------------------------------------------------------------------
+
+    def next_deadline_s(self) -> float:
+        """When the earliest open request's deadline falls (math.inf if none): the actor wakes then."""
+        return self.open.next_deadline_s()
+
+    def expire(self) -> list[Out]:
+        """End every open request whose deadline has passed with ``timeout``."""
+        return self.open.expire()
 
     def tick(self) -> list[Out]:
         """Expire deadlines, declare silent workers dead, fail models with no worker."""
@@ -331,12 +313,7 @@ class BrokerState:
         for identity in [i for i, w in self.workers.items() if w.expiry_s <= now]:
             out += self.worker_gone(identity, f"no heartbeat for {self.liveness_s:.1f}s", silent=True)
         self._forget_old(now)
-        for rec in [r for r in self.requests.values() if r.deadline_s <= now and not r.answered]:
-            msg = Error(TIMEOUT, f"request exceeded its timeout_s ({rec.deadline_s - rec.enqueued_at_s:.3f}s)", rec.key)
-            if rec.worker is not None and not rec.cancel_sent:
-                rec.cancel_sent = True
-                out.append(Out(Dest.WORKER, rec.worker, Cancel(request_id=rec.key)))
-            out += self.finish(rec, msg)
+        out += self.expire()
         for model in self.models.values():
             since = model.no_worker_since_s
             if since is not None and len(model.queue) and now - since >= self.no_worker_timeout_s:
@@ -396,9 +373,3 @@ class BrokerState:
 
 def _zero_usage() -> dict[str, int]:
     return {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
-
-
-def _rewrite(raw: dict[str, Any], request_id: str) -> dict[str, Any]:
-    out = dict(raw)
-    out["request_id"] = request_id
-    return out

@@ -65,7 +65,7 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
     rows.sort(key=lambda r: r["worker_id"])
     on_demand = bool(life and life.on_demand)
     return {
-        "state": model_state(m, life, rows), "queue_depth": len(m.queue),
+        "state": model_state(m, life, rows), "queue_depth": len(m.queue), "clients_waiting": m.queue.waiting_clients(),
         "running": sum(len(w.running) for w in workers), "on_demand": on_demand,
         "idle_unload_s": life.idle_unload_s if life and on_demand else None, "workers": rows,
     }

@@ -106,6 +106,7 @@ class Pending:
     last_token_s: float = 0.0
     tokens: int = 0  # generated so far (EOS included)
     itl_s: list[float] = field(default_factory=list)  # inter-token latencies, for metrics
+    counted: bool = True  # False once the fleet ended it for the client (timeout, client gone): no latency metrics
 
     def progress(self, text: str = "", token_ids: list[int] | None = None) -> Progress:
         """This request's figures now, with new output."""
@@ -158,9 +159,16 @@ class WorkerSession:
         pending = self.waiting[key] = Pending(key, req, ids, msg.queue_s - now, now)
         return [pending.progress()]
 
-    def cancel(self, key: str) -> list[Outgoing]:
-        """End a request now: dropped if waiting, removed from the batch if decoding."""
+    def cancel(self, key: str, reason: str | None = None) -> list[Outgoing]:
+        """End a request now: dropped if waiting, removed from the batch if decoding.
+
+        A ``reason`` (the fleet timed it out, or its client went away) keeps the request
+        out of the latency metrics: the client never saw it finish.
+        """
         pending = self.waiting.pop(key, None)
+        held = pending or self.active.get(key)
+        if held is not None and reason:
+            held.counted = False
         if pending is not None:
             return self._finish(pending, "cancelled", 0)
         out: list[Outgoing] = []
@@ -313,10 +321,11 @@ class WorkerSession:
             timings["path"] = path
         usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": completion_tokens,
                  "cached_tokens": cached_tokens}
-        self.telemetry.on_request(
-            finish_reason=reason, prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
-            queue_s=timings["queue_s"] if p.admitted_s else None,
-            ttft_s=timings["ttft_s"] if p.first_token_s else None, e2e_s=timings["total_s"], itl_s=p.itl_s)
+        if p.counted:
+            self.telemetry.on_request(
+                finish_reason=reason, prompt_tokens=usage["prompt_tokens"], completion_tokens=completion_tokens,
+                queue_s=timings["queue_s"] if p.admitted_s else None,
+                ttft_s=timings["ttft_s"] if p.first_token_s else None, e2e_s=timings["total_s"], itl_s=p.itl_s)
         if self.tuner is not None and p.first_token_s:
             self.tuner.observe_batch([p.first_token_s - p.arrived_s])
             self.engine.set_admission_batch(self.policy.admission_batch)

@@ -209,7 +209,7 @@ class WorkerActor:
             if self.faults is not None:
                 self.faults.on_dispatch()
         elif isinstance(item.msg, Cancel):
-            self.out += self.session.cancel(item.msg.request_id)
+            self.out += self.session.cancel(item.msg.request_id, item.msg.reason)
 
     def report(self, step_began_s: float | None) -> None:
         """Hand the I/O thread this turn's output and progress, and ring its doorbell."""

@@ -153,7 +153,7 @@ def test_counters_and_histograms_match_what_was_sent(fleet: MetricsFleet) -> Non
                     or delta(now, "mlxfleet_e2e_request_latency_seconds_count", model=m) != len(results)
                     or delta(now, "mlxfleet_batch_size_sum", model=m) != tokens):
                 return None
-        if delta(now, "mlxfleet_request_errors_total", model="") != 2:
+        if delta(now, "mlxfleet_request_errors_total", model="") != 1:
             return None
         if len(now.get("mlxfleet_worker_restarts_total", {})) != 2:  # the supervisor's report
             return None
@@ -178,13 +178,79 @@ def test_counters_and_histograms_match_what_was_sent(fleet: MetricsFleet) -> Non
         assert value(now, "mlxfleet_admission_batch_limit", model=m, worker=f"{m}-0") == 8
         assert value(now, "mlxfleet_batch_window_seconds", model=m, worker=f"{m}-0") == pytest.approx(0.001)
     assert delta(now, "mlxfleet_request_errors_total", model="", code="unknown_model") == 1
-    assert delta(now, "mlxfleet_request_errors_total", model="", code="bad_request") == 1
+    # A bad request that named a served model is labelled with it; only unknown models get model="".
+    assert delta(now, "mlxfleet_request_errors_total", model="a", code="bad_request") == 1
+    assert delta(now, "mlxfleet_request_errors_total", model="", code="bad_request") == 0
     assert delta(now, "mlxfleet_fast_path_admissions_total", model="a") >= 1
     assert now["mlxfleet_worker_restarts_total"] == {(("model", "a"), ("worker", "a-0")): 0.0,
                                                      (("model", "b"), ("worker", "b-0")): 0.0}
     models_seen = {dict(k).get("model") for name, series in now.items() for k in series if name.startswith("mlxfleet_")}
     assert models_seen <= {"a", "b", "", None}  # no label value from user input, none missing
     assert {"a", "b"} <= models_seen
+
+
+def test_timeouts_and_vanished_clients_stay_out_of_the_latency_histograms(fleet: MetricsFleet) -> None:
+    """A request that ends in `timeout`, or whose client vanished, never got a `done`: no latency is counted."""
+    from tests.integration.fleetutil import RawClient
+
+    before = fleet.scrape()
+    with Client(fleet.cfg.frontend, timeout_s=30) as client:
+        for i in range(3):  # each times out while running on the worker
+            with pytest.raises(FleetError) as info:
+                client.generate(f"Tell a long story {i}", model="a", max_tokens=5000, timeout_s=0.3)
+            assert info.value.code == "timeout"
+        quitter = RawClient(fleet.cfg.frontend)
+        quitter.send({"type": "generate", "request_id": "q", "model": "a", "prompt": "Tell a long story",
+                      "max_tokens": 5000, "stream": False})
+        wait_for(lambda: client.status()["models"]["a"]["running"] == 1, 30, "the vanishing client's request to run")
+        quitter.close()
+        wait_for(lambda: client.status()["requests"] == 0, 30, "the vanished client's request to end")
+        last = client.generate("After", model="a", max_tokens=3)
+
+    def delta(samples: Samples, name: str, **labels: str) -> float:
+        return value(samples, name, model="a", **labels) - value(before, name, model="a", **labels)
+
+    # The worker's events arrive in order: once the last request is counted, the others would have been.
+    def settled() -> Samples | None:
+        now = fleet.scrape()
+        counted = (delta(now, "mlxfleet_e2e_request_latency_seconds_count") >= 1
+                   and delta(now, "mlxfleet_requests_total") >= 1  # the broker's counts come once a second
+                   and delta(now, "mlxfleet_request_errors_total", code="timeout") == 3)
+        return now if counted else None
+
+    now = wait_for(settled, 30, "the last request and the timeouts to be counted")
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        assert delta(now, f"mlxfleet_{hist}_count") == 1, hist
+    assert delta(now, "mlxfleet_inter_token_latency_seconds_count") == last.usage["completion_tokens"] - 1
+    assert delta(now, "mlxfleet_requests_total") == 1  # the vanished client's request got no reply: not counted
+    assert delta(now, "mlxfleet_requests_total", finish_reason="cancelled") == 0
+
+
+def test_a_refused_request_is_labelled_with_the_served_model_it_named(fleet: MetricsFleet) -> None:
+    from tests.integration.fleetutil import RawClient
+
+    before = fleet.scrape()
+    raw = RawClient(fleet.cfg.frontend)
+    try:
+        cases = [
+            ({"model": "b", "prompt": "x", "max_tokens": 0}, "b"),  # a bad value
+            ({"model": "b", "prompt_tokens": [1] * 131_073}, "b"),  # too large for the bounded decoder
+            ({"model": "nope", "prompt": "x", "max_tokens": 0}, ""),  # not a served model: never a label
+        ]
+        for i, (fields, _) in enumerate(cases):
+            reply = raw.call({"type": "generate", "request_id": f"bad{i}", **fields})
+            assert reply["type"] == "error" and reply["code"] == "bad_request", reply
+    finally:
+        raw.close()
+
+    def delta(samples: Samples, model: str) -> float:
+        return (value(samples, "mlxfleet_request_errors_total", model=model, code="bad_request")
+                - value(before, "mlxfleet_request_errors_total", model=model, code="bad_request"))
+
+    now = wait_for(lambda: (lambda s: s if delta(s, "b") + delta(s, "") >= 3 else None)(fleet.scrape()), 30,
+                   "the refusals to be counted")
+    assert (delta(now, "b"), delta(now, "")) == (2, 1)
+    assert "nope" not in {dict(k).get("model") for k in now["mlxfleet_request_errors_total"]}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None,

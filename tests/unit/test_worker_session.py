@@ -402,6 +402,25 @@ def test_each_finished_request_is_one_telemetry_event_and_steps_are_flushed_when
     assert rig.sender.events[-1]["type"] == "step"
 
 
+@pytest.mark.parametrize("reason, counted", [
+    (None, 1),  # the client asked: a finished request as far as the metrics go
+    ("timeout", 0),  # the fleet timed it out: the client never saw it finish
+    ("client_gone", 0),
+])
+@pytest.mark.parametrize("steps_before", [0, 2])
+def test_a_cancel_with_a_reason_stays_out_of_the_request_metrics(reason: str | None, counted: int,
+                                                                  steps_before: int) -> None:
+    rig = make_rig(policy="fixed", window_ms=5.0, fast_path=False)
+    rig.dispatch("b1", queue_s=0.0, max_tokens=10)
+    if steps_before:
+        rig.clock.advance(0.005)
+        for _ in range(steps_before):
+            rig.turn()
+    done = maps(rig.take(rig.session.cancel("b1", reason)))[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "cancelled"  # the broker still frees the slot
+    assert len([e for e in rig.sender.events if e["type"] == "request"]) == counted
+
+
 def test_outputs_for_unknown_requests_pass_through_the_ledger() -> None:
     ledger = ReplyLedger(FakeClock())
     err = Error("internal", "x", "b9")
