@@ -6,7 +6,7 @@ import pytest
 
 from tests.conformance.conftest import Target
 from tests.conformance.wire import Wire, generate, rid
-from tests.integration.fleetutil import wait_for
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -1,33 +1,16 @@
-"""Helpers for the cluster tests: waiting on conditions, workers and CLI commands as subprocesses."""
+"""Helpers for the cluster tests: workers and CLI commands as subprocesses."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
-from broker.client import Client, FleetError
+from broker.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = predicate()
-        except FleetError:
-            value = None  # the fleet may be busy or coming up; the deadline decides
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def workers_of(client: Client, model: str) -> dict[str, dict[str, Any]]:
@@ -77,15 +60,6 @@ class WorkerProcess:
     def log(self) -> str:
         """What it printed (when started with a log file)."""
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-
-
-def assert_never(predicate: Callable[[], Any], duration_s: float, what: str, interval_s: float = 0.1) -> None:
-    """Poll ``predicate`` for ``duration_s``; fail as soon as it holds (``what`` names the event)."""
-    deadline = time.monotonic() + duration_s
-    while time.monotonic() < deadline:
-        if predicate():
-            raise AssertionError(f"{what} happened")
-        time.sleep(interval_s)
 
 
 def write_worker_config(path: Path, **settings: Any) -> Path:

@@ -6,9 +6,8 @@ import contextlib
 import dataclasses
 import socket
 import tempfile
-import threading
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import msgpack
 import zmq
@@ -64,24 +63,6 @@ def start_fleet(**kwargs: Any) -> RunningFleet:
     """make_config + start."""
     cfg, ipc_dir = make_config(**kwargs)
     return RunningFleet(cfg, ipc_dir).start()
-
-
-# ---- fault-test helpers ------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], *, timeout_s: float, what: str, interval_s: float = 0.05) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        pause.wait(interval_s)
 
 
 @contextlib.contextmanager

@@ -10,22 +10,12 @@ import pytest
 from actors.config import BatchingConfig
 from broker.client import Client
 from tests.integration.fleetutil import RawClient, start_fleet
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PROMPTS = [f"Request number {i}: tell me about {topic}." for i, topic in enumerate(
     ["queues", "weather", "bread", "rivers", "lamps", "boats", "clocks", "tea"])]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll ``predicate`` until it returns a truthy value, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleetutil import fleet_status, running_fleet, wait_for
+from tests.integration.fleetutil import fleet_status, running_fleet
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

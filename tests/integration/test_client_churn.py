@@ -26,8 +26,9 @@ import pytest
 
 from actors.control import OWNER_FILE, RUNTIME_PREFIX, runtime_root
 from broker.client import Client
-from tests.integration.fleetutil import RawClient, fleet_status, running_fleet, short_ipc_dir, start_fleet, wait_for
+from tests.integration.fleetutil import RawClient, fleet_status, running_fleet, short_ipc_dir, start_fleet
 from tests.integration.test_faults import _children_of, _gone
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -26,16 +26,16 @@ import zmq
 from actors.config import BatchingConfig, ModelSpec
 from actors.curve import load_client_keys, make_keys
 from broker.client import AsyncClient, Client, Completion, FleetError
-from tests.integration.clusterutil import (
-    ROOT, WorkerProcess, assert_never, cli, wait_for, workers_of, write_worker_config,
-)
+from tests.integration.clusterutil import ROOT, WorkerProcess, cli, workers_of, write_worker_config
 from tests.integration.fleetutil import RunningFleet, make_config, start_fleet
+from tests.waiting import assert_never, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 PROMPTS = [f"Question {i}: what do {topic} do?" for i, topic in enumerate(
     ["queues", "rivers", "lamps", "boats", "clocks", "bakers", "owls", "trains"])]
 CAPACITY = 4
+BUSY = (FleetError,)  # a status call may time out while the fleet is busy or coming up
 
 
 def served(client: Client, model: str) -> dict[str, int]:
@@ -91,7 +91,7 @@ def test_two_replicas_share_64_concurrent_requests_within_capacity(two_models):
         # Heartbeats carry the engine's figures; wait until they include this burst.
         workers = wait_for(lambda: (lambda ws: ws if sum(w["stats"].get("generated_tokens", 0) for w in ws.values())
                                     >= tokens_before + generated else None)(workers_of(client, "a")),
-                           10, "heartbeat stats after the burst")
+                           10, "heartbeat stats after the burst", ignoring=BUSY)
     for w in workers.values():
         assert w["capacity"] == CAPACITY
         assert w["max_in_flight"] == CAPACITY  # the broker filled it, never past it
@@ -127,12 +127,12 @@ def test_a_worker_started_from_the_command_line_joins_and_serves(tmp_path: Path)
         with WorkerProcess("--connect", fleet.cfg.backend, "--model", "remote=demo", "--worker-id", "remote-w",
                            "--config", str(conf), log_path=tmp_path / "w.log") as worker, \
                 Client(fleet.cfg.frontend, timeout_s=120) as client:
-            joined = wait_for(lambda: workers_of(client, "remote").get("remote-w"), 120, "the remote worker to register")
+            joined = wait_for(lambda: workers_of(client, "remote").get("remote-w"), 120, "the remote worker to register", ignoring=BUSY)
             assert joined["pid"] == worker.proc.pid
             assert client.generate("Hello", model="remote", max_tokens=6).token_ids
             assert workers_of(client, "remote")["remote-w"]["served"] == 1
             assert worker.stop() == 0, worker.log()
-            wait_for(lambda: "remote-w" not in workers_of(client, "remote"), 10, "the stopped worker to leave")
+            wait_for(lambda: "remote-w" not in workers_of(client, "remote"), 10, "the stopped worker to leave", ignoring=BUSY)
     finally:
         fleet.stop()
 
@@ -168,7 +168,7 @@ def test_curve_serves_only_authorised_clients_and_workers(tmp_path: Path, keys):
                 WorkerProcess(*common, "--worker-id", "rogue-w", "--curve-secret", str(keys["rogue"][1]),
                               log_path=tmp_path / "rogue.log"), \
                 Client(fleet.cfg.frontend, timeout_s=60, curve=good) as client:
-            wait_for(lambda: "good-w" in workers_of(client, "demo"), 120, "the authorised worker to register")
+            wait_for(lambda: "good-w" in workers_of(client, "demo"), 120, "the authorised worker to register", ignoring=BUSY)
             for i in range(4):  # equally free replicas take turns
                 client.generate(f"Hello {i}", model="demo", max_tokens=4)
             assert workers_of(client, "demo")["good-w"]["served"] >= 1
@@ -190,7 +190,7 @@ def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys)
                 st = client.status()
                 return st if (st["supervisor"].get("children") and st["supervisor"]["connected"]) else None
 
-            st = wait_for(reported, 30, "the supervisor's state in status")
+            st = wait_for(reported, 30, "the supervisor's state in status", ignoring=BUSY)
             assert {"broker", "gateway", "worker:demo-0"} <= {c["name"] for c in st["supervisor"]["children"]}
             old_pid = fleet.child("worker:demo-0").process.pid
             os.kill(old_pid, signal.SIGKILL)
@@ -200,7 +200,7 @@ def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys)
                 row = next((w for w in rows if w["worker_id"] == "demo-0"), None)
                 return row if row and row["state"] == "ready" and row["pid"] != old_pid else None
 
-            assert wait_for(restarted, 60, "demo-0 restarted and registered")["restarts"] == 1
+            assert wait_for(restarted, 60, "demo-0 restarted and registered", ignoring=BUSY)["restarts"] == 1
         body = json.dumps({"model": "demo", "prompt": "Hello", "max_tokens": 4}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{fleet.cfg.http_port}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -279,7 +279,7 @@ def test_load_and_unload_on_a_live_fleet_without_failing_requests(managed):
             for t in threads:
                 t.start()
             wait_for(lambda: len(workers_of(client, "extra")) == 1 and
-                     client.status()["models"]["extra"]["running"] >= 3, 30, "requests running on extra")
+                     client.status()["models"]["extra"]["running"] >= 3, 30, "requests running on extra", ignoring=BUSY)
             reply = client.unload("extra", timeout_s=120)
             unloaded_s = time.monotonic()
             for t in threads:
@@ -290,7 +290,7 @@ def test_load_and_unload_on_a_live_fleet_without_failing_requests(managed):
             with pytest.raises(FleetError) as info:
                 client.generate("Hello", model="extra", max_tokens=4)
             assert info.value.code == "unknown_model"
-            wait_for(lambda: "extra" not in client.status()["models"], 20, "extra to leave the status")
+            wait_for(lambda: "extra" not in client.status()["models"], 20, "extra to leave the status", ignoring=BUSY)
         wait_for(lambda: not any(c.name.startswith("worker:extra") for c in managed.sup.children), 20,
                  "the supervisor to drop extra's worker")
     finally:
@@ -323,7 +323,7 @@ def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed
         assert client.generate("Wake up", model="lazy", max_tokens=4).token_ids  # waits while it starts
         assert list(workers_of(client, "lazy")) == ["lazy-0"]
         wait_for(lambda: client.status()["models"]["lazy"]["state"] == "cold" and not workers_of(client, "lazy"),
-                 30, "the idle on-demand worker to stop")
+                 30, "the idle on-demand worker to stop", ignoring=BUSY)
         wait_for(lambda: not lazy_children(), 20, "the supervisor to stop the idle worker")
         assert client.generate("Again", model="lazy", max_tokens=4).token_ids
         assert list(workers_of(client, "lazy")) == ["lazy-0.1"]
@@ -348,7 +348,7 @@ def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Pat
     try:
         with Client(front, timeout_s=60) as client:
             wait_for(lambda: len(workers_of(client, "a")) == 1 and len(workers_of(client, "b")) == 2, 120,
-                     "a x1 and b x2 to register")
+                     "a x1 and b x2 to register", ignoring=BUSY)
             before = {m: served(client, m) for m in "ab"}
             for m in "ab":
                 assert client.generate("Hello", model=m, max_tokens=4).token_ids

@@ -17,9 +17,8 @@ import pytest
 
 from actors.config import BatchingConfig
 from broker.client import AsyncClient, Client, FleetError
-from tests.integration.fleetutil import (
-    RawClient, Tracker, fleet_status, running_fleet, wait_for, worker_row,
-)
+from tests.integration.fleetutil import RawClient, Tracker, fleet_status, running_fleet, worker_row
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -16,6 +16,7 @@ from openai import OpenAI
 from actors.config import BatchingConfig
 from broker.client import Client
 from tests.integration.fleetutil import RunningFleet, make_config
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -51,16 +52,15 @@ def http(fleet: RunningFleet, method: str, path: str, body: bytes | None = None,
 
 def wait_until(fleet: RunningFleet, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 20.0) -> dict[str, Any]:
     """Poll the fleet's status until ``pred`` holds; returns that status."""
-    deadline = time.monotonic() + timeout_s
-    idle = threading.Event()
+    last: dict[str, Any] = {}
+
+    def met() -> dict[str, Any] | None:
+        last["status"] = status = client.status()
+        return status if pred(status) else None
+
     with Client(fleet.cfg.frontend, timeout_s=5) as client:
-        while True:
-            status = client.status()
-            if pred(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"status condition not met within {timeout_s}s: {status['models']}")
-            idle.wait(0.05)
+        return wait_for(met, timeout_s, "the fleet's status to meet the condition",
+                        seen=lambda: last.get("status", {}).get("models"))
 
 
 def in_flight(status: dict[str, Any], model: str = "demo") -> int:
@@ -211,15 +211,9 @@ def test_the_supervisor_restarts_a_dead_gateway(fleet):
     child = fleet.child("gateway")
     old_pid = child.process.pid
     child.process.kill()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if child.process.pid != old_pid and http(fleet, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            pass  # not listening yet
-        assert time.monotonic() < deadline, "the gateway did not come back"
-        threading.Event().wait(0.1)
+    # OSError: the new gateway is not listening yet.
+    wait_for(lambda: child.process.pid != old_pid and http(fleet, "GET", "/health")[0] == 200, 30,
+             "the gateway to come back", ignoring=(OSError,))
     assert child.restarts == 1
     got = openai_client(fleet).completions.create(model="demo", prompt="Hello", max_tokens=3, temperature=0)
     assert got.usage.completion_tokens == 3

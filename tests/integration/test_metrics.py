@@ -13,7 +13,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.metrics import EventSender
 from broker.client import AsyncClient, Client, Completion, FleetError
 from tests.integration.fleetutil import RunningFleet, free_tcp_port, make_config, short_ipc_dir
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -47,18 +47,6 @@ def parse(text: str) -> Samples:
         for s in fam.samples:
             out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     return out
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(0.1)  # poll interval, not a wait for an outcome
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 from actors.config import BatchingConfig
 from broker.client import Client
 from tests.integration.fleetutil import start_fleet
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -205,13 +205,13 @@ def test_usage_opt_out_and_heartbeat_stats(fleet):
         plain = converse(client, "opt-out", 2, affinity="conversation-2", cache=False)
         assert [r.usage["cached_tokens"] for r in plain] == [0, 0]
         assert converse(client, "stats", 2, affinity="conversation-3")[1].usage["cached_tokens"] > 0
-        deadline = time.monotonic() + 20
-        while True:  # heartbeats carry the counters every 0.2 s
+
+        def bypassed_twice() -> list[dict[str, Any]] | None:  # heartbeats carry the counters every 0.2 s
             workers = client.status()["models"]["demo"]["workers"]
-            stats = [w["stats"] for w in workers]
-            if sum(s.get("prompt_cache_bypassed", 0) for s in stats) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            return workers if sum(w["stats"].get("prompt_cache_bypassed", 0) for w in workers) >= 2 else None
+
+        workers = wait_for(bypassed_twice, 20, "two bypassed lookups in the heartbeat stats")
+        stats = [w["stats"] for w in workers]
     assert len(workers) == 2
     assert sum(s["prompt_cache_bypassed"] for s in stats) >= 2
     assert sum(s["prompt_cache_hits"] for s in stats) >= 1
