@@ -28,7 +28,7 @@ class Target:
 
     addr: str
     model: str
-    fleet: Any = None  # tests.integration.fleetutil.RunningFleet, or None with --connect
+    fleet: Any = None  # tests.integration.fleets.RunningFleet, or None with --connect
 
     def local(self, why: str) -> Any:
         """The fleet this suite started; skip the test (saying ``why``) when it runs with --connect."""
@@ -39,7 +39,7 @@ class Target:
 
 def _start(**overrides: Any) -> Any:
     from actors.config import BatchingConfig
-    from tests.integration.fleetutil import start_fleet
+    from tests.integration.fleets import start_fleet
 
     batching = BatchingConfig(decode_capacity=DECODE_CAPACITY, admission_batch=DECODE_CAPACITY)
     return start_fleet(transport="tcp", batching=batching, **overrides)

@@ -9,7 +9,8 @@ import pytest
 
 from actors.config import BatchingConfig
 from broker.client import Client
-from tests.integration.fleetutil import RawClient, start_fleet
+from tests.integration.clients import RawClient
+from tests.integration.fleets import start_fleet
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

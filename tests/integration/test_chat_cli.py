@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleetutil import fleet_status, running_fleet
+from tests.integration.fleets import fleet_status, running_fleet
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import statistics
@@ -26,8 +25,9 @@ import pytest
 
 from actors.control import OWNER_FILE, RUNTIME_PREFIX, runtime_root
 from broker.client import Client
-from tests.integration.fleetutil import RawClient, fleet_status, running_fleet, short_ipc_dir, start_fleet
-from tests.integration.test_faults import _children_of, _gone
+from tests.integration.clients import RawClient
+from tests.integration.fleets import fleet_status, running_fleet, short_ipc_dir, start_fleet
+from tests.integration.processes import children_of, is_gone
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -174,11 +174,11 @@ def test_a_killed_supervisors_runtime_folder_is_removed_on_the_next_start(tmp_pa
         owned = [p for p in Path(runtime_root()).glob(RUNTIME_PREFIX + "*")
                  if (p / OWNER_FILE).is_file() and (p / OWNER_FILE).read_text().strip() == str(proc.pid)]
         assert len(owned) == 1, owned
-        children = _children_of(proc.pid)
+        children = children_of(proc.pid)
         assert children, "no children"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        wait_for(lambda: all(_gone(p) for p in children), timeout_s=30, what="the killed supervisor's children to exit")
+        wait_for(lambda: all(is_gone(p) for p in children), timeout_s=30, what="the killed supervisor's children to exit")
         assert owned[0].is_dir()  # nobody removed it
         with running_fleet():  # the next start (any supervisor of this user)
             assert not owned[0].exists()

@@ -19,7 +19,7 @@ import zmq
 
 from actors.protocol import PROTOCOL_TAG
 from broker.client import AsyncClient, Client, Completion, FleetError, StreamChunk
-from tests.integration.fleetutil import fleet_status, short_ipc_dir, start_fleet
+from tests.integration.fleets import fleet_status, short_ipc_dir, start_fleet
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -26,8 +26,8 @@ import zmq
 from actors.config import BatchingConfig, ModelSpec
 from actors.curve import load_client_keys, make_keys
 from broker.client import AsyncClient, Client, Completion, FleetError
-from tests.integration.clusterutil import ROOT, WorkerProcess, cli, workers_of, write_worker_config
-from tests.integration.fleetutil import RunningFleet, make_config, start_fleet
+from tests.integration.fleets import RunningFleet, make_config, start_fleet, workers_of
+from tests.integration.processes import ROOT, WorkerProcess, cli, write_worker_config
 from tests.waiting import assert_never, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -17,7 +17,9 @@ import pytest
 
 from actors.config import BatchingConfig
 from broker.client import AsyncClient, Client, FleetError
-from tests.integration.fleetutil import RawClient, Tracker, fleet_status, running_fleet, worker_row
+from tests.integration.clients import RawClient, Tracker
+from tests.integration.fleets import fleet_status, running_fleet, short_ipc_dir, worker_row
+from tests.integration.processes import children_of, is_gone
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -277,36 +279,11 @@ def test_crash_looping_worker_is_given_up_and_reported(monkeypatch, capsys):
         assert "gave_up" in line and line.split()[-3] == "2", table  # restarts, then precision and BLAS
 
 
-def _children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.slow
 def test_sigterm_drains_then_exits_zero(tmp_path):
     """SIGTERM to `mlx-fleet up`: admission stops, short requests finish, long ones get an error, exit 0."""
     import subprocess
     import sys
-
-    from tests.integration.fleetutil import short_ipc_dir
 
     ipc = short_ipc_dir()
     drain_s = 5.0
@@ -327,7 +304,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
             assert proc.poll() is None, log_path.read_text()[-3000:]
             return "fleet ready" in log_path.read_text()
         wait_for(ready, timeout_s=120, interval_s=0.2, what="`mlx-fleet up` ready")
-        children = _children_of(proc.pid)
+        children = children_of(proc.pid)
         assert len(children) >= 2, children  # broker + worker
 
         short = [f"short{i}" for i in range(4)]
@@ -365,7 +342,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
         refusals = [tracker.terminals[r][0] for r in late if tracker.terminals[r][0]["type"] == "error"]
         assert all("shutting down" in m["message"] for m in refusals), refusals
         assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
-        wait_for(lambda: all(_gone(p) for p in children), timeout_s=5, what="no child process left")
+        wait_for(lambda: all(is_gone(p) for p in children), timeout_s=5, what="no child process left")
     finally:
         raw.close()
         if proc.poll() is None:

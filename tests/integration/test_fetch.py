@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.clusterutil import cli
+from tests.integration.processes import cli
 from workers import smollm2
 from workers.smollm2 import FetchError, smollm2_gguf
 

@@ -15,7 +15,7 @@ from openai import OpenAI
 
 from actors.config import BatchingConfig
 from broker.client import Client
-from tests.integration.fleetutil import RunningFleet, make_config
+from tests.integration.fleets import RunningFleet, make_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -16,7 +16,9 @@ import zmq
 from actors.config import BatchingConfig
 from actors.protocol import PROTOCOL_TAG
 from broker.client import Client
-from tests.integration.fleetutil import RawClient, Tracker, fleet_status, rss_kib, running_fleet, start_fleet
+from tests.integration.clients import RawClient, Tracker
+from tests.integration.fleets import fleet_status, running_fleet, start_fleet
+from tests.integration.processes import rss_kib
 from tests.integration.fuzzgen import malformed_inputs
 from tests.waiting import wait_for
 

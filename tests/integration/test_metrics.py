@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics import EventSender
 from broker.client import AsyncClient, Client, Completion, FleetError
-from tests.integration.fleetutil import RunningFleet, free_tcp_port, make_config, short_ipc_dir
+from tests.integration.clients import RawClient
+from tests.integration.fleets import RunningFleet, free_tcp_port, make_config, short_ipc_dir
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -179,7 +180,6 @@ def test_counters_and_histograms_match_what_was_sent(fleet: MetricsFleet) -> Non
 
 def test_timeouts_and_vanished_clients_stay_out_of_the_latency_histograms(fleet: MetricsFleet) -> None:
     """A request that ends in `timeout`, or whose client vanished, never got a `done`: no latency is counted."""
-    from tests.integration.fleetutil import RawClient
 
     before = fleet.scrape()
     with Client(fleet.cfg.frontend, timeout_s=30) as client:
@@ -215,7 +215,6 @@ def test_timeouts_and_vanished_clients_stay_out_of_the_latency_histograms(fleet:
 
 
 def test_a_refused_request_is_labelled_with_the_served_model_it_named(fleet: MetricsFleet) -> None:
-    from tests.integration.fleetutil import RawClient
 
     before = fleet.scrape()
     raw = RawClient(fleet.cfg.frontend)

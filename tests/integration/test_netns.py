@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from actors.curve import make_keys
-from tests.integration.clusterutil import ROOT, WorkerProcess, cli, write_worker_config
+from tests.integration.processes import ROOT, WorkerProcess, cli, write_worker_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]  # 30-40 s

@@ -9,7 +9,7 @@ import pytest
 
 from actors.config import BatchingConfig
 from broker.client import Client
-from tests.integration.fleetutil import start_fleet
+from tests.integration.fleets import start_fleet
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

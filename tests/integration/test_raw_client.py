@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleetutil import start_fleet
+from tests.integration.fleets import start_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

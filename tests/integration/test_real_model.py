@@ -15,8 +15,9 @@ import pytest
 
 from broker.client import Client
 from tests.integration.bpe_reference import ReferenceBPE
-from tests.integration.clusterutil import cli
-from tests.integration.fleetutil import RunningFleet, greedy_reference, make_config
+from tests.integration.fleets import RunningFleet, make_config
+from tests.integration.processes import cli
+from tests.integration.reference import greedy_reference
 from workers.gguf_file import read_gguf
 from workers.smollm2 import FetchError, smollm2_gguf
 

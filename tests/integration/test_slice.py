@@ -9,7 +9,8 @@ import pytest
 import zmq
 
 from broker.client import AsyncClient, Client, FleetError
-from tests.integration.fleetutil import greedy_reference, start_fleet
+from tests.integration.fleets import start_fleet
+from tests.integration.reference import greedy_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.fleetutil import greedy_reference
+from tests.integration.reference import greedy_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

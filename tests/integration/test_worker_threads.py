@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.integration.fleetutil import RawClient, Tracker, fleet_status, running_fleet, worker_row
+from tests.integration.clients import RawClient, Tracker
+from tests.integration.fleets import fleet_status, running_fleet, worker_row
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,4 +1,9 @@
-"""Helpers for the cluster tests: workers and CLI commands as subprocesses."""
+"""Processes a test starts and watches: CLI commands, remote workers, /proc.
+
+``cli`` runs ``python -m fleet ...`` to completion; ``WorkerProcess`` keeps a
+``mlx-fleet worker`` running; ``children_of``, ``is_gone`` and ``rss_kib`` read
+/proc (Linux) about any process.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.client import Client
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def workers_of(client: Client, model: str) -> dict[str, dict[str, Any]]:
-    """The registered workers of ``model`` by id (an empty map when the model is not listed)."""
-    rows = client.status(timeout_s=5)["models"].get(model, {}).get("workers", [])
-    # `workers` also lists the supervisor's children that are not registered (starting, restarting, hung, gave_up).
-    return {w["worker_id"]: w for w in rows if w["state"] in ("ready", "retiring")}
 
 
 def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None,
@@ -67,3 +63,36 @@ def write_worker_config(path: Path, **settings: Any) -> Path:
     lines = [f"{k} = {v!r}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}" for k, v in settings.items()]
     path.write_text("\n".join(lines).replace("'", '"') + "\n")
     return path
+
+
+def children_of(pid: int) -> list[int]:
+    """The direct children of ``pid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def is_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (no such process, or a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
