@@ -17,6 +17,8 @@ import pytest
 
 from workers import blas
 
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_S = 120
 

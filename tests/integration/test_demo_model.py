@@ -16,6 +16,8 @@ import pytest
 from workers import demo_model as dm
 from workers import demo_tokenizer as dtok
 
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
 MODEL_FILES = {
     "config.json",
     "generation_config.json",

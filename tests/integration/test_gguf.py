@@ -23,7 +23,7 @@ from workers.gguf import convert_gguf, converted_folder, ensure_converted
 from workers.gguf_file import GGUFError, read_gguf
 from workers.models import check_source, resolve_source
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TEXTS = ["Once upon a time there was a little fox.", "3 + 4 = 7, and café ünïcode ☕ 日本"]
 

@@ -13,7 +13,7 @@ from tests.integration.clients import RawClient, Tracker
 from tests.integration.fleets import fleet_status, running_fleet, worker_row
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 class Spinner:
@@ -128,7 +128,6 @@ def generate_map(rid: str, *, max_tokens: int, stream: bool = True) -> dict[str,
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_a_worker_held_in_one_step_heartbeats_and_answers_a_cancel_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 10 s engine step (fault switch) against a 2 s liveness: the worker is not declared dead,
     a cancel sent during the step is answered within 100 ms, and nothing of that request follows its done."""
@@ -188,7 +187,6 @@ HOG_S = 60.0
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_no_healthy_worker_is_declared_dead_beside_two_cpu_hogs() -> None:
     """Two busy processes beside a loaded fleet (default heartbeats, 1 s x 5) for 60 s: no worker is lost."""
@@ -244,7 +242,6 @@ def test_no_healthy_worker_is_declared_dead_beside_two_cpu_hogs() -> None:
             hog.wait(10)
 
 
-@pytest.mark.integration
 def test_the_loop_hands_over_its_last_output_before_it_waits() -> None:
     """With a 30 s heartbeat interval, a request's done must not wait for the idle loop's next wake-up."""
     from broker.client import Client

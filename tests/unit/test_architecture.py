@@ -6,10 +6,14 @@ imports inside functions and under ``TYPE_CHECKING`` count like any other.
 - ``actors`` is the base: it imports nothing of ``broker``, ``workers`` or ``fleet``.
 - ``broker`` and ``workers`` never import each other.
 - ``fleet`` (the composition root) is imported only by itself, ``tests`` and ``benchmarks``.
+- Nothing outside ``tests`` imports ``tests`` (benchmarks have helpers of their own).
 - No module imports itself back, directly or through others.
 - No production module is over 450 lines, and no function over 80.
 - Every repository file a comment or a doc cites exists.
 - No merge-conflict marker is left in a tracked text.
+- Every test module under tests/integration and tests/conformance carries the
+  ``integration`` marker in its ``pytestmark``; no test module under tests/unit
+  imports what starts processes.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ def wrong_way_imports(graph: Graph) -> list[str]:
         src = module.split(".")[0]
         for target in sorted(targets):
             dst = target.split(".")[0]
-            if (src, dst) in FORBIDDEN or (dst == "fleet" and src not in ("fleet", "tests", "benchmarks")):
+            if ((src, dst) in FORBIDDEN or (dst == "fleet" and src not in ("fleet", "tests", "benchmarks"))
+                    or (dst == "tests" and src != "tests")):
                 bad.append(f"{module} -> {target}")
     return bad
 
@@ -157,6 +162,40 @@ def oversized(root: Path) -> tuple[dict[str, int], dict[str, int]]:
     return modules, functions
 
 
+PROCESS_SUITES = ("tests/integration", "tests/conformance")
+# Importing one of these is how a test module starts processes (or a whole fleet).
+STARTS_PROCESSES = ("subprocess", "multiprocessing", "pty", "fleet.embedded", "tests.integration")
+
+
+def has_module_marker(tree: ast.Module, marker: str) -> bool:
+    """True when a top-level ``pytestmark = ...`` (one mark or a list of them) includes ``pytest.mark.<marker>``."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            for sub in ast.walk(node.value):
+                if (isinstance(sub, ast.Attribute) and sub.attr == marker and isinstance(sub.value, ast.Attribute)
+                        and sub.value.attr == "mark"):
+                    return True
+    return False
+
+
+def unmarked_process_tests(root: Path) -> list[str]:
+    """Test modules of the process suites without ``pytest.mark.integration`` in their ``pytestmark``."""
+    return [path.relative_to(root).as_posix() for suite in PROCESS_SUITES
+            for path in sorted((root / suite).rglob("test_*.py"))
+            if not has_module_marker(ast.parse(path.read_text(), str(path)), "integration")]
+
+
+def unit_tests_starting_processes(root: Path) -> list[str]:
+    """``tests/unit`` test modules that import something of STARTS_PROCESSES, as ``module -> what`` lines."""
+    found = []
+    for path in sorted((root / "tests" / "unit").rglob("test_*.py")):
+        module = module_name(path, root)
+        names = imported_names(ast.parse(path.read_text(), str(path)), module, False)
+        found += [f"{module} -> {what}" for what in STARTS_PROCESSES
+                  if any(name == what or name.startswith(what + ".") for name in names)]
+    return found
+
+
 # ---- the checks on this tree -------------------------------------------------------------------
 
 
@@ -183,6 +222,11 @@ def test_modules_and_functions_stay_small() -> None:
     assert {f: n for f, n in functions.items() if f not in FUNCTION_ALLOWANCE} == {}
     stale = (set(MODULE_ALLOWANCE) - set(modules)) | (set(FUNCTION_ALLOWANCE) - set(functions))
     assert not stale, f"within the limits now; drop the allowance: {sorted(stale)}"
+
+
+def test_every_test_that_starts_processes_is_marked_integration() -> None:
+    assert unmarked_process_tests(ROOT) == []
+    assert unit_tests_starting_processes(ROOT) == []
 
 
 CITED = re.compile(r"\b(?:actors|broker|workers|fleet|tests|benchmarks|docs|scripts)/[\w./-]*\.(?:py|md|sh|json|toml)\b")
@@ -228,10 +272,12 @@ BASE = {"actors/__init__.py": "", "broker/__init__.py": "", "workers/__init__.py
      ["broker.b -> workers", "broker.b -> workers.w"]),
     ({"workers/w.py": "from fleet.cli import main\n", "fleet/cli.py": ""}, ["workers.w -> fleet", "workers.w -> fleet.cli"]),
     ({"fleet/cli.py": "import actors.a, broker.b, workers.w\n", "actors/a.py": "", "broker/b.py": "", "workers/w.py": ""}, []),
+    ({"benchmarks/load.py": "from tests.integration.fleets import start_fleet\n", "tests/integration/fleets.py": ""},
+     ["benchmarks.load -> tests.integration.fleets"]),
 ])
 def test_the_checker_finds_wrong_way_imports(tmp_path: Path, files: dict[str, str], want: list[str]) -> None:
     write_tree(tmp_path, {**BASE, **files})
-    assert wrong_way_imports(build_graph(tmp_path, PRODUCTION)) == want
+    assert wrong_way_imports(build_graph(tmp_path, PACKAGES)) == want
 
 
 def test_the_checker_finds_cycles_through_function_and_type_checking_imports(tmp_path: Path) -> None:
@@ -252,3 +298,20 @@ def test_the_checker_measures_modules_and_functions(tmp_path: Path) -> None:
     modules, functions = oversized(tmp_path)
     assert modules == {"workers/big.py": MAX_MODULE_LINES + MAX_FUNCTION_LINES + 1}
     assert functions == {"workers/big.py:f": MAX_FUNCTION_LINES + 1}
+
+
+def test_the_checker_finds_process_tests_without_the_integration_marker(tmp_path: Path) -> None:
+    write_tree(tmp_path, {
+        "tests/integration/test_listed.py": "import pytest\npytestmark = [pytest.mark.integration, pytest.mark.timeout(9)]\n",
+        "tests/integration/test_alone.py": "import pytest\npytestmark = pytest.mark.integration\n",
+        "tests/integration/test_timeout_only.py": "import pytest\npytestmark = pytest.mark.timeout(9)\n",
+        "tests/conformance/test_per_test.py": "import pytest\n@pytest.mark.integration\ndef test_x():\n    pass\n",
+        "tests/conformance/helper.py": "",
+        "tests/unit/test_pure.py": "import json\n",
+        "tests/unit/test_spawns.py": "def test_x():\n    import subprocess\n",
+        "tests/unit/test_fleet.py": "from tests.integration.fleets import start_fleet\n",
+    })
+    assert unmarked_process_tests(tmp_path) == ["tests/integration/test_timeout_only.py",
+                                                "tests/conformance/test_per_test.py"]
+    assert unit_tests_starting_processes(tmp_path) == ["tests.unit.test_fleet -> tests.integration",
+                                                       "tests.unit.test_spawns -> subprocess"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,13 +59,3 @@ def test_metrics_doc_lists_every_metric() -> None:
     doc = (DOCS / "metrics.md").read_text()
     table = {m for m in re.findall(r"^\| `(mlxfleet_[a-z0-9_]+)`", doc, flags=re.M)}
     assert table == exposed_families()
-
-
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package 'prometheus')")
-def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
-    rules = [{"record": f"check:{i}", "expr": e.replace("$__rate_interval", "5m").replace("$model", ".*")}
-             for i, e in enumerate(dashboard_exprs())]
-    path = tmp_path / "rules.json"  # YAML is a superset of JSON
-    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
-    proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=20)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
