@@ -17,7 +17,7 @@ from broker.deadlines import Deadlines
 from broker.queue import PriorityQueue
 from broker.records import ClientGone
 from broker.status import make_status
-from tests.unit.test_broker_state import T0, Fleet, body_map, dispatched, worker_outs
+from tests.unit.broker_harness import T0, Fleet, body_map, dispatched, worker_outs
 
 pytestmark = pytest.mark.timeout(30)
 
