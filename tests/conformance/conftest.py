@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conformance.wire import Wire
+from tests.integration.clients import RawClient
 
 MODEL = "demo-small"
 IDLE_MODEL = "idle"  # configured with no worker: its requests end `unavailable`
@@ -58,7 +58,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     """The main fleet: a served model, a model with no worker, a small queue, a memory budget."""
     addr = request.config.getoption("--connect")
     if addr:
-        wire = Wire(addr)
+        wire = RawClient(addr)
         try:
             model = wire.first_model()["name"]
         finally:
@@ -88,9 +88,9 @@ def expendable(request: pytest.FixtureRequest) -> Iterator[Target]:
 
 
 @pytest.fixture
-def wire(target: Target) -> Iterator[Wire]:
+def wire(target: Target) -> Iterator[RawClient]:
     """A fresh raw client on the fleet under test."""
-    w = Wire(target.addr)
+    w = RawClient(target.addr)
     try:
         yield w
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conformance.conftest import Target
-from tests.conformance.wire import Wire, generate, rid
+from tests.integration.clients import RawClient, generate, rid
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 LONG = 2000
 
 
-def test_a_stream_adds_up_to_the_whole_answer(wire: Wire, target: Target) -> None:
+def test_a_stream_adds_up_to_the_whole_answer(wire: RawClient, target: Target) -> None:
     prompt = "Count the boats on the river"
     streamed = wire.finish(wire.call(generate("s", target.model, prompt=prompt, max_tokens=24))["request_id"])
     whole = wire.finish(wire.call(generate("w", target.model, prompt=prompt, max_tokens=24, stream=False))["request_id"])
@@ -28,7 +28,7 @@ def test_a_stream_adds_up_to_the_whole_answer(wire: Wire, target: Target) -> Non
         assert end["finish_reason"] in ("stop", "length")
 
 
-def test_a_stop_string_ends_with_finish_reason_stop(wire: Wire, target: Target) -> None:
+def test_a_stop_string_ends_with_finish_reason_stop(wire: RawClient, target: Target) -> None:
     prompt = "Tell me about lamps"
     free = wire.finish(wire.call(generate("free", target.model, prompt=prompt, max_tokens=40, stream=False))
                        ["request_id"]).end
@@ -41,7 +41,7 @@ def test_a_stop_string_ends_with_finish_reason_stop(wire: Wire, target: Target) 
     assert stopped["text"] == text[:text.index(stop)]  # output ends before the match
 
 
-def test_a_request_cancelled_while_queued_gets_done_with_no_text(wire: Wire, target: Target) -> None:
+def test_a_request_cancelled_while_queued_gets_done_with_no_text(wire: RawClient, target: Target) -> None:
     capacity = wire.first_model()["capacity"]
     fillers = [f"fill-{i}" for i in range(capacity)]
     try:
@@ -61,13 +61,13 @@ def test_a_request_cancelled_while_queued_gets_done_with_no_text(wire: Wire, tar
         wire.settle()
 
 
-def _model_load(wire: Wire, model: str) -> tuple[int, int]:
+def _model_load(wire: RawClient, model: str) -> tuple[int, int]:
     """(running, queued) of ``model``, from ``status``."""
     row = wire.call({"type": "status", "request_id": rid()})["status"]["models"][model]
     return row["running"], row["queue_depth"]
 
 
-def test_a_non_streamed_request_cancelled_while_running_gets_its_text_so_far(wire: Wire, target: Target) -> None:
+def test_a_non_streamed_request_cancelled_while_running_gets_its_text_so_far(wire: RawClient, target: Target) -> None:
     wait_for(lambda: _model_load(wire, target.model) == (0, 0), timeout_s=60, what="the model to be idle")
     wire.send(generate("running", target.model, max_tokens=LONG, stream=False))
     wait_for(lambda: _model_load(wire, target.model)[0] == 1, timeout_s=60, what="the request to run")
@@ -77,7 +77,7 @@ def test_a_non_streamed_request_cancelled_while_running_gets_its_text_so_far(wir
     assert isinstance(end.get("text"), str) and len(end["token_ids"]) <= end["usage"]["completion_tokens"]
 
 
-def _memory(wire: Wire) -> dict:
+def _memory(wire: RawClient) -> dict:
     """status.supervisor.memory once the supervisor has reported (it does every second); {} if it never does."""
     def memory() -> dict:
         return wire.call({"type": "status", "request_id": rid()})["status"]["supervisor"].get("memory") or {}
@@ -88,13 +88,13 @@ def _memory(wire: Wire) -> dict:
         return {}
 
 
-def test_a_cancel_of_an_unknown_id_gets_no_reply(wire: Wire) -> None:
+def test_a_cancel_of_an_unknown_id_gets_no_reply(wire: RawClient) -> None:
     wire.send({"type": "cancel", "request_id": "never-sent"})
     wire.settle()  # the status reply comes after anything the cancel would have caused
     assert "never-sent" not in wire.outcomes
 
 
-def test_status_memory_figures(wire: Wire) -> None:
+def test_status_memory_figures(wire: RawClient) -> None:
     memory = _memory(wire)
     if not memory:
         pytest.skip("this fleet reports no memory figures (no supervisor)")
@@ -106,7 +106,7 @@ def test_status_memory_figures(wire: Wire) -> None:
 
 def test_loaded_bytes_is_null_without_a_budget(expendable: Target) -> None:
     expendable.local("a fleet with no memory budget")
-    wire = Wire(expendable.addr)
+    wire = RawClient(expendable.addr)
     try:
         memory = _memory(wire)
         assert memory["budget_bytes"] == 0 and memory["loaded_bytes"] is None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.conftest import IDLE_MODEL, NO_WORKER_TIMEOUT_S, Target
-from tests.conformance.wire import Wire, generate, rid
+from tests.integration.clients import RawClient, generate, rid
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -54,19 +54,19 @@ def test_every_documented_code_has_a_test_here() -> None:
     assert all(name in globals() for name in COVERED.values())
 
 
-def test_bad_request(wire: Wire, target: Target) -> None:
+def test_bad_request(wire: RawClient, target: Target) -> None:
     reply = wire.call(generate("bad", target.model, temperature=-1.0))
     assert (reply["type"], reply["code"], reply["request_id"]) == ("error", "bad_request", "bad")
     assert "temperature" in reply["message"]
 
 
-def test_unknown_model(wire: Wire, target: Target) -> None:
+def test_unknown_model(wire: RawClient, target: Target) -> None:
     reply = wire.call(generate("who", "no-such-model"))
     assert (reply["code"], reply["request_id"]) == ("unknown_model", "who")
     assert "no-such-model" in reply["message"]
 
 
-def test_duplicate_request_belongs_to_the_second_request(wire: Wire, target: Target) -> None:
+def test_duplicate_request_belongs_to_the_second_request(wire: RawClient, target: Target) -> None:
     wire.send(generate("twice", target.model, max_tokens=LONG))
     wire.send(generate("twice", target.model, max_tokens=3))
     refusal = wire.reply_to("twice")
@@ -83,7 +83,7 @@ def test_duplicate_request_belongs_to_the_second_request(wire: Wire, target: Tar
     assert wire.finish(wire.call(generate("twice", target.model, max_tokens=2))["request_id"]).end["type"] == "done"
 
 
-def test_overloaded(wire: Wire, target: Target) -> None:
+def test_overloaded(wire: RawClient, target: Target) -> None:
     """Fill the model's queue until the fleet says `overloaded`, then cancel everything."""
     sent: list[str] = []
 
@@ -106,14 +106,14 @@ def test_overloaded(wire: Wire, target: Target) -> None:
         wire.settle()
 
 
-def test_timeout(wire: Wire, target: Target) -> None:
+def test_timeout(wire: RawClient, target: Target) -> None:
     start_s = time.monotonic()
     end = wire.finish(wire.call(generate("slow", target.model, max_tokens=LONG, timeout_s=0.3))["request_id"]).end
     assert (end["type"], end["code"], end["request_id"]) == ("error", "timeout", "slow")
     assert time.monotonic() - start_s < 30
 
 
-def test_cancel_ends_in_done_cancelled_not_the_reserved_code(wire: Wire, target: Target) -> None:
+def test_cancel_ends_in_done_cancelled_not_the_reserved_code(wire: RawClient, target: Target) -> None:
     """`cancelled` is reserved: a cancel ends in `done` with finish_reason `cancelled`."""
     wire.send(generate("stop-me", target.model, max_tokens=LONG))
     wire.reply_to("stop-me", timeout_s=60)  # running: its first chunk came
@@ -122,14 +122,14 @@ def test_cancel_ends_in_done_cancelled_not_the_reserved_code(wire: Wire, target:
     assert end["type"] == "done" and end["finish_reason"] == "cancelled"
 
 
-def test_unavailable_when_a_model_has_no_live_worker(wire: Wire, target: Target) -> None:
+def test_unavailable_when_a_model_has_no_live_worker(wire: RawClient, target: Target) -> None:
     target.local("a configured model with no worker")
     wire.send(generate("nobody", IDLE_MODEL))  # queued: the model is served, but by no worker
     end = wire.finish("nobody", timeout_s=30 + NO_WORKER_TIMEOUT_S).end
     assert (end["code"], end["request_id"]) == ("unavailable", "nobody") and "no live worker" in end["message"]
 
 
-def test_over_budget(wire: Wire, target: Target) -> None:
+def test_over_budget(wire: RawClient, target: Target) -> None:
     target.local("a fleet with a memory budget that one more replica would exceed")
     reply = wire.call({"type": "load", "request_id": "big", "model": "second", "source": target.model,
                        "replicas": 2})
@@ -140,7 +140,7 @@ def test_over_budget(wire: Wire, target: Target) -> None:
 def test_worker_lost_after_output_and_requeue_before_it(expendable: Target) -> None:
     """A worker dies: a stream that had output ends `worker_lost`; a non-streamed request runs again."""
     fleet = expendable.local("it kills a worker")
-    wire = Wire(expendable.addr)
+    wire = RawClient(expendable.addr)
     try:
         requeued_before = wire.call({"type": "status", "request_id": rid()})["status"]["counters"]["requeued"]
         wire.send(generate("streamed", expendable.model, max_tokens=LONG))
@@ -158,7 +158,7 @@ def test_worker_lost_after_output_and_requeue_before_it(expendable: Target) -> N
         wire.close()
 
 
-def test_a_fresh_request_id_is_never_refused_as_a_duplicate(wire: Wire, target: Target) -> None:
+def test_a_fresh_request_id_is_never_refused_as_a_duplicate(wire: RawClient, target: Target) -> None:
     ids = [rid() for _ in range(4)]
     for request_id in ids:
         wire.send(generate(request_id, target.model, max_tokens=2))

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.conformance.conftest import Target
-from tests.conformance.wire import TAG, Wire, generate, pack
+from tests.integration.clients import TAG, RawClient, generate, pack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -55,7 +55,7 @@ OVER: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
 
 
 @pytest.mark.parametrize("fields, words", [(f, w) for _, f, w in OVER], ids=[i for i, _, _ in OVER])
-def test_over_a_limit_is_refused_naming_the_request(wire: Wire, target: Target, fields: dict[str, Any],
+def test_over_a_limit_is_refused_naming_the_request(wire: RawClient, target: Target, fields: dict[str, Any],
                                                     words: tuple[str, ...]) -> None:
     request_id = "over-" + "-".join(sorted(fields))[:40]
     fields = dict(fields)
@@ -77,7 +77,7 @@ AT: list[tuple[str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize("fields", [f for _, f in AT], ids=[i for i, _ in AT])
-def test_at_a_limit_is_accepted(wire: Wire, target: Target, fields: dict[str, Any]) -> None:
+def test_at_a_limit_is_accepted(wire: RawClient, target: Target, fields: dict[str, Any]) -> None:
     fields = dict(fields)
     request_id = fields.pop("request_id", "at-" + "-".join(sorted(fields)))
     wire.send(generate(request_id, target.model, **fields))
@@ -86,7 +86,7 @@ def test_at_a_limit_is_accepted(wire: Wire, target: Target, fields: dict[str, An
     assert end["type"] == "done", end
 
 
-def test_a_request_id_over_the_limit_cannot_be_named(wire: Wire, target: Target) -> None:
+def test_a_request_id_over_the_limit_cannot_be_named(wire: RawClient, target: Target) -> None:
     wire.send(generate("r" * (MAX_ID_CHARS + 1), target.model))
     reply = wire.recv(30)
     assert reply is not None and reply["type"] == "error" and reply["code"] == "bad_request"
@@ -116,14 +116,14 @@ UNDECODABLE: list[tuple[str, Callable[[str], bytes], str, str]] = [
 
 @pytest.mark.parametrize("make, request_id, word", [(m, r, w) for _, m, r, w in UNDECODABLE],
                          ids=[i for i, _, _, _ in UNDECODABLE])
-def test_an_undecodable_field_is_refused_naming_the_request(wire: Wire, target: Target, make: Any,
+def test_an_undecodable_field_is_refused_naming_the_request(wire: RawClient, target: Target, make: Any,
                                                             request_id: str, word: str) -> None:
     wire.send_frames([TAG, make(target.model)])
     reply = wire.reply_to(request_id)
     assert reply["type"] == "error" and reply["code"] == "bad_request" and word in reply["message"], reply
 
 
-def test_others_in_flight_are_unaffected_by_a_refusal(wire: Wire, target: Target) -> None:
+def test_others_in_flight_are_unaffected_by_a_refusal(wire: RawClient, target: Target) -> None:
     """The point of naming the request: a client with several in flight knows which one failed."""
     wire.send(generate("good", target.model, max_tokens=4))
     wire.send(generate("bad", target.model, prompt=None, prompt_tokens=[1] * (MAX_PROMPT_TOKENS + 1)))

@@ -9,14 +9,14 @@ import pytest
 import zmq
 
 from tests.conformance.conftest import Target
-from tests.conformance.wire import MAX_FRAME_BYTES, TAG, Wire, generate, pack
+from tests.integration.clients import MAX_FRAME_BYTES, TAG, RawClient, generate, pack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
-def test_a_reply_is_two_frames_the_tag_and_one_map(wire: Wire) -> None:
+def test_a_reply_is_two_frames_the_tag_and_one_map(wire: RawClient) -> None:
     wire.call({"type": "models", "request_id": "m1"})
-    frames = wire.frames_seen[-1]
+    frames = wire.last_frames
     assert len(frames) == 2 and frames[0] == TAG
     reply = msgpack.unpackb(frames[1], raw=False)
     assert reply["type"] == "models_reply" and reply["request_id"] == "m1"
@@ -24,7 +24,7 @@ def test_a_reply_is_two_frames_the_tag_and_one_map(wire: Wire) -> None:
 
 
 @pytest.mark.parametrize("mtype", ["models", "status"])
-def test_calls_without_a_request_id_are_answered_without_one(wire: Wire, mtype: str) -> None:
+def test_calls_without_a_request_id_are_answered_without_one(wire: RawClient, mtype: str) -> None:
     wire.send({"type": mtype})
     reply = wire.recv(30)
     assert reply is not None and reply["type"] == f"{mtype}_reply"
@@ -33,11 +33,11 @@ def test_calls_without_a_request_id_are_answered_without_one(wire: Wire, mtype: 
 
 def test_a_new_connection_takes_its_routing_id_over(target: Target) -> None:
     """A client that reconnects under its routing id takes it from the older connection (Transport)."""
-    stale = Wire(target.addr)  # stands for a connection the client left behind
-    fresh: Wire | None = None
+    stale = RawClient(target.addr)  # stands for a connection the client left behind
+    fresh: RawClient | None = None
     try:
         assert stale.call({"type": "status", "request_id": "s1"})["type"] == "status_reply"
-        fresh = Wire(target.addr, routing_id=stale.routing_id)
+        fresh = RawClient(target.addr, routing_id=stale.routing_id)
         assert fresh.call({"type": "status", "request_id": "s2"})["type"] == "status_reply"
         stale.send({"type": "status", "request_id": "s3"})
         assert stale.recv(2.0) is None  # the broker no longer serves the older connection
@@ -48,21 +48,21 @@ def test_a_new_connection_takes_its_routing_id_over(target: Target) -> None:
             fresh.close()
 
 
-def test_a_wrong_tag_is_refused_naming_the_request(wire: Wire) -> None:
+def test_a_wrong_tag_is_refused_naming_the_request(wire: RawClient) -> None:
     wire.send_frames([b"MLXF9", pack({"type": "status", "request_id": "tag"})])
     reply = wire.reply_to("tag")
     assert reply["type"] == "error" and reply["code"] == "bad_request" and "tag" in reply["message"]
 
 
 @pytest.mark.parametrize("frames", [[TAG], [TAG, pack({"type": "status", "request_id": "x"}), b"extra"]])
-def test_a_wrong_frame_count_is_refused(wire: Wire, frames: list[bytes]) -> None:
+def test_a_wrong_frame_count_is_refused(wire: RawClient, frames: list[bytes]) -> None:
     wire.send_frames(frames)
     reply = wire.recv(30)
     assert reply is not None and reply["type"] == "error" and reply["code"] == "bad_request"
     assert "frames" in reply["message"]
 
 
-def test_an_unknown_field_is_refused_and_an_int_is_a_float(wire: Wire, target: Target) -> None:
+def test_an_unknown_field_is_refused_and_an_int_is_a_float(wire: RawClient, target: Target) -> None:
     reply = wire.call(generate("typo", target.model, max_token=4))
     assert reply["code"] == "bad_request" and "max_token" in reply["message"]
     done = wire.finish(wire.call(generate("ints", target.model, max_tokens=2, temperature=0, top_p=1))["request_id"])
@@ -80,7 +80,7 @@ def _payload_of(size_bytes: int, request_id: str, model: str) -> bytes:
     return payload
 
 
-def test_a_frame_of_exactly_max_frame_bytes_is_read(wire: Wire, target: Target) -> None:
+def test_a_frame_of_exactly_max_frame_bytes_is_read(wire: RawClient, target: Target) -> None:
     wire.send_frames([TAG, _payload_of(MAX_FRAME_BYTES, "at-limit", target.model)])
     reply = wire.reply_to("at-limit", timeout_s=60)
     # Read and decoded: refused for its prompt, not for its size, and named.
@@ -92,7 +92,7 @@ def test_a_frame_of_exactly_max_frame_bytes_is_read(wire: Wire, target: Target) 
     lambda p: [TAG, p],  # the payload, one byte over
     lambda p: [TAG + b"\x00" * MAX_FRAME_BYTES, p[:64]],  # any frame counts, not only the payload
 ], ids=["payload", "tag-frame"])
-def test_a_frame_over_max_frame_bytes_drops_the_connection(wire: Wire, target: Target, frames_of: Any) -> None:
+def test_a_frame_over_max_frame_bytes_drops_the_connection(wire: RawClient, target: Target, frames_of: Any) -> None:
     """One behaviour for every frame over the limit: no reply, the connection drops, ZeroMQ reconnects."""
     assert wire.call({"type": "status", "request_id": "before"})["type"] == "status_reply"
     wire.read_events()

@@ -12,9 +12,7 @@ import math
 import random
 from typing import Any, Callable, Iterator
 
-import msgpack
-
-from actors.protocol import PROTOCOL_TAG
+from tests.integration.clients import TAG, pack
 
 VALID: dict[str, Any] = {"type": "generate", "request_id": "fz", "model": "demo", "prompt": "hello", "max_tokens": 4}
 
@@ -64,17 +62,13 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
     return {"type": rng.choice(["generate", "cancel", "status"]), "junk": random_value(rng, depth + 1)}
 
 
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
 def _mutated_generate(rng: random.Random, *, large: bool = True) -> list[bytes]:
     msg = dict(VALID)
     for _ in range(rng.randrange(1, 4)):
         field = rng.choice(list(BAD_VALUES))
         value = rng.choice(BAD_VALUES[field])
         msg[field] = value if large or not isinstance(value, str) or len(value) < 4096 else -1
-    return [PROTOCOL_TAG, _pack(msg)]
+    return [TAG, pack(msg)]
 
 
 def _missing_or_extra(rng: random.Random) -> list[bytes]:
@@ -83,21 +77,21 @@ def _missing_or_extra(rng: random.Random) -> list[bytes]:
         del msg[rng.choice(["request_id", "model", "prompt"])]
     else:
         msg[f"unknown_{rng.randrange(1000)}"] = random_value(rng)
-    return [PROTOCOL_TAG, _pack(msg)]
+    return [TAG, pack(msg)]
 
 
 def _invalid_utf8(rng: random.Random) -> list[bytes]:
     bad = rng.choice([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"abc\x80"])
     field = rng.choice(["prompt", "model", "request_id"])
     placeholder = "@" * len(bad)
-    raw = _pack({**VALID, field: placeholder})
-    return [PROTOCOL_TAG, raw.replace(bytes([0xA0 | len(bad)]) + placeholder.encode(), bytes([0xA0 | len(bad)]) + bad, 1)]
+    raw = pack({**VALID, field: placeholder})
+    return [TAG, raw.replace(bytes([0xA0 | len(bad)]) + placeholder.encode(), bytes([0xA0 | len(bad)]) + bad, 1)]
 
 
 def _random_frames(rng: random.Random) -> list[bytes]:
     count = rng.choice([1, 1, 2, 2, 3, 4])
     frames = [rng.randbytes(rng.randrange(64)) for _ in range(count)]
-    if count == 2 and frames[0] == PROTOCOL_TAG:
+    if count == 2 and frames[0] == TAG:
         frames[0] = b"XX"
     return frames
 
@@ -106,26 +100,26 @@ def _random_msgpack(rng: random.Random) -> list[bytes]:
     obj = random_value(rng)
     if isinstance(obj, dict) and obj.get("type") in ("status", "models", "cancel"):
         obj["type"] = "nope"  # keep it invalid
-    return [PROTOCOL_TAG, _pack(obj)]
+    return [TAG, pack(obj)]
 
 
 def _truncated(rng: random.Random) -> list[bytes]:
-    raw = _pack({**VALID, "prompt": "p" * rng.randrange(1, 200)})
-    return [PROTOCOL_TAG, raw[: rng.randrange(1, len(raw) - 1)]]
+    raw = pack({**VALID, "prompt": "p" * rng.randrange(1, 200)})
+    return [TAG, raw[: rng.randrange(1, len(raw) - 1)]]
 
 
 def _wrong_frame_count(rng: random.Random) -> list[bytes]:
-    payload = _pack(VALID)
-    return rng.choice([[payload], [PROTOCOL_TAG], [PROTOCOL_TAG, payload, b""], [b"", PROTOCOL_TAG, payload],
-                       [PROTOCOL_TAG, b""], [b"", b""]])
+    payload = pack(VALID)
+    return rng.choice([[payload], [TAG], [TAG, payload, b""], [b"", TAG, payload],
+                       [TAG, b""], [b"", b""]])
 
 
 def _forbidden_type(rng: random.Random) -> list[bytes]:
-    return [PROTOCOL_TAG, _pack({"type": rng.choice(CLIENT_FORBIDDEN_TYPES), "request_id": "fz", "worker_id": "w"})]
+    return [TAG, pack({"type": rng.choice(CLIENT_FORBIDDEN_TYPES), "request_id": "fz", "worker_id": "w"})]
 
 
 def _mistyped_small_calls(rng: random.Random) -> list[bytes]:
-    return [PROTOCOL_TAG, _pack(rng.choice([
+    return [TAG, pack(rng.choice([
         {"type": "cancel"}, {"type": "cancel", "request_id": 5}, {"type": "status", "request_id": ["x"]},
         {"type": "models", "extra": 1}, {"type": 5}, {"request_id": "x"}, {"type": None},
     ]))]
@@ -134,7 +128,7 @@ def _mistyped_small_calls(rng: random.Random) -> list[bytes]:
 def _large_garbage(rng: random.Random) -> list[bytes]:
     # Big but under max_frame_bytes: the broker must read, reject and free it.
     size = rng.choice([64 * 1024, 512 * 1024, 2 * 1024 * 1024])
-    return [PROTOCOL_TAG, _pack({**VALID, "prompt": "x" * size, "max_tokens": -1})]
+    return [TAG, pack({**VALID, "prompt": "x" * size, "max_tokens": -1})]
 
 
 GENERATORS: list[tuple[float, Callable[[random.Random], list[bytes]]]] = [

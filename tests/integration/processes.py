@@ -1,8 +1,9 @@
 """Processes a test starts and watches: CLI commands, remote workers, /proc.
 
-``cli`` runs ``python -m fleet ...`` to completion; ``WorkerProcess`` keeps a
-``mlx-fleet worker`` running; ``children_of``, ``is_gone`` and ``rss_kib`` read
-/proc (Linux) about any process.
+``cli`` runs ``python -m fleet ...`` to completion; ``FleetProcess`` keeps one
+running (``mlx-fleet up``; ``WorkerProcess`` for ``mlx-fleet worker``) with its
+output in a log; ``children_of``, ``is_gone`` and ``rss_kib`` read /proc (Linux)
+about any process.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,21 +27,50 @@ def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None,
                           input=input_text)
 
 
-class WorkerProcess:
-    """``python -m fleet worker ...`` as a subprocess; a context manager that stops it."""
+class FleetProcess:
+    """``python -m fleet COMMAND ARGS`` as a subprocess (``up``, ``worker``); a context manager that stops it.
 
-    def __init__(self, *args: str, prefix: list[str] | None = None, log_path: Path | None = None) -> None:
-        self.cmd = [*(prefix or []), sys.executable, "-m", "fleet", "worker", *args]
+    ``prefix`` runs it through another command (``ip netns exec NS``); ``log_path``
+    keeps what it prints; ``env`` replaces the test's environment.
+    """
+
+    def __init__(self, command: str, *args: str, prefix: list[str] | None = None, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.cmd = [*(prefix or []), sys.executable, "-m", "fleet", command, *args]
         self.log_path = log_path
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "WorkerProcess":
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    def start(self) -> "FleetProcess":
+        """Start it (once)."""
+        if self.log_path is None:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                         env=self.env or os.environ.copy())
+        else:
+            with open(self.log_path, "wb") as out:
+                self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                             env=self.env or os.environ.copy())
         return self
 
+    def __enter__(self) -> "FleetProcess":
+        return self.start()
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def wait_logged(self, text: str, timeout_s: float, what: str) -> None:
+        """Wait until the log shows ``text``; fail at once, with the log's tail, if the process exits first."""
+        def logged() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"exited before {what}: {self.log()[-3000:]}"
+            return text in self.log()
+
+        wait_for(logged, timeout_s, what, interval_s=0.2)
+
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM (the worker says goodbye), then SIGKILL past the deadline."""
+        """SIGTERM (a worker says goodbye, ``up`` drains), then SIGKILL past the deadline; the exit status."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -58,8 +90,15 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
 
-def write_worker_config(path: Path, **settings: Any) -> Path:
-    """A TOML file of flat settings for `mlx-fleet worker --config` (heartbeat timing and the like)."""
+class WorkerProcess(FleetProcess):
+    """``python -m fleet worker ARGS``: a worker that joins a broker from outside the fleet."""
+
+    def __init__(self, *args: str, prefix: list[str] | None = None, log_path: Path | None = None) -> None:
+        super().__init__("worker", *args, prefix=prefix, log_path=log_path)
+
+
+def write_config(path: Path, **settings: Any) -> Path:
+    """A TOML file of flat settings, for ``--config`` of ``mlx-fleet up`` or ``mlx-fleet worker``."""
     lines = [f"{k} = {v!r}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}" for k, v in settings.items()]
     path.write_text("\n".join(lines).replace("'", '"') + "\n")
     return path

@@ -12,22 +12,19 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import statistics
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from actors.control import OWNER_FILE, RUNTIME_PREFIX, runtime_root
 from broker.client import Client
-from tests.integration.clients import RawClient
-from tests.integration.fleets import fleet_status, running_fleet, short_ipc_dir, start_fleet
-from tests.integration.processes import children_of, is_gone
+from tests.integration.clients import RawClient, generate
+from tests.integration.fleets import fleet_status, running_fleet, start_fleet
+from tests.integration.processes import FleetProcess, children_of, is_gone, write_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -43,8 +40,7 @@ def fleet():
     f.stop()
 
 
-def gen(rid: str, **fields: Any) -> dict[str, Any]:
-    return {"type": "generate", "request_id": rid, "model": "demo", "prompt": "Tell a story", "max_tokens": 4, **fields}
+gen = partial(generate, model="demo", max_tokens=4)  # a short request; any field may be given again
 
 
 def load(addr: str) -> tuple[int, int, int]:
@@ -155,22 +151,13 @@ def test_a_one_millisecond_timeout_is_answered_in_milliseconds(fleet) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_supervisors_runtime_folder_is_removed_on_the_next_start(tmp_path: Path) -> None:
-    ipc = short_ipc_dir()
-    config = tmp_path / "fleet.toml"
-    config.write_text(f'frontend = "ipc://{ipc}/front"\nbackend = "ipc://{ipc}/back"\nmetrics_export = false\n'
-                      "http_port = 0\n")
-    log_path = tmp_path / "up.log"
-    root = Path(__file__).resolve().parents[2]
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--config", str(config)],
-                                cwd=root, stdout=log_file, stderr=subprocess.STDOUT)
+def test_a_killed_supervisors_runtime_folder_is_removed_on_the_next_start(tmp_path: Path, ipc_dir: str) -> None:
+    config = write_config(tmp_path / "fleet.toml", frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back",
+                          metrics_export=False, http_port=0)
+    up = FleetProcess("up", "--config", str(config), log_path=tmp_path / "up.log").start()
+    proc = up.proc
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return "fleet ready" in log_path.read_text()
-
-        wait_for(ready, timeout_s=120, interval_s=0.2, what="`mlx-fleet up` ready")
+        up.wait_logged("fleet ready", 120, "`mlx-fleet up` ready")
         owned = [p for p in Path(runtime_root()).glob(RUNTIME_PREFIX + "*")
                  if (p / OWNER_FILE).is_file() and (p / OWNER_FILE).read_text().strip() == str(proc.pid)]
         assert len(owned) == 1, owned
@@ -183,7 +170,4 @@ def test_a_killed_supervisors_runtime_folder_is_removed_on_the_next_start(tmp_pa
         with running_fleet():  # the next start (any supervisor of this user)
             assert not owned[0].exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(ipc, ignore_errors=True)
+        up.stop()

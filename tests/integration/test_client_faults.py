@@ -19,7 +19,7 @@ import zmq
 
 from actors.protocol import PROTOCOL_TAG
 from broker.client import AsyncClient, Client, Completion, FleetError, StreamChunk
-from tests.integration.fleets import fleet_status, short_ipc_dir, start_fleet
+from tests.integration.fleets import fleet_status, start_fleet
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -159,8 +159,8 @@ def test_clients_get_a_clear_error_when_no_broker_answers():
 # ---- no broker yet, a broker that comes late, a broker that restarts ----------------------------
 
 
-def test_no_broker_fails_fast_with_unavailable_after_the_connect_wait():
-    addr = f"ipc://{short_ipc_dir()}/nobody"
+def test_no_broker_fails_fast_with_unavailable_after_the_connect_wait(ipc_dir):
+    addr = f"ipc://{ipc_dir}/nobody"
     with Client(addr, timeout_s=60, connect_timeout_s=0.3) as client:
         start_s = time.monotonic()
         with pytest.raises(FleetError) as info:
@@ -201,8 +201,8 @@ class StandInBroker:
         self.ctx.term()
 
 
-def test_a_broker_that_comes_within_the_connect_wait_gets_the_request():
-    addr = f"ipc://{short_ipc_dir()}/late"
+def test_a_broker_that_comes_within_the_connect_wait_gets_the_request(ipc_dir):
+    addr = f"ipc://{ipc_dir}/late"
     with Client(addr, timeout_s=30, connect_timeout_s=20) as client:
         broker: list[StandInBroker] = []
         later = threading.Timer(0.5, lambda: broker.append(StandInBroker(addr)))
@@ -217,9 +217,9 @@ def test_a_broker_that_comes_within_the_connect_wait_gets_the_request():
                 b.close()
 
 
-def test_a_client_keeps_its_routing_id_across_a_broker_restart():
+def test_a_client_keeps_its_routing_id_across_a_broker_restart(ipc_dir):
     """Its explicit routing id lets a restarted broker route to the same client (docs/protocol.md)."""
-    addr = f"ipc://{short_ipc_dir()}/restart"
+    addr = f"ipc://{ipc_dir}/restart"
     with Client(addr, timeout_s=10, connect_timeout_s=10) as client:
         first = StandInBroker(addr)
         answerer = threading.Thread(target=first.answer_one)

@@ -11,23 +11,21 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import zmq
 
 from actors.config import BatchingConfig, ModelSpec
 from actors.curve import load_client_keys, make_keys
 from broker.client import AsyncClient, Client, Completion, FleetError
+from tests.integration.clients import TAG, RawClient, pack
 from tests.integration.fleets import RunningFleet, make_config, start_fleet, workers_of
-from tests.integration.processes import ROOT, WorkerProcess, cli, write_worker_config
+from tests.integration.processes import FleetProcess, WorkerProcess, cli, write_config
 from tests.waiting import assert_never, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -122,17 +120,19 @@ def test_affinity_requests_stay_on_one_replica(two_models):
 
 def test_a_worker_started_from_the_command_line_joins_and_serves(tmp_path: Path):
     fleet = start_fleet(transport="tcp", models=(("remote", "demo", 0),), heartbeat_interval_s=0.3)
-    conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=0.3)
+    conf = write_config(tmp_path / "w.toml", heartbeat_interval_s=0.3)
     try:
         with WorkerProcess("--connect", fleet.cfg.backend, "--model", "remote=demo", "--worker-id", "remote-w",
                            "--config", str(conf), log_path=tmp_path / "w.log") as worker, \
                 Client(fleet.cfg.frontend, timeout_s=120) as client:
-            joined = wait_for(lambda: workers_of(client, "remote").get("remote-w"), 120, "the remote worker to register", ignoring=BUSY)
+            joined = wait_for(lambda: workers_of(client, "remote").get("remote-w"), 120, "the remote worker to register",
+                              ignoring=BUSY)
             assert joined["pid"] == worker.proc.pid
             assert client.generate("Hello", model="remote", max_tokens=6).token_ids
             assert workers_of(client, "remote")["remote-w"]["served"] == 1
             assert worker.stop() == 0, worker.log()
-            wait_for(lambda: "remote-w" not in workers_of(client, "remote"), 10, "the stopped worker to leave", ignoring=BUSY)
+            wait_for(lambda: "remote-w" not in workers_of(client, "remote"), 10, "the stopped worker to leave",
+                     ignoring=BUSY)
     finally:
         fleet.stop()
 
@@ -152,7 +152,7 @@ def test_curve_serves_only_authorised_clients_and_workers(tmp_path: Path, keys):
                         curve_authorized_dir=str(keys["client"][0].parent / "authorized"))
     good = load_client_keys(str(keys["client"][1]), broker_public)
     rogue = load_client_keys(str(keys["rogue"][1]), broker_public)
-    conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=0.3)
+    conf = write_config(tmp_path / "w.toml", heartbeat_interval_s=0.3)
     common = ("--connect", fleet.cfg.backend, "--model", "demo=demo", "--config", str(conf), "--curve-server-key", broker_public)
     try:
         with Client(fleet.cfg.frontend, timeout_s=60, curve=good) as client:
@@ -168,7 +168,8 @@ def test_curve_serves_only_authorised_clients_and_workers(tmp_path: Path, keys):
                 WorkerProcess(*common, "--worker-id", "rogue-w", "--curve-secret", str(keys["rogue"][1]),
                               log_path=tmp_path / "rogue.log"), \
                 Client(fleet.cfg.frontend, timeout_s=60, curve=good) as client:
-            wait_for(lambda: "good-w" in workers_of(client, "demo"), 120, "the authorised worker to register", ignoring=BUSY)
+            wait_for(lambda: "good-w" in workers_of(client, "demo"), 120, "the authorised worker to register",
+                     ignoring=BUSY)
             for i in range(4):  # equally free replicas take turns
                 client.generate(f"Hello {i}", model="demo", max_tokens=4)
             assert workers_of(client, "demo")["good-w"]["served"] >= 1
@@ -213,19 +214,15 @@ def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys)
 
 def assert_plain_dealer_gets_nothing(frontend: str) -> None:
     """A raw DEALER without CurveZMQ sends a request and hears nothing back."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    raw = RawClient(frontend)
     try:
-        sock.connect(frontend)
-        sock.send_multipart([b"MLXF1", msgpack.packb({"type": "status", "request_id": "x"})], flags=zmq.NOBLOCK)
-    except zmq.Again:
-        pass  # not even connected: nothing could be sent
-    try:
-        assert sock.poll(2000) == 0
+        try:
+            raw.send_frames([TAG, pack({"type": "status", "request_id": "x"})], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not even connected: nothing could be sent
+        assert raw.recv(2.0) is None
     finally:
-        sock.close(0)
-        ctx.term()
+        raw.close()
 
 
 # ---- runtime model management --------------------------------------------------------------
@@ -341,10 +338,8 @@ def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed
 def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Path):
     front, back = f"ipc://{tmp_path}/f", f"ipc://{tmp_path}/b"
     env = {**os.environ, "MLX_METRICS_EXPORT": "off", "MLX_FLEET_HTTP_PORT": "0"}  # only the serving path
-    log = tmp_path / "up.log"
-    up = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--model", "a=demo", "--model", "b=demo",
-                           "--replicas", "b=2", "--frontend", front, "--backend", back],
-                          cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    up = FleetProcess("up", "--model", "a=demo", "--model", "b=demo", "--replicas", "b=2", "--frontend", front,
+                      "--backend", back, env=env, log_path=tmp_path / "up.log").start()
     try:
         with Client(front, timeout_s=60) as client:
             wait_for(lambda: len(workers_of(client, "a")) == 1 and len(workers_of(client, "b")) == 2, 120,
@@ -356,12 +351,10 @@ def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Pat
         table = cli("status", "--connect", front, timeout_s=60)
         assert table.returncode == 0 and "BLAS in use" in table.stdout
         assert all(w in table.stdout for w in ("a-0", "b-0", "b-1"))
-        up.send_signal(signal.SIGINT)
-        assert up.wait(60) == 0, log.read_text()
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0, up.log()
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
+        up.stop()
 
 
 def test_binding_a_public_address_without_curve_is_refused():

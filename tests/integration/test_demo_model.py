@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.reference import greedy_reference
 from workers import demo_model as dm
 from workers import demo_tokenizer as dtok
 
@@ -27,24 +28,6 @@ MODEL_FILES = {
     "tokenizer_config.json",
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return dm.write_demo_model(tmp_path_factory.mktemp("demo") / "demo", "demo")
-
-
-@pytest.fixture(scope="module")
-def loaded(demo_dir: Path) -> tuple[Any, Any]:
-    mlx_lm = pytest.importorskip("mlx_lm")
-    return mlx_lm.load(str(demo_dir))
-
-
-def _greedy_tokens(model: Any, tokenizer: Any, prompt: Any, max_tokens: int) -> list[int]:
-    import mlx_lm
-
-    responses = mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
-    return [r.token for r in responses]
 
 
 def test_folder_has_model_files(demo_dir: Path) -> None:
@@ -107,12 +90,12 @@ def test_config_matches_tokenizer(demo_dir: Path) -> None:
     assert tok_config["chat_template"] == dtok.CHAT_TEMPLATE
 
 
-def test_loads_with_mlx_lm_and_greedy_is_reproducible(loaded: tuple[Any, Any]) -> None:
-    model, tokenizer = loaded
+def test_loads_with_mlx_lm_and_greedy_is_reproducible(demo_loaded: tuple[Any, Any]) -> None:
+    model, tokenizer = demo_loaded
     assert tokenizer.eos_token_ids == {dtok.EOS_TOKEN_ID}
     assert tokenizer.bos_token == dtok.BOS_TOKEN
-    first = _greedy_tokens(model, tokenizer, "The weather today", 10)
-    second = _greedy_tokens(model, tokenizer, "The weather today", 10)
+    first = greedy_reference(model, tokenizer, "The weather today", 10)[0]
+    second = greedy_reference(model, tokenizer, "The weather today", 10)[0]
     assert first == second
     # Special tokens have zero lm_head rows: greedy runs to max_tokens, never EOS.
     assert len(first) == 10
@@ -120,16 +103,16 @@ def test_loads_with_mlx_lm_and_greedy_is_reproducible(loaded: tuple[Any, Any]) -
     assert len(set(first)) >= 5  # not collapsed onto one repeated token
 
 
-def test_generate_returns_text(loaded: tuple[Any, Any]) -> None:
+def test_generate_returns_text(demo_loaded: tuple[Any, Any]) -> None:
     import mlx_lm
 
-    model, tokenizer = loaded
+    model, tokenizer = demo_loaded
     text = mlx_lm.generate(model, tokenizer, "Bread", max_tokens=8)
     assert isinstance(text, str) and text
 
 
-def test_chat_template(loaded: tuple[Any, Any]) -> None:
-    _, tokenizer = loaded
+def test_chat_template(demo_loaded: tuple[Any, Any]) -> None:
+    _, tokenizer = demo_loaded
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hello, café?"},
@@ -253,6 +236,6 @@ def test_demo_small_loads_and_generates(tmp_path: Path) -> None:
     config = json.loads((path / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"]) == (512, 8)
     model, tokenizer = mlx_lm.load(str(path))
-    tokens = _greedy_tokens(model, tokenizer, "Hello", 10)
+    tokens = greedy_reference(model, tokenizer, "Hello", 10)[0]
     assert len(tokens) == 10 and len(set(tokens)) >= 5
-    assert tokens == _greedy_tokens(model, tokenizer, "Hello", 10)
+    assert tokens == greedy_reference(model, tokenizer, "Hello", 10)[0]

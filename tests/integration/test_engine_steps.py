@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_solo import PROMPTS, drain, make_engine, mt, req, run  # noqa: F401 (mt: the fixture)
+from tests.integration.test_solo import PROMPTS, drain, make_engine, req, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -49,11 +49,11 @@ def syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncCounter]:
     yield counter
 
 
-def bare_batch_steps(mt: tuple[Any, Any], prompts: list[list[int]], max_tokens: list[int]) -> int:
+def bare_batch_steps(demo_model: tuple[Any, Any], prompts: list[list[int]], max_tokens: list[int]) -> int:
     """Steps mlx-lm's own ``BatchGenerator`` (the engine's settings) takes to finish ``prompts``."""
     from mlx_lm.generate import BatchGenerator
 
-    model, tokenizer = mt
+    model, tokenizer = demo_model
     gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(set(tokenizer.eos_token_ids))],
                          completion_batch_size=16, prefill_batch_size=8, prefill_step_size=64)
     gen.insert(prompts, max_tokens=max_tokens)
@@ -66,8 +66,8 @@ def bare_batch_steps(mt: tuple[Any, Any], prompts: list[list[int]], max_tokens: 
     return steps
 
 
-def test_batched_steps_add_no_synchronisation_to_mlx_lms(mt, syncs):
-    engine = make_engine(mt, entries=8)  # the prompt cache stores every finished sequence
+def test_batched_steps_add_no_synchronisation_to_mlx_lms(demo_model, syncs):
+    engine = make_engine(demo_model, entries=8)  # the prompt cache stores every finished sequence
     prompts = [engine.encode_prompt(p, None, None) for p in PROMPTS]
     lengths = [9, 14, 20]  # finishing at different steps: three filters of the batch
     engine.insert([req(str(i), ids, max_tokens=n) for i, (ids, n) in enumerate(zip(prompts, lengths))])
@@ -81,12 +81,12 @@ def test_batched_steps_add_no_synchronisation_to_mlx_lms(mt, syncs):
     engine_waits = syncs.count(*SYNCS)
     # mlx-lm alone, over the same sequences, takes as many steps and waits as often.
     syncs.calls.clear()
-    assert bare_batch_steps(mt, prompts, lengths) == engine.stats.steps
+    assert bare_batch_steps(demo_model, prompts, lengths) == engine.stats.steps
     assert syncs.count(*SYNCS) == engine_waits
 
 
-def test_admitting_a_prompt_cache_hit_mid_batch_waits_for_nothing(mt, syncs):
-    engine = make_engine(mt, entries=8)
+def test_admitting_a_prompt_cache_hit_mid_batch_waits_for_nothing(demo_model, syncs):
+    engine = make_engine(demo_model, entries=8)
     ids = engine.encode_prompt(PROMPTS[2], None, None)
     run(engine, [req("a", ids, max_tokens=6)])
     engine.insert([req("b", ids + [5, 6], max_tokens=30), req("c", ids, max_tokens=30)])
@@ -102,11 +102,11 @@ def test_admitting_a_prompt_cache_hit_mid_batch_waits_for_nothing(mt, syncs):
     drain(engine)
 
 
-def test_solo_steps_add_no_synchronisation_to_generate_steps(mt, syncs):
+def test_solo_steps_add_no_synchronisation_to_generate_steps(demo_model, syncs):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    engine = make_engine(mt, entries=8)
+    engine = make_engine(demo_model, entries=8)
     ids = engine.encode_prompt(PROMPTS[1], None, None)
     syncs.calls.clear()
     got = run(engine, [req("a", ids, max_tokens=12)])["a"]
@@ -114,15 +114,15 @@ def test_solo_steps_add_no_synchronisation_to_generate_steps(mt, syncs):
     assert syncs.count(*SYNCS, who="ours") == 0, syncs.calls
     engine_waits = syncs.count(*SYNCS)
     syncs.calls.clear()
-    gen = generate_step(mx.array(ids), mt[0], max_tokens=12, prefill_step_size=64)
+    gen = generate_step(mx.array(ids), demo_model[0], max_tokens=12, prefill_step_size=64)
     tokens = [next(gen)[0] for _ in range(12)]
     gen.close()
     assert tokens == got.token_ids
     assert syncs.count(*SYNCS) == engine_waits
 
 
-def test_each_request_reports_its_path_and_the_stats_count_them(mt):
-    engine = make_engine(mt)
+def test_each_request_reports_its_path_and_the_stats_count_them(demo_model):
+    engine = make_engine(demo_model)
     a, b = (engine.encode_prompt(p, None, None) for p in PROMPTS[:2])
     finals: dict[str, str] = {}
     engine.insert([req("solo", a, max_tokens=5)])
@@ -143,8 +143,8 @@ def test_each_request_reports_its_path_and_the_stats_count_them(mt):
     assert s.solo_steps + s.batch_steps == s.decode_steps
 
 
-def test_the_time_split_covers_the_busy_time(mt):
-    engine = make_engine(mt)
+def test_the_time_split_covers_the_busy_time(demo_model):
+    engine = make_engine(demo_model)
     prompts = [engine.encode_prompt(p, None, None) for p in PROMPTS]
     run(engine, [req(str(i), ids, max_tokens=16) for i, ids in enumerate(prompts)])
     s = engine.stats
@@ -154,7 +154,7 @@ def test_the_time_split_covers_the_busy_time(mt):
     assert s.mlx_s > s.own_s > 0.0
 
 
-def test_unseeded_requests_share_a_sampler_and_seeded_ones_stay_reproducible(mt):
+def test_unseeded_requests_share_a_sampler_and_seeded_ones_stay_reproducible(demo_model):
     from workers.sampling import SamplerPool, SeededSampler
 
     pool = SamplerPool(max_shared=2)
@@ -164,7 +164,7 @@ def test_unseeded_requests_share_a_sampler_and_seeded_ones_stay_reproducible(mt)
     assert isinstance(pool.get(0.8, 0.9, 0, 1), SeededSampler) and pool.get(0.8, 0.9, 0, 1) is not pool.get(0.8, 0.9, 0, 1)
     pool.get(0.5, 1.0, 0, None)  # a third setting: the pool starts over
     assert pool.get(0.8, 0.9, 0, None) is not warm
-    engine, alone = make_engine(mt, solo=False), make_engine(mt, solo=False)
+    engine, alone = make_engine(demo_model, solo=False), make_engine(demo_model, solo=False)
     ids = engine.encode_prompt(PROMPTS[0], None, None)
     seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 11}
     want = run(alone, [req("s", ids, **seeded)])["s"].token_ids

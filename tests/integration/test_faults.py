@@ -7,7 +7,6 @@ Every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -18,8 +17,8 @@ import pytest
 from actors.config import BatchingConfig
 from broker.client import AsyncClient, Client, FleetError
 from tests.integration.clients import RawClient, Tracker
-from tests.integration.fleets import fleet_status, running_fleet, short_ipc_dir, worker_row
-from tests.integration.processes import children_of, is_gone
+from tests.integration.fleets import fleet_status, running_fleet, worker_row
+from tests.integration.processes import FleetProcess, children_of, is_gone, write_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -280,30 +279,17 @@ def test_crash_looping_worker_is_given_up_and_reported(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_sigterm_drains_then_exits_zero(tmp_path):
+def test_sigterm_drains_then_exits_zero(tmp_path, ipc_dir):
     """SIGTERM to `mlx-fleet up`: admission stops, short requests finish, long ones get an error, exit 0."""
-    import subprocess
-    import sys
-
-    ipc = short_ipc_dir()
     drain_s = 5.0
-    config = tmp_path / "fleet.toml"
-    config.write_text(
-        f'frontend = "ipc://{ipc}/front"\nbackend = "ipc://{ipc}/back"\nmetrics_export = false\nhttp_port = 0\n'
-        f"drain_timeout_s = {drain_s}\nheartbeat_interval_s = 0.2\nheartbeat_liveness = 3\n"
-    )
-    log_path = tmp_path / "up.log"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--config", str(config)],
-                                cwd=root, stdout=log_file, stderr=subprocess.STDOUT)
-    addr = f"ipc://{ipc}/front"
+    addr = f"ipc://{ipc_dir}/front"
+    config = write_config(tmp_path / "fleet.toml", frontend=addr, backend=f"ipc://{ipc_dir}/back", metrics_export=False,
+                          http_port=0, drain_timeout_s=drain_s, heartbeat_interval_s=0.2, heartbeat_liveness=3)
+    up = FleetProcess("up", "--config", str(config), log_path=tmp_path / "up.log").start()
+    proc = up.proc
     raw = RawClient(addr)
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return "fleet ready" in log_path.read_text()
-        wait_for(ready, timeout_s=120, interval_s=0.2, what="`mlx-fleet up` ready")
+        up.wait_logged("fleet ready", 120, "`mlx-fleet up` ready")
         children = children_of(proc.pid)
         assert len(children) >= 2, children  # broker + worker
 
@@ -341,11 +327,8 @@ def test_sigterm_drains_then_exits_zero(tmp_path):
         assert ended_s <= drain_s + 3.0
         refusals = [tracker.terminals[r][0] for r in late if tracker.terminals[r][0]["type"] == "error"]
         assert all("shutting down" in m["message"] for m in refusals), refusals
-        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert proc.wait(timeout=60) == 0, up.log()[-3000:]
         wait_for(lambda: all(is_gone(p) for p in children), timeout_s=5, what="no child process left")
     finally:
         raw.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(ipc, ignore_errors=True)
+        up.stop()

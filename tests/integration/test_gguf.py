@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from tests.integration.ggufutil import demo_as_gguf, permute_rows, sentencepiece_metadata, write_gguf
-from workers import demo_model as dm
 from workers.cache import file_sha256
 from workers.gguf import convert_gguf, converted_folder, ensure_converted
 from workers.gguf_file import GGUFError, read_gguf
@@ -26,18 +25,6 @@ from workers.models import check_source, resolve_source
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TEXTS = ["Once upon a time there was a little fox.", "3 + 4 = 7, and café ünïcode ☕ 日本"]
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return dm.write_demo_model(tmp_path_factory.mktemp("demo") / "demo", "demo")
-
-
-@pytest.fixture(scope="module")
-def demo_loaded(demo_dir: Path) -> tuple[Any, Any]:
-    from mlx_lm import load
-
-    return load(str(demo_dir))
 
 
 def convert(src: Path, out: Path, precision: str) -> Path:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.metrics import EventSender
 from broker.client import AsyncClient, Client, Completion, FleetError
 from tests.integration.clients import RawClient
-from tests.integration.fleets import RunningFleet, free_tcp_port, make_config, short_ipc_dir
+from tests.integration.fleets import RunningFleet, free_tcp_port, make_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -282,8 +282,7 @@ def test_killing_the_collector_neither_slows_nor_breaks_serving(fleet: MetricsFl
 # ---- the sender alone ---------------------------------------------------------------------------
 
 
-def test_sender_without_collector_drops_and_never_blocks() -> None:
-    ipc_dir = short_ipc_dir()
+def test_sender_without_collector_drops_and_never_blocks(ipc_dir: str) -> None:
     sender = EventSender(f"ipc://{ipc_dir}/nobody", "test")
     try:
         t0 = time.perf_counter()
@@ -292,11 +291,9 @@ def test_sender_without_collector_drops_and_never_blocks() -> None:
         assert not any(results) and sender.dropped == 5000
     finally:
         sender.close()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def test_sender_to_a_collector_that_never_reads_drops_once_full() -> None:
-    ipc_dir = short_ipc_dir()
+def test_sender_to_a_collector_that_never_reads_drops_once_full(ipc_dir: str) -> None:
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
@@ -315,4 +312,3 @@ def test_sender_to_a_collector_that_never_reads_drops_once_full() -> None:
         sender.close()
         pull.close(0)
         ctx.term()
-        shutil.rmtree(ipc_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from actors.curve import make_keys
-from tests.integration.processes import ROOT, WorkerProcess, cli, write_worker_config
+from tests.integration.processes import ROOT, WorkerProcess, cli, write_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]  # 30-40 s
@@ -151,7 +151,7 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
             return {w["worker_id"]: w for w in s["models"]["demo"]["workers"]} if s else {}
 
         wait_for(status, 60, "the broker in its namespace to answer status (see broker.log)")
-        conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=HEARTBEAT_S, heartbeat_liveness=LIVENESS)
+        conf = write_config(tmp_path / "w.toml", heartbeat_interval_s=HEARTBEAT_S, heartbeat_liveness=LIVENESS)
         for ns, wid in ((net.w1, "w1"), (net.w2, "w2")):
             w = WorkerProcess("--connect", net.broker_addr(ns), "--model", "demo=demo", "--worker-id", wid,
                               "--config", str(conf), "--curve-secret", str(keys["worker"][1]),

@@ -26,14 +26,6 @@ class Result:
     cached_tokens: int = 0
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer() -> tuple[Any, Any]:
-    from workers.demo_model import ensure_demo_model
-    from workers.engine import load_model
-
-    return load_model(str(ensure_demo_model("demo")))
-
-
 def make_engine(mt: tuple[Any, Any], entries: int = 16, nbytes: int = 1 << 30, **kwargs: Any) -> Any:
     from workers.engine import Engine
 
@@ -76,8 +68,8 @@ def entries_are_whole(engine: Any) -> bool:
     return all(entry.kv[0].size() == len(key) for key, entry in engine.prompt_cache._entries.items())
 
 
-def test_greedy_output_is_identical_with_and_without_the_cache(model_and_tokenizer):
-    on, off = make_engine(model_and_tokenizer), make_engine(model_and_tokenizer, entries=0)
+def test_greedy_output_is_identical_with_and_without_the_cache(demo_model):
+    on, off = make_engine(demo_model), make_engine(demo_model, entries=0)
     replies: list[str] = []
     for turn in range(len(QUESTIONS)):
         ids = chat_ids(on, QUESTIONS[: turn + 1], replies)
@@ -107,8 +99,8 @@ def same(a: dict[tuple[int, ...], list[Any]], b: dict[tuple[int, ...], list[Any]
         len(x) == len(y) and all(mx.array_equal(p, q).item() for p, q in zip(x, y)) for x, y in ((a[k], b[k]) for k in a))
 
 
-def test_a_cancelled_request_leaves_no_entry_and_does_not_touch_the_one_it_used(model_and_tokenizer):
-    on, off = make_engine(model_and_tokenizer), make_engine(model_and_tokenizer, entries=0)
+def test_a_cancelled_request_leaves_no_entry_and_does_not_touch_the_one_it_used(demo_model):
+    on, off = make_engine(demo_model), make_engine(demo_model, entries=0)
     first = chat_ids(on, QUESTIONS[:1], [])
     drain(on, [req("warm", first)])
     before = snapshot(on)
@@ -127,8 +119,8 @@ def test_a_cancelled_request_leaves_no_entry_and_does_not_touch_the_one_it_used(
     assert entries_are_whole(on)
 
 
-def test_two_concurrent_requests_with_the_same_prefix_are_both_correct(model_and_tokenizer):
-    on, off = make_engine(model_and_tokenizer), make_engine(model_and_tokenizer, entries=0)
+def test_two_concurrent_requests_with_the_same_prefix_are_both_correct(demo_model):
+    on, off = make_engine(demo_model), make_engine(demo_model, entries=0)
 
     def want(ids: list[int]) -> list[int]:
         return drain(off, [req("w", ids)])["w"].token_ids
@@ -148,13 +140,13 @@ def test_two_concurrent_requests_with_the_same_prefix_are_both_correct(model_and
     assert on.cache_stats.bypassed == 1 and entries_are_whole(on)
 
 
-def test_eviction_keeps_both_bounds_with_real_caches(model_and_tokenizer):
-    probe = make_engine(model_and_tokenizer)
+def test_eviction_keeps_both_bounds_with_real_caches(demo_model):
+    probe = make_engine(demo_model)
     prompts = [probe.encode_prompt(f"Request number {i} asks about queue number {i * 7}.", None, None) for i in range(4)]
     drain(probe, [req("p", prompts[0], max_tokens=8)])
     one_entry = probe.cache_stats.bytes_held
-    by_count = make_engine(model_and_tokenizer, entries=2)
-    by_bytes = make_engine(model_and_tokenizer, nbytes=int(one_entry * 1.5))
+    by_count = make_engine(demo_model, entries=2)
+    by_bytes = make_engine(demo_model, nbytes=int(one_entry * 1.5))
     for engine in (by_count, by_bytes):
         for i, ids in enumerate(prompts):
             drain(engine, [req(str(i), ids, max_tokens=8)])

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import msgpack
 import pytest
-import zmq
 
 from broker.client import AsyncClient, Client, FleetError
+from tests.integration.clients import TAG, RawClient, pack
 from tests.integration.fleets import start_fleet
 from tests.integration.reference import greedy_reference
 
@@ -97,26 +96,22 @@ def test_unknown_model_and_bad_requests_get_clear_errors(fleet):
 
 
 def test_malformed_frames_get_bad_request_and_broker_keeps_serving(fleet):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(fleet.cfg.frontend)
+    raw = RawClient(fleet.cfg.frontend)
     bad_messages = [
         [b"garbage"],
-        [b"MLXF1", b"\xc1\xc1"],
-        [b"MLXF1", msgpack.packb({"type": "teleport"})],
-        [b"MLXF1", msgpack.packb({"type": "generate", "request_id": "r", "model": 5, "prompt": "x"})],
-        [b"MLXF1", msgpack.packb({"type": "generate", "request_id": "r", "model": "demo", "prompt": "x" * 1_000_001})],
+        [TAG, b"\xc1\xc1"],
+        [TAG, pack({"type": "teleport"})],
+        [TAG, pack({"type": "generate", "request_id": "r", "model": 5, "prompt": "x"})],
+        [TAG, pack({"type": "generate", "request_id": "r", "model": "demo", "prompt": "x" * 1_000_001})],
     ]
     try:
         for frames in bad_messages:
-            sock.send_multipart(frames)
-            assert sock.poll(10_000), f"no reply to {frames[:1]}"
-            reply = msgpack.unpackb(sock.recv_multipart()[1])
+            raw.send_frames(frames)
+            reply = raw.recv(10.0)
+            assert reply is not None, f"no reply to {frames[:1]}"
             assert reply["type"] == "error" and reply["code"] == "bad_request"
     finally:
-        sock.close(0)
-        ctx.term()
+        raw.close()
     with Client(fleet.cfg.frontend, timeout_s=30) as client:
         assert client.generate("ok", model="demo", max_tokens=3).token_ids
 

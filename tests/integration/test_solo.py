@@ -25,18 +25,10 @@ class Result:
     first_events: int = 0
 
 
-@pytest.fixture(scope="module")
-def mt() -> tuple[Any, Any]:
-    from workers.demo_model import ensure_demo_model
-    from workers.engine import load_model
-
-    return load_model(str(ensure_demo_model("demo")))
-
-
-def make_engine(mt: tuple[Any, Any], solo: bool = True, entries: int = 0, **kwargs: Any) -> Any:
+def make_engine(demo_model: tuple[Any, Any], solo: bool = True, entries: int = 0, **kwargs: Any) -> Any:
     from workers.engine import Engine
 
-    return Engine(*mt, solo_fast_path=solo, prompt_cache_entries=entries, prompt_cache_bytes=(1 << 30) if entries else 0,
+    return Engine(*demo_model, solo_fast_path=solo, prompt_cache_entries=entries, prompt_cache_bytes=(1 << 30) if entries else 0,
                   prefill_step_size=64, **kwargs)
 
 
@@ -71,14 +63,14 @@ def run(engine: Any, reqs: list[Any]) -> dict[str, Result]:
     return drain(engine)
 
 
-def reference_text(mt: tuple[Any, Any], ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+def reference_text(demo_model: tuple[Any, Any], ids: list[int], max_tokens: int) -> tuple[list[int], str]:
     """In-process ``mlx_lm.stream_generate``, greedy: token ids and text."""
-    return greedy_reference(*mt, ids, max_tokens)
+    return greedy_reference(*demo_model, ids, max_tokens)
 
 
-def reference(mt: tuple[Any, Any], ids: list[int], max_tokens: int) -> list[int]:
+def reference(demo_model: tuple[Any, Any], ids: list[int], max_tokens: int) -> list[int]:
     """In-process ``mlx_lm.stream_generate``, greedy: token ids."""
-    return reference_text(mt, ids, max_tokens)[0]
+    return reference_text(demo_model, ids, max_tokens)[0]
 
 
 def migrate_after(engine: Any, a: Any, b: Any, steps: int) -> dict[str, Result]:
@@ -94,42 +86,42 @@ def migrate_after(engine: Any, a: Any, b: Any, steps: int) -> dict[str, Result]:
     return drain(engine, out)
 
 
-def test_a_lone_request_goes_solo_and_matches_stream_generate(mt):
-    engine = make_engine(mt)
+def test_a_lone_request_goes_solo_and_matches_stream_generate(demo_model):
+    engine = make_engine(demo_model)
     for prompt in PROMPTS:
         ids = engine.encode_prompt(prompt, None, None)
         engine.insert([req("a", ids)])
         assert engine.solo is not None and engine.active == 1 and engine.free_slots == engine.decode_capacity - 1
         got = drain(engine)["a"]
-        assert (got.token_ids, got.text) == reference_text(mt, ids, 24), prompt
+        assert (got.token_ids, got.text) == reference_text(demo_model, ids, 24), prompt
         assert got.finish_reason == "length" and got.completion_tokens == 24 and got.first_events == 1
     s = engine.stats
     # The first solo step prefills and yields the first token: every step is a decode step of batch 1.
     assert s.steps == s.decode_steps == s.generated_tokens == s.sequences_decoded == 24 * len(PROMPTS)
     assert s.max_batch_size == s.last_batch_size == 1 and s.mean_batch_size == 1.0
-    off = make_engine(mt, solo=False)
+    off = make_engine(demo_model, solo=False)
     off_ids = off.encode_prompt(PROMPTS[0], None, None)
     assert off.solo_fast_path is False
     off.insert([req("a", off_ids)])
     assert off.solo is None
-    assert drain(off)["a"].token_ids == reference(mt, off_ids, 24)
+    assert drain(off)["a"].token_ids == reference(demo_model, off_ids, 24)
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2, 7, 23])
-def test_greedy_output_is_identical_with_a_handoff_after_any_token(mt, steps):
+def test_greedy_output_is_identical_with_a_handoff_after_any_token(demo_model, steps):
     # 0: before the first token (nothing ran yet); 1: right after it; 23 of 24: one token left.
-    engine = make_engine(mt)
+    engine = make_engine(demo_model)
     a_ids, b_ids = (engine.encode_prompt(p, None, None) for p in PROMPTS[1:])
     got = migrate_after(engine, req("a", a_ids), req("b", b_ids, max_tokens=30), steps)
-    assert (got["a"].token_ids, got["a"].text) == reference_text(mt, a_ids, 24)
+    assert (got["a"].token_ids, got["a"].text) == reference_text(demo_model, a_ids, 24)
     assert got["a"].finish_reason == "length" and got["a"].completion_tokens == 24 and got["a"].first_events == 1
-    assert got["b"].token_ids == reference(mt, b_ids, 30)
+    assert got["b"].token_ids == reference(demo_model, b_ids, 30)
     if steps < 23:  # with one token left, a finishes as b's prefill ends
         assert engine.stats.max_batch_size == 2
 
 
-def test_seeded_sampling_is_unchanged_by_a_handoff(mt):
-    engine, off = make_engine(mt), make_engine(mt, solo=False)
+def test_seeded_sampling_is_unchanged_by_a_handoff(demo_model):
+    engine, off = make_engine(demo_model), make_engine(demo_model, solo=False)
     ids = engine.encode_prompt(PROMPTS[0], None, None)
     opts = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
     alone = run(engine, [req("a", ids, **opts)])["a"].token_ids
@@ -138,8 +130,8 @@ def test_seeded_sampling_is_unchanged_by_a_handoff(mt):
     assert alone == batched == moved
 
 
-def test_cancel_during_solo_and_after_the_handoff(mt):
-    engine = make_engine(mt)
+def test_cancel_during_solo_and_after_the_handoff(demo_model):
+    engine = make_engine(demo_model)
     ids = engine.encode_prompt(PROMPTS[2], None, None)
     engine.insert([req("a", ids, max_tokens=100)])
     for _ in range(3):
@@ -156,15 +148,15 @@ def test_cancel_during_solo_and_after_the_handoff(mt):
     engine.step()
     (ev,) = engine.remove(["a"])
     assert ev.finish_reason == "cancelled" and engine.active == 1
-    assert drain(engine)["b"].token_ids == reference(mt, ids, 20)
+    assert drain(engine)["b"].token_ids == reference(demo_model, ids, 20)
     # The engine still goes solo afterwards.
     engine.insert([req("c", ids, max_tokens=5)])
     assert engine.solo is not None
-    assert drain(engine)["c"].token_ids == reference(mt, ids, 5)
+    assert drain(engine)["c"].token_ids == reference(demo_model, ids, 5)
 
 
-def test_a_stop_string_ends_a_solo_request(mt):
-    engine = make_engine(mt, entries=8)
+def test_a_stop_string_ends_a_solo_request(demo_model):
+    engine = make_engine(demo_model, entries=8)
     ids = engine.encode_prompt(PROMPTS[0], None, None)
     base = run(engine, [req("a", ids, max_tokens=30, cache=False)])["a"]
     stop = base.text[5:8]
@@ -178,20 +170,20 @@ def test_a_stop_string_ends_a_solo_request(mt):
     assert all(c.keys.shape[2] == c.offset == len(key) for c in entry.kv)
 
 
-def test_a_prompt_cache_hit_then_solo(mt):
-    on, off = make_engine(mt, entries=8), make_engine(mt, solo=False)
+def test_a_prompt_cache_hit_then_solo(demo_model):
+    on, off = make_engine(demo_model, entries=8), make_engine(demo_model, solo=False)
     system = "You are the fleet's helpful assistant, and you answer in short sentences. " * 3
     first = on.encode_prompt(None, [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}], None)
     turn1 = run(on, [req("a", first)])["a"]
     assert turn1.cached_tokens == 0 and on.cache_stats.stored == 1
     follow = on.encode_prompt(None, [{"role": "system", "content": system}, {"role": "user", "content": "Hi"},
-                                     {"role": "assistant", "content": mt[1].decode(turn1.token_ids)},
+                                     {"role": "assistant", "content": demo_model[1].decode(turn1.token_ids)},
                                      {"role": "user", "content": "And then?"}], None)
     on.insert([req("b", follow)])
     assert on.solo is not None
     got = drain(on)["b"]
     assert got.cached_tokens > len(first) // 2 and on.cache_stats.hits == 1
-    assert got.token_ids == run(off, [req("x", follow)])["x"].token_ids == reference(mt, follow, 24)
+    assert got.token_ids == run(off, [req("x", follow)])["x"].token_ids == reference(demo_model, follow, 24)
     # A hit that is handed off mid-stream is still right.
     on.insert([req("c", follow)])
     moved: dict[str, Result] = {}
@@ -203,13 +195,13 @@ def test_a_prompt_cache_hit_then_solo(mt):
     assert all(entry.kv[0].size() == len(key) for key, entry in on.prompt_cache._entries.items())
 
 
-def test_two_requests_inserted_together_go_straight_to_the_batch(mt):
-    engine = make_engine(mt)
+def test_two_requests_inserted_together_go_straight_to_the_batch(demo_model):
+    engine = make_engine(demo_model)
     a, b = (engine.encode_prompt(p, None, None) for p in PROMPTS[:2])
     engine.insert([req("a", a), req("b", b)])
     assert engine.solo is None and engine.active == 2
     got = drain(engine)
-    assert got["a"].token_ids == reference(mt, a, 24) and got["b"].token_ids == reference(mt, b, 24)
+    assert got["a"].token_ids == reference(demo_model, a, 24) and got["b"].token_ids == reference(demo_model, b, 24)
     assert engine.stats.max_batch_size == 2
 
 
@@ -224,10 +216,10 @@ class _EosAs:
 
 
 @pytest.mark.parametrize("handoff", [False, True])
-def test_eos_ends_a_solo_request_as_it_ends_a_batched_one(mt, handoff):
-    model, tokenizer = mt
+def test_eos_ends_a_solo_request_as_it_ends_a_batched_one(demo_model, handoff):
+    model, tokenizer = demo_model
     ids = tokenizer.encode(PROMPTS[1])
-    want = reference(mt, ids, 24)
+    want = reference(demo_model, ids, 24)
     eos = next(t for t in want[3:] if t not in want[:3])  # after the handoff at 2
     fake = (model, _EosAs(tokenizer, eos))
     on, off = make_engine(fake), make_engine(fake, solo=False)
@@ -241,8 +233,8 @@ def test_eos_ends_a_solo_request_as_it_ends_a_batched_one(mt, handoff):
     assert got.completion_tokens == want.index(eos) + 1  # the EOS counts, it is not shown
 
 
-def test_set_admission_batch_and_close_with_a_solo_running(mt):
-    engine = make_engine(mt)
+def test_set_admission_batch_and_close_with_a_solo_running(demo_model):
+    engine = make_engine(demo_model)
     ids = engine.encode_prompt(PROMPTS[0], None, None)
     engine.insert([req("a", ids)])
     engine.step()

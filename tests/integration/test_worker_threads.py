@@ -93,12 +93,11 @@ def test_mlx_releases_the_gil_while_it_evaluates(name: str) -> None:
     assert middle >= 10, f"{name}: the other thread ran {middle} times in {eval_s * 0.6:.2f}s of evaluation"
 
 
-def test_a_long_prefill_step_lets_another_thread_run() -> None:
+def test_a_long_prefill_step_lets_another_thread_run(demo_model: tuple[Any, Any]) -> None:
     """One real engine step (a whole long prompt prefilled at once) leaves the GIL to other threads."""
-    from workers.demo_model import ensure_demo_model
-    from workers.engine import Engine, EngineRequest, load_model
+    from workers.engine import Engine, EngineRequest
 
-    model, tokenizer = load_model(str(ensure_demo_model("demo")))
+    model, tokenizer = demo_model
     engine = Engine(model, tokenizer, prefill_step_size=4096, solo_fast_path=False)
     try:
         engine.insert([EngineRequest("long", [(i * 7) % 200 + 3 for i in range(3000)], 2)])

@@ -1,0 +1,46 @@
+"""Fixtures shared by the integration tests: a short ipc:// folder, the demo model in-process."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.integration.fleets import short_ipc_dir
+
+
+@pytest.fixture
+def ipc_dir() -> Iterator[str]:
+    """A fresh short /tmp folder for ``ipc://`` endpoints, removed after the test."""
+    path = short_ipc_dir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> tuple[Any, Any]:
+    """The ``demo`` model and tokenizer as a worker loads them (``workers.engine.load_model``), loaded once."""
+    from workers.demo_model import ensure_demo_model
+    from workers.engine import load_model
+
+    return load_model(str(ensure_demo_model("demo")))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly written ``demo`` model folder (not the shared cache), written once."""
+    from workers import demo_model as dm
+
+    return dm.write_demo_model(tmp_path_factory.mktemp("demo") / "demo", "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_loaded(demo_dir: Path) -> tuple[Any, Any]:
+    """``demo_dir`` loaded with plain ``mlx_lm.load``."""
+    from mlx_lm import load
+
+    return load(str(demo_dir))
