@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from actors.clock import Clock
 from actors.config import BatchingConfig, FleetConfig
+from actors.shard_group import ProcessGroup
 
 log = logging.getLogger("mlx_fleet.supervisor")
 
@@ -39,6 +40,8 @@ class WorkerSpec:
     source: str
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     dtype: str = "auto"  # the precision it loads the model at (actors.config.DTYPES)
+    shards: int = 1  # ranks of its group (actors/shard_group.py); 1: one process
+    shard_mode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class Child:
                                  "gave_up": self.gave_up, "exited_pids": list(self.exited_pids)}
         optional = {"worker_id": self.worker_id, "model": self.model, "last_exit": self.last_exit, "pid": self.pid}
         entry.update({k: v for k, v in optional.items() if v is not None})
+        if isinstance(self.process, ProcessGroup):
+            entry["ranks"] = self.process.view()
         if self.last_exit is not None and not self.gave_up:
             entry["next_start_in_s"] = round(max(0.0, self.next_start_s - now_s), 3)
         return entry

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.protocol import DEFAULT_CONNECT
+from actors.shard_group import MAX_SHARDS, SHARD_MODES
 
 
 POLICIES = ("immediate", "fixed", "adaptive")  # the batching-window policies (workers/policies.py)
@@ -69,6 +70,8 @@ class ModelSpec:
     on_demand: bool = False  # no worker until the first request; stopped after idle_unload_s
     idle_unload_s: float = 300.0
     dtype: str = "auto"  # one of DTYPES: auto = float32 on a CPU device, as stored (quantized) elsewhere
+    shards: int = 1  # ranks per replica: >1 splits the weights over a group on MLX's ring (actors/shard_group.py)
+    shard_mode: str = "auto"  # auto (tensor where the model supports it) | tensor | pipeline
 
 
 @dataclass(frozen=True)
@@ -286,10 +289,11 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     models: list[tuple[str, str]] | None = None,
     replicas: Mapping[str, int] | None = None,
+    shards: Mapping[str, int] | None = None,
 ) -> FleetConfig:
     """Build the config from defaults, a TOML file, the environment and CLI overrides.
 
-    ``models`` and ``replicas`` come from repeatable CLI flags and replace or
+    ``models``, ``replicas`` and ``shards`` come from repeatable CLI flags and replace or
     extend the TOML's ``[[models]]``. With no model anywhere, the built-in demo
     model is served as ``demo``.
     """
@@ -318,13 +322,15 @@ def load_config(
                                                                                     dtype=fleet_dtype)
     if not specs:
         specs["demo"] = ModelSpec("demo", "demo", 1, batching, dtype=fleet_dtype)
-    for name, count in (replicas or {}).items():
-        if name not in specs:
-            raise ConfigError(f"--replicas {name}={count}: no model named {name!r}")
-        specs[name] = dataclasses.replace(specs[name], replicas=count)
+    for flag, field_name, counts in (("--replicas", "replicas", replicas), ("--shards", "shards", shards)):
+        for name, count in (counts or {}).items():
+            if name not in specs:
+                raise ConfigError(f"{flag} {name}={count}: no model named {name!r}")
+            specs[name] = dataclasses.replace(specs[name], **{field_name: count})
     for spec in specs.values():
         if not 0 <= spec.replicas <= 64:
             raise ConfigError(f"model {spec.name}: replicas must be in 0..64")
+        check_shards(spec.shards, spec.shard_mode, f"model {spec.name}")
         if spec.idle_unload_s <= 0:
             raise ConfigError(f"model {spec.name}: idle_unload_s must be > 0")
     fleet = {k: v for k, v in values.items() if k in _FLEET_KEYS}
@@ -358,6 +364,14 @@ def validate_cluster(cfg: FleetConfig) -> None:
         raise ConfigError("memory_budget_bytes must be >= 0 (0: no limit)")
 
 
+def check_shards(shards: int, mode: str, what: str) -> None:
+    """ConfigError naming ``what`` unless ``shards`` is 1..64 and ``mode`` one of SHARD_MODES."""
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ConfigError(f"{what}: shards must be in 1..{MAX_SHARDS} (1: not sharded)")
+    if mode not in SHARD_MODES:
+        raise ConfigError(f"{what}: shard_mode must be one of {', '.join(SHARD_MODES)}, got {mode!r}")
+
+
 def check_dtype(value: Any, what: str) -> str:
     """``value`` if it is one of DTYPES; ConfigError naming ``what`` otherwise."""
     if value not in DTYPES:
@@ -368,7 +382,8 @@ def check_dtype(value: Any, what: str) -> str:
 def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: str, dtype: str) -> ModelSpec:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("source"), str):
         raise ConfigError(f"{path}: each [[models]] needs string 'name' and 'source'")
-    unknown = set(entry) - {"name", "source", "replicas", "batching", "on_demand", "idle_unload_s", "dtype"}
+    unknown = set(entry) - {"name", "source", "replicas", "batching", "on_demand", "idle_unload_s", "dtype", "shards",
+                            "shard_mode"}
     if unknown:
         raise ConfigError(f"{path}: model {entry['name']}: unknown keys {sorted(unknown)}")
     own_batching = entry.get("batching", {})
@@ -385,5 +400,7 @@ def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: s
     on_demand = _coerce("on_demand", entry.get("on_demand", False), bool, source)
     idle_unload_s = _coerce("idle_unload_s", entry.get("idle_unload_s", ModelSpec.idle_unload_s), float, source)
     own_dtype = check_dtype(entry.get("dtype", dtype), f"{source} dtype")
+    shards = _coerce("shards", entry.get("shards", 1), int, source)
+    shard_mode = _coerce("shard_mode", entry.get("shard_mode", ModelSpec.shard_mode), str, source)
     return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching), on_demand, idle_unload_s,
-                     own_dtype)
+                     own_dtype, shards, shard_mode)

@@ -36,19 +36,30 @@ def fmt_bytes(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
-def budget_verdict(*, budget_bytes: int, loaded_bytes: int, each_bytes: int | None, replicas: int, what: str) -> str:
-    """Why ``replicas`` x ``each_bytes`` more would not fit ``budget_bytes`` (0: no limit), or ''."""
+def budget_verdict(*, budget_bytes: int, loaded_bytes: int, each_bytes: int | None, replicas: int, what: str,
+                   ranks: int = 1) -> str:
+    """Why ``replicas`` x ``each_bytes`` more would not fit ``budget_bytes`` (0: no limit), or ''.
+
+    ``ranks`` > 1: each replica is a sharded group whose ranks here hold ``each_bytes`` each
+    (the weights over the group's size), so one replica costs ``ranks`` x ``each_bytes``.
+    """
     if not budget_bytes or replicas == 0:
         return ""
     if each_bytes is None:
         return (f"{what} refused: cannot estimate its size (no *.safetensors on disk), "
                 f"and memory_budget_bytes={budget_bytes} is set")
-    need = each_bytes * replicas
+    need = each_bytes * ranks * replicas
     if loaded_bytes + need <= budget_bytes:
         return ""
-    return (f"{what} refused: it needs an estimated {fmt_bytes(need)} ({replicas} x {fmt_bytes(each_bytes)} of "
+    shape = f"{replicas} x {ranks} ranks x {fmt_bytes(each_bytes)}" if ranks > 1 else f"{replicas} x {fmt_bytes(each_bytes)}"
+    return (f"{what} refused: it needs an estimated {fmt_bytes(need)} ({shape} of "
             f"*.safetensors), {fmt_bytes(loaded_bytes)} is already loaded, and memory_budget_bytes is "
             f"{fmt_bytes(budget_bytes)} ({budget_bytes} bytes)")
+
+
+def per_rank_bytes(weights_bytes: int | None, shards: int) -> int | None:
+    """What one rank of a ``shards``-way group holds of ``weights_bytes``: its share, rounded up."""
+    return None if weights_bytes is None else -(-weights_bytes // max(1, shards))
 
 
 class ModelManager:
@@ -118,7 +129,7 @@ class ModelManager:
         if self.children.workers(name, include_gave_up=False):
             return ControlReply("start", name, "already running")
         count = max(1, spec.replicas)
-        problem = self.budget_problem(spec.source, count, f"start {name}")
+        problem = self.budget_problem(spec.source, count, f"start {name}", spec.shards)
         if problem:
             return Error(OVER_BUDGET, problem)
         ids = self.spawn(spec, count)
@@ -141,7 +152,7 @@ class ModelManager:
         gen = self.generations.get(spec.name, -1) + 1
         self.generations[spec.name] = gen
         return [WorkerSpec(f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}", spec.name, spec.source,
-                           spec.batching, spec.dtype) for i in range(count)]
+                           spec.batching, spec.dtype, spec.shards, spec.shard_mode) for i in range(count)]
 
     def spawn(self, spec: ModelSpec, count: int) -> list[str]:
         """Start ``count`` workers of ``spec``; their ids."""
@@ -159,18 +170,24 @@ class ModelManager:
             self._weights[source] = self.weights_bytes(source)
         return self._weights[source]
 
+    def replica_bytes(self, source: str, shards: int) -> int | None:
+        """Estimated bytes one replica holds here: its weights, or each rank's share times its ranks."""
+        each = per_rank_bytes(self.weights(source), shards)
+        return None if each is None else each * shards
+
     def loaded_bytes(self) -> int:
         """The estimated weights of every worker child that has not been given up on."""
-        return sum(self.weights(c.spec.worker.source) or 0
+        return sum(self.replica_bytes(c.spec.worker.source, c.spec.worker.shards) or 0
                    for c in self.children.workers(include_gave_up=False) if c.spec.worker is not None)
 
-    def budget_problem(self, source: str, replicas: int, what: str) -> str:
-        """Why ``replicas`` more of ``source`` would not fit memory_budget_bytes, or ''."""
+    def budget_problem(self, source: str, replicas: int, what: str, shards: int = 1) -> str:
+        """Why ``replicas`` more of ``source`` (each a group of ``shards`` ranks) would not fit memory_budget_bytes, or ''."""
         budget = self.cfg.memory_budget_bytes
         if not budget or replicas == 0:
             return ""
-        return budget_verdict(budget_bytes=budget, loaded_bytes=self.loaded_bytes(), each_bytes=self.weights(source),
-                              replicas=replicas, what=f"{what} ({source!r})")
+        return budget_verdict(budget_bytes=budget, loaded_bytes=self.loaded_bytes(),
+                              each_bytes=per_rank_bytes(self.weights(source), shards), replicas=replicas,
+                              what=f"{what} ({source!r})", ranks=shards)
 
     def startup_problem(self) -> str:
         """Why the configured models do not fit the memory budget, or ''."""
@@ -180,7 +197,7 @@ class ModelManager:
         for spec in self.specs.values():
             if spec.on_demand or spec.replicas == 0:
                 continue
-            each = self.weights(spec.source)
+            each = self.replica_bytes(spec.source, spec.shards)
             if each is None:
                 return f"cannot estimate the size of model {spec.name} ({spec.source!r}) for memory_budget_bytes"
             total += each * spec.replicas
@@ -194,7 +211,7 @@ class ModelManager:
     def models_view(self) -> list[dict[str, Any]]:
         """The models run, for the supervisor's state message."""
         return [{"name": s.name, "source": s.source, "replicas": s.replicas, "on_demand": s.on_demand,
-                 "idle_unload_s": s.idle_unload_s} for s in self.specs.values()]
+                 "idle_unload_s": s.idle_unload_s, "shards": s.shards} for s in self.specs.values()]
 
     def memory_view(self) -> dict[str, Any]:
         """The memory budget and the estimated weights loaded (None without a budget)."""

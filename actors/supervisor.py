@@ -40,6 +40,7 @@ from actors.curve import check_bind_policy
 from actors.metrics import EventSender, NullSender, events_addr, make_event_sender
 from actors.model_manager import ModelManager
 from actors.proc import spawn_child
+from actors.shard_group import ProcessGroup, ShardRank, local_ring
 from actors.protocol import Message
 
 log = logging.getLogger("mlx_fleet.supervisor")
@@ -64,6 +65,7 @@ class Wiring:
     run_gateway: Callable[[FleetConfig], None]
     check_source: Callable[[str], None]  # raises FileNotFoundError or ValueError for a source no worker could load
     weights_bytes: Callable[[str], int | None]  # estimated bytes of one replica's weights; None when unknown
+    run_rank: Callable[[WorkerSpec, FleetConfig, ShardRank], None] | None = None  # one rank of a sharded group
 
 
 class Supervisor:
@@ -112,11 +114,32 @@ class Supervisor:
     def _launch(self, spec: ChildSpec) -> Process:
         """Spawn one child with the entry point the wiring names for its kind."""
         cfg = self.open()
+        if spec.worker is not None and spec.worker.shards > 1:
+            return self._launch_group(spec.name, spec.worker, cfg)
         if spec.worker is not None:
             return spawn_child(spec.name, self.wiring.run_worker, (spec.worker, cfg))
         entry = {BROKER: self.wiring.run_broker, COLLECTOR: self.wiring.run_collector,
                  GATEWAY: self.wiring.run_gateway}[spec.kind]
         return spawn_child(spec.name, entry, (cfg,))
+
+    def _launch_group(self, name: str, worker: WorkerSpec, cfg: FleetConfig) -> ProcessGroup:
+        """Spawn the ranks of a sharded replica on a fresh loopback ring, as one process."""
+        if self.wiring.run_rank is None:
+            raise RuntimeError(f"{name}: this fleet's wiring cannot run sharded workers")
+        ring = local_ring(worker.shards)
+        procs: list[Any] = []
+        try:
+            for rank in range(worker.shards):
+                shard = ShardRank(rank, ring, worker.shard_mode, op_timeout_s=cfg.hung_step_s,
+                                  start_timeout_s=cfg.ready_timeout_s,
+                                  beat_timeout_s=2 * cfg.heartbeat_interval_s * cfg.heartbeat_liveness)
+                procs.append(spawn_child(f"{name}/rank{rank}", self.wiring.run_rank, (worker, cfg, shard)))
+        except BaseException:
+            for proc in procs:
+                proc.kill()
+            raise
+        log.info("%s: started a group of %d ranks (pids %s)", name, len(procs), ", ".join(str(p.pid) for p in procs))
+        return ProcessGroup(procs)
 
     def start(self) -> None:
         """Spawn everything not yet running and wait until every replica has registered with the broker."""

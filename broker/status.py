@@ -6,7 +6,9 @@ supervisor (``mlx-fleet up``) its worker children that are not registered:
 ``starting``, ``restarting``, ``hung`` (declared dead for silence, process still
 running) or ``gave_up``. Their restart counts and states come from the
 supervisor's latest state message (:class:`broker.records.SupervisorView`),
-the broker's one view of the supervisor's children.
+the broker's one view of the supervisor's children. A sharded replica (a group of
+ranks) is one row; ``ranks`` lists each rank's pid and host (from its rank 0's
+``ready``, or from the supervisor while it is not registered).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
             "served": w.served, "last_seen_s": round(now - (w.expiry_s - state.liveness_s), 3),
             "step_elapsed_s": w.step_elapsed_s,
             "restarts": children.get(w.worker_id, {}).get("restarts", 0),
-            "info": w.info, "stats": w.stats,
+            "ranks": w.info.get("ranks", []), "info": w.info, "stats": w.stats,
         }
         for w in workers
     ]
@@ -60,7 +62,7 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
             "state": child_state(child, silent.pid if silent else None),
             "capacity": 0, "in_flight": 0, "free": 0, "max_in_flight": 0, "served": 0, "last_seen_s": None,
             "step_elapsed_s": 0.0,
-            "restarts": child.get("restarts", 0), "info": {}, "stats": {},
+            "restarts": child.get("restarts", 0), "ranks": child.get("ranks", []), "info": {}, "stats": {},
         })
     rows.sort(key=lambda r: r["worker_id"])
     on_demand = bool(life and life.on_demand)

@@ -10,17 +10,18 @@ import sys
 import uuid
 from typing import Any
 
-from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
+from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, check_shards, load_config, parse_model_arg
 from actors.protocol import DEFAULT_CONNECT
+from actors.shard_group import RING_STARTING_PORT, SHARD_MODES
 from fleet.cli_cluster import add_client_options, add_cluster_commands, client_curve
 
 
-def _replicas(values: list[str]) -> dict[str, int]:
+def _counts(values: list[str], flag: str = "--replicas") -> dict[str, int]:
     out: dict[str, int] = {}
     for text in values:
         name, sep, count = text.partition("=")
         if not sep or not count.isdigit():
-            raise ConfigError(f"--replicas: expected NAME=N, got {text!r}")
+            raise ConfigError(f"{flag}: expected NAME=N, got {text!r}")
         out[name] = int(count)
     return out
 
@@ -42,7 +43,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         overrides["auto_tune"] = True
     overrides.update(cluster_overrides(args))
     models = [parse_model_arg(m) for m in args.model]
-    return load_config(args.config, overrides=overrides, models=models, replicas=_replicas(args.replicas))
+    return load_config(args.config, overrides=overrides, models=models, replicas=_counts(args.replicas),
+                       shards=_counts(args.shards, "--shards"))
 
 
 def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,7 +65,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     setup_logging(cfg.log_level, "fleet")
-    names = ", ".join(f"{m.name}={m.source} x{m.replicas}" for m in cfg.models)
+    names = ", ".join(f"{m.name}={m.source} x{m.replicas}" + (f" ({m.shards} ranks each)" if m.shards > 1 else "")
+                      for m in cfg.models)
     log = logging.getLogger("mlx_fleet")
     http = f", OpenAI HTTP on http://{cfg.http_host}:{cfg.http_port}/v1" if cfg.http_port else ""
     log.info("starting fleet: %s; clients on %s%s", names, cfg.frontend, http)
@@ -148,8 +151,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
              "curve_server_public": args.curve_server_key or cfg.curve_server_public}
     if bool(curve["curve_secret"]) != bool(curve["curve_server_public"]):
         raise ConfigError("--curve-secret and --curve-server-key go together")
-    run_worker(worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
-                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype))
+    settings = worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
+                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype)
+    if args.shards > 1 or args.hostfile or args.rank is not None:
+        from fleet.shard_worker import run_sharded_worker
+
+        check_shards(args.shards, args.shard_mode, "--shards/--shard-mode")
+        if args.shards < 2:
+            raise ConfigError("--hostfile and --rank are for a sharded group: add --shards N (N >= 2)")
+        return run_sharded_worker(args, settings, cfg)
+    run_worker(settings)
     return 0
 
 
@@ -176,6 +187,8 @@ def add_up_command(sub: Any) -> None:
                     help="a model to serve (repeatable); SOURCE is a folder, a .gguf file, a hub id, "
                          "or smollm2 / demo / demo-small")
     up.add_argument("--replicas", action="append", default=[], metavar="NAME=N")
+    up.add_argument("--shards", action="append", default=[], metavar="NAME=N",
+                    help="split a model's weights over a group of N ranks (MLX's ring backend) per replica")
     up.add_argument("--config", help="TOML config file")
     up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
     up.add_argument("--backend", help="worker endpoint to bind (default tcp://127.0.0.1:5556)")
@@ -248,6 +261,14 @@ def add_worker_command(sub: Any) -> None:
     wk.add_argument("--log-level")
     wk.add_argument("--curve-secret", metavar="PATH", help="this worker's secret cert (NAME.key_secret)")
     wk.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
+    wk.add_argument("--shards", type=int, default=1, metavar="N", help="run the model as a group of N ranks")
+    wk.add_argument("--shard-mode", default="auto", choices=SHARD_MODES,
+                    help="tensor or pipeline parallelism (default auto: tensor where the model supports it)")
+    wk.add_argument("--hostfile", metavar="PATH", help="an mlx.launch hostfile: the hosts of the ranks, in rank order")
+    wk.add_argument("--rank", type=int, help="with --hostfile: run only this machine's rank")
+    wk.add_argument("--ring-port", type=int, default=RING_STARTING_PORT,
+                    help=f"the ring's first port, one more per host address (mlx.launch's --starting-port; "
+                         f"default {RING_STARTING_PORT})")
     wk.set_defaults(func=cmd_worker)
 
 

@@ -11,11 +11,12 @@ from actors.config import FleetConfig
 from actors.supervisor import Supervisor, Wiring
 from broker.broker import run_broker
 from broker.gateway import run_gateway
-from fleet.worker_entry import run_local_worker
+from fleet.worker_entry import run_local_rank, run_local_worker
 from workers.models import check_source, weights_bytes
 
 WIRING = Wiring(run_broker=run_broker, run_worker=run_local_worker, run_collector=run_collector,
-                run_gateway=run_gateway, check_source=check_source, weights_bytes=weights_bytes)
+                run_gateway=run_gateway, check_source=check_source, weights_bytes=weights_bytes,
+                run_rank=run_local_rank)
 
 
 def make_supervisor(cfg: FleetConfig) -> Supervisor:

@@ -34,6 +34,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from actors.clock import Clock, MonotonicClock
+from actors.config import BatchingConfig
 from workers.engine_stats import BATCH, HANDOFF, SOLO, StepClock, StepStats
 from workers.precision import apply_dtype
 from workers.prompt_cache import PromptCache, PromptCacheStats
@@ -314,6 +315,15 @@ def make_kv_prompt_cache(model: Any, *, max_entries: int, max_bytes: int) -> Pro
     """A prompt cache over mlx-lm KV caches of ``model`` (``max_entries`` or ``max_bytes`` 0: off)."""
     return PromptCache(max_entries=max_entries, max_bytes=max_bytes, size_of=_kv_nbytes,
                        copy_prefix=_copy_kv_prefix, can_trim=can_trim_prompt_cache)
+
+
+def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None) -> Engine:
+    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)."""
+    b = batching
+    return Engine(model, tokenizer, decode_capacity=b.decode_capacity, admission_batch=b.admission_batch,
+                  prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries,
+                  prompt_cache_bytes=b.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes,
+                  solo_fast_path=b.solo_fast_path)
 
 
 def load_model(path: str, dtype: str = "auto") -> tuple[Any, Any]:

@@ -35,6 +35,7 @@ from actors.curve import load_client_keys
 from actors.metrics import make_event_sender
 from actors.protocol import Cancel, Disconnect, Dispatch, Ready
 from actors.runtime import Hooks, StartError, run_process
+from actors.shard_group import ShardRank
 from workers.faults import make_fault_injector
 from workers.io_thread import BrokerIO
 from workers.link import Close, InboxItem, Inbound, LoopReport, Reset, Stop
@@ -66,6 +67,7 @@ class WorkerSettings:
     metrics_events: str | None = None  # the collector's event endpoint; None sends no metrics
     curve_secret: str = ""  # our secret cert: CurveZMQ to the broker when set
     curve_server_public: str = ""  # the broker's public cert (its secret cert works too)
+    shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard.py)
 
 
 class WorkerActor:
@@ -107,17 +109,12 @@ class WorkerActor:
         from workers.models import resolve_source
         from workers.policies import make_auto_tuner, make_policy
         from workers.precision import describe_precision
+        from workers.shard import load_engine
 
         path = resolve_source(self.s.source, self.s.dtype)
         t0 = time.perf_counter()
-        model, tokenizer = engine_mod.load_model(str(path), self.s.dtype)
+        self.engine, model, group_info = load_engine(str(path), self.s)  # a sharded group's rank 0 joins it here
         b = self.s.batching
-        self.engine = engine_mod.Engine(
-            model, tokenizer, decode_capacity=b.decode_capacity,
-            admission_batch=b.admission_batch, prefill_step_size=b.prefill_step_size,
-            prompt_cache_entries=b.prompt_cache_entries, prompt_cache_bytes=b.prompt_cache_bytes,
-            solo_fast_path=b.solo_fast_path,
-        )
         policy = make_policy(b, self.clock)
         self.telemetry = WorkerTelemetry(sender, policy, model=self.s.model, worker=self.s.worker_id)
         self.session = WorkerSession(self.engine, policy, clock=self.clock, tuner=make_auto_tuner(b, policy),
@@ -128,7 +125,7 @@ class WorkerActor:
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
                      "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes,
-                     "solo_fast_path": self.engine.solo_fast_path}
+                     "solo_fast_path": self.engine.solo_fast_path, **group_info}
         log.info("loaded %s from %s in %.2fs; precision=%s; blas=%s", self.s.model, path, time.perf_counter() - t0,
                  self.info["precision"], self.info["blas"])
         self.start_io()
