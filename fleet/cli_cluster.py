@@ -130,6 +130,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"{name:<16} {m.get('state', '?'):<10} {m['queue_depth']:>5} {m['running']:>7}  {idle}")
         for w in m["workers"]:  # registered workers, and (from the supervisor) starting/restarting/hung/gave_up
             lines.append(_worker_line(w))
+            if w.get("ranks"):  # a sharded replica: one row, then its ranks
+                lines.append("    ranks: " + ", ".join(f"{r.get('rank')} pid {r.get('pid')} on {r.get('host')}"
+                                                       for r in w["ranks"]))
             b = (w.get("info") or {}).get("blas") or {}
             if b:
                 blas.add(f"{b.get('name', '?')} ({b.get('path') or 'bundled'})")
