@@ -5,6 +5,10 @@
 
 sends N concurrent non-streaming requests and prints one JSON line: each request's
 finish reason, or ``error:<code>``.
+
+    python -m tests.integration.netns_driver ... greedy MAX_TOKENS ID,ID,...
+
+sends one greedy request with those prompt token ids and prints its token ids as JSON.
 """
 
 from __future__ import annotations
@@ -30,18 +34,29 @@ async def burst(connect: str, curve: dict[str, bytes], count: int, max_tokens: i
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
+async def greedy(connect: str, curve: dict[str, bytes], max_tokens: int, ids: list[int]) -> list[int]:
+    """One greedy request by prompt token ids; its generated token ids."""
+    async with AsyncClient(connect, timeout_s=240, curve=curve) as client:
+        done = await client.generate(model="demo", prompt_tokens=ids, max_tokens=max_tokens)
+        return list(done.token_ids)
+
+
 def main() -> None:
     """Parse the arguments, run the burst, print its outcomes."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--connect", required=True)
     ap.add_argument("--curve-secret", required=True)
     ap.add_argument("--curve-server-key", required=True)
-    ap.add_argument("command", choices=["burst"])
-    ap.add_argument("count", type=int)
-    ap.add_argument("max_tokens", type=int)
+    ap.add_argument("command", choices=["burst", "greedy"])
+    ap.add_argument("count", type=int, help="burst: how many requests; greedy: max_tokens")
+    ap.add_argument("max_tokens", help="burst: max_tokens; greedy: the prompt's token ids, comma-separated")
     args = ap.parse_args()
     curve = load_client_keys(args.curve_secret, args.curve_server_key)
-    print(json.dumps(asyncio.run(burst(args.connect, curve, args.count, args.max_tokens))), flush=True)
+    if args.command == "greedy":
+        ids = [int(t) for t in args.max_tokens.split(",")]
+        print(json.dumps(asyncio.run(greedy(args.connect, curve, args.count, ids))), flush=True)
+        return
+    print(json.dumps(asyncio.run(burst(args.connect, curve, args.count, int(args.max_tokens)))), flush=True)
 
 
 if __name__ == "__main__":

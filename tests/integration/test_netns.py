@@ -10,6 +10,13 @@ link goes down; the broker declares W1 dead after the heartbeat liveness and
 requeues W1's unstarted-output requests onto W2, so every request still
 completes; the fleet serves new requests meanwhile; the link comes back and W1
 registers again and serves.
+
+A second scenario puts a sharded group across machines: namespaces ``R0`` and
+``R1`` on one bridge with the broker's namespace, each running its own rank of
+demo-small (``mlx-fleet worker --shards 2 --hostfile hosts.json --rank R``) over
+MLX's ring backend. The group serves greedy tokens exactly as in-process mlx_lm
+does; kill -9 of rank 1 brings the group down, each machine restarts its rank,
+and the group forms again and serves.
 """
 
 from __future__ import annotations
@@ -191,6 +198,109 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
                         prefix=net.exec(net.broker), timeout_s=120)
             assert again.returncode == 0, again.stderr
         assert workers()["w1"]["served"] >= 1
+    finally:
+        for p in reversed(procs):
+            stop = getattr(p, "stop", None)
+            if stop is not None:
+                stop()
+            elif p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        net.destroy()
+
+
+class GroupNetwork:
+    """The broker's namespace and two rank namespaces on one bridge (10.78.0.0/24), named after this process."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.broker, self.ranks = f"mlxg{tag}b", [f"mlxg{tag}r0", f"mlxg{tag}r1"]
+        self.bridge = f"br{tag}"
+        self.ips = ["10.78.0.2", "10.78.0.3"]
+        self.made: list[str] = []
+
+    def create(self) -> None:
+        """Namespaces with loopback up, a bridge in the broker's, and a veth from it to each rank's."""
+        for ns in (self.broker, *self.ranks):
+            ip("netns", "add", ns)
+            self.made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", self.broker, "link", "add", self.bridge, "type", "bridge")
+        ip("-n", self.broker, "addr", "add", "10.78.0.1/24", "dev", self.bridge)
+        ip("-n", self.broker, "link", "set", self.bridge, "up")
+        for i, (ns, addr) in enumerate(zip(self.ranks, self.ips)):
+            b_end, r_end = f"mg{os.getpid() % 100000}b{i}", f"mg{os.getpid() % 100000}r{i}"
+            ip("link", "add", b_end, "netns", self.broker, "type", "veth", "peer", "name", r_end, "netns", ns)
+            ip("-n", self.broker, "link", "set", b_end, "master", self.bridge)
+            ip("-n", self.broker, "link", "set", b_end, "up")
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", r_end)
+            ip("-n", ns, "link", "set", r_end, "up")
+
+    def destroy(self) -> None:
+        """Delete the namespaces (the bridge and veth pairs go with them)."""
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self.made.clear()
+
+
+def test_a_sharded_group_across_two_machines_serves_and_reforms_after_a_rank_dies(tmp_path: Path):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from tests.integration.fleetutil import greedy_reference
+    from workers.demo_model import ensure_demo_model
+    from workers.engine import load_model
+
+    keys = make_keys(tmp_path / "keys")
+    curve = ["--curve-secret", str(keys["client"][1]), "--curve-server-key", str(keys["broker"][0])]
+    net = GroupNetwork()
+    procs: list[Any] = []
+    try:
+        net.create()
+        procs.append(subprocess.Popen([*Network.exec(net.broker), sys.executable, "-m", "fleet", "up", "--config",
+                                       str(write_broker_config(tmp_path / "fleet.toml", keys))], cwd=ROOT,
+                                      stdout=open(tmp_path / "broker.log", "wb"), stderr=subprocess.STDOUT))
+
+        def group() -> dict[str, Any] | None:
+            done = cli("status", "--json", "--connect", FRONTEND, *curve, "--timeout", "3",
+                       prefix=Network.exec(net.broker), timeout_s=30)
+            rows = json.loads(done.stdout)["models"]["demo"]["workers"] if done.returncode == 0 else []
+            return next((r for r in rows if r["worker_id"] == "g" and r["state"] == "ready"), None)
+
+        def greedy(ids: list[int]) -> list[int]:
+            done = subprocess.run([*Network.exec(net.broker), sys.executable, "-m", "tests.integration.netns_driver",
+                                   "--connect", FRONTEND, *curve, "greedy", "24", ",".join(map(str, ids))],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        hosts = tmp_path / "hosts.json"
+        hosts.write_text(json.dumps({"backend": "ring", "hosts": [{"ssh": f"r{i}", "ips": [a]}
+                                                                  for i, a in enumerate(net.ips)]}))
+        conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=HEARTBEAT_S, heartbeat_liveness=LIVENESS,
+                                   restart_backoff_s=0.2)
+        for rank in (1, 0):
+            w = WorkerProcess("--connect", f"tcp://10.78.0.1:{BACKEND_PORT}", "--model", "demo=demo-small",
+                              "--worker-id", "g", "--shards", "2", "--hostfile", str(hosts), "--rank", str(rank),
+                              "--config", str(conf), "--curve-secret", str(keys["worker"][1]),
+                              "--curve-server-key", str(keys["broker"][0]), prefix=Network.exec(net.ranks[rank]),
+                              log_path=tmp_path / f"rank{rank}.log")
+            procs.append(w.__enter__())
+        first = wait_for(group, 120, "the two-rank group to register (see rank0.log, rank1.log)")
+        assert [r["rank"] for r in first["ranks"]] == [0, 1] and first["info"]["shard_mode"] == "tensor"
+        model, tokenizer = load_model(str(ensure_demo_model("demo-small")))
+        ids = tokenizer.encode("Once upon a time")
+        assert greedy(ids) == greedy_reference(model, tokenizer, ids, 24)[0]
+
+        subprocess.run(["kill", "-9", str(first["ranks"][1]["pid"])], check=True, timeout=10)
+        again = wait_for(lambda: (lambda g: g if g and g["pid"] != first["pid"] else None)(group()), 120,
+                         "the group to form again on both machines")
+        assert again["ranks"][1]["pid"] != first["ranks"][1]["pid"]
+        assert greedy(ids) == greedy_reference(model, tokenizer, ids, 24)[0]
     finally:
         for p in reversed(procs):
             stop = getattr(p, "stop", None)

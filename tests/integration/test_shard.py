@@ -10,6 +10,7 @@ fleet: a ``shards = 2`` replica answers greedy requests exactly as in-process ml
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import signal
@@ -276,3 +277,34 @@ def test_kill9_follower_under_load_restarts_the_group(mt):
     finally:
         raw.close()
         f.stop()
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def test_a_group_started_by_mlx_launch_from_a_hostfile_joins_and_serves(tmp_path, mt):
+    from broker.client import Client
+    from tests.integration.clusterutil import WorkerProcess, workers_of, write_worker_config
+    from tests.integration.fleetutil import free_tcp_port, start_fleet
+
+    fleet = start_fleet(transport="tcp", models=(("remote", MODEL, 0),), heartbeat_interval_s=0.3)
+    conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=0.3)
+    hosts = tmp_path / "hosts.json"  # both ranks on this machine: mlx.launch runs 127.0.0.1 without ssh
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]))
+    port = free_tcp_port()
+    try:
+        with WorkerProcess("--connect", fleet.cfg.backend, "--model", f"remote={MODEL}", "--worker-id", "sw",
+                           "--shards", "2", "--hostfile", str(hosts), "--ring-port", str(port), "--config", str(conf),
+                           log_path=tmp_path / "w.log") as launcher, Client(fleet.cfg.frontend, timeout_s=120) as client:
+            row = wait_for(lambda: workers_of(client, "remote").get("sw"), timeout_s=120,
+                           what="the group to register (see w.log)")
+            pids = [r["pid"] for r in row["ranks"]]
+            assert len(set(pids)) == 2 and launcher.proc.pid not in pids and row["pid"] == pids[0]
+            ids = mt[1].encode(PROMPTS[1])
+            done = client.generate(model="remote", prompt_tokens=ids, max_tokens=24)
+            assert done.token_ids == greedy_reference(*mt, ids, 24)[0]
+            assert launcher.stop() == 0, launcher.log()
+            wait_for(lambda: "sw" not in workers_of(client, "remote"), timeout_s=20, what="the group to leave")
+            for pid in pids:
+                wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=20, what=f"rank pid {pid} to exit")
+    finally:
+        fleet.stop()
