@@ -235,7 +235,7 @@ def test_kill9_follower_under_load_restarts_the_group(mt):
         tracker = Tracker(raw, rids)
         for i, rid in enumerate(rids):
             raw.send({"type": "generate", "request_id": rid, "model": "s", "prompt": f"Request {rid}: a story",
-                      "max_tokens": 400, "stream": i % 2 == 0})
+                      "max_tokens": 160, "stream": i % 2 == 0})
 
         def streaming() -> bool:
             tracker.pump()
@@ -274,6 +274,26 @@ def test_kill9_follower_under_load_restarts_the_group(mt):
         ids = mt[1].encode(PROMPTS[0])
         after, ends = stream_all(raw, {"after": ids}, 24)
         assert ends["after"]["type"] == "done" and after["after"] == greedy_reference(*mt, ids, 24)[0]
+
+        # A follower that stops answering (SIGSTOP: alive, making no progress) leaves rank 0 waiting in a
+        # collective; the followers' missing beats end rank 0, and the group is replaced again.
+        stopped_pid = new["ranks"][1]["pid"]
+        tracker.add("hang")
+        raw.send({"type": "generate", "request_id": "hang", "model": "s", "prompt": "a long story", "max_tokens": 2000,
+                  "stream": True})
+        def hang_streaming() -> bool:
+            tracker.pump()
+            return tracker.chunks["hang"] > 0
+
+        wait_for(hang_streaming, timeout_s=30, what="the stream to start")
+        os.kill(stopped_pid, signal.SIGSTOP)
+        wait_for(all_answered, timeout_s=60, what="a reply to the stream held by the stopped rank")
+        assert [m.get("code") for m in tracker.terminals["hang"]] == ["worker_lost"]
+        third = wait_for(lambda: (lambda r: r if r and r["state"] == "ready" and r["pid"] != new["pid"] else None)(
+            worker_row(fleet_status(addr), "s-0")), timeout_s=120, what="the group to be replaced after the stall")
+        assert third["ranks"][1]["pid"] != stopped_pid
+        after, ends = stream_all(raw, {"after2": ids}, 24)
+        assert ends["after2"]["type"] == "done" and after["after2"] == greedy_reference(*mt, ids, 24)[0]
     finally:
         raw.close()
         f.stop()
