@@ -72,8 +72,8 @@ class SupervisorState(Message):
     """What the supervisor runs.
 
     ``children``: one map per child process (name, kind, worker_id, model, pid,
-    alive, restarts, gave_up, last_exit, exited_pids, next_start_in_s);
-    ``models``: name, source, replicas, on_demand, idle_unload_s; ``memory``:
+    alive, restarts, gave_up, last_exit, exited_pids, next_start_in_s; ranks for a
+    sharded group); ``models``: name, source, replicas, on_demand, idle_unload_s, shards; ``memory``:
     budget_bytes, loaded_bytes. Lists, not maps: msgpack maps are bounded to 64 keys.
     """
 

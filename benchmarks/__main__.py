@@ -47,6 +47,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("overhead", "benchmarks.overhead", "per-request serving overhead against in-process mlx-lm, sequential", "overhead"),
     Command("concurrency", "benchmarks.concurrency", "1-32 clients: batching policies against mlx_lm.server", "concurrency"),
     Command("replicas", "benchmarks.replicas", "1 against 2 replicas of one model", "replicas"),
+    Command("shards", "benchmarks.shards", "one replica sharded over 2 ranks against unsharded, 1 and 8 clients", "shards"),
     Command("engine-step", "benchmarks.engine_step", "decode-step time by batch size, cost of admitting prompts", "engine_step"),
     Command("prefill-step", "benchmarks.prefill_step", "prefill_step_size 128/256/512: throughput and TTFT with long prompts in the mix", "prefill_step"),
     Command("prompt-cache", "benchmarks.prompt_cache", "multi-turn chat with and without the prompt cache, and mlx_lm.server", "prompt_cache"),

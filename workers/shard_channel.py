@@ -53,6 +53,7 @@ REQUEST_FIELDS: dict[str, tuple[type, ...]] = {
     "top_p": (float, int), "top_k": (int,), "seed": (int, type(None)), "stop": (list,), "cache": (bool,),
 }
 MAX_PENDING_STEPS = 10_000  # own step digests kept until every follower reported them
+CLOSE_GRACE_S = 2.0  # a follower that lost rank 0's connection waits this long for a "close" it may not have read
 
 
 class GroupLost(RuntimeError):
@@ -327,6 +328,9 @@ class GroupWatch(threading.Thread):
                         self.tracker.beat(msg[1])
         if self.monitor is not None and self.monitor in ready:
             self.monitor.recv_multipart()
+            # A clean close drops the connection too, right after its "close" op: give the loop time to read it.
+            if self.stopping.wait(CLOSE_GRACE_S):
+                return ""
             return "the connection to rank 0 dropped"
         return ""
 
