@@ -216,6 +216,11 @@ class ShardedEngine:
         return self.engine.free_slots
 
     @property
+    def cache_stats(self) -> Any:
+        """Rank 0's prompt-cache figures (the followers' caches hold the same entries)."""
+        return self.engine.cache_stats
+
+    @property
     def stats(self) -> "GroupStats":
         """Rank 0's step figures, plus ``shard_checked_steps`` in ``as_dict``."""
         return GroupStats(self.engine.stats, self.ledger)
