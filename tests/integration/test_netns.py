@@ -112,6 +112,21 @@ class Network:
         return ["ip", "netns", "exec", ns]
 
 
+def stop_all(procs: list[Any]) -> None:
+    """Stop what a test started, newest first: workers say goodbye, other processes get SIGTERM then SIGKILL."""
+    for p in reversed(procs):
+        stop = getattr(p, "stop", None)
+        if stop is not None:
+            stop()
+        elif p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
 def write_broker_config(path: Path, keys: dict[str, tuple[Path, Path]]) -> Path:
     path.write_text(f"""
 frontend = "{FRONTEND}"
@@ -199,17 +214,7 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
             assert again.returncode == 0, again.stderr
         assert workers()["w1"]["served"] >= 1
     finally:
-        for p in reversed(procs):
-            stop = getattr(p, "stop", None)
-            if stop is not None:
-                stop()
-            elif p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+        stop_all(procs)
         net.destroy()
 
 
@@ -302,15 +307,5 @@ def test_a_sharded_group_across_two_machines_serves_and_reforms_after_a_rank_die
         assert again["ranks"][1]["pid"] != first["ranks"][1]["pid"]
         assert greedy(ids) == greedy_reference(model, tokenizer, ids, 24)[0]
     finally:
-        for p in reversed(procs):
-            stop = getattr(p, "stop", None)
-            if stop is not None:
-                stop()
-            elif p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+        stop_all(procs)
         net.destroy()

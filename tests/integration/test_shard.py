@@ -185,10 +185,15 @@ def stream_all(raw: RawClient, reqs: dict[str, list[int]], max_tokens: int, *, c
     return ids, ends
 
 
+def prompts_and_references(mt: tuple[Any, Any], prefix: str, max_tokens: int) -> tuple[dict[str, list[int]],
+                                                                                      dict[str, list[int]]]:
+    """PROMPTS as token ids under ids ``<prefix><i>``, and in-process mlx_lm's greedy tokens for each."""
+    prompts = {f"{prefix}{i}": mt[1].encode(p) for i, p in enumerate(PROMPTS)}
+    return prompts, {rid: greedy_reference(*mt, ids, max_tokens)[0] for rid, ids in prompts.items()}
+
+
 def test_solo_and_batch_are_token_for_token_mlx_lm(fleet, mt):
-    tok = mt[1]
-    prompts = {f"q{i}": tok.encode(p) for i, p in enumerate(PROMPTS)}
-    refs = {rid: greedy_reference(*mt, ids, 32)[0] for rid, ids in prompts.items()}
+    prompts, refs = prompts_and_references(mt, "q", 32)
     raw = RawClient(fleet.cfg.frontend)
     try:
         ids, ends = stream_all(raw, {"solo": prompts["q0"]}, 32)
@@ -210,9 +215,7 @@ def test_solo_and_batch_are_token_for_token_mlx_lm(fleet, mt):
 
 
 def test_a_request_cancelled_mid_stream_leaves_the_others_exact(fleet, mt):
-    tok = mt[1]
-    prompts = {f"k{i}": tok.encode(p) for i, p in enumerate(PROMPTS)}
-    refs = {rid: greedy_reference(*mt, ids, 40)[0] for rid, ids in prompts.items()}
+    prompts, refs = prompts_and_references(mt, "k", 40)
     raw = RawClient(fleet.cfg.frontend)
     try:
         ids, ends = stream_all(raw, prompts, 40, cancel="k1", cancel_after=4)

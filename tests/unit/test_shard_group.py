@@ -16,31 +16,10 @@ from actors.model_manager import budget_verdict, per_rank_bytes
 from actors.shard_group import (
     ProcessGroup, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_env, ring_from_hosts, split_addr,
 )
+from tests.unit.test_supervisor import FakeProcess
 from workers.shard_channel import BeatTracker, GroupLost, OpError, StallCheck, StepLedger, check_op, pack, unpack
 
 RING = (("127.0.0.1:4000",), ("127.0.0.1:4001",))
-
-
-class FakeRank:
-    """A rank process: alive until it exits or is killed."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.exitcode: int | None = None
-        self.signals: list[str] = []
-
-    def is_alive(self) -> bool:
-        return self.exitcode is None
-
-    def terminate(self) -> None:
-        self.signals.append("TERM")
-
-    def kill(self) -> None:
-        self.signals.append("KILL")
-        self.exitcode = -9
-
-    def join(self, timeout: float | None = None) -> None:
-        pass
 
 
 # ---- the ring ---------------------------------------------------------------------------------
@@ -125,7 +104,7 @@ def test_the_ring_environment_round_trips(tmp_path: Path) -> None:
 # ---- the group as one process ---------------------------------------------------------------------
 
 def test_a_group_is_one_process_that_dies_whole() -> None:
-    ranks = [FakeRank(10), FakeRank(11), FakeRank(12)]
+    ranks = [FakeProcess(10), FakeProcess(11), FakeProcess(12)]
     group = ProcessGroup(ranks, host="h")
     assert group.pid == 10 and group.is_alive() and group.exitcode is None
     assert group.view() == [{"rank": 0, "pid": 10, "host": "h"}, {"rank": 1, "pid": 11, "host": "h"},
@@ -137,7 +116,7 @@ def test_a_group_is_one_process_that_dies_whole() -> None:
 
 
 def test_terminating_a_group_asks_rank_0_and_kill_ends_every_rank() -> None:
-    ranks = [FakeRank(10), FakeRank(11)]
+    ranks = [FakeProcess(10), FakeProcess(11)]
     group = ProcessGroup(ranks)
     group.terminate()
     assert ranks[0].signals == ["TERM"] and ranks[1].signals == []  # rank 0 closes the group itself
@@ -262,7 +241,7 @@ def test_a_sharded_replica_is_one_child_with_its_ranks_in_the_view() -> None:
     from actors.children import ChildSpec, Children, WorkerSpec
     from actors.model_manager import ModelManager
 
-    ranks = [FakeRank(20), FakeRank(21)]
+    ranks = [FakeProcess(20), FakeProcess(21)]
     children = Children(lambda spec: ProcessGroup(ranks, host="h"), FakeClock())
     cfg = dataclasses.replace(FleetConfig(), models=(ModelSpec("a", "demo", 1, shards=2),), memory_budget_bytes=1500)
     manager = ModelManager(cfg, children, check_source=lambda s: None, weights_bytes=lambda s: 1000)
