@@ -20,9 +20,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any, Callable
 
@@ -84,10 +86,12 @@ def ranks_of(ring: tuple[tuple[str, ...], ...], ranks: Any, bounds: dict[str, An
 
 def supervise(settings: WorkerSettings, cfg: FleetConfig, make_ranks: Callable[[], list[ShardRank]]) -> int:
     """Run the ranks ``make_ranks`` names as one restartable process until SIGINT/SIGTERM."""
+    ring_dir = tempfile.mkdtemp(prefix="mlxf-ring-")  # the ranks' MLX_HOSTFILE files; removed at the end
+
     def launch(_: ChildSpec) -> ProcessGroup:
         ranks = make_ranks()
-        procs = [spawn_child(f"{settings.worker_id}/rank{r.rank}", run_rank, (dataclasses.replace(settings, shard=r),))
-                 for r in ranks]
+        procs = [spawn_child(f"{settings.worker_id}/rank{r.rank}", run_rank,
+                             (dataclasses.replace(settings, shard=r), ring_dir)) for r in ranks]
         log.info("started rank(s) %s of %d: pids %s", ", ".join(str(r.rank) for r in ranks), ranks[0].size,
                  ", ".join(str(p.pid) for p in procs))
         return ProcessGroup(procs)
@@ -108,6 +112,7 @@ def supervise(settings: WorkerSettings, cfg: FleetConfig, make_ranks: Callable[[
                 return 1
     finally:
         children.stop([child], cfg.drain_timeout_s + 10.0)
+        shutil.rmtree(ring_dir, ignore_errors=True)
     return 0
 
 

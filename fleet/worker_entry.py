@@ -42,7 +42,7 @@ def run_local_worker(spec: WorkerSpec, cfg: FleetConfig) -> None:
     run_worker(local_worker_settings(spec, cfg))
 
 
-def run_rank(settings: WorkerSettings, *, ring_dir: str | None = None) -> None:
+def run_rank(settings: WorkerSettings, ring_dir: str | None = None) -> None:
     """Run one rank of a sharded group in this process: rank 0 is the worker, the others follow.
 
     Sets the environment ``mlx.launch`` would (``MLX_RANK``, ``MLX_HOSTFILE``) first, unless this
@@ -71,4 +71,4 @@ def share_cores(ranks_here: int) -> None:
 def run_local_rank(spec: WorkerSpec, cfg: FleetConfig, shard: ShardRank) -> None:
     """Process entry point of one rank of a sharded worker group the supervisor runs (all ranks here)."""
     share_cores(shard.size)
-    run_rank(dataclasses.replace(local_worker_settings(spec, cfg), shard=shard), ring_dir=cfg.runtime_dir or None)
+    run_rank(dataclasses.replace(local_worker_settings(spec, cfg), shard=shard), cfg.runtime_dir or None)

@@ -50,9 +50,9 @@ def one_blas_thread(monkeypatch):
 
 # ---- the engines alone -------------------------------------------------------------------
 
-def lockstep_rank(rank: int, ring: Any, out: Any) -> None:
+def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
     """One rank: rank 0 runs the script through a ShardedEngine, rank 1 applies what it is sent."""
-    os.environ.update(ring_env(ShardRank(rank, ring)))
+    os.environ.update(ring_env(ShardRank(rank, ring), folder))
     import zmq
 
     from workers.blas import find_blas, preload_blas
@@ -111,11 +111,11 @@ def run_script(engine: Any, events: list[list[Any]]) -> None:
     steps(200)
 
 
-def test_followers_apply_the_same_ops_and_produce_the_same_tokens(mt):
+def test_followers_apply_the_same_ops_and_produce_the_same_tokens(mt, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     ring = local_ring(2)
-    procs = [ctx.Process(target=lockstep_rank, args=(r, ring, out)) for r in range(2)]
+    procs = [ctx.Process(target=lockstep_rank, args=(r, ring, out, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     try:

@@ -266,3 +266,29 @@ def test_status_shows_a_group_as_one_replica_with_its_ranks() -> None:
     lines = format_status(status).splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.split() and ln.split()[0] == "big-0")
     assert lines[at + 1].split() == ["ranks:", "0", "pid", "11", "on", "h1,", "1", "pid", "12", "on", "h2"]
+
+
+@pytest.mark.parametrize(("argv", "env", "needle"), [
+    (["--shards", "2", "--rank", "1"], {}, "--rank needs --hostfile"),
+    (["--hostfile", "HOSTS"], {}, "a sharded group: add --shards N"),
+    (["--shards", "3", "--hostfile", "HOSTS"], {}, "lists 2 hosts"),
+    (["--shards", "2", "--hostfile", "HOSTS", "--rank", "2"], {}, "expected 0..1"),
+    (["--shards", "3"], {"MLX_RANK": "0", "MLX_HOSTFILE": "RING"}, "started a group of 2"),
+    (["--shards", "2", "--shard-mode", "data"], {}, "invalid choice"),
+])
+def test_the_worker_command_refuses_a_group_it_cannot_form(tmp_path: Path, monkeypatch, capsys, argv: list[str],
+                                                           env: dict[str, str], needle: str) -> None:
+    from fleet.cli import main
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]))
+    ring = tmp_path / "ring.json"
+    ring.write_text(json.dumps([["127.0.0.1:1"], ["127.0.0.1:2"]]))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.replace("RING", str(ring)))
+    argv = [a.replace("HOSTS", str(hosts)) for a in argv]
+    try:
+        code = main(["worker", "--connect", "ipc:///nowhere", "--model", "m=demo", *argv])
+    except SystemExit as exc:  # argparse refuses a bad choice
+        code = exc.code
+    assert code == 2 and needle in capsys.readouterr().err
