@@ -10,7 +10,7 @@ import sys
 import uuid
 from typing import Any
 
-from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, check_shards, load_config, parse_model_arg
+from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
 from actors.protocol import DEFAULT_CONNECT
 from actors.shard_group import RING_STARTING_PORT, SHARD_MODES
 from fleet.cli_cluster import add_client_options, add_cluster_commands, client_curve
@@ -145,6 +145,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level, "dtype": args.dtype})
     name, source = parse_model_arg(args.model)
+    plan = None
+    if args.shards > 1 or args.hostfile or args.rank is not None:
+        from fleet.shard_worker import plan_group
+
+        plan = plan_group(args, cfg)  # refuses a group it cannot form before anything starts
     worker_id = args.worker_id or f"{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     setup_logging(cfg.log_level, f"worker:{worker_id}")
     curve = {"curve_secret": args.curve_secret or cfg.curve_client_secret,
@@ -153,13 +158,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError("--curve-secret and --curve-server-key go together")
     settings = worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
                                batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype)
-    if args.shards > 1 or args.hostfile or args.rank is not None:
+    if plan is not None:
         from fleet.shard_worker import run_sharded_worker
 
-        check_shards(args.shards, args.shard_mode, "--shards/--shard-mode")
-        if args.shards < 2:
-            raise ConfigError("--hostfile and --rank are for a sharded group: add --shards N (N >= 2)")
-        return run_sharded_worker(args, settings, cfg)
+        return run_sharded_worker(plan, args, settings, cfg)
     run_worker(settings)
     return 0
 

@@ -26,13 +26,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from actors.children import WORKER, ChildSpec, Children, RestartPolicy, WorkerSpec
 from actors.clock import MonotonicClock
-from actors.config import ConfigError, FleetConfig
+from actors.config import ConfigError, FleetConfig, check_shards
 from actors.proc import die_with_parent, spawn_child
-from actors.shard_group import ProcessGroup, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_from_hosts
+from actors.shard_group import (
+    ProcessGroup, Ring, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_from_hosts,
+)
 from fleet.worker_entry import run_rank, share_cores
 from workers.worker import WorkerSettings
 
@@ -47,39 +50,60 @@ def shard_bounds(cfg: FleetConfig, mode: str) -> dict[str, Any]:
             "beat_timeout_s": 2 * cfg.heartbeat_interval_s * cfg.heartbeat_liveness}
 
 
-def run_sharded_worker(args: argparse.Namespace, settings: WorkerSettings, cfg: FleetConfig) -> int:
-    """Run the group (or this machine's part of it) until stopped; the exit status."""
+@dataclass(frozen=True)
+class GroupPlan:
+    """Which of the four ways runs the group (see the module doc), checked before anything starts."""
+
+    bounds: dict[str, Any]
+    from_env: ShardRank | None = None  # under mlx.launch: this process is that rank
+    ring: Ring | None = None  # from the hostfile; None: a fresh loopback ring per start
+    rank: int | None = None  # --rank: this machine's rank only
+    launch: bool = False  # --hostfile without --rank: mlx.launch starts every rank
+
+
+def plan_group(args: argparse.Namespace, cfg: FleetConfig) -> GroupPlan:
+    """How to run ``--shards N`` with these flags; ConfigError naming the flag that cannot work."""
+    check_shards(args.shards, args.shard_mode, "--shards/--shard-mode")
+    if args.shards < 2:
+        raise ConfigError("--hostfile and --rank are for a sharded group: add --shards N (N >= 2)")
     bounds = shard_bounds(cfg, args.shard_mode)
     try:
         from_env = rank_from_env(os.environ, **bounds)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if from_env is not None:
-        if from_env.size != args.shards:
-            raise ConfigError(f"--shards {args.shards}, but mlx.launch started a group of {from_env.size}")
-        die_with_parent()
-        run_rank(dataclasses.replace(settings, shard=from_env))
-        return 0
-    if not args.hostfile:
-        if args.rank is not None:
-            raise ConfigError("--rank needs --hostfile (the hosts of every rank)")
-        share_cores(args.shards)  # the ranks' processes inherit it
-        return supervise(settings, cfg, lambda: ranks_of(local_ring(args.shards), range(args.shards), bounds))
-    try:
+        if from_env is not None:
+            if from_env.size != args.shards:
+                raise ConfigError(f"--shards {args.shards}, but mlx.launch started a group of {from_env.size}")
+            return GroupPlan(bounds, from_env=from_env)
+        if not args.hostfile:
+            if args.rank is not None:
+                raise ConfigError("--rank needs --hostfile (the hosts of every rank)")
+            return GroupPlan(bounds)
         hosts = read_launch_hostfile(args.hostfile)
         ring = ring_from_hosts([ips for _, ips in hosts], starting_port=args.ring_port)
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError is one too
         raise ConfigError(str(exc)) from None
     if len(hosts) != args.shards:
         raise ConfigError(f"--shards {args.shards}, but {args.hostfile} lists {len(hosts)} hosts (one per rank)")
-    if args.rank is None:
-        return launch_everywhere(args, settings, cfg)
-    if not 0 <= args.rank < args.shards:
+    if args.rank is not None and not 0 <= args.rank < args.shards:
         raise ConfigError(f"--rank {args.rank}: expected 0..{args.shards - 1}")
-    return supervise(settings, cfg, lambda: ranks_of(ring, [args.rank], bounds))
+    return GroupPlan(bounds, ring=ring, rank=args.rank, launch=args.rank is None)
 
 
-def ranks_of(ring: tuple[tuple[str, ...], ...], ranks: Any, bounds: dict[str, Any]) -> list[ShardRank]:
+def run_sharded_worker(plan: GroupPlan, args: argparse.Namespace, settings: WorkerSettings, cfg: FleetConfig) -> int:
+    """Run the group (or this machine's part of it) as ``plan`` says, until stopped; the exit status."""
+    if plan.from_env is not None:
+        die_with_parent()
+        run_rank(dataclasses.replace(settings, shard=plan.from_env))
+        return 0
+    if plan.launch:
+        return launch_everywhere(args, settings, cfg)
+    if plan.ring is not None and plan.rank is not None:
+        ring, rank = plan.ring, plan.rank
+        return supervise(settings, cfg, lambda: ranks_of(ring, [rank], plan.bounds))
+    share_cores(args.shards)  # the ranks' processes inherit it
+    return supervise(settings, cfg, lambda: ranks_of(local_ring(args.shards), range(args.shards), plan.bounds))
+
+
+def ranks_of(ring: Ring, ranks: Any, bounds: dict[str, Any]) -> list[ShardRank]:
     """The ShardRanks of ``ranks`` on ``ring``."""
     return [ShardRank(r, ring, **bounds) for r in ranks]
 
