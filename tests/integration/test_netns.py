@@ -256,7 +256,7 @@ def test_a_sharded_group_across_two_machines_serves_and_reforms_after_a_rank_die
     reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
-    from tests.integration.fleetutil import greedy_reference
+    from tests.integration.reference import greedy_reference
     from workers.demo_model import ensure_demo_model
     from workers.engine import load_model
 
@@ -286,7 +286,7 @@ def test_a_sharded_group_across_two_machines_serves_and_reforms_after_a_rank_die
         hosts = tmp_path / "hosts.json"
         hosts.write_text(json.dumps({"backend": "ring", "hosts": [{"ssh": f"r{i}", "ips": [a]}
                                                                   for i, a in enumerate(net.ips)]}))
-        conf = write_worker_config(tmp_path / "w.toml", heartbeat_interval_s=HEARTBEAT_S, heartbeat_liveness=LIVENESS,
+        conf = write_config(tmp_path / "w.toml", heartbeat_interval_s=HEARTBEAT_S, heartbeat_liveness=LIVENESS,
                                    restart_backoff_s=0.2)
         for rank in (1, 0):
             w = WorkerProcess("--connect", f"tcp://10.78.0.1:{BACKEND_PORT}", "--model", "demo=demo-small",
