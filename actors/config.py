@@ -372,6 +372,14 @@ def check_shards(shards: int, mode: str, what: str) -> None:
         raise ConfigError(f"{what}: shard_mode must be one of {', '.join(SHARD_MODES)}, got {mode!r}")
 
 
+def shard_bounds(cfg: FleetConfig, mode: str) -> dict[str, Any]:
+    """A sharded group's mode and bounds from the fleet's settings (``ShardRank``'s keywords, actors/shard_group.py):
+    an engine operation past ``hung_step_s`` is a hung rank, forming the group has ``ready_timeout_s``, and rank 0
+    waits twice the heartbeat liveness for a follower's beat."""
+    return {"mode": mode, "op_timeout_s": cfg.hung_step_s, "start_timeout_s": cfg.ready_timeout_s,
+            "beat_timeout_s": 2 * cfg.heartbeat_interval_s * cfg.heartbeat_liveness}
+
+
 def check_dtype(value: Any, what: str) -> str:
     """``value`` if it is one of DTYPES; ConfigError naming ``what`` otherwise."""
     if value not in DTYPES:

@@ -13,6 +13,11 @@ process exits, and names workers it declared dead for silence or for no engine
 progress (``hung_step_s``): one still running ``hung_grace_s`` later is hung, and
 is killed and restarted.
 
+A sharded replica (``shards`` > 1) is one child whose process is a
+:class:`actors.shard_group.ProcessGroup`: its ranks, spawned together on a fresh
+loopback ring, counted as one replica, and killed and restarted together when any
+of them exits.
+
 With ``metrics_export`` on, the collector is a child too, started first. It is
 not on the serving path: start-up does not wait for it, and when it dies the
 others' metric events are dropped until it is back.
@@ -34,7 +39,7 @@ from typing import Any, Callable
 
 from actors.children import BROKER, COLLECTOR, GATEWAY, ChildSpec, Children, Launch, Process, RestartPolicy, WorkerSpec
 from actors.clock import Clock, MonotonicClock
-from actors.config import FleetConfig
+from actors.config import FleetConfig, shard_bounds
 from actors.control import SupervisorLink, SupervisorState, SupervisorStateAck, prepare_runtime
 from actors.curve import check_bind_policy
 from actors.metrics import EventSender, NullSender, events_addr, make_event_sender
@@ -130,9 +135,7 @@ class Supervisor:
         procs: list[Any] = []
         try:
             for rank in range(worker.shards):
-                shard = ShardRank(rank, ring, worker.shard_mode, op_timeout_s=cfg.hung_step_s,
-                                  start_timeout_s=cfg.ready_timeout_s,
-                                  beat_timeout_s=2 * cfg.heartbeat_interval_s * cfg.heartbeat_liveness)
+                shard = ShardRank(rank, ring, **shard_bounds(cfg, worker.shard_mode))
                 procs.append(spawn_child(f"{name}/rank{rank}", self.wiring.run_rank, (worker, cfg, shard)))
         except BaseException:
             for proc in procs:

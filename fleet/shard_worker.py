@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from actors.children import WORKER, ChildSpec, Children, RestartPolicy, WorkerSpec
 from actors.clock import MonotonicClock
-from actors.config import ConfigError, FleetConfig, check_shards
+from actors.config import ConfigError, FleetConfig, check_shards, shard_bounds
 from actors.proc import die_with_parent, spawn_child
 from actors.shard_group import (
     ProcessGroup, Ring, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_from_hosts,
@@ -42,12 +42,6 @@ from workers.worker import WorkerSettings
 log = logging.getLogger("mlx_fleet.worker")
 
 LOOP_S = 0.2  # how soon an exited rank is noticed
-
-
-def shard_bounds(cfg: FleetConfig, mode: str) -> dict[str, Any]:
-    """A group's mode and bounds from the fleet settings (see :class:`actors.shard_group.ShardRank`)."""
-    return {"mode": mode, "op_timeout_s": cfg.hung_step_s, "start_timeout_s": cfg.ready_timeout_s,
-            "beat_timeout_s": 2 * cfg.heartbeat_interval_s * cfg.heartbeat_liveness}
 
 
 @dataclass(frozen=True)

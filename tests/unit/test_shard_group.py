@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from actors.clock import FakeClock
-from actors.config import ConfigError, FleetConfig, ModelSpec, load_config
+from actors.config import ConfigError, FleetConfig, ModelSpec, load_config, shard_bounds
 from actors.model_manager import budget_verdict, per_rank_bytes
 from actors.shard_group import (
     ProcessGroup, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_env, ring_from_hosts, split_addr,
@@ -205,6 +205,13 @@ def test_the_ledger_checks_every_follower_on_every_step() -> None:
 
 
 # ---- config, budget, status -------------------------------------------------------------------------
+
+def test_a_groups_bounds_come_from_the_fleet_settings() -> None:
+    cfg = dataclasses.replace(FleetConfig(), hung_step_s=7.0, ready_timeout_s=90.0, heartbeat_interval_s=0.5,
+                              heartbeat_liveness=4)
+    rank = ShardRank(0, RING, **shard_bounds(cfg, "tensor"))
+    assert (rank.mode, rank.op_timeout_s, rank.start_timeout_s, rank.beat_timeout_s) == ("tensor", 7.0, 90.0, 4.0)
+
 
 def test_shards_come_from_toml_and_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"
