@@ -289,18 +289,24 @@ def test_step_failure_fails_every_running_request_and_the_session_goes_on() -> N
 # ---- cancel -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps_before, completion_tokens, ttft", [
-    (0, 0, None),  # waiting: never admitted
-    (2, 2, STEP_S),  # decoding: two tokens made
-])
-def test_session_cancel_ends_with_one_done_and_its_usage(steps_before: int, completion_tokens: int,
-                                                         ttft: float | None) -> None:
+def rig_with_one_request(steps_before: int) -> Rig:
+    """A session holding request ``b1`` (10 tokens): still waiting, or after ``steps_before`` steps."""
     rig = make_rig(policy="fixed", window_ms=5.0, fast_path=False)
     rig.dispatch("b1", queue_s=0.0, max_tokens=10)
     if steps_before:
         rig.clock.advance(0.005)
         for _ in range(steps_before):
             rig.turn()
+    return rig
+
+
+@pytest.mark.parametrize("steps_before, completion_tokens, ttft", [
+    (0, 0, None),  # waiting: never admitted
+    (2, 2, STEP_S),  # decoding: two tokens made
+])
+def test_session_cancel_ends_with_one_done_and_its_usage(steps_before: int, completion_tokens: int,
+                                                         ttft: float | None) -> None:
+    rig = rig_with_one_request(steps_before)
     out = rig.session.cancel("b1")
     done = maps(rig.take(out))[-1]
     assert done["type"] == "done" and done["finish_reason"] == "cancelled"
@@ -410,12 +416,7 @@ def test_each_finished_request_is_one_telemetry_event_and_steps_are_flushed_when
 @pytest.mark.parametrize("steps_before", [0, 2])
 def test_a_cancel_with_a_reason_stays_out_of_the_request_metrics(reason: str | None, counted: int,
                                                                   steps_before: int) -> None:
-    rig = make_rig(policy="fixed", window_ms=5.0, fast_path=False)
-    rig.dispatch("b1", queue_s=0.0, max_tokens=10)
-    if steps_before:
-        rig.clock.advance(0.005)
-        for _ in range(steps_before):
-            rig.turn()
+    rig = rig_with_one_request(steps_before)
     done = maps(rig.take(rig.session.cancel("b1", reason)))[-1]
     assert done["type"] == "done" and done["finish_reason"] == "cancelled"  # the broker still frees the slot
     assert len([e for e in rig.sender.events if e["type"] == "request"]) == counted
