@@ -196,7 +196,7 @@ def _type_name(hint: Any) -> str:
 
 def _check_bounds(msg: Message, limits: Limits, rid: str | None) -> None:
     """Semantic bounds of the messages that carry user input."""
-    for name in ("request_id", "model", "worker_id", "affinity"):
+    for name in ("request_id", "model", "worker_id", "affinity", "client_request_id"):
         value = getattr(msg, name, None)
         if isinstance(value, str) and len(value) > limits.max_id_chars:
             raise ProtocolError(BAD_REQUEST, f"{name} of {len(value)} characters exceeds max_id_chars="
