@@ -34,6 +34,8 @@ FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 # Why the broker cancels a request at its worker when the client did not ask (Cancel.reason).
 CANCEL_TIMEOUT = "timeout"
 CANCEL_CLIENT_GONE = "client_gone"
+CANCEL_BROKER_EXIT = "broker_exit"  # the broker shut down and failed it
+CANCEL_NOT_ADOPTED = "not_adopted"  # a row of a worker's table that a new broker could not take over
 PRIORITIES = ("urgent", "default", "background")
 # Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
