@@ -1,7 +1,8 @@
 """A raw pyzmq client that follows docs/protocol.md's recipe for a broker restart.
 
-Nothing here imports mlx-fleet. It carries many requests on one DEALER with its own
-routing id, watches the socket monitor, and when the connection drops:
+Nothing here imports mlx-fleet: it builds on :class:`tests.integration.clients.RawClient`.
+It carries many requests on one DEALER with its own routing id, watches the socket
+monitor, and when the connection drops:
 
 1. keeps every open request; one that has shown no output is sent again, unchanged
    but for ``resend: true``, once the monitor reports a new handshake;
@@ -14,15 +15,12 @@ routing id, watches the socket monitor, and when the connection drops:
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-TAG = b"MLXF1"
+from tests.integration.clients import RawClient
 
 
 @dataclass
@@ -46,30 +44,15 @@ class Request:
         return bool(self.chars or self.token_ids)
 
 
-class RecoveringClient:
-    """A DEALER, its monitor, and the requests it carries."""
+class RecoveringClient(RawClient):
+    """A :class:`RawClient` (its own routing id, a monitor) that carries its requests through a broker restart."""
 
     def __init__(self, addr: str, *, recover_s: float = 15.0) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().hex.encode())  # the same name across reconnects
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(addr)
+        super().__init__(addr)
         self.recover_s = recover_s
         self.requests: dict[str, Request] = {}
         self.drops = 0
         self.connected = False
-
-    def close(self) -> None:
-        """Close everything with linger 0."""
-        self.sock.disable_monitor()
-        self.monitor.close(0)
-        self.sock.close(0)
-        self.ctx.term()
-
-    def send(self, payload: dict[str, Any]) -> None:
-        self.sock.send_multipart([TAG, msgpack.packb(payload, use_bin_type=True)])
 
     def generate(self, request_id: str, **fields: Any) -> Request:
         """Send a generate and track it."""
@@ -86,12 +69,11 @@ class RecoveringClient:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
-        ready = dict(poller.poll(timeout_s * 1000.0))
-        while self.monitor.poll(0):
-            self._on_event(recv_monitor_message(self.monitor)["event"])
-        if self.sock in ready:
-            while self.sock.poll(0):
-                self._on_reply(msgpack.unpackb(self.sock.recv_multipart()[-1], raw=False))
+        poller.poll(timeout_s * 1000.0)
+        for event in self.read_events():
+            self._on_event(event)
+        while (msg := self.recv(0)) is not None:
+            self._on_reply(msg)
         now = time.monotonic()
         for req in self.open():
             if req.lost_at_s is not None and now - req.lost_at_s >= self.recover_s:
