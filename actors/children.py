@@ -2,7 +2,9 @@
 
 A child that exits is restarted with exponential backoff (``restart_backoff_s``
 doubling up to ``restart_backoff_max_s``; reset after a run of
-``restart_window_s``), at most ``restart_max`` times in ``restart_window_s``.
+``restart_stable_s``), at most ``restart_max`` times in ``restart_window_s``.
+A planned restart (:meth:`Children.hand_over`: SIGUSR1, the broker hands its work on
+and exits) starts the child again at once and does not count toward ``restart_max``.
 Past that it is given up on and stays in the registry, so `status` can show it.
 A retired child (its model was unloaded or went idle) leaves the registry at
 once: it gets SIGTERM, and SIGKILL if it still runs ``stop_grace_s`` later.
@@ -15,6 +17,8 @@ Unit tests give it fake processes and a fake clock.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -104,11 +108,13 @@ class RestartPolicy:
     backoff_max_s: float = 30.0
     window_s: float = 60.0
     max_restarts: int = 5
+    stable_s: float = 10.0  # a run this long resets the backoff
 
     @classmethod
     def from_config(cls, cfg: FleetConfig) -> "RestartPolicy":
         """The ``restart_*`` settings of a fleet."""
-        return cls(cfg.restart_backoff_s, cfg.restart_backoff_max_s, cfg.restart_window_s, cfg.restart_max)
+        return cls(cfg.restart_backoff_s, cfg.restart_backoff_max_s, cfg.restart_window_s, cfg.restart_max,
+                   cfg.restart_stable_s)
 
 
 @dataclass(eq=False)
@@ -125,6 +131,8 @@ class Child:
     last_exit: int | None = None
     started_at_s: float = 0.0
     exited_pids: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_EXITED_PIDS))
+    handover_deadline_s: float | None = None  # asked to hand over and exit (a planned restart): killed past this
+    planned_start: bool = False  # its next start is a planned restart's: not counted toward restart_max
 
     @property
     def name(self) -> str:
@@ -173,8 +181,9 @@ class Children:
     """Every child of one supervisor, in start order; the only code that starts or stops them."""
 
     def __init__(self, launch: Launch, clock: Clock, policy: RestartPolicy | None = None, *,
-                 stop_grace_s: float = STOP_GRACE_S) -> None:
+                 stop_grace_s: float = STOP_GRACE_S, send_signal: Callable[[int, int], None] = os.kill) -> None:
         self._launch = launch
+        self._send_signal = send_signal
         self.clock = clock
         self.policy = policy or RestartPolicy()
         self.stop_grace_s = stop_grace_s
@@ -236,6 +245,9 @@ class Children:
         now = self.clock.now()
         changed = []
         for child in self:
+            if child.alive and child.handover_deadline_s is not None and now >= child.handover_deadline_s:
+                log.warning("%s did not hand over within %.0fs; killing it", child.name, self.stop_grace_s)
+                self.kill(child)
             if child.gave_up or child.alive or child.process is None:
                 continue
             if child.last_exit is None:
@@ -247,7 +259,9 @@ class Children:
                 if child not in changed:
                     changed.append(child)
                 child.restarts += 1
-                child.restart_times_s.append(now)
+                if not child.planned_start:
+                    child.restart_times_s.append(now)
+                child.planned_start = False
                 child.last_exit = None
                 self.start(child.name)
         return changed
@@ -259,7 +273,12 @@ class Children:
         if child.process.pid is not None:
             child.exited_pids.append(child.process.pid)
         policy = self.policy
-        if now_s - child.started_at_s >= policy.window_s:
+        if child.handover_deadline_s is not None:
+            child.handover_deadline_s = None
+            child.next_start_s, child.planned_start = now_s, True  # asked for: back at once, not a crash
+            log.info("%s handed over (exit code %s); starting it again", child.name, child.last_exit)
+            return
+        if now_s - child.started_at_s >= min(policy.stable_s, policy.window_s):
             child.backoff_s = policy.backoff_s  # it had been stable: start the backoff over
         child.restart_times_s = [t for t in child.restart_times_s if now_s - t < policy.window_s]
         if len(child.restart_times_s) >= policy.max_restarts:
@@ -270,6 +289,15 @@ class Children:
         child.next_start_s = now_s + child.backoff_s
         log.warning("%s exited with code %s; restarting in %.1fs", child.name, child.last_exit, child.backoff_s)
         child.backoff_s = min(child.backoff_s * 2, policy.backoff_max_s)
+
+    def hand_over(self, name: str) -> bool:
+        """A planned restart: ask child ``name`` (SIGUSR1) to hand its work on and exit; True if asked."""
+        child = self._children.get(name)
+        if child is None or not child.alive or child.pid is None or child.handover_deadline_s is not None:
+            return False
+        self._send_signal(child.pid, signal.SIGUSR1)
+        child.handover_deadline_s = self.clock.now() + self.stop_grace_s
+        return True
 
     # ---- stopping -----------------------------------------------------------------------
 

@@ -103,12 +103,20 @@ class FleetConfig:
     restart_window_s: float = 60.0
     restart_backoff_s: float = 0.5  # first restart delay; doubles per restart
     restart_backoff_max_s: float = 30.0
+    restart_stable_s: float = 10.0  # a child that ran this long before it exited restarts after restart_backoff_s again
     hung_grace_s: float = 30.0  # kill a worker the broker declared silent or hung after this long
     hung_step_s: float = 60.0  # a worker holding work whose engine loop made no progress this long is hung
     client_hwm: int = 1000  # messages queued per client before it counts as not reading
     # The kernel's send buffer per client connection (0: the OS default, which grows to megabytes
     # over tcp and would hide a client that stopped reading from client_hwm).
     client_sndbuf_bytes: int = 65_536
+    # Broker recovery (docs/protocol.md, Broker recovery). Workers: how long they keep decoding
+    # for a lost broker, and the bytes of output they keep to resend. Broker: how long after it
+    # starts a resent request waits for a worker's table, and for a client to reconnect.
+    recovery_grace_s: float = 10.0
+    recovery_buffer_bytes: int = 64 * 1024 * 1024
+    adoption_window_s: float = 3.0
+    client_return_s: float = 10.0
     log_level: str = "INFO"
     # Cluster: CurveZMQ key files (certificates from `mlx-fleet keys`), bind policy, memory budget.
     curve_server_secret: str = ""  # the broker's secret cert; set, both endpoints require CurveZMQ
@@ -347,8 +355,18 @@ def load_config(
         raise ConfigError("hung_step_s must be > 0")
     if cfg.client_hwm < 1 or cfg.client_sndbuf_bytes < 0:
         raise ConfigError("client_hwm must be >= 1 and client_sndbuf_bytes >= 0 (0: the OS default)")
+    validate_recovery(cfg)
     validate_cluster(cfg)
     return cfg
+
+
+def validate_recovery(cfg: FleetConfig) -> None:
+    """Raise ConfigError for recovery and restart settings no process could run with."""
+    for name in ("recovery_grace_s", "adoption_window_s", "client_return_s", "restart_stable_s"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0")
+    if cfg.recovery_buffer_bytes < 0:
+        raise ConfigError("recovery_buffer_bytes must be >= 0 (0: a worker keeps nothing for a lost broker)")
 
 
 def validate_cluster(cfg: FleetConfig) -> None:

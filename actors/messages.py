@@ -34,6 +34,8 @@ FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 # Why the broker cancels a request at its worker when the client did not ask (Cancel.reason).
 CANCEL_TIMEOUT = "timeout"
 CANCEL_CLIENT_GONE = "client_gone"
+CANCEL_BROKER_EXIT = "broker_exit"  # the broker shut down and failed it
+CANCEL_NOT_ADOPTED = "not_adopted"  # a row of a worker's table that a new broker could not take over
 PRIORITIES = ("urgent", "default", "background")
 # Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
@@ -91,6 +93,7 @@ class Generate(Addressed):
     priority: str = "default"
     affinity: str | None = None
     cache: bool = True
+    resend: bool | None = None  # true: the same request again, sent after the connection dropped (docs/protocol.md)
 
 
 @dataclass
@@ -150,12 +153,19 @@ class Unload(Addressed):
 
 @dataclass
 class Chunk(Addressed):
-    """New text and token ids for a streaming request; at most one per engine step."""
+    """New text and token ids for a streaming request; at most one per engine step.
+
+    ``text_offset`` (characters) and ``token_offset`` (ids) say where in the request's
+    output this chunk starts, so a client drops what it already has when output is sent
+    again after a broker restart.
+    """
 
     TYPE: ClassVar[str] = "chunk"
     request_id: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    text_offset: int | None = None
+    token_offset: int | None = None
 
 
 @dataclass
@@ -216,7 +226,11 @@ class ControlReply(Addressed):
 
 @dataclass
 class Ready(Message):
-    """A worker announces itself and its decode capacity (sequences at once)."""
+    """A worker announces itself and its decode capacity (sequences at once).
+
+    ``requests`` is its in-flight table when it registers again after losing its
+    broker: one map per request it still holds (docs/protocol.md, Broker recovery).
+    """
 
     TYPE: ClassVar[str] = "ready"
     worker_id: str
@@ -225,6 +239,7 @@ class Ready(Message):
     pid: int
     host: str
     info: dict = field(default_factory=dict)
+    requests: list[dict] | None = None
 
 
 @dataclass
@@ -242,11 +257,17 @@ class Heartbeat(Message):
 
 @dataclass
 class Dispatch(Message):
-    """Broker -> worker: run this request; its ``request_id`` is the broker's own key for it."""
+    """Broker -> worker: run this request; its ``request_id`` is the broker's own key for it.
+
+    ``client`` (the client's routing id, hex) and ``client_request_id`` let the worker
+    name the request's owner in its in-flight table, should it outlive this broker.
+    """
 
     TYPE: ClassVar[str] = "dispatch"
     request: Generate
     queue_s: float = 0.0
+    client: str | None = None
+    client_request_id: str | None = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ import msgpack
 
 from actors.limits import DEFAULT_LIMITS, Limits, ProtocolError
 from actors.messages import (
-    BAD_REQUEST, CANCEL_CLIENT_GONE, CANCEL_TIMEOUT, CANCELLED, CLIENT_TYPES, DEFAULT_CONNECT, DUPLICATE_REQUEST, ERROR_CODES, FINISH_REASONS, INTERNAL,
+    BAD_REQUEST, CANCEL_BROKER_EXIT, CANCEL_CLIENT_GONE, CANCEL_NOT_ADOPTED, CANCEL_TIMEOUT, CANCELLED, CLIENT_TYPES, DEFAULT_CONNECT, DUPLICATE_REQUEST, ERROR_CODES, FINISH_REASONS, INTERNAL,
     MAX_TOP_K, MESSAGE_TYPES, OVER_BUDGET, OVERLOADED, PRIORITIES, PRIORITY_RANK, PROTOCOL_TAG, TIMEOUT, UNAVAILABLE,
     UNKNOWN_MODEL, WORKER_LOST, WORKER_TYPES,
     Addressed, Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Load, Message,
@@ -32,7 +32,7 @@ from actors.messages import (
 from actors.wire_scan import explain_refusal, peek_request_id
 
 __all__ = [
-    "BAD_REQUEST", "CANCEL_CLIENT_GONE", "CANCEL_TIMEOUT", "CANCELLED", "CLIENT_TYPES", "DEFAULT_CONNECT", "DEFAULT_LIMITS", "DUPLICATE_REQUEST",
+    "BAD_REQUEST", "CANCEL_BROKER_EXIT", "CANCEL_CLIENT_GONE", "CANCEL_NOT_ADOPTED", "CANCEL_TIMEOUT", "CANCELLED", "CLIENT_TYPES", "DEFAULT_CONNECT", "DEFAULT_LIMITS", "DUPLICATE_REQUEST",
     "ERROR_CODES", "FINISH_REASONS", "INTERNAL", "MAX_TOP_K", "MESSAGE_TYPES", "OVER_BUDGET", "OVERLOADED",
     "PRIORITIES", "PRIORITY_RANK", "PROTOCOL_TAG", "TIMEOUT", "UNAVAILABLE", "UNKNOWN_MODEL", "WORKER_LOST",
     "WORKER_TYPES",
@@ -196,7 +196,7 @@ def _type_name(hint: Any) -> str:
 
 def _check_bounds(msg: Message, limits: Limits, rid: str | None) -> None:
     """Semantic bounds of the messages that carry user input."""
-    for name in ("request_id", "model", "worker_id", "affinity"):
+    for name in ("request_id", "model", "worker_id", "affinity", "client_request_id"):
         value = getattr(msg, name, None)
         if isinstance(value, str) and len(value) > limits.max_id_chars:
             raise ProtocolError(BAD_REQUEST, f"{name} of {len(value)} characters exceeds max_id_chars="

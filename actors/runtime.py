@@ -9,6 +9,8 @@ lifecycle:
 - ``loop``: serve until a stop is requested.
 - ``stop``: close what was opened; it runs however the first two ended.
 - ``request_stop``: called from the SIGTERM handler, so it only sets state.
+- ``request_handover`` (optional): called from the SIGUSR1 handler: leave at once,
+  handing the process's work on (the broker's planned restart).
 
 SIGINT is ignored: under the supervisor, Ctrl-C reaches the whole process
 group, and the supervisor alone decides the order in which children drain.
@@ -38,6 +40,7 @@ class Hooks:
     loop: Callable[[], None]
     stop: Callable[[], None]
     request_stop: Callable[[], None]
+    request_handover: Callable[[], None] | None = None
 
 
 def run_process(actor_name: str, log_level: str, make_hooks: Callable[[], Hooks]) -> None:
@@ -46,6 +49,9 @@ def run_process(actor_name: str, log_level: str, make_hooks: Callable[[], Hooks]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     hooks = make_hooks()
     signal.signal(signal.SIGTERM, lambda *_: hooks.request_stop())
+    if hooks.request_handover is not None:
+        handover = hooks.request_handover
+        signal.signal(signal.SIGUSR1, lambda *_: handover())
     try:
         hooks.start()
         hooks.loop()

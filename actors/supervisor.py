@@ -1,5 +1,9 @@
 """The supervisor behind `mlx-fleet up`: spawn, wait for ready, restart, drain.
 
+SIGINT and SIGTERM drain the fleet and stop it. SIGHUP restarts the broker with a
+handover (e.g. to pick up a new version): the broker exits at once, its requests
+carry on in the workers, and the new broker takes them over.
+
 It owns the children registry (:mod:`actors.children`) and drives it from one
 loop: serve the control channel (:mod:`actors.control`), restart what exited,
 reap retired workers, tell the broker what runs, and send the collector the
@@ -91,6 +95,7 @@ class Supervisor:
         if cfg.http_port:
             self.children.add(ChildSpec.service(GATEWAY))
         self.stop_event = threading.Event()
+        self.broker_restart = threading.Event()  # a planned restart of the broker was asked for (SIGHUP)
         self.failure: str | None = None  # set when the fleet cannot go on (the broker was given up)
         self.child_cfg: FleetConfig | None = None  # the children's config, with the runtime folder (open())
         self.link: SupervisorLink | None = None
@@ -198,10 +203,18 @@ class Supervisor:
         """Signal-safe: ask the run loop to drain and exit."""
         self.stop_event.set()
 
+    def request_broker_restart(self, *_: Any) -> None:
+        """Signal-safe: restart the broker with a handover (its running requests carry on), e.g. after an upgrade."""
+        self.broker_restart.set()
+
     def run(self) -> None:
         """Watch children until asked to stop: serve the broker's calls, restart, reap, tell the broker."""
         while not self.stop_event.is_set():
             self.serve(LOOP_S)
+            if self.broker_restart.is_set():
+                self.broker_restart.clear()
+                if self.children.hand_over(BROKER):
+                    log.info("restarting the broker: it hands its running requests over to the next one")
             changed = self.check_children()
             self.children.reap()
             self.send_state(force=changed)
@@ -303,6 +316,7 @@ def run_fleet(sup: Supervisor, *, on_ready: Callable[[], None] | None = None) ->
     """Run a fleet in the foreground until SIGINT/SIGTERM; returns the exit code."""
     signal.signal(signal.SIGINT, sup.request_stop)
     signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGHUP, sup.request_broker_restart)
     try:
         sup.start()
         if on_ready is not None:

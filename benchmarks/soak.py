@@ -10,10 +10,17 @@ timeout), some are abandoned locally (task cancellation). Reported:
 - latency percentiles of completed requests;
 - RSS of the broker and of every worker over time, and its growth after warm-up.
 
+With ``--kill-broker-every-s S`` (its own fleet only) the broker is killed with SIGKILL
+every S seconds, and part of the load is streams that record when each chunk came. The
+report adds each kill, the streams it caught and the p99 stall they saw
+(:mod:`benchmarks.soak_kills`); requests that ended ``unavailable`` or ``worker_lost``
+count as lost (the target is 0), and the kills are not counted as crashes.
+
 Writes ``benchmarks/results/<name>.json`` and ``.md`` (name ``soak`` by default).
 Not run in CI.
 
     python -m benchmarks soak [--duration-s 300] [--clients 64] [--replicas 1] [--connect ADDR] [--quick] [--out DIR]
+    python -m benchmarks soak --kill-broker-every-s 30 --replicas 2 --name soak_broker_kills
 
 ``--quick`` is a 20-second smoke run (written as ``soak_quick``): it shows the code
 works end to end; RSS growth needs the full run's warm-up and length.
@@ -29,17 +36,19 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq.asyncio
 
 from actors.config import FleetConfig, ModelSpec
 from actors.stats import percentile
 from benchmarks.common import Report, add_out_argument, environment, progress
+from benchmarks.soak_kills import kill_every, kills_markdown, stalls_by_kill
 from broker.client import AsyncClient, FleetError
 from fleet.embedded import BackgroundFleet
 
 LOCAL_NO_ANSWER = "no answer from"  # the client's own timeout: the fleet never replied
+KILL_LOST = ("unavailable", "worker_lost")  # with broker kills: a request the recovery did not save
 
 
 class Tally:
@@ -49,6 +58,7 @@ class Tally:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.done_latency_s: list[float] = []
         self.errors: list[str] = []
+        self.streams: list[list[float]] = []  # each whole stream's start, chunk and end times (monotonic)
 
     def record(self, outcome: str, latency_s: float | None = None, detail: str = "") -> None:
         self.outcomes[outcome] += 1
@@ -58,13 +68,24 @@ class Tally:
             self.errors.append(f"{outcome}: {detail}")
 
 
-async def one_request(client: AsyncClient, rng: random.Random, tally: Tally) -> None:
-    """One request of a randomly chosen kind, recorded in ``tally``."""
+async def one_request(client: AsyncClient, rng: random.Random, tally: Tally, *, streams: bool = False) -> None:
+    """One request of a randomly chosen kind, recorded in ``tally``; ``streams`` adds whole timed streams."""
     prompt = f"Soak {rng.randrange(10**6)}: " + rng.choice(["tell a story", "list queues", "é ü 日本", "count"])
-    kind = rng.choices(["complete", "stream_cancel", "fleet_timeout", "local_abort"], [70, 10, 10, 10])[0]
+    kinds, weights = ["complete", "stream_cancel", "fleet_timeout", "local_abort", "stream"], [70, 10, 10, 10, 0]
+    if streams:
+        weights = [45, 10, 10, 10, 25]
+    kind = rng.choices(kinds, weights)[0]
     start_s = time.monotonic()
     try:
-        if kind == "complete":
+        if kind == "stream":
+            events = [start_s]
+            async with client.stream(prompt, model="demo", max_tokens=rng.randrange(32, 128)) as stream:
+                async for _ in stream:
+                    events.append(time.monotonic())
+            events.append(time.monotonic())
+            tally.streams.append(events)
+            tally.record("done", events[-1] - start_s)
+        elif kind == "complete":
             await client.generate(prompt, model="demo", max_tokens=rng.randrange(8, 64),
                                   temperature=rng.choice([0.0, 0.7]))
             tally.record("done", time.monotonic() - start_s)
@@ -96,12 +117,12 @@ async def one_request(client: AsyncClient, rng: random.Random, tally: Tally) -> 
 
 
 async def client_loop(addr: str, ctx: zmq.asyncio.Context, seed: int, stop_at_s: float, tally: Tally,
-                      request_timeout_s: float) -> None:
+                      request_timeout_s: float, streams: bool = False) -> None:
     """One simulated client: its own connection, requests back to back until ``stop_at_s``."""
     rng = random.Random(seed)
     async with AsyncClient(addr, timeout_s=request_timeout_s, ctx=ctx) as client:
         while time.monotonic() < stop_at_s:
-            await one_request(client, rng, tally)
+            await one_request(client, rng, tally, streams=streams)
 
 
 def rss_kib(pid: int) -> int | None:
@@ -141,23 +162,29 @@ async def sampler(addr: str, ctx: zmq.asyncio.Context, every_s: float, t0_s: flo
                 pass
 
 
-async def soak(addr: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the clients and the sampler; return the raw results."""
+async def soak(addr: str, args: argparse.Namespace, broker_pid: Callable[[], int | None] | None = None) -> dict[str, Any]:
+    """Run the clients and the sampler (and, given ``broker_pid``, the broker killer); return the raw results."""
     ctx = zmq.asyncio.Context()
     tally = Tally()
     samples: list[dict[str, Any]] = []
+    kills_s: list[float] = []
     t0_s = time.monotonic()
     stop = asyncio.Event()
     sample_task = asyncio.create_task(sampler(addr, ctx, args.sample_s, t0_s, stop, samples))
-    clients = [client_loop(addr, ctx, args.seed + i, t0_s + args.duration_s, tally, args.request_timeout_s)
-               for i in range(args.clients)]
+    killing = broker_pid is not None and args.kill_broker_every_s > 0
+    clients = [client_loop(addr, ctx, args.seed + i, t0_s + args.duration_s, tally, args.request_timeout_s,
+                           streams=killing) for i in range(args.clients)]
+    if killing:
+        assert broker_pid is not None
+        clients.append(kill_every(args.kill_broker_every_s, t0_s + args.duration_s, broker_pid, kills_s))
     await asyncio.gather(*clients)
     elapsed_s = time.monotonic() - t0_s
     open_at_end = await settle(addr, ctx)
     stop.set()
     await sample_task
     ctx.term()
-    return {"tally": tally, "samples": samples, "elapsed_s": elapsed_s, "open_at_end": open_at_end}
+    return {"tally": tally, "samples": samples, "elapsed_s": elapsed_s, "open_at_end": open_at_end,
+            "kills": stalls_by_kill(kills_s, tally.streams, t0_s) if killing else None}
 
 
 async def settle(addr: str, ctx: zmq.asyncio.Context, within_s: float = 30.0) -> int:
@@ -190,13 +217,17 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The results: totals, crashes, lost, latency and the RSS series."""
     tally: Tally = raw["tally"]
     last = next((s for s in reversed(raw["samples"]) if "broker" in s), {})
+    kills = raw.get("kills")
     crashes = last.get("broker", {}).get("restarts", 0) + sum(w["restarts"] for w in last.get("workers", {}).values())
+    crashes = max(0, crashes - len(kills or []))  # the kills asked for are not crashes
     total = sum(tally.outcomes.values())
+    lost = tally.outcomes.get("lost", 0) + (sum(tally.outcomes.get(c, 0) for c in KILL_LOST) if kills is not None else 0)
     lat = sorted(tally.done_latency_s)
     warmup_s = min(args.warmup_s, args.duration_s / 4)
     return {
         "elapsed_s": round(raw["elapsed_s"], 1), "requests": total, "outcomes": dict(tally.outcomes),
-        "lost": tally.outcomes.get("lost", 0), "open_at_end": raw["open_at_end"], "crashes": crashes,
+        "completed": tally.outcomes.get("done", 0), "kills": kills,
+        "lost": lost, "open_at_end": raw["open_at_end"], "crashes": crashes,
         "crash_rate": crashes / total if total else 0.0,
         "done_latency_s": {q: round(percentile(lat, q), 3) for q in (50, 90, 99)} if lat else {},
         "throughput_rps": round(total / raw["elapsed_s"], 1) if raw["elapsed_s"] else 0.0,
@@ -213,11 +244,15 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{doc['lost']} | {doc['open_at_end']} | {doc['done_latency_s'].get(50, '-')} | "
              f"{doc['done_latency_s'].get(99, '-')} |", "",
              "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["outcomes"].items())) + ".", "",
-             "The seed (bare MLX, no supervision) claims about 15% crashes under load; the figure above is ours.", "",
-             f"RSS growth after {doc['warmup_s']:.0f} s warm-up: "
-             + (", ".join(f"{k} {v:+.2%}" if v is not None else f"{k} (restarted)"
-                          for k, v in doc["rss_growth_after_warmup"].items()) or "not enough samples")
-             + " (target < 5%).", "", "| t (s) | open | broker RSS (MiB) | worker RSS (MiB) |", "|---:|---:|---:|---|"]
+             "The seed (bare MLX, no supervision) claims about 15% crashes under load; the figure above is ours.", ""]
+    if doc.get("kills") is not None:
+        lines += [f"Broker killed (SIGKILL) {len(doc['kills'])} times: {doc['completed']} requests completed, "
+                  f"{doc['lost']} lost (target 0). The stall is the gap a stream saw across a kill.", "",
+                  *kills_markdown(doc["kills"]), ""]
+    growth = ", ".join(f"{k} {v:+.2%}" if v is not None else f"{k} (restarted)"
+                       for k, v in doc["rss_growth_after_warmup"].items()) or "not enough samples"
+    lines += [f"RSS growth after {doc['warmup_s']:.0f} s warm-up: {growth} (target < 5%).", "",
+              "| t (s) | open | broker RSS (MiB) | worker RSS (MiB) |", "|---:|---:|---:|---|"]
     samples = [s for s in doc["samples"] if "broker" in s]
     step = max(1, len(samples) // 20)
     for s in samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else []):
@@ -249,17 +284,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="soak", help="results file name (default soak)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--quick", action="store_true", help="20 s smoke run (not a result)")
+    p.add_argument("--kill-broker-every-s", type=float, default=0.0,
+                   help="SIGKILL the broker this often (own fleet only); report lost requests and stream stalls")
     add_out_argument(p)
     args = p.parse_args(argv)
+    if args.kill_broker_every_s and args.connect is not None:
+        p.error("--kill-broker-every-s needs the soak's own fleet (drop --connect)")
     if args.quick:
         args.duration_s, args.sample_s, args.name = 20.0, 2.0, args.name + "_quick"
     if args.connect is not None:
         raw = asyncio.run(soak(args.connect, args))
     else:
         cfg, ipc_dir = own_fleet_config(args.replicas, args.log_level)
-        with BackgroundFleet(cfg, ipc_dir):
-            progress(f"fleet up: demo x{args.replicas}; {args.clients} clients for {args.duration_s:g}s")
-            raw = asyncio.run(soak(cfg.frontend, args))
+        with BackgroundFleet(cfg, ipc_dir) as fleet:
+            progress(f"fleet up: demo x{args.replicas}; {args.clients} clients for {args.duration_s:g}s"
+                     + (f", killing the broker every {args.kill_broker_every_s:g}s" if args.kill_broker_every_s else ""))
+
+            def broker_pid() -> int | None:
+                return fleet.child("broker").pid if fleet.child("broker").alive else None
+
+            raw = asyncio.run(soak(cfg.frontend, args, broker_pid))
     doc = summarize(raw, args)
     infos = next((s["worker_info"] for s in raw["samples"] if s.get("worker_info")), {})
     blas = next((info.get("blas") for info in infos.values()), None)

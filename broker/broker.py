@@ -1,6 +1,7 @@
 """The broker actor: a ROUTER for clients, a ROUTER for workers, one poll loop.
 
-All decisions live in :class:`broker.state.BrokerState`; this module only
+All decisions live in :class:`broker.state.BrokerState` (and, for what a restarted
+broker takes over, :mod:`broker.adoption` and :mod:`broker.parking`); this module only
 decodes, calls a handler and sends what it returns. No message can raise out
 of the loop: decoding errors become ``bad_request`` replies or counted drops.
 
@@ -9,6 +10,10 @@ mapped to routing ids by :class:`broker.clients.ClientConnections`), when a
 send to it fails because it is unreachable, or when ``client_hwm`` messages
 wait for it (it is not reading). Its open requests then end at once, streamed
 or not, and the log gets one line for it.
+
+SIGTERM drains: new requests are refused, the running ones finish (or fail at
+``drain_timeout_s``). SIGUSR1 hands over: the broker exits at once and leaves its
+running requests to the workers, which give them to the next broker.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import make_socket
 from actors.wire_scan import peek_field
 from broker.clients import ClientConnections
+from broker.adoption import Adoption
 from broker.lifecycle import ModelControl
+from broker.parking import Parking
 from broker.records import Dest, Out
 from broker.state import BrokerState
 from broker.status import make_status, models_summary
@@ -61,7 +68,10 @@ class BrokerActor:
             default_timeout_s=cfg.request_timeout_s,
             no_worker_timeout_s=cfg.no_worker_timeout_s,
             hung_step_s=cfg.hung_step_s,
+            key_prefix=f"b{os.urandom(4).hex()}.",  # this process's own: adopted keys come from others
         )
+        self.adoption = Adoption(self.state, self.clock, window_s=cfg.adoption_window_s)
+        self.parking = Parking(self.clock, return_s=cfg.client_return_s, max_messages=cfg.client_hwm)
         self.ctx = ctx or zmq.Context()
         # A client more than client_hwm messages behind is "not reading": its requests are cancelled.
         # A frame over max_frame_bytes drops that client's connection (docs/protocol.md, Limits).
@@ -80,6 +90,7 @@ class BrokerActor:
         self.malformed_logged_s = float("-inf")
         self.drain_deadline_s: float | None = None
         self.stop_requested = False
+        self.handover_requested = False
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
         # The supervisor's channel (actors/control.py): its state, and runtime model management.
         self.control_sock: zmq.Socket | None = None
@@ -119,9 +130,15 @@ class BrokerActor:
                 self.send_control(frames)
                 continue
             sock = self.frontend if out.to is Dest.CLIENT else self.backend
+            if out.to is Dest.CLIENT and self.parking.holds(out.identity):
+                self.parking.park(out)  # behind what already waits for that client
+                continue
             try:
                 sock.send_multipart([out.identity, *frames], flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (never reads)
+                if out.to is Dest.CLIENT and exc.errno == zmq.EHOSTUNREACH and self.adoption.awaits(out.identity):
+                    self.parking.park(out)  # its request outlived the last broker; it may not be back yet
+                    continue
                 self.state.counters["dropped"] += 1
                 if out.to is Dest.CLIENT:
                     why = (f"not reading ({self.cfg.client_hwm} messages waiting, client_hwm)" if exc.errno == zmq.EAGAIN
@@ -156,9 +173,9 @@ class BrokerActor:
             self.send([Out(Dest.CLIENT, identity, err)])
             return
         if isinstance(msg, Generate):
-            self.send(self.state.handle_generate(identity, msg))
+            self.send(self.adoption.handle_generate(identity, msg))
         elif isinstance(msg, Cancel):
-            self.send(self.state.handle_cancel(identity, msg.request_id))
+            self.send(self.adoption.handle_cancel(identity, msg.request_id))
         elif isinstance(msg, Models):
             self.send([Out(Dest.CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
         elif isinstance(msg, Status):
@@ -196,8 +213,9 @@ class BrokerActor:
         if isinstance(msg, Ready):
             if not self.lifecycle.accept_ready(msg):
                 return
-            log.info("worker %s ready for %s (capacity %d, pid %d, host %s)", msg.worker_id, msg.model, msg.capacity, msg.pid, msg.host)
-            self.send(self.state.handle_ready(identity, msg))
+            log.info("worker %s ready for %s (capacity %d, pid %d, host %s, holding %d requests)", msg.worker_id,
+                     msg.model, msg.capacity, msg.pid, msg.host, len(msg.requests or ()))
+            self.send(self.adoption.handle_ready(identity, msg))
         else:
             self.send(self.state.handle_worker_message(identity, msg, raw))
 
@@ -238,6 +256,8 @@ class BrokerActor:
         restarts = self.state.supervisor.restarts("broker") if self.state.supervisor else 0
         status["broker"] = {"pid": os.getpid(), "malformed_dropped": self.malformed_dropped,
                             "frontend": self.cfg.frontend, "backend": self.cfg.backend, "restarts": restarts}
+        status["recovery"] = {**self.adoption.view(), "parked": len(self.parking),
+                              "parked_total": self.parking.parked_total}
         return status
 
     # ---- loop --------------------------------------------------------------------
@@ -245,6 +265,26 @@ class BrokerActor:
     def request_stop(self) -> None:
         """Start draining (signal-safe: only sets state)."""
         self.stop_requested = True
+
+    def request_handover(self) -> None:
+        """Exit at once, leaving running requests to the workers for the next broker (signal-safe)."""
+        self.handover_requested = True
+
+    def try_send_client(self, out: Out) -> bool:
+        """Send one parked message; False while its client is still unreachable."""
+        body = out.body
+        frames = encode(body) if isinstance(body, Message) else encode_map(body)
+        try:
+            self.frontend.send_multipart([out.identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def flush_parked(self) -> None:
+        """Parked messages go out once their client is back; one not back in time is gone."""
+        for client in self.parking.flush(self.try_send_client):
+            why = f"not back within client_return_s={self.cfg.client_return_s:g}s after a broker restart"
+            self.send(self.state.client_gone(client, why))
 
     def run(self) -> None:
         """Poll, handle, tick, heartbeat; until drained after a stop request."""
@@ -259,7 +299,7 @@ class BrokerActor:
         tick_every_s = min(0.05, interval_s)
         next_tick_s = self.clock.now() + tick_every_s
         next_metrics_s = self.clock.now() + METRICS_INTERVAL_S  # the collector connection is up by then
-        while True:
+        while not self.handover_requested:
             now = self.clock.now()
             if self.stop_requested and self.drain_deadline_s is None:
                 log.info("draining: refusing new requests for up to %.1fs", self.cfg.drain_timeout_s)
@@ -291,6 +331,8 @@ class BrokerActor:
                 self._safely(lambda: self.send(self.state.expire()))
             if now >= next_tick_s:
                 self._safely(lambda: self.send(self.state.tick()))
+                self._safely(lambda: self.send(self.adoption.tick()))
+                self._safely(self.flush_parked)
                 self._safely(lambda: self.send(self.lifecycle.tick()))
                 self._log_departures()
                 next_tick_s = now + tick_every_s
@@ -301,8 +343,13 @@ class BrokerActor:
             if now >= next_metrics_s and self.events.enabled:
                 self.events.send("broker", make_broker_event(self.state))
                 next_metrics_s = now + METRICS_INTERVAL_S
-        self._safely(lambda: self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished")))
-        bye = [Out(Dest.WORKER, w.identity, Disconnect(reason="broker shutting down")) for w in self.state.workers.values()]
+        if self.handover_requested:
+            log.info("handing over: %d requests stay with their workers for the next broker", len(self.state.requests))
+            why = "broker restarting: register again with your requests"
+        else:
+            self._safely(lambda: self.send(self.state.fail_all(UNAVAILABLE, "the broker shut down before this request finished")))
+            why = "broker shutting down"
+        bye = [Out(Dest.WORKER, w.identity, Disconnect(reason=why)) for w in self.state.workers.values()]
         self._safely(lambda: self.send(bye))
         if self.events.enabled:
             self.events.send("broker", make_broker_event(self.state))  # the final counts
@@ -361,6 +408,7 @@ def run_broker(cfg: FleetConfig) -> None:
 
     def hooks() -> Hooks:
         actor = BrokerActor(cfg)
-        return Hooks(start=actor.bind, loop=actor.run, stop=actor.close, request_stop=actor.request_stop)
+        return Hooks(start=actor.bind, loop=actor.run, stop=actor.close, request_stop=actor.request_stop,
+                     request_handover=actor.request_handover)
 
     run_process("broker", cfg.log_level, hooks)

@@ -18,12 +18,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from actors.curve import apply_client
 from actors.protocol import (
-    DEFAULT_CONNECT, Addressed, ControlReply, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
+    DEFAULT_CONNECT, Addressed, ControlReply, Generate, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
 )
 from broker.client_async import AsyncClient, AsyncStream
 from broker.client_core import (
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, ClientShell, Completion, FleetError, Pending,
-    StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
+    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RECOVER_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, ClientShell, Completion,
+    FleetError, Pending, StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
 )
 
 __all__ = [
@@ -47,13 +47,15 @@ class Client(ClientShell):
 
     ``connect_timeout_s`` bounds how long a request waits for a broker to be
     connected at all: past it the request fails with ``unavailable``.
+    ``recover_timeout_s`` bounds how long a request open when the connection drops
+    waits for the fleet to carry on with it (docs/clients.md).
     """
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
         super().__init__(ctx or zmq.Context(), ctx is None, connect, timeout_s=timeout_s,
-                         connect_timeout_s=connect_timeout_s, curve=curve)
+                         connect_timeout_s=connect_timeout_s, curve=curve, recover_timeout_s=recover_timeout_s)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -74,12 +76,14 @@ class Client(ClientShell):
     def _drain_events(self) -> None:
         while self._monitor.poll(0):
             self.core.on_event(recv_monitor_message(self._monitor)["event"])
+            for msg in self.core.take_resends():  # a broker is back: what showed no output goes again
+                self.sock.send_multipart(encode_checked(msg))
 
     def _open(self, msg: Addressed, wait_s: float) -> Pending:
         """Register and send a request (a disconnect seen before now concerns only older ones)."""
         frames = encode_checked(msg)
         self._drain_events()
-        p = self.core.open(msg.request_id or "", msg.TYPE, wait_s)
+        p = self.core.open(msg.request_id or "", msg.TYPE, wait_s, request=msg if isinstance(msg, Generate) else None)
         try:
             self.sock.send_multipart(frames)
         except BaseException:

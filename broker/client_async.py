@@ -15,11 +15,11 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from actors.protocol import (
-    DEFAULT_CONNECT, Addressed, ControlReply, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
+    DEFAULT_CONNECT, Addressed, ControlReply, Generate, Load, Message, Models, ModelsReply, Status, StatusReply, Unload,
 )
 from broker.client_core import (
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, R, ClientShell, Completion, Pending, StreamChunk, encode_checked,
-    local_timeout_s, make_generate, new_request_id,
+    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RECOVER_TIMEOUT_S, DEFAULT_TIMEOUT_S, R, ClientShell, Completion, Pending,
+    StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
 )
 
 
@@ -31,9 +31,9 @@ class AsyncClient(ClientShell):
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
+                 ctx: zmq.asyncio.Context | None = None, recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
         super().__init__(ctx or zmq.asyncio.Context(), ctx is None, connect, timeout_s=timeout_s,
-                         connect_timeout_s=connect_timeout_s, curve=curve)
+                         connect_timeout_s=connect_timeout_s, curve=curve, recover_timeout_s=recover_timeout_s)
         self._wakeups: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -70,11 +70,15 @@ class AsyncClient(ClientShell):
             now_monitor: zmq.Socket = zmq.Socket.shadow(self._monitor.underlying)
             while now_monitor.poll(0):
                 self.core.on_event(parse_monitor_message(now_monitor.recv_multipart())["event"])
+            for msg in self.core.take_resends():
+                self._now_sock.send_multipart(encode_checked(msg), flags=zmq.NOBLOCK)
             self._watcher = loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
             self.core.on_event(parse_monitor_message(await self._monitor.recv_multipart())["event"])
+            for msg in self.core.take_resends():  # a broker is back: what showed no output goes again
+                await self.sock.send_multipart(encode_checked(msg))
 
     async def _read(self) -> None:
         while True:
@@ -85,7 +89,8 @@ class AsyncClient(ClientShell):
         frames = encode_checked(msg)
         self._ensure_tasks()
         wake = asyncio.Event()
-        p = self.core.open(msg.request_id or "", msg.TYPE, wait_s, notify=wake.set)
+        p = self.core.open(msg.request_id or "", msg.TYPE, wait_s, notify=wake.set,
+                           request=msg if isinstance(msg, Generate) else None)
         self._wakeups[p.request_id] = wake
         try:
             sent = self.sock.send_multipart(frames)

@@ -6,10 +6,17 @@ and what each reply or connection event means. It takes a clock, so its unit
 tests drive time without sleeping. :class:`ClientShell` holds the socket side
 both clients share. ``Client`` and ``AsyncClient`` only move frames and monitor
 events into the core and wait on it, so both behave the same.
+
+When the connection to the broker drops (docs/protocol.md, Broker recovery), an open
+``generate`` that had shown no output is sent again, ``resend: true``, as soon as a
+broker is connected; one whose stream had started waits up to ``recover_timeout_s``
+for its worker to resume it through the new broker. Chunks say where they start, so
+output sent again is not yielded twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ from actors.sockets import make_socket
 
 DEFAULT_TIMEOUT_S = 120.0  # a call or request with no timeout_s of its own
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # how long a request waits for a broker to be connected at all
+DEFAULT_RECOVER_TIMEOUT_S = 15.0  # after a drop: how long a request waits for the fleet to carry on (> workers' grace)
 GRACE_S = 2.0  # extra local wait past a request's own timeout_s, so the fleet's `timeout` error arrives first
 BAD_REPLY = "bad_reply"  # a local code: the broker's answer could not be decoded
 R = TypeVar("R", bound=Message)
@@ -108,6 +116,10 @@ class Pending:
     parts: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     ended: bool = False  # the fleet sent its terminal message
+    request: Generate | None = None  # a generate, sent again if the connection drops before any output
+    chars: int = 0  # characters of text received so far
+    lost_at_s: float | None = None  # the connection dropped while this waited, and the fleet has not carried on yet
+    resend_due: bool = False  # to send again once a broker is connected
 
     def put(self, item: Message | FleetError) -> None:
         """Queue a reply (or a local failure) for the reader of this request."""
@@ -120,24 +132,35 @@ class ClientCore:
     """Open requests and the link to the broker of one client object; no sockets."""
 
     def __init__(self, addr: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                 clock: Clock | None = None) -> None:
+                 recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S, clock: Clock | None = None) -> None:
         self.addr = addr
         self.connect_timeout_s = connect_timeout_s
+        self.recover_timeout_s = recover_timeout_s
         self.clock = clock or MonotonicClock()
         self.connected = False  # a broker completed the ZeroMQ handshake and has not gone since
         self.refused = False  # the last handshake failed: the broker refused our CurveZMQ key
         self.pending: dict[str, Pending] = {}
+        self._resends: list[Generate] = []
 
     # ---- requests ---------------------------------------------------------------------
 
-    def open(self, request_id: str, what: str, wait_s: float, notify: Callable[[], None] | None = None) -> Pending:
-        """Register a request about to be sent; a request_id already open here is refused."""
+    def open(self, request_id: str, what: str, wait_s: float, notify: Callable[[], None] | None = None,
+             request: Generate | None = None) -> Pending:
+        """Register a request about to be sent; a request_id already open here is refused.
+
+        ``request``, a generate, is sent again should the connection drop before it shows output.
+        """
         if request_id in self.pending:
             raise FleetError(DUPLICATE_REQUEST, f"request_id {request_id!r} is already in flight on this client",
                              request_id)
         now = self.clock.now()
-        p = self.pending[request_id] = Pending(request_id, what, now, now + wait_s, notify)
+        p = self.pending[request_id] = Pending(request_id, what, now, now + wait_s, notify, request=request)
         return p
+
+    def take_resends(self) -> list[Generate]:
+        """Requests to send again now (a broker is connected after a drop)."""
+        out, self._resends = self._resends, []
+        return out
 
     def forget(self, request_id: str) -> None:
         """Drop a request's record; replies that still come for it are ignored."""
@@ -166,13 +189,23 @@ class ClientCore:
         return None, left_s
 
     def wait_until_s(self, p: Pending) -> float:
-        """When to stop waiting for ``p``'s next reply: its deadline, or sooner while no broker is connected."""
+        """When to stop waiting for ``p``'s next reply: its deadline, or sooner while no broker is connected
+        or, after a drop, until the fleet carries on with it."""
+        if p.lost_at_s is not None:
+            return min(p.deadline_s, p.lost_at_s + self.recover_timeout_s)
         if self.connected:
             return p.deadline_s
         return min(p.deadline_s, p.sent_s + self.connect_timeout_s)
 
     def expired(self, p: Pending) -> FleetError:
         """The error of a request whose wait (``wait_until_s``) has passed."""
+        if p.lost_at_s is not None and p.lost_at_s + self.recover_timeout_s <= p.deadline_s:
+            why = ("its stream had started, and no worker resumed it through a broker" if p.parts or p.ids else
+                   "no broker took it back")
+            return FleetError(UNAVAILABLE, f"lost the connection to the broker at {self.addr}, and {why} within "
+                              f"recover_timeout_s={self.recover_timeout_s:g}s (the broker did not come back in time, "
+                              "or the worker running it was lost meanwhile); the request's outcome is unknown",
+                              p.request_id)
         if not self.connected and p.sent_s + self.connect_timeout_s <= p.deadline_s:
             why = ("the broker refused our CurveZMQ key" if self.refused else
                    "no broker is connected (is the fleet running?)")
@@ -193,13 +226,21 @@ class ClientCore:
             return
         p = self.pending.get(msg.request_id or "") if isinstance(msg, Addressed) else None
         if p is not None:
+            if self.connected:
+                p.lost_at_s = None  # the fleet carries on with it
             p.put(msg)
 
     def on_event(self, event: int) -> None:
-        """A socket monitor event: track the link, and end every open request when it drops."""
+        """A socket monitor event: track the link; when it drops, end the calls and keep the generates."""
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.connected, self.refused = True, False
+            now = self.clock.now()
             for p in self.pending.values():
+                if p.resend_due and p.request is not None:
+                    p.resend_due, p.lost_at_s = False, None  # a request like any other again
+                    timeout_s = p.request.timeout_s  # what is left of it
+                    left_s = None if timeout_s is None else max(0.001, timeout_s - (now - p.sent_s))
+                    self._resends.append(dataclasses.replace(p.request, resend=True, timeout_s=left_s))
                 if p.notify is not None:
                     p.notify()  # a waiter may now wait longer
             return
@@ -212,17 +253,30 @@ class ClientCore:
         else:
             return
         self.connected = False
+        now = self.clock.now()
         for p in list(self.pending.values()):
-            p.put(FleetError(UNAVAILABLE, text))
+            if p.request is None or event != zmq.EVENT_DISCONNECTED:
+                p.put(FleetError(UNAVAILABLE, text))
+            elif not p.ended and not any(isinstance(m, (Done, Error)) for m in p.inbox):
+                if p.lost_at_s is None:
+                    p.lost_at_s = now
+                # Nothing shown (read or not): safe to run again. Otherwise its worker resumes it.
+                p.resend_due = not (p.parts or p.ids or any(isinstance(m, Chunk) for m in p.inbox))
+                if p.notify is not None:
+                    p.notify()
 
     # ---- a generate's replies -------------------------------------------------------------
 
     def advance(self, p: Pending, msg: Message) -> StreamChunk | Completion | None:
         """What one reply of a generate means: a chunk, the completion, or (error) a raised FleetError."""
         if isinstance(msg, Chunk):
-            p.parts.append(msg.text)
-            p.ids.extend(msg.token_ids)
-            return StreamChunk(msg.text, msg.token_ids)
+            text, ids = self._new_output(p, msg)
+            if text is None:
+                return None  # sent again after a broker restart: had it already
+            p.parts.append(text)
+            p.chars += len(text)
+            p.ids.extend(ids)
+            return StreamChunk(text, ids)
         if isinstance(msg, Error):
             p.ended = True
             raise FleetError(msg.code, msg.message, p.request_id)
@@ -232,6 +286,20 @@ class ClientCore:
             ids = p.ids if msg.token_ids is None else list(msg.token_ids)
             return Completion(p.request_id, text, ids, msg.finish_reason, dict(msg.usage), dict(msg.timings))
         return None  # nothing else answers a generate
+
+    @staticmethod
+    def _new_output(p: Pending, msg: Chunk) -> tuple[str | None, list[int]]:
+        """What of a chunk is new, by its offsets: (None, []) when nothing; a gap raises ``unavailable``."""
+        if msg.text_offset is None and msg.token_offset is None:
+            return msg.text, msg.token_ids
+        text_at, ids_at = msg.text_offset or 0, msg.token_offset or 0
+        if text_at > p.chars or ids_at > len(p.ids):
+            raise FleetError(UNAVAILABLE, f"part of this stream was lost on the way (it has {p.chars} characters "
+                             f"and {len(p.ids)} token ids; a chunk came from {text_at} and {ids_at})", p.request_id)
+        text, ids = msg.text[p.chars - text_at:], msg.token_ids[len(p.ids) - ids_at:]
+        if not text and not ids and (text_at < p.chars or ids_at < len(p.ids)):
+            return None, []
+        return text, ids
 
     def reply(self, p: Pending, msg: Message, reply_type: type[R]) -> R | None:
         """A call's reply if ``msg`` is it; an ``error`` is raised; anything else is None."""
@@ -248,11 +316,12 @@ class ClientShell:
     """The socket side of both clients: a DEALER with its own routing id, its monitor, and the core."""
 
     def __init__(self, ctx: zmq.Context, own_ctx: bool, connect: str, *, timeout_s: float,
-                 connect_timeout_s: float, curve: dict[str, bytes] | None) -> None:
+                 connect_timeout_s: float, curve: dict[str, bytes] | None,
+                 recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
         self.connect_addr = connect
         self.timeout_s = timeout_s
         self.routing_id = make_routing_id()
-        self.core = ClientCore(connect, connect_timeout_s=connect_timeout_s)
+        self.core = ClientCore(connect, connect_timeout_s=connect_timeout_s, recover_timeout_s=recover_timeout_s)
         self.ctx = ctx
         self._own_ctx = own_ctx
         self.sock = make_socket(ctx, zmq.DEALER, identity=self.routing_id)

@@ -74,6 +74,7 @@ class RequestRecord:
     requeues: int = 0
     answered: bool = False  # the client already has its terminal reply
     cancel_sent: bool = False
+    adopted: bool = False  # rebuilt from a worker's table after a broker restart: never requeued
 
 
 @dataclass

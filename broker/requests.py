@@ -38,6 +38,15 @@ class OpenRequests:
         self.deadlines.add(key, deadline_s)
         return rec
 
+    def place(self, rec: RequestRecord) -> None:
+        """Track a request rebuilt elsewhere (adopted from a worker's table), or one kept as it was."""
+        if self.requests.get(rec.key) is not rec:
+            self.requests[rec.key] = rec
+            self.deadlines.add(rec.key, rec.deadline_s)
+        if not rec.answered:
+            self.by_client[(rec.client, rec.request.request_id)] = rec.key
+            self.of_client.setdefault(rec.client, set()).add(rec.key)
+
     def lookup(self, client: bytes, request_id: str) -> RequestRecord | None:
         """The open request ``request_id`` of ``client``."""
         key = self.by_client.get((client, request_id))

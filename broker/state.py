@@ -4,8 +4,10 @@ The records it keeps live in :mod:`broker.records`; the `status` view is built
 from it by :mod:`broker.status`.
 
 Every handler returns a list of :class:`Out` (who to send what); the broker
-actor only moves bytes. Requests get broker-side keys (``b<N>``) so that two
-clients may use the same request_id; replies are rewritten back.
+actor only moves bytes. Requests get broker-side keys (``<key_prefix><N>``) so that
+two clients may use the same request_id; replies are rewritten back. The broker
+gives each of its processes its own prefix, so that its keys never collide with
+those of requests adopted from an earlier broker (:mod:`broker.adoption`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 from actors.clock import Clock
 from actors.control import SupervisorState, SupervisorStateAck
 from actors.protocol import (
-    DUPLICATE_REQUEST, OVERLOADED, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
+    CANCEL_BROKER_EXIT, DUPLICATE_REQUEST, OVERLOADED, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
     Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
@@ -47,6 +49,7 @@ class BrokerState:
         aging_s: float = 2.0,
         max_affinity_keys: int = 65_536,
         hung_step_s: float = 60.0,
+        key_prefix: str = "b",
     ) -> None:
         self.clock = clock
         self.queue_limit = queue_limit
@@ -76,6 +79,7 @@ class BrokerState:
         self.supervisor: SupervisorView | None = None  # the supervisor's latest state, once one came
         self.accepting = True
         self.departures: list[tuple[str, str]] = []  # (worker_id, reason) of workers lost since last read
+        self.key_prefix = key_prefix
         self._keys = itertools.count(1)
         for name in models:
             self.ensure_model(name).configured = True
@@ -130,7 +134,7 @@ class BrokerState:
             return self._refuse(client, msg, Error(DUPLICATE_REQUEST, text, msg.request_id))
         if len(model.queue) >= self.queue_limit:
             return self._refuse(client, msg, Error(OVERLOADED, f"model {msg.model!r} queue is full (queue_limit={self.queue_limit})", msg.request_id))
-        key = f"b{next(self._keys)}"
+        key = f"{self.key_prefix}{next(self._keys)}"
         timeout_s = msg.timeout_s if msg.timeout_s is not None else self.default_timeout_s
         rec = self.open.add(key, client, msg, now, now + timeout_s)
         model.queue.push(key, rec, msg.priority, now, client)
@@ -152,10 +156,17 @@ class BrokerState:
 
     # ---- worker side -------------------------------------------------------------
 
-    def handle_ready(self, identity: bytes, msg: Ready) -> list[Out]:
-        """Register (or re-register) a worker."""
+    def handle_ready(self, identity: bytes, msg: Ready, *, held: Sequence[RequestRecord] = ()) -> list[Out]:
+        """Register (or re-register) a worker.
+
+        ``held`` are the requests it says it holds (its in-flight table, as
+        :mod:`broker.adoption` rebuilt them): they run on it from now on; whatever else
+        it held before is handled as by a lost worker.
+        """
         out: list[Out] = []
-        if identity in self.workers:
+        old = self.workers.get(identity)
+        if old is not None:
+            old.running -= {rec.key for rec in held}
             out += self.worker_gone(identity, "worker re-registered")
         now = self.clock.now()
         self.silent.pop(msg.worker_id, None)
@@ -164,8 +175,18 @@ class BrokerState:
             identity, msg.worker_id, msg.model, max(0, msg.capacity), msg.pid, msg.host, msg.info,
             expiry_s=now + self.liveness_s, last_used_s=now,
         )
+        for rec in held:
+            self._place(rec, identity)
         self.ensure_model(msg.model).no_worker_since_s = None
         return out + self.dispatch()
+
+    def _place(self, rec: RequestRecord, identity: bytes) -> None:
+        """``rec`` runs on worker ``identity`` (known to this broker, or adopted)."""
+        rec.worker = identity
+        self.open.place(rec)
+        worker = self.workers[identity]
+        worker.running.add(rec.key)
+        worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
 
     def handle_worker_message(self, identity: bytes, msg: Message, raw: dict[str, Any]) -> list[Out]:
         """Heartbeats, chunks, done, error and disconnect from a worker."""
@@ -244,13 +265,15 @@ class BrokerState:
                 # The client asked to stop it: end it as cancelled rather than start it again.
                 done = Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec))
                 out += self.finish(rec, done)
-            elif not rec.streamed and rec.requeues < self.max_requeues and self.accepting:
+            elif not rec.streamed and not rec.adopted and rec.requeues < self.max_requeues and self.accepting:
                 rec.requeues += 1
                 self.counters["requeued"] += 1
                 model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s, rec.client)
             else:
                 why = ("after output had started" if rec.streamed else
-                       "while draining" if not self.accepting else f"and it was already requeued {rec.requeues}x")
+                       "while draining" if not self.accepting else
+                       "after it was adopted from its table (the prompt stayed with that worker)" if rec.adopted else
+                       f"and it was already requeued {rec.requeues}x")
                 out += self.finish(rec, Error(WORKER_LOST, f"worker {worker.worker_id} was lost ({reason}) {why}", key))
         return out + self.dispatch()
 
@@ -293,7 +316,9 @@ class BrokerState:
                     self.affinity.bind(rec.request.model, rec.request.affinity, worker.identity)
                 left_s = None if rec.request.timeout_s is None else max(0.001, rec.deadline_s - now)
                 request = dataclasses.replace(rec.request, request_id=key, timeout_s=left_s)
-                out.append(Out(Dest.WORKER, worker.identity, Dispatch(request=request, queue_s=now - rec.enqueued_at_s)))
+                out.append(Out(Dest.WORKER, worker.identity, Dispatch(
+                    request=request, queue_s=now - rec.enqueued_at_s, client=rec.client.hex(),
+                    client_request_id=rec.request.request_id)))
         return out
 
     # ---- time ---------------------------------------------------------------------
@@ -360,9 +385,11 @@ class BrokerState:
         self.accepting = False
 
     def fail_all(self, code: str, message: str) -> list[Out]:
-        """Give every open request its terminal error (broker exit)."""
+        """Give every open request its terminal error, and cancel it on its worker (broker exit)."""
         out: list[Out] = []
         for rec in list(self.requests.values()):
+            if not rec.answered:
+                out += self.open.cancel_at_worker(rec, CANCEL_BROKER_EXIT)
             out += self.finish(rec, Error(code, message, rec.key))
         return out
 

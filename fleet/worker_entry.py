@@ -25,7 +25,8 @@ def worker_settings(cfg: FleetConfig, *, worker_id: str, model: str, source: str
     return WorkerSettings(worker_id=worker_id, model=model, source=source, connect=connect, batching=batching,
                           dtype=dtype, heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_liveness=cfg.heartbeat_liveness,
                           blas=cfg.blas, log_level=cfg.log_level, metrics_events=metrics_events,
-                          curve_secret=curve_secret, curve_server_public=curve_server_public)
+                          curve_secret=curve_secret, curve_server_public=curve_server_public,
+                          recovery_grace_s=cfg.recovery_grace_s, recovery_buffer_bytes=cfg.recovery_buffer_bytes)
 
 
 def local_worker_settings(spec: WorkerSpec, cfg: FleetConfig) -> WorkerSettings:

@@ -6,6 +6,13 @@ encodes and sends what the loop reports while the loop runs its next step, and
 reconnects with backoff when the broker goes silent. The loop rings an ``inproc://``
 doorbell after each report, so the thread sleeps in one poll on both. The decisions
 live in :mod:`workers.link` and :mod:`workers.replies`; this module moves bytes.
+
+When the broker is lost (its connection drops, it goes silent, or it asks us to register
+again), the requests go on decoding and their output is kept in the ledger. As soon as a
+broker's handshake succeeds on a fresh connection and the loop has said it is alive, the
+thread sends ``ready`` with the in-flight table, then every kept request's output from its
+start, then carries on. A broker that does not come back within ``recovery_grace_s`` makes
+the loop drop everything.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import queue
 import threading
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from actors.clock import Clock
 from actors.curve import CurveKeys, apply_client
@@ -22,12 +30,13 @@ from actors.protocol import (
     Cancel, Disconnect, Dispatch, Heartbeat, Message, ProtocolError, Ready, decode, encode,
 )
 from actors.sockets import make_socket
-from workers.link import BrokerLink, Close, InboxItem, Inbound, LoopProgress, LoopReport, Reset, Stop
+from workers.link import BrokerLink, Close, InboxItem, Inbound, LoopProgress, LoopReport, Register, Reset, Stop
 from workers.replies import ReplyLedger
 
 log = logging.getLogger("mlx_fleet.worker")
 
 BROKER_TYPES = frozenset({"dispatch", "cancel", "heartbeat", "disconnect"})
+LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 READ_BATCH = 256  # broker messages read per wake before the outbox gets a turn again
 
 
@@ -46,6 +55,9 @@ class BrokerIO:
         doorbell: str,
         heartbeat_interval_s: float,
         heartbeat_liveness: int,
+        ready: Ready,
+        grace_s: float = 10.0,
+        buffer_bytes: int = 64 * 1024 * 1024,
         curve: CurveKeys | None = None,
     ) -> None:
         self.ctx = ctx
@@ -55,9 +67,13 @@ class BrokerIO:
         self.inbox = inbox
         self.outbox = outbox
         self.curve = curve
-        self.link = BrokerLink(clock, interval_s=heartbeat_interval_s, liveness=heartbeat_liveness)
+        self.ready = ready  # what we say when registering; the in-flight table is added each time
+        self.link = BrokerLink(clock, interval_s=heartbeat_interval_s, liveness=heartbeat_liveness, grace_s=grace_s)
         self.progress = LoopProgress()
-        self.ledger = ReplyLedger(clock)
+        # A terminal is kept until a lost broker would have been noticed: then it cannot still be in flight.
+        self.ledger = ReplyLedger(clock, budget_bytes=buffer_bytes, linger_s=self.link.liveness_s + heartbeat_interval_s)
+        self.ledger.away = True
+        self.generation = 0  # the loop's reports of an older generation speak of dropped requests
         self.free_slots = 0
         self.stats: dict | None = None
         self.failed = False
@@ -66,6 +82,7 @@ class BrokerIO:
         self.bell = make_socket(ctx, zmq.PAIR)
         self.bell.bind(doorbell)
         self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
         self.thread = threading.Thread(target=self.run, name="broker-io", daemon=True)
 
     def start(self) -> None:
@@ -88,8 +105,7 @@ class BrokerIO:
             self.failed = True
             self.inbox.put(Stop("the I/O thread failed"))
         finally:
-            if self.sock is not None:
-                self.sock.close(0)
+            self._close_socket()
             self.bell.close(0)
 
     def _serve(self) -> None:
@@ -106,29 +122,103 @@ class BrokerIO:
             # Read whether or not the poll saw it: a message that came while this thread
             # waited for the GIL after a timed-out poll still proves the broker alive.
             self._read_broker()
-            due = self.link.due()
-            if due == BrokerLink.RECONNECT:
-                log.warning("broker silent %.1fs; reconnecting (next try %.1fs later)",
-                            self.clock.now() - self.link.last_heard_s, self.link.reconnect_wait_s)
+            if self._link_dropped():
+                self._lose("the connection to the broker dropped")
                 self._connect(poller)
-            elif due == BrokerLink.BEAT:
-                self._send(self._heartbeat())
+            self._act(self.link.due(), poller)
+            if self.link.may_register():
+                self._register()
+            self.ledger.expire()
+
+    def _act(self, due: str | None, poller: zmq.Poller) -> None:
+        """Do what the link says is due."""
+        if due == BrokerLink.RECONNECT:
+            log.warning("broker silent %.1fs; reconnecting (next try %.1fs later)",
+                        self.clock.now() - self.link.last_heard_s, self.link.reconnect_wait_s)
+            self._lose("the broker went silent")
+            self._connect(poller)
+        elif due == BrokerLink.ASK_LOOP:  # a hung loop never answers: such a worker does not register
+            self.inbox.put(Register(self.progress.handed(self.clock.now()), self.link.registration))
+        elif due == BrokerLink.BEAT:
+            self._send(self._heartbeat())
+        elif due == BrokerLink.GIVE_UP:
+            self._give_up()
 
     def _connect(self, poller: zmq.Poller) -> None:
-        """(Re)connect the DEALER under our identity; the loop registers for the new epoch."""
+        """(Re)connect the DEALER under our identity, with a monitor; we register once its handshake succeeds.
+
+        A fresh socket, not ZeroMQ's own reconnect: what the old one still queued would
+        reach a new broker before our ``ready``.
+        """
         if self.sock is not None:
             poller.unregister(self.sock)
-            self.sock.close(0)
+            poller.unregister(self.monitor)
+            self._close_socket()
         self.sock = make_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
         if self.curve is not None:
             apply_client(self.sock, self.curve)
+        self.monitor = self.sock.get_monitor_socket(LINK_EVENTS)
         self.sock.connect(self.connect_addr)
         poller.register(self.sock, zmq.POLLIN)
-        self._reset(self.link.connected(), "connected to the broker")
+        poller.register(self.monitor, zmq.POLLIN)
+        self.link.connected()
 
-    def _reset(self, epoch: int, reason: str) -> None:
+    def _close_socket(self) -> None:
+        if self.sock is None:
+            return
+        self.sock.disable_monitor()
+        if self.monitor is not None:
+            self.monitor.close(0)
+        self.sock.close(0)
+        self.sock = self.monitor = None
+
+    def _link_dropped(self) -> bool:
+        """Read the monitor: note a handshake; True when the connection dropped."""
+        assert self.monitor is not None
+        dropped = False
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.link.greet()
+            elif event == zmq.EVENT_DISCONNECTED:
+                dropped = True
+        return dropped
+
+    def _lose(self, why: str) -> None:
+        """No broker has our requests now: keep their output until one does (or the grace ends)."""
+        if not self.ledger.away and self.ledger.in_flight:
+            log.warning("%s; keeping %d requests in flight (and %d answered) for up to %.1fs", why,
+                        self.ledger.in_flight, self.ledger.held - self.ledger.in_flight, self.link.grace_s)
+        self.ledger.go_away()
+        self._cancel_overflowed()
+
+    def _register(self) -> None:
+        """``ready`` with the in-flight table, then every kept request's output from its start."""
+        table = self.ledger.table()
+        ready = Ready(**{**vars(self.ready), "requests": table or None})
+        self._send(ready)
+        for msg in self.ledger.replay():
+            self._send(msg)
+        self.link.ready_sent()
+        self.ledger.away = False
+        if table:
+            log.info("registered again; handed %d requests to the broker", len(table))
+
+    def _give_up(self) -> None:
+        """The grace ran out: drop every request (the loop too) and register with nothing."""
+        if self.ledger.held:
+            log.warning("no broker took our requests within %.1fs (recovery_grace_s); dropping %d",
+                        self.link.grace_s, self.ledger.held)
         self.ledger.reset()
-        self.inbox.put(Reset(self.progress.handed(self.clock.now()), epoch, reason))
+        self.ledger.away = True
+        self.generation += 1
+        self.inbox.put(Reset(self.progress.handed(self.clock.now()), self.generation, "broker lost past the grace"))
+
+    def _cancel_overflowed(self) -> None:
+        """Requests the ledger ended for its budget: the loop stops decoding them."""
+        now = self.clock.now()
+        for key in self.ledger.take_overflowed():
+            self.inbox.put(Inbound(self.progress.handed(now), Cancel(key), now))
 
     def _drain_bell(self) -> None:
         while True:
@@ -138,7 +228,7 @@ class BrokerIO:
                 return
 
     def _drain_outbox(self) -> None:
-        """Send everything the loop reported, up to its Close."""
+        """Send everything the loop reported, up to its Close (kept, not sent, while the broker is away)."""
         while not self.closing:
             try:
                 item = self.outbox.get_nowait()
@@ -151,10 +241,13 @@ class BrokerIO:
             self.free_slots = item.free_slots
             if item.stats is not None:
                 self.stats = item.stats
-            if item.epoch != self.link.epoch:
-                continue  # said about requests the broker has forgotten
-            for msg in self.ledger.take(item.out):
-                if not isinstance(msg, Ready) or self.link.ready_sent(item.epoch):
+            self.link.loop_ready(item.ready_for)
+            if item.generation != self.generation:
+                continue  # said about requests dropped since
+            msgs = self.ledger.take(item.out)
+            self._cancel_overflowed()
+            if not self.link.away:
+                for msg in msgs:
                     self._send(msg)
 
     def _read_broker(self) -> None:
@@ -165,8 +258,8 @@ class BrokerIO:
             except zmq.Again:
                 return
             self.link.heard()
-            try:
-                msg = decode(frames, allowed=BROKER_TYPES)
+            try:  # a newer broker may add fields: ignore those we do not know
+                msg = decode(frames, allowed=BROKER_TYPES, ignore_unknown=True)
             except ProtocolError as exc:
                 log.warning("dropped malformed broker message: %s", exc.message)
                 continue
@@ -181,12 +274,8 @@ class BrokerIO:
                     self._send(reply)
                 if answer:  # the loop drops it at its next step boundary
                     self.inbox.put(Inbound(self.progress.handed(now), msg, now))
-            elif isinstance(msg, Disconnect):
-                epoch = self.link.asked_to_register()
-                if epoch is not None:
-                    log.warning("broker asked us to register again (%s); dropping %d requests",
-                                msg.reason, self.ledger.in_flight)
-                    self._reset(epoch, msg.reason)
+            elif isinstance(msg, Disconnect) and self.link.asked_to_register():
+                self._lose(f"the broker asked us to register again ({msg.reason})")
 
     def _heartbeat(self) -> Heartbeat:
         now = self.clock.now()

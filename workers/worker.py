@@ -38,7 +38,7 @@ from actors.runtime import Hooks, StartError, run_process
 from actors.shard_group import ShardRank
 from workers.faults import make_fault_injector
 from workers.io_thread import BrokerIO
-from workers.link import Close, InboxItem, Inbound, LoopReport, Reset, Stop
+from workers.link import Close, InboxItem, Inbound, LoopReport, Register, Reset, Stop
 from workers.replies import Outgoing
 from workers.session import WorkerSession
 from workers.telemetry import WorkerTelemetry
@@ -68,6 +68,8 @@ class WorkerSettings:
     curve_secret: str = ""  # our secret cert: CurveZMQ to the broker when set
     curve_server_public: str = ""  # the broker's public cert (its secret cert works too)
     shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard.py)
+    recovery_grace_s: float = 10.0  # how long requests outlive a lost broker
+    recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
 
 
 class WorkerActor:
@@ -86,7 +88,8 @@ class WorkerActor:
         self.bell: zmq.Socket | None = None
         self.info: dict[str, Any] = {}
         self.telemetry = WorkerTelemetry.disabled()
-        self.epoch = 0  # the registration the loop last answered with `ready`
+        self.generation = 0  # the last Reset (drop everything) the loop has taken
+        self.ready_for = 0  # the last Register the loop has answered
         self.consumed = 0  # the last inbox item taken
         self.out: list[Outgoing] = []  # said since the last report
         self.last_report: tuple[int, int, bool] = (-1, -1, False)
@@ -134,10 +137,13 @@ class WorkerActor:
         """Start the I/O thread and connect this thread's end of the doorbell."""
         doorbell = f"inproc://worker-doorbell-{os.getpid()}-{next(_DOORBELLS)}"
         curve = load_client_keys(self.s.curve_secret, self.s.curve_server_public) if self.s.curve_secret else None
+        ready = Ready(self.s.worker_id, self.s.model, self.s.batching.decode_capacity, os.getpid(),
+                      socket.gethostname(), self.info)
         self.io = BrokerIO(self.ctx, self.clock, worker_id=self.s.worker_id, connect=self.s.connect,
                            inbox=self.inbox, outbox=self.outbox, doorbell=doorbell,
                            heartbeat_interval_s=self.s.heartbeat_interval_s,
-                           heartbeat_liveness=self.s.heartbeat_liveness, curve=curve)
+                           heartbeat_liveness=self.s.heartbeat_liveness, ready=ready,
+                           grace_s=self.s.recovery_grace_s, buffer_bytes=self.s.recovery_buffer_bytes, curve=curve)
         self.bell = self.ctx.socket(zmq.PAIR)
         self.bell.setsockopt(zmq.LINGER, 0)
         self.bell.connect(doorbell)
@@ -193,14 +199,15 @@ class WorkerActor:
             self.running = False
             return
         self.consumed = item.seq
-        if isinstance(item, Reset):
+        if isinstance(item, Register):
+            self.ready_for = item.registration  # alive: the I/O thread may say `ready`
+        elif isinstance(item, Reset):
             dropped = self.session.in_flight
             if dropped:
-                log.warning("registering again (%s); dropping %d requests", item.reason, dropped)
+                log.warning("%s; dropping %d requests", item.reason, dropped)
             self.session.drop_all()
-            self.epoch = item.epoch
-            self.out = [Ready(self.s.worker_id, self.s.model, self.s.batching.decode_capacity,
-                              os.getpid(), socket.gethostname(), self.info)]
+            self.generation = item.generation
+            self.out = []
         elif isinstance(item.msg, Dispatch):
             self.out += self.session.dispatch(item.msg, item.arrived_s)
             if self.faults is not None:
@@ -220,8 +227,8 @@ class WorkerActor:
         if not self.out and stats is None and step_began_s is None and state == self.last_report:
             return  # nothing new: an idle turn
         self.last_report = state
-        self.outbox.put(LoopReport(self.epoch, self.consumed, self.session.steps_completed, step_began_s,
-                                   self.out, self.session.engine.free_slots, stats))
+        self.outbox.put(LoopReport(self.generation, self.consumed, self.session.steps_completed, step_began_s,
+                                   self.out, self.session.engine.free_slots, stats, self.ready_for))
         self.out = []
         self._ring()
 

@@ -165,7 +165,8 @@ def test_hung_worker_is_declared_dead_and_replaced(monkeypatch):
 
 @pytest.mark.slow
 def test_broker_loss_under_load():
-    """kill -9 the broker mid-stream: clear errors, never a hang; workers re-register."""
+    """kill -9 the broker mid-stream: never a hang; the workers hand their requests to the new broker,
+    and every stream finishes (tests/integration/test_broker_recovery.py checks the texts)."""
     with running_fleet(models=(("demo", "demo", 2),), restart_backoff_s=0.2, **FAST_BEATS) as fleet:
         addr = fleet.cfg.frontend
         results: dict[str, Any] = {}
@@ -174,7 +175,7 @@ def test_broker_loss_under_load():
         def sync_stream(name: str) -> None:
             try:
                 with Client(addr, timeout_s=120) as client:
-                    stream = client.stream("Tell a long story", model="demo", max_tokens=2000)
+                    stream = client.stream("Tell a long story", model="demo", max_tokens=600)
                     for i, _ in enumerate(stream):
                         if i == 0:
                             started.wait()
@@ -187,7 +188,7 @@ def test_broker_loss_under_load():
             async with AsyncClient(addr, timeout_s=120) as client:
                 async def one() -> Any:
                     try:
-                        return await client.generate("Tell a long story", model="demo", max_tokens=2000)
+                        return await client.generate("Tell a long story", model="demo", max_tokens=600)
                     except FleetError as exc:
                         return (exc.code, time.monotonic())
                 return await asyncio.gather(*(one() for _ in range(4)))
@@ -202,17 +203,12 @@ def test_broker_loss_under_load():
         wait_for(lambda: fleet_status(addr)["requests"] >= 8, timeout_s=30, what="8 requests in flight")
         broker = fleet.child("broker")
         old_pid = broker.process.pid
-        t_kill = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         for t in threads + [athread]:
-            t.join(30)
+            t.join(120)
             assert not t.is_alive(), "a client hung after the broker died"
-        for i in range(4):
-            assert results[f"s{i}"] == "unavailable", results
-            assert results[f"s{i}:t"] - t_kill < 5.0
-        for item in async_result:
-            assert isinstance(item, tuple) and item[0] == "unavailable", async_result
-            assert item[1] - t_kill < 5.0
+        assert all(results[f"s{i}"] == "finished" for i in range(4)), results
+        assert all(item.finish_reason == "length" for item in async_result), async_result
 
         def reregistered() -> dict[str, Any] | None:
             try:

@@ -172,3 +172,19 @@ def test_comparison_table_labels_noise_and_direction() -> None:
     assert "-20.0% (beyond noise, worse)" in server_row  # fewer tok/s
     assert "| bare engine |" not in table  # the baseline is not compared with itself
     assert comparison_table(RESULTS, LABELS, "missing") == "(no missing in this run)"
+
+
+def test_soak_kills_measure_the_stall_each_stream_saw_across_a_kill() -> None:
+    from benchmarks.soak_kills import kills_markdown, stall_across, stalls_by_kill
+
+    streams = [[100.0, 100.1, 100.2, 101.5, 101.6],  # a chunk at 100.2, the next 1.3 s later: across the kill at 101.0
+               [100.5, 102.0],  # started before the kill, nothing until 102.0
+               [101.2, 101.3],  # started after it
+               [99.0, 99.5]]  # ended before it
+    assert stall_across(101.0, streams[0]) == pytest.approx(1.3) and stall_across(101.0, streams[3]) is None
+    assert stall_across(100.2, streams[0]) == pytest.approx(1.3)  # an event at the kill itself counts as before
+    (row, empty) = stalls_by_kill([101.0, 200.0], streams, t0_s=90.0)
+    assert row["at_s"] == 11.0 and row["streams"] == 2 and row["stall_max_s"] == pytest.approx(1.5)
+    assert row["stall_p50_s"] == pytest.approx(1.4) and row["stall_p99_s"] == pytest.approx(1.498)
+    assert empty == {"at_s": 110.0, "streams": 0}
+    assert kills_markdown([empty])[-1] == "| 110.0 | 0 | - | - | - |"

@@ -199,3 +199,96 @@ def test_oversize_requests_are_refused_before_sending() -> None:
 @pytest.mark.parametrize("own_s, default_s, want_s", [(None, 120.0, 120.0), (1.0, 120.0, 3.0), (300.0, 10.0, 302.0)])
 def test_local_timeout(own_s: float | None, default_s: float, want_s: float) -> None:
     assert local_timeout_s(own_s, default_s) == want_s
+
+
+# ---- a dropped connection: resend what showed nothing, wait for the rest --------------------------
+
+
+def gen(rid: str = "r1", stream: bool = True) -> Generate:
+    return Generate(request_id=rid, model="m", prompt="hi", stream=stream)
+
+
+def test_a_request_that_showed_nothing_is_sent_again_once_a_broker_is_back() -> None:
+    c, clock = core()
+    c.on_event(UP)
+    quiet = c.open("quiet", "generate", 60.0, request=gen("quiet", stream=False))
+    call = c.open("call", "status", 60.0)
+    clock.advance(1.0)
+    c.on_event(DOWN)
+    with pytest.raises(FleetError) as info:
+        c.take(call)  # calls end at once, as before
+    assert info.value.code == "unavailable"
+    assert c.take(quiet) is None and c.take_resends() == []
+    assert c.wait_until_s(quiet) == pytest.approx(101.0 + 15.0)  # recover_timeout_s from the drop
+    clock.advance(2.0)
+    c.on_event(UP)
+    (again,) = c.take_resends()
+    assert again == Generate(request_id="quiet", model="m", prompt="hi", stream=False, resend=True)
+    assert c.take_resends() == [] and c.wait_until_s(quiet) == pytest.approx(160.0)  # its own deadline again
+
+
+def test_a_started_stream_waits_for_its_worker_and_fails_unavailable_past_recover_timeout() -> None:
+    c, clock = core()
+    c.on_event(UP)
+    p = c.open("s", "generate", 600.0, request=gen("s"))
+    c.on_frames(encode(Chunk("s", "He", [1], 0, 0)))
+    assert c.advance(p, c.take(p)) == StreamChunk("He", [1])
+    c.on_event(DOWN)
+    c.on_event(UP)
+    assert c.take_resends() == []  # it had shown output: not run again
+    assert c.wait_until_s(p) == pytest.approx(100.0 + 15.0)
+    clock.advance(15.0)
+    with pytest.raises(FleetError) as info:
+        c.next_or_wait(p)
+    assert info.value.code == "unavailable" and "recover_timeout_s=15s" in info.value.message
+    assert "no worker resumed it" in info.value.message
+
+
+def test_a_resumed_stream_drops_what_it_had_and_waits_as_before() -> None:
+    c, clock = core()
+    c.on_event(UP)
+    p = c.open("s", "generate", 600.0, request=gen("s"))
+    c.on_frames(encode(Chunk("s", "He", [1], 0, 0)))
+    c.advance(p, c.take(p))
+    c.on_event(DOWN)
+    c.on_frames(encode(Chunk("s", "llo", [2], 2, 1)))  # read from the old connection after the drop
+    assert c.wait_until_s(p) == pytest.approx(115.0)  # still not proof that anyone carries on
+    c.on_event(UP)
+    c.on_frames(encode(Chunk("s", "Hello w", [1, 2, 3], 0, 0)))  # the worker sends it all again
+    assert c.wait_until_s(p) == pytest.approx(700.0)
+    assert [c.advance(p, c.take(p)) for _ in range(2)] == [StreamChunk("llo", [2]), StreamChunk(" w", [3])]
+    for msg in (Chunk("s", "Hello w", [1, 2, 3], 0, 0), Chunk("s", "", [4], 7, 3), Done("s", "length")):
+        c.on_frames(encode(msg))
+    got = [c.advance(p, c.take(p)) for _ in range(3)]
+    assert got[:2] == [None, StreamChunk("", [4])]
+    assert (got[2].text, got[2].token_ids) == ("Hello w", [1, 2, 3, 4])
+
+
+def test_a_gap_in_a_stream_fails_it() -> None:
+    c, _ = core()
+    p = c.open("s", "generate", 60.0, request=gen("s"))
+    c.advance(p, Chunk("s", "ab", [1], 0, 0))
+    with pytest.raises(FleetError) as info:
+        c.advance(p, Chunk("s", "d", [3], 3, 2))
+    assert info.value.code == "unavailable" and "lost on the way" in info.value.message
+
+
+def test_a_request_whose_answer_waits_unread_is_neither_resent_nor_failed_by_a_drop() -> None:
+    c, _ = core()
+    c.on_event(UP)
+    p = c.open("q", "generate", 60.0, request=gen("q", stream=False))
+    c.on_frames(encode(Done("q", "stop", text="t")))
+    c.on_event(DOWN)
+    c.on_event(UP)
+    assert c.take_resends() == [] and isinstance(c.take(p), Done) and c.take(p) is None
+
+
+def test_a_resend_carries_what_is_left_of_its_timeout() -> None:
+    c, clock = core()
+    c.on_event(UP)
+    c.open("t", "generate", 12.0, request=Generate(request_id="t", model="m", prompt="hi", timeout_s=10.0))
+    clock.advance(4.0)
+    c.on_event(DOWN)
+    c.on_event(UP)
+    (again,) = c.take_resends()
+    assert again.resend and again.timeout_s == pytest.approx(6.0)

@@ -363,3 +363,19 @@ def test_model_dtype(tmp_path: Path, toml: str | None, env: dict[str, str], cli:
 def test_bad_dtype_is_refused(tmp_path: Path, toml: str | None, env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="dtype.*auto, quantized, float32, bfloat16, float16"):
         load(tmp_path, toml, env=env)
+
+
+def test_recovery_settings_come_from_the_file_and_bad_values_are_refused(tmp_path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text("recovery_grace_s = 4.5\nrecovery_buffer_bytes = 1024\nadoption_window_s = 1\n"
+                    "client_return_s = 20\nrestart_stable_s = 3\n")
+    cfg = load_config(path, env={})
+    assert (cfg.recovery_grace_s, cfg.recovery_buffer_bytes, cfg.adoption_window_s, cfg.client_return_s,
+            cfg.restart_stable_s) == (4.5, 1024, 1.0, 20.0, 3.0)
+    defaults = load_config(env={})
+    assert (defaults.recovery_grace_s, defaults.recovery_buffer_bytes, defaults.adoption_window_s) == (
+        10.0, 64 * 1024 * 1024, 3.0)
+    for bad in ("recovery_grace_s = -1", "recovery_buffer_bytes = -1", "adoption_window_s = -0.5"):
+        path.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=bad.split()[0]):
+            load_config(path, env={})

@@ -112,6 +112,47 @@ def test_a_stable_run_resets_the_backoff_and_old_restarts_expire(supervisor: Any
     assert not worker.gave_up and worker.next_start_s - clock.now() == 0.5
 
 
+def test_a_run_of_restart_stable_s_resets_the_backoff(supervisor: Any) -> None:
+    sup, clock = supervisor
+    broker = sup.children["broker"]
+    crash(sup, broker, clock)
+    crash(sup, broker, clock)  # ran for no time: the backoff grew
+    assert broker.backoff_s == 2.0
+    clock.advance(sup.cfg.restart_stable_s)  # a kill every so often, each after a stable run
+    broker.process.exitcode = -9
+    sup.check_children()
+    assert broker.next_start_s - clock.now() == 0.5
+
+
+def test_a_planned_restart_signals_the_broker_and_starts_it_again_at_once(supervisor: Any) -> None:
+    sup, clock = supervisor
+    signals: list[tuple[int, int]] = []
+    sup.children._send_signal = lambda pid, sig: signals.append((pid, sig))
+    broker = sup.children["broker"]
+    first = broker.pid
+    for n in range(5):  # more than restart_max: planned restarts are not crashes
+        assert sup.children.hand_over("broker") and not sup.children.hand_over("broker")  # asked once
+        broker.process.exitcode = 0  # it handed over and exited
+        assert sup.check_children() and broker.alive and broker.restarts == n + 1
+    import signal as signals_mod
+    assert signals[0] == (first, signals_mod.SIGUSR1) and len(signals) == 5
+    assert not broker.gave_up and broker.restart_times_s == [] and broker.backoff_s == 0.5
+
+
+def test_a_broker_that_does_not_hand_over_in_time_is_killed(supervisor: Any) -> None:
+    sup, clock = supervisor
+    sup.children._send_signal = lambda pid, sig: None
+    broker = sup.children["broker"]
+    old = broker.process
+    sup.children.hand_over("broker")
+    clock.advance(sup.children.stop_grace_s - 0.1)
+    sup.check_children()
+    assert old.signals == [] and broker.process is old
+    clock.advance(0.1)
+    sup.check_children()
+    assert old.signals == ["KILL"] and broker.alive and broker.process is not old  # killed, then started at once
+
+
 def test_giving_up_on_the_broker_stops_the_fleet(supervisor: Any) -> None:
     sup, clock = supervisor
     broker = sup.children["broker"]

@@ -1,5 +1,5 @@
 """Unit tests for what the worker's I/O thread decides: heartbeats, reconnect backoff,
-registration epochs, and how long the MLX loop has gone without progress.
+registration, the grace of a lost broker, and how long the MLX loop has gone without progress.
 
 Pure objects on a fake clock; no sockets, no threads, no sleeping.
 """
@@ -14,11 +14,11 @@ from workers.link import BrokerLink, LoopProgress, LoopReport
 pytestmark = pytest.mark.timeout(10)
 
 
-def make_link(interval_s: float = 1.0, liveness: int = 3) -> tuple[BrokerLink, FakeClock]:
+def make_link(interval_s: float = 1.0, liveness: int = 3, grace_s: float = 1000.0) -> tuple[BrokerLink, FakeClock]:
     clock = FakeClock(0.0)
-    link = BrokerLink(clock, interval_s=interval_s, liveness=liveness)
+    link = BrokerLink(clock, interval_s=interval_s, liveness=liveness, grace_s=grace_s)
     link.connected()
-    link.ready_sent(link.epoch)
+    link.ready_sent()
     return link, clock
 
 
@@ -29,7 +29,7 @@ def run_until(link: BrokerLink, clock: FakeClock, t_s: float, actions: list[tupl
         due = link.due()
         if due == BrokerLink.RECONNECT:
             link.connected()
-            link.ready_sent(link.epoch)
+            link.ready_sent()
         if due is not None:
             actions.append((round(clock.now(), 6), due))
 
@@ -67,25 +67,68 @@ def test_heartbeats_go_once_per_interval_while_the_broker_answers() -> None:
     assert 0.0 < link.wait_s() <= 0.5
 
 
-def test_no_heartbeat_before_ready_and_one_new_epoch_per_registration_asked() -> None:
+def register(link: BrokerLink) -> None:
+    """What the I/O thread does: ask the loop, hear it answer, send ``ready``."""
+    assert link.due() == BrokerLink.ASK_LOOP and not link.may_register()
+    assert link.due() != BrokerLink.ASK_LOOP and link.wait_s() > 0  # asked once; no busy wait for the answer
+    link.loop_ready(link.registration)
+    assert link.may_register()
+    link.ready_sent()
+
+
+def test_registers_once_greeted_and_the_loop_answers_and_once_per_request_to_register() -> None:
     clock = FakeClock(0.0)
     link = BrokerLink(clock, interval_s=1.0, liveness=5)
     first = link.connected()
     clock.advance(1.0)
-    assert link.due() is None  # not registered: the broker would ignore a beat
-    assert link.asked_to_register() is None  # a `ready` is owed already
-    assert link.ready_sent(first) and link.registered
-    second = link.asked_to_register()
-    assert second == first + 1 and not link.registered
-    assert link.asked_to_register() is None  # a burst of requests to register: one new epoch
-    assert not link.ready_sent(first)  # the loop's ready for the old epoch is stale
-    assert link.ready_sent(second)
+    assert link.due() is None and link.away  # no handshake yet: nothing to say, and a beat would be ignored
+    assert not link.asked_to_register()  # a `ready` is owed already
+    link.greet()
+    register(link)
+    clock.advance(1.0)
+    assert link.registered and not link.away and link.due() == BrokerLink.BEAT
+    assert link.asked_to_register() and link.away and link.epoch == first  # the same connection: no new epoch
+    assert not link.asked_to_register()  # a burst of requests to register: one registration
+    stale = link.registration - 1
+    link.loop_ready(stale)  # the loop's answer to an older question does not count
+    register(link)
     clock.advance(1.0)
     assert link.due() == BrokerLink.BEAT
+    assert link.connected() == first + 1 and link.away and not link.greeted
+
+
+def test_a_loop_that_never_answers_never_registers() -> None:
+    clock = FakeClock(0.0)
+    link = BrokerLink(clock, interval_s=1.0, liveness=1000)
+    link.connected()
+    link.greet()
+    assert link.due() == BrokerLink.ASK_LOOP
+    for _ in range(100):
+        clock.advance(0.5)
+        link.heard()
+        assert link.due() in (None, BrokerLink.GIVE_UP) and not link.may_register()
+
+
+@pytest.mark.parametrize("back_after_s, gives_up", [(4.9, False), (5.0, True)])
+def test_a_lost_broker_is_given_up_on_after_the_grace_once(back_after_s: float, gives_up: bool) -> None:
+    link, clock = make_link(interval_s=1.0, liveness=100, grace_s=5.0)
+    clock.advance(10.0)
+    link.heard()
+    assert link.asked_to_register()  # lost: the grace runs from now
+    assert link.wait_s() <= 5.0  # woken in time to give up
+    link.connected()  # and again, from another cause: the grace still runs from the first
+    clock.advance(back_after_s)
+    assert (link.due() == BrokerLink.GIVE_UP) is gives_up
+    assert link.due() != BrokerLink.GIVE_UP  # once
+    link.greet()
+    register(link)  # a broker that comes later gets what is left
+    clock.advance(100.0)
+    link.heard()
+    assert link.due() != BrokerLink.GIVE_UP  # registered: no grace runs
 
 
 def report(consumed: int, steps: int, began_s: float | None) -> LoopReport:
-    return LoopReport(epoch=1, consumed=consumed, steps=steps, step_began_s=began_s)
+    return LoopReport(generation=0, consumed=consumed, steps=steps, step_began_s=began_s)
 
 
 @pytest.mark.parametrize("events, now_s, elapsed_s", [
