@@ -8,6 +8,7 @@ imports inside functions and under ``TYPE_CHECKING`` count like any other.
 - ``fleet`` (the composition root) is imported only by itself, ``tests`` and ``benchmarks``.
 - Nothing outside ``tests`` imports ``tests`` (benchmarks have helpers of their own).
 - No module imports itself back, directly or through others.
+- Every import of our own packages names a module that exists (benchmarks too, which no test imports).
 - No production module is over 450 lines, and no function over 80.
 - Every repository file a comment or a doc cites exists.
 - No merge-conflict marker is left in a tracked text.
@@ -94,6 +95,23 @@ def build_graph(root: Path, packages: tuple[str, ...] = PACKAGES) -> Graph:
                     targets.add(prefix)
         graph.edges[module] = targets
     return graph
+
+
+def missing_imports(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """Imports of our own packages that name no module of the tree (a module moved or removed)."""
+    graph = build_graph(root, packages)
+    bad = []
+    for module, path in graph.files.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            else:
+                continue
+            bad += [f"{module} -> {name}" for name in names
+                    if name.split(".")[0] in packages and name not in graph.files]
+    return sorted(bad)
 
 
 def wrong_way_imports(graph: Graph) -> list[str]:
@@ -201,6 +219,10 @@ def unit_tests_starting_processes(root: Path) -> list[str]:
 
 def test_no_import_goes_the_wrong_way() -> None:
     assert wrong_way_imports(build_graph(ROOT)) == []
+
+
+def test_every_import_of_our_own_names_an_existing_module() -> None:
+    assert missing_imports(ROOT) == []
 
 
 def test_there_is_no_import_cycle() -> None:
