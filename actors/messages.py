@@ -136,6 +136,7 @@ class Load(Addressed):
     replicas: int = 1
     on_demand: bool = False
     idle_unload_s: float | None = None
+    dtype: str | None = None  # one of actors.config.DTYPES; None: the fleet's own dtype
     request_id: str | None = None
 
 

@@ -110,7 +110,8 @@ class ModelManager:
         except (FileNotFoundError, ValueError) as exc:
             return Error(BAD_REQUEST, str(exc))
         spec = ModelSpec(msg.model, msg.source, msg.replicas, self.cfg.batching, msg.on_demand,
-                         msg.idle_unload_s if msg.idle_unload_s is not None else ModelSpec.idle_unload_s, self.cfg.dtype)
+                         msg.idle_unload_s if msg.idle_unload_s is not None else ModelSpec.idle_unload_s,
+                         msg.dtype or self.cfg.dtype)
         if spec.on_demand:
             self.specs[spec.name] = spec
             return ControlReply("load", spec.name, "on demand: starts at its first request")

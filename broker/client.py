@@ -123,13 +123,16 @@ class Client(ClientShell):
         return self._call(Status(), StatusReply, timeout_s).status
 
     def load(self, model: str, source: str, *, replicas: int = 1, on_demand: bool = False,
-             idle_unload_s: float | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+             idle_unload_s: float | None = None, dtype: str | None = None,
+             timeout_s: float | None = None) -> dict[str, Any]:
         """Start serving ``model`` in a running fleet; returns the ``control_reply`` map.
 
         It returns once the supervisor has started the workers; they register with
         the broker as they finish loading (requests for the model queue meanwhile).
+        ``dtype`` is its precision (``actors.config.DTYPES``); None takes the fleet's.
         """
-        msg = Load(model=model, source=source, replicas=replicas, on_demand=on_demand, idle_unload_s=idle_unload_s)
+        msg = Load(model=model, source=source, replicas=replicas, on_demand=on_demand, idle_unload_s=idle_unload_s,
+                   dtype=dtype)
         return self._call(msg, ControlReply, timeout_s).to_map()
 
     def unload(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:

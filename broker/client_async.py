@@ -140,9 +140,11 @@ class AsyncClient(ClientShell):
         return (await self._call(Status(), StatusReply, timeout_s)).status
 
     async def load(self, model: str, source: str, *, replicas: int = 1, on_demand: bool = False,
-                   idle_unload_s: float | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+                   idle_unload_s: float | None = None, dtype: str | None = None,
+                   timeout_s: float | None = None) -> dict[str, Any]:
         """As :meth:`broker.client.Client.load`."""
-        msg = Load(model=model, source=source, replicas=replicas, on_demand=on_demand, idle_unload_s=idle_unload_s)
+        msg = Load(model=model, source=source, replicas=replicas, on_demand=on_demand, idle_unload_s=idle_unload_s,
+                   dtype=dtype)
         return (await self._call(msg, ControlReply, timeout_s)).to_map()
 
     async def unload(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.clock import Clock
+from actors.config import DTYPES
 from actors.control import Start, Stop, SupervisorState
 from actors.protocol import BAD_REQUEST, UNAVAILABLE, Addressed, ControlReply, Error, Load, Message, Ready, Unload
 from broker.records import Dest, ModelRecord, Out, WorkerRecord
@@ -320,4 +321,6 @@ def _load_problem(msg: Load) -> str:
         return "replicas must be in 0..64"
     if msg.idle_unload_s is not None and not 0.0 < msg.idle_unload_s <= 30 * 86_400.0:
         return "idle_unload_s must be in (0, 2592000]"
+    if msg.dtype is not None and msg.dtype not in DTYPES:
+        return f"dtype must be one of {', '.join(DTYPES)}"
     return ""

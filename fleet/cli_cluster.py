@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from actors.config import load_config, parse_model_arg
+from actors.config import DTYPES, load_config, parse_model_arg
 from actors.curve import CurveKeys, client_keys_from_config, make_keys
 from actors.protocol import DEFAULT_CONNECT
 
@@ -58,7 +58,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     try:
         with Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)) as client:
             reply = client.load(name, source, replicas=args.replicas, on_demand=args.on_demand,
-                                idle_unload_s=args.idle_unload_s)
+                                idle_unload_s=args.idle_unload_s, dtype=args.dtype)
             print(f"{name}: {reply.get('message', 'loading')}", flush=True)
             if args.no_wait or args.on_demand or args.replicas == 0:
                 return 0
@@ -174,6 +174,7 @@ def add_cluster_commands(sub: Any) -> None:
     ld.add_argument("--replicas", type=int, default=1)
     ld.add_argument("--on-demand", action="store_true", help="start its worker at the first request")
     ld.add_argument("--idle-unload-s", type=float, help="on-demand: stop after this many idle seconds")
+    ld.add_argument("--dtype", choices=DTYPES, help="its precision (default: the fleet's dtype)")
     ld.add_argument("--no-wait", action="store_true", help="return once started, not once ready")
     add_client_options(ld, timeout_s=180.0)
     ld.set_defaults(func=cmd_load)

@@ -119,6 +119,7 @@ def test_load_goes_to_the_supervisor_and_its_reply_to_the_client() -> None:
     ({"model": "x/y"}, BAD_REQUEST),
     ({"replicas": 65}, BAD_REQUEST),
     ({"idle_unload_s": 0.0}, BAD_REQUEST),
+    ({"dtype": "int3"}, BAD_REQUEST),
 ])
 def test_load_refusals(fields: dict[str, Any], code: str) -> None:
     h = Harness()

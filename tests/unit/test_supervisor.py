@@ -239,6 +239,16 @@ def make_manager(budget_bytes: int = 0, weights: int | None = 100) -> tuple[Any,
     return manager, children
 
 
+def test_load_takes_its_own_dtype_or_the_fleets() -> None:
+    from actors.protocol import Load
+
+    manager, children = make_manager()
+    manager.handle(Load(model="b", source="demo", dtype="bfloat16", request_id="k1"))
+    manager.handle(Load(model="c", source="demo", request_id="k2"))
+    assert [c.spec.worker.dtype for c in children.workers("b")] == ["bfloat16"]
+    assert [c.spec.worker.dtype for c in children.workers("c")] == [FleetConfig().dtype]
+
+
 def test_load_starts_workers_under_fresh_ids_and_unload_retires_them() -> None:
     from actors.protocol import ControlReply, Load
 
