@@ -40,6 +40,7 @@ class Command:
     module: str
     summary: str
     report: str  # the file stem it writes (``<report>_quick`` with --quick)
+    in_all: bool = True  # False: needs arguments that ``all`` cannot supply
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -56,6 +57,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("blas", "benchmarks.blas_gemm", "float32 GEMM GFLOP/s: reference BLAS against the optimized ones", "blas_gemm"),
     Command("smollm2", "benchmarks.smollm2", "SmolLM2-135M float32 at 1-32 clients vs mlx_lm.server, and served vs in-process", "smollm2"),
     Command("soak", "benchmarks.soak", "64 clients for 5 min with cancels and timeouts: crashes, lost requests, RSS", "soak"),
+    Command("ab", "benchmarks.ab", "two running fleets side by side (--a ADDR --b ADDR): sequential and concurrent", "ab",
+            in_all=False),
 )
 BY_NAME = {c.name: c for c in COMMANDS}
 
@@ -80,7 +83,7 @@ def run_one(cmd: Command, argv: list[str]) -> int:
 
 def run_all(out: Path, quick: bool, only: list[str] | None) -> int:
     """Every available command in turn, each in its own interpreter; writes ``all.md``/``all.json``."""
-    names = only or [c.name for c in COMMANDS]
+    names = only or [c.name for c in COMMANDS if c.in_all]
     rows: list[dict[str, object]] = []
     t_all = time.monotonic()
     for i, name in enumerate(names, 1):
@@ -124,7 +127,7 @@ def usage() -> str:
     """The command table, with availability."""
     width = max(len(c.name) for c in COMMANDS)
     rows = [f"  {c.name:<{width}}  {c.summary}{'' if available(c) else '  [not in this checkout]'}" for c in COMMANDS]
-    return ("commands:\n" + "\n".join(rows) + f"\n  {'all':<{width}}  the commands above in turn (--only a,b to pick)"
+    return ("commands:\n" + "\n".join(rows) + f"\n  {'all':<{width}}  the commands above but ab, in turn (--only a,b to pick)"
             + f"\n  {'list':<{width}}  this table")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -188,3 +189,22 @@ def test_soak_kills_measure_the_stall_each_stream_saw_across_a_kill() -> None:
     assert row["stall_p50_s"] == pytest.approx(1.4) and row["stall_p99_s"] == pytest.approx(1.498)
     assert empty == {"at_s": 110.0, "streams": 0}
     assert kills_markdown([empty])[-1] == "| 110.0 | 0 | - | - | - |"
+
+
+def test_ab_tables_give_b_against_a() -> None:
+    from benchmarks.ab import markdown
+
+    a, b = Summary.of([0.100, 0.100]), Summary.of([0.110, 0.110])
+    seq = {metric: {"bare": a, "served": b, "paired_diff": Summary.of([0.010, 0.010]),
+                    "diff_ms": {k: 10.0 for k in ("mean", "median", "p95", "p99")},
+                    "ratio": {k: 1.1 for k in ("mean", "median", "p95", "p99")}} for metric in ("ttft", "total")}
+    seq |= {"tokens_per_request": 50.0, "token_mismatches": 0}
+    side = {"tok_per_s": spread([100.0, 100.0]), "ttft_p50_s": spread([0.2, 0.2]), "ttft_p99_s": spread([0.3, 0.3])}
+    fast = {**side, "tok_per_s": spread([120.0, 130.0])}
+    args = argparse.Namespace(a_label="old", b_label="new", requests=2, max_tokens=50, repeats=2)
+    md = markdown({"sequential": seq, "concurrent": {"8": {"a": side, "b": fast}}}, args)
+    assert "new costs +0.200 ms against old" in md  # 10 ms over 50 tokens
+    assert "| 8 | 100.0 ±0.0% | 125.0 ±4.0% | 1.250 | no | 200.00 / 300.00 | 200.00 / 300.00 |" in md
+    close = {**side, "tok_per_s": spread([95.0, 101.0])}
+    md = markdown({"sequential": seq, "concurrent": {"8": {"a": side, "b": close}}}, args)
+    assert "| 0.980 | yes (within noise) |" in md
