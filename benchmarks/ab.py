@@ -72,7 +72,8 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [f"Both fleets stayed up for the whole run. {args.requests} sequential requests of {args.max_tokens} tokens "
              f"alternate between {la} and {lb}; then {PER_CLIENT} prompts per client at each client count, "
              f"{args.repeats} repeats, order swapped each repeat.\n",
-             "## Sequential (1 client)\n", f"| metric | {la} (ms) | {lb} (ms) | {lb} − {la} (ms) | ratio |", "|---|---|---|---|---|"]
+             "## Sequential (1 client)\n", f"| metric | {la} (ms) | {lb} (ms) | {lb} − {la} (ms) | ratio |",
+             "|---|---|---|---|---|"]
     for metric in ("ttft", "total"):
         for k in ("mean", "median", "p99"):
             m = s[metric]
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     progress(f"ab: sequential, {args.requests} requests")
     result = {"sequential": sequential(args), "concurrent": concurrent(args, levels)}
-    report = Report(args.name, f"Two fleets side by side: {args.a_label} and {args.b_label}", environment({"name": "each fleet's own", "path": "not loaded here"}, args.model),
+    env = environment({"name": "each fleet's own", "path": "not loaded here"}, args.model)
+    report = Report(args.name, f"Two fleets side by side: {args.a_label} and {args.b_label}", env,
                     {"a": f"{args.a_label} ({args.a})", "b": f"{args.b_label} ({args.b})", "requests": args.requests,
                      "max_tokens": args.max_tokens, "levels": levels, "repeats": args.repeats, "per_client": PER_CLIENT})
     report.results = result
