@@ -46,6 +46,14 @@ class Terminal:
                     raise AssertionError(f"terminal closed before {text!r}; got {self.output[-400:]!r}") from None
         return at + len(needle)
 
+    def read_ready(self) -> None:
+        """Take what the child has printed so far, without waiting (so it never blocks on a full terminal)."""
+        while select.select([self.fd], [], [], 0)[0]:
+            try:
+                self.output += os.read(self.fd, 4096)
+            except OSError:
+                return
+
     def type(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
@@ -87,11 +95,13 @@ def test_ctrl_c_cancels_the_answer_in_the_fleet_and_the_session_goes_on() -> Non
             at = term.expect(">>> ")
             term.type("Tell me a very long story.\n")
             at = term.expect("story.\r\n", after=at)  # the echo of what was typed
-            wait_for(lambda: running(frontend) == 1, timeout_s=30, what="the answer to be decoding")
+            # Keep reading meanwhile: Ctrl-C should find chat streaming, not blocked on a full terminal.
+            wait_for(lambda: term.read_ready() or running(frontend) == 1, timeout_s=30, what="the answer to be decoding")
             term.expect(" ", after=at)  # some of the answer is on the screen
             term.type("\x03")  # Ctrl-C: the terminal sends SIGINT to chat
             at = term.expect("(answer cancelled)", after=at)
-            wait_for(lambda: running(frontend) == 0, timeout_s=10, what="the fleet to drop the cancelled answer")
+            wait_for(lambda: term.read_ready() or running(frontend) == 0, timeout_s=10,
+                     what="the fleet to drop the cancelled answer")
             term.expect(">>> ", after=at)  # the session goes on
             term.type("/bye\n")
             assert term.wait() == 0
