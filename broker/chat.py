@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Any, Callable, TextIO
 
@@ -143,6 +144,9 @@ def chat_command(args: argparse.Namespace, make_client: Callable[[], Any]) -> in
                 importlib.import_module("readline")  # line editing and history for input()
             except ImportError:
                 pass
+            # Ctrl-C is how an answer is cancelled: make it raise even when the shell that
+            # started us ignored SIGINT (a command put in the background by a script does).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             return run_chat(client, args.model, read_line=input, out=sys.stdout, err=sys.stderr,
                             options=options, system=args.system)
     except FleetError as exc:

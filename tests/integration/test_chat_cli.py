@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become the command
             os.chdir(ROOT)
+            # Started with SIGINT ignored, as a shell script's background job is: chat must
+            # still take Ctrl-C (an ignored signal stays ignored across exec).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.execv(argv[0], argv)
         self.output = b""
         self.exit_code: int | None = None
