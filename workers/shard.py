@@ -198,6 +198,7 @@ class ShardedEngine:
         clock = clock or MonotonicClock()
         self.stall = StallCheck(clock, member.shard.op_timeout_s)
         self.ledger = StepLedger(frozenset(range(1, member.shard.size)))
+        self._stats = GroupStats(self.engine.stats, self.ledger)
         self.seq = 0
         tracker = BeatTracker(clock, range(1, member.shard.size), member.shard.beat_timeout_s)
         self.watch = GroupWatch(self.stall, rank=0, beats_in=self.channel.beats, tracker=tracker, fail=fail)
@@ -223,7 +224,7 @@ class ShardedEngine:
     @property
     def stats(self) -> "GroupStats":
         """Rank 0's step figures, plus ``shard_checked_steps`` in ``as_dict``."""
-        return GroupStats(self.engine.stats, self.ledger)
+        return self._stats
 
     def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
         """Token ids for a prompt (the tokenizer is rank 0's alone; the ids travel with the insert)."""

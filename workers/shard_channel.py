@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 import msgpack
 import zmq
 
-from actors.clock import Clock, MonotonicClock
+from actors.clock import Clock
 from actors.shard_group import GROUP_LOST_EXIT
 from actors.sockets import make_socket
 
@@ -82,12 +82,15 @@ def unpack(frame: bytes) -> list[Any]:
     return msg
 
 
+# Each op's arguments by type, as rank 0 sends them.
+OP_SHAPES: dict[str, tuple[type, ...]] = {"insert": (list,), "step": (int,), "remove": (list, str),
+                                          "admission": (int,), "close": ()}
+
+
 def check_op(msg: list[Any]) -> list[Any]:
     """``msg`` if it is a well-formed op from rank 0 (OpError naming the problem otherwise)."""
     name, args = msg[0], msg[1:]
-    shapes: dict[str, tuple[type, ...]] = {"insert": (list,), "step": (int,), "remove": (list, str),
-                                           "admission": (int,), "close": ()}
-    want = shapes.get(name)
+    want = OP_SHAPES.get(name)
     if want is None:
         raise OpError(f"unknown op {name!r}")
     if len(args) != len(want) or not all(isinstance(a, t) for a, t in zip(args, want)):
@@ -198,6 +201,7 @@ class LeaderChannel:
         self.ops_port = self.ops.bind_to_random_port(f"tcp://{host}")
         self.beat_port = self.beats.bind_to_random_port(f"tcp://{host}")
         self.identities: dict[int, bytes] = {}
+        self.rank_of: dict[bytes, int] = {}  # the same, routing id -> rank
 
     def wait_hellos(self, followers: Iterable[int], timeout_s: float, clock: Clock) -> dict[int, dict[str, Any]]:
         """Wait until every follower said hello; its pid and host per rank (GroupLost at the deadline)."""
@@ -215,6 +219,7 @@ class LeaderChannel:
                 continue
             if len(msg) == 4 and msg[0] == "hello" and msg[1] in want:
                 self.identities[msg[1]] = ident
+                self.rank_of[ident] = msg[1]
                 seen[msg[1]] = {"rank": msg[1], "pid": msg[2], "host": msg[3]}
         return seen
 
@@ -229,12 +234,11 @@ class LeaderChannel:
 
     def reports(self) -> Iterator[tuple[int, int, int]]:
         """The step reports waiting now: ``(rank, seq, digest)``."""
-        ranks = {ident: rank for rank, ident in self.identities.items()}
         while self.ops.poll(0):
             ident, frame = self.ops.recv_multipart()[:2]
             msg = unpack(frame)
-            if ident in ranks and len(msg) == 3 and msg[0] == "stepped":
-                yield ranks[ident], int(msg[1]), int(msg[2])
+            if ident in self.rank_of and len(msg) == 3 and msg[0] == "stepped":
+                yield self.rank_of[ident], int(msg[1]), int(msg[2])
 
     def close(self, flush_s: float = 0.0) -> None:
         """Close the ops socket, giving ops still queued up to ``flush_s`` to leave (the beats
@@ -335,8 +339,10 @@ class GroupWatch(threading.Thread):
         return ""
 
     def _silent(self) -> str:
-        silent = self.tracker.silent() if self.tracker is not None else []
-        return f"no beat from ranks {silent} for over {self.tracker.timeout_s:g}s" if self.tracker and silent else ""
+        if self.tracker is None:
+            return ""
+        silent = self.tracker.silent()
+        return f"no beat from ranks {silent} for over {self.tracker.timeout_s:g}s" if silent else ""
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop watching (a clean close of the group) and wait for the thread."""
@@ -344,7 +350,3 @@ class GroupWatch(threading.Thread):
         if self.is_alive():
             self.join(timeout_s)
 
-
-def make_clock() -> Clock:
-    """The real clock, for the watch's checks."""
-    return MonotonicClock()
