@@ -93,6 +93,11 @@ def build_into(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole built model (what :func:`build_once` checks for our models)."""
+    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
 def build_once(target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
     """Return ``target``, first running ``build(staging_folder)`` if it is not complete.
 

@@ -29,7 +29,7 @@ import numpy as np
 import tokenizers
 
 from workers import demo_tokenizer as dtok
-from workers.cache import build_into, build_once
+from workers.cache import build_into, build_once, is_model_folder
 from workers.cache import cache_dir as demo_cache_dir
 
 # Bump when the folder's contents change for the same size, seed and corpus.
@@ -233,11 +233,6 @@ def write_demo_model(path: Path, size: str = "demo", *, seed: int = DEFAULT_SEED
     return build_into(Path(path), lambda staged: _write_contents(staged, spec, seed))
 
 
-def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file()
-               for name in ("config.json", "model.safetensors", "tokenizer.json"))
-
-
 def ensure_demo_model(size: str = "demo", *, cache_dir: Path | None = None) -> Path:
     """Return ``<cache>/models/<size>-<fingerprint>``, building it first if absent.
 
@@ -247,7 +242,7 @@ def ensure_demo_model(size: str = "demo", *, cache_dir: Path | None = None) -> P
     spec = get_demo_size(size)
     models_dir = Path(cache_dir if cache_dir is not None else demo_cache_dir()) / "models"
     target = models_dir / f"{spec.name}-{demo_fingerprint(spec.name)}"
-    return build_once(target, _is_complete, lambda staged: _write_contents(staged, spec, DEFAULT_SEED))
+    return build_once(target, is_model_folder, lambda staged: _write_contents(staged, spec, DEFAULT_SEED))
 
 
 def _demo_size_name(source: str) -> str | None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from actors.config import DTYPES
-from workers.cache import build_once, cache_dir, file_sha256
+from workers.cache import build_once, cache_dir, file_sha256, is_model_folder
 from workers.gguf_file import GGUFError, GGUFHeader, read_gguf
 from workers.gguf_tokenizer import check_tokenizer, end_token_ids, tokenizer_files
 
@@ -221,10 +221,6 @@ def convert_gguf(src: str | Path, folder: Path, precision: str, progress: Progre
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _is_complete(folder: Path) -> bool:
-    return all((folder / n).is_file() for n in ("config.json", "model.safetensors", "tokenizer.json"))
-
-
 def converted_folder(sha256: str, precision: str, root: Path | None = None) -> Path:
     """Where the conversion of a file with this content hash at ``precision`` lives."""
     return (root if root is not None else cache_dir()) / "gguf" / f"{sha256[:16]}-{precision}-v{FORMAT_VERSION}"
@@ -233,7 +229,7 @@ def converted_folder(sha256: str, precision: str, root: Path | None = None) -> P
 def find_converted(sha256: str, precision: str, root: Path | None = None) -> Path | None:
     """The complete conversion of a file with this content hash at ``precision``, if the cache has it."""
     folder = converted_folder(sha256, precision, root)
-    return folder if _is_complete(folder) else None
+    return folder if is_model_folder(folder) else None
 
 
 def ensure_converted(src: str | Path, precision: str, *, root: Path | None = None,
@@ -249,13 +245,13 @@ def ensure_converted(src: str | Path, precision: str, *, root: Path | None = Non
     check_gguf(read_gguf(src))
     t0 = time.monotonic()
     target = converted_folder(file_sha256(src), precision, root)
-    if _is_complete(target):
+    if is_model_folder(target):
         return target
 
     def build(staged: Path) -> None:
         say(f"converting {src.name} to an MLX folder ({precision}) in {target}")
         convert_gguf(src, staged, precision, say)
 
-    build_once(target, _is_complete, build)
+    build_once(target, is_model_folder, build)
     say(f"{src.name} ready ({precision}) in {time.monotonic() - t0:.1f} s")
     return target
