@@ -34,7 +34,7 @@ from prometheus_client.registry import CollectorRegistry
 from actors.clock import MonotonicClock
 from actors.collector_state import CollectorState, Snapshot
 from actors.config import FleetConfig
-from actors.metrics import MAX_EVENT_BYTES, WORKER_STATES
+from actors.metrics import MAX_EVENT_BYTES, STEP_TIME_PARTS, WORKER_STATES
 from actors.runtime import Hooks, StartError, run_process
 
 log = logging.getLogger("mlx_fleet.collector")
@@ -133,8 +133,8 @@ def _engine_counters(snap: Snapshot) -> Iterator[Metric]:
                                 "and in the worker's own code around it (part=own).", labels=["model", "worker", "part"])
     for worker, g in sorted(snap.workers.items()):
         busy.add_metric([g.model, worker], g.busy_s)
-        split.add_metric([g.model, worker, "mlx_lm"], g.mlx_s)
-        split.add_metric([g.model, worker, "own"], g.own_s)
+        for part, seconds in zip(STEP_TIME_PARTS, (g.mlx_s, g.own_s)):
+            split.add_metric([g.model, worker, part], seconds)
     paths = CounterMetricFamily(PREFIX + "engine_requests",
                                 "Requests a worker's engine finished, by path: solo (generate_step alone), batch "
                                 "(BatchGenerator), handoff (solo, then moved into the batch).", labels=["model", "path"])

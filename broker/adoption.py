@@ -28,9 +28,9 @@ from typing import Any
 
 from actors.clock import Clock
 from actors.limits import DEFAULT_LIMITS
-from actors.protocol import CANCEL_NOT_ADOPTED, PRIORITIES, Cancel, Done, Generate, Ready
+from actors.protocol import CANCEL_NOT_ADOPTED, PRIORITIES, Cancel, Generate, Ready
 from broker.records import Dest, Out, RequestRecord
-from broker.state import BrokerState
+from broker.state import BrokerState, cancelled_unstarted
 
 MEMORY_S = 60.0  # how long adopted requests and early cancels are remembered
 MAX_MEMORY = 65_536  # entries kept in each memory
@@ -122,13 +122,17 @@ class Adoption:
     def handle_ready(self, identity: bytes, msg: Ready) -> list[Out]:
         """Register a worker with what its table says it holds; cancel on it the rows that cannot be adopted."""
         held: list[RequestRecord] = []
+        taken: set[str] = set()  # the keys in ``held``
+        claimed: set[Pair] = set()  # the client ids they answer to
         refused: list[Out] = []
         rows = [r for r in map(parse_row, (msg.requests or [])[:MAX_ROWS]) if r is not None]
         self.counters["rows_refused"] += len(msg.requests or []) - len(rows)
         for row in sorted(rows, key=lambda r: r.finished):  # a live row claims its client's id first
-            rec = self._rebuild(identity, row, msg.model, held)
+            rec = self._rebuild(identity, row, msg.model, taken, claimed)
             if rec is not None:
                 held.append(rec)
+                taken.add(rec.key)
+                claimed.add((rec.client, rec.request.request_id))
             elif not row.finished:
                 self.counters["rows_refused"] += 1
                 refused.append(Out(Dest.WORKER, identity, Cancel(request_id=row.key, reason=CANCEL_NOT_ADOPTED)))
@@ -137,11 +141,15 @@ class Adoption:
             out += self._settle(rec)
         return refused + out
 
-    def _rebuild(self, identity: bytes, row: Row, model: str, taken: list[RequestRecord]) -> RequestRecord | None:
-        """The record of one row: the one this broker knows, a new adopted one, or None (refused)."""
+    def _rebuild(self, identity: bytes, row: Row, model: str, taken: set[str],
+                 claimed: set[Pair]) -> RequestRecord | None:
+        """The record of one row: the one this broker knows, a new adopted one, or None (refused).
+
+        ``taken`` and ``claimed`` are the keys and client ids of the rows already taken from this table.
+        """
         known = self.state.requests.get(row.key)
         if known is not None:  # ours already
-            if any(r is known for r in taken) or known.answered:
+            if known.key in taken or known.answered:
                 return None
             if known.worker is None:  # queued again when this worker went quiet: it never stopped running it
                 return known if self.state.ensure_model(model).queue.remove(known.key) is not None else None
@@ -149,7 +157,7 @@ class Adoption:
         if row.key.startswith(self.state.key_prefix) or row.key in self.adopted_keys:
             return None  # it ended here already
         pair = (row.client, row.request_id)
-        if pair in self.state.by_client or any((r.client, r.request.request_id) == pair for r in taken):
+        if pair in self.state.by_client or pair in claimed:
             return None  # the client's id names another request now
         now = self.clock.now()
         request = Generate(request_id=row.request_id, model=model, stream=row.stream, priority=row.priority,
@@ -192,10 +200,7 @@ class Adoption:
         pair = (client, request_id)
         held = self.held.pop(pair, None)
         if held is not None:
-            waited_s = self.clock.now() - held.at_s
-            usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
-            timings = {"queue_s": waited_s, "ttft_s": 0.0, "total_s": waited_s}
-            return [Out(Dest.CLIENT, client, Done(request_id, "cancelled", usage, timings))]
+            return [Out(Dest.CLIENT, client, cancelled_unstarted(request_id, self.clock.now() - held.at_s))]
         if pair not in self.state.by_client:
             self._remember(self.early_cancels, pair)
         return self.state.handle_cancel(client, request_id)

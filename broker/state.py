@@ -147,7 +147,7 @@ class BrokerState:
         if rec is None or rec.answered:
             return []
         if rec.worker is None:
-            return self.finish(rec, Done(request_id=rec.key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec)))
+            return self.finish(rec, cancelled_unstarted(rec.key, self._waited_s(rec)))
         return self.open.cancel_at_worker(rec)
 
     def client_gone(self, client: bytes, reason: str = "disconnected") -> list[Out]:
@@ -263,8 +263,7 @@ class BrokerState:
                 self.requests.pop(key, None)
             elif rec.cancel_sent:
                 # The client asked to stop it: end it as cancelled rather than start it again.
-                done = Done(request_id=key, finish_reason="cancelled", usage=_zero_usage(), timings=self._queued_timings(rec))
-                out += self.finish(rec, done)
+                out += self.finish(rec, cancelled_unstarted(key, self._waited_s(rec)))
             elif not rec.streamed and not rec.adopted and rec.requeues < self.max_requeues and self.accepting:
                 rec.requeues += 1
                 self.counters["requeued"] += 1
@@ -393,10 +392,11 @@ class BrokerState:
             out += self.finish(rec, Error(code, message, rec.key))
         return out
 
-    def _queued_timings(self, rec: RequestRecord) -> dict[str, float]:
-        waited = self.clock.now() - rec.enqueued_at_s
-        return {"queue_s": waited, "ttft_s": 0.0, "total_s": waited}
+    def _waited_s(self, rec: RequestRecord) -> float:
+        return self.clock.now() - rec.enqueued_at_s
 
 
-def _zero_usage() -> dict[str, int]:
-    return {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+def cancelled_unstarted(request_id: str, waited_s: float) -> Done:
+    """The ``done`` of a request cancelled before any output: no usage, all its time spent waiting."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    return Done(request_id, "cancelled", usage, {"queue_s": waited_s, "ttft_s": 0.0, "total_s": waited_s})
