@@ -17,6 +17,7 @@ the loop drop everything.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -195,7 +196,7 @@ class BrokerIO:
     def _register(self) -> None:
         """``ready`` with the in-flight table, then every kept request's output from its start."""
         table = self.ledger.table()
-        ready = Ready(**{**vars(self.ready), "requests": table or None})
+        ready = dataclasses.replace(self.ready, requests=table or None)
         self._send(ready)
         for msg in self.ledger.replay():
             self._send(msg)

@@ -198,6 +198,11 @@ class BrokerLink:
         """The loop answered the ASK_LOOP of ``registration``."""
         self.confirmed = max(self.confirmed, registration)
 
+    @property
+    def _ask_owed(self) -> bool:
+        """A broker is there, we are not registered with it, and the loop has not been asked for this registration."""
+        return self.greeted and not self.registered and self.asked != self.registration
+
     def may_register(self) -> bool:
         """True when ``ready`` should go out now: a broker is there and the loop has answered."""
         return self.greeted and not self.registered and self.confirmed == self.registration
@@ -217,7 +222,7 @@ class BrokerLink:
         if silent_s >= self.liveness_s + self.reconnect_wait_s:
             self.reconnect_wait_s = min(max(BACKOFF_FIRST_S, self.reconnect_wait_s * 2), BACKOFF_MAX_S)
             return self.RECONNECT
-        if self.greeted and not self.registered and self.asked != self.registration:
+        if self._ask_owed:
             self.asked = self.registration
             return self.ASK_LOOP
         if now >= self.next_beat_s:
@@ -229,7 +234,7 @@ class BrokerLink:
     def wait_s(self) -> float:
         """Seconds until ``due`` may have something to do."""
         now = self.clock.now()
-        if self.greeted and not self.registered and self.asked != self.registration:
+        if self._ask_owed:
             return 0.0
         times = [self.next_beat_s, self.last_heard_s + self.liveness_s + self.reconnect_wait_s]
         if self.lost_since_s is not None:

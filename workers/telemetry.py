@@ -11,6 +11,7 @@ are binned here, so no event is ever sent per token.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from actors.metrics import ITL_BUCKETS_S, EventSender, NullSender, bucket_counts
@@ -98,8 +99,7 @@ class WorkerTelemetry:
                "path_steps": {"solo": max(0, e.solo_steps - sent.solo_steps),
                               "batch": max(0, e.batch_steps - sent.batch_steps)},
                "mlx_s": max(0.0, e.mlx_s - sent.mlx_s), "own_s": max(0.0, e.own_s - sent.own_s)}
-        sent.requests, sent.solo_steps, sent.batch_steps = dict(e.requests), e.solo_steps, e.batch_steps
-        sent.mlx_s, sent.own_s = e.mlx_s, e.own_s
+        self._engine_sent = dataclasses.replace(e, requests=dict(e.requests))
         return out
 
     def on_request(self, *, finish_reason: str, prompt_tokens: int, completion_tokens: int,
