@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks.common import Report, add_out_argument, environment, fmt_ms, progress, questions, ratio, spread
+from benchmarks.common import (
+    Report, add_out_argument, cycled_questions, environment, fmt_ms, progress, ratio, spread, within_noise,
+)
 from benchmarks.load import fleet_requester, run_load
 
 PER_CLIENT = 6  # prompts per client at each concurrent level
@@ -31,7 +33,7 @@ def sequential(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.overhead import alternate, compare, run_served  # it preloads a BLAS: not at import
     from broker.client import Client
 
-    qs = (questions() * ((args.requests // 50) + 1))[: args.requests]
+    qs = cycled_questions(args.requests)
     with Client(args.a, timeout_s=120) as ca, Client(args.b, timeout_s=120) as cb:
         for q in qs[:3]:  # warm-up
             run_served(ca, args.model, q, args.max_tokens)
@@ -40,29 +42,28 @@ def sequential(args: argparse.Namespace) -> dict[str, Any]:
                          lambda q: run_served(cb, args.model, q, args.max_tokens), qs, None)
     out = compare(a, b)
     out["tokens_per_request"] = sum(s.tokens for s in a) / len(a)
-    out["token_mismatches"] = sum(x.token_ids != y.token_ids for x, y in zip(a, b))
     return out
 
 
 def concurrent(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
     """Per level: each system's tok/s and TTFT per repeat, and their spread."""
-    qs = questions()
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {"a": [], "b": []} for n in levels}
     for rep in range(args.repeats):
         for n in levels:
-            prompts = (qs * (n * PER_CLIENT // len(qs) + 1))[: n * PER_CLIENT]
+            prompts = cycled_questions(n * PER_CLIENT)
             order = ("a", "b") if rep % 2 == 0 else ("b", "a")
             for side in order:
                 run = run_load(fleet_requester(getattr(args, side), args.model, args.max_tokens), n, prompts)
-                runs[n][side].append(run.summary())
-                progress(f"ab: repeat {rep + 1} {n} clients {side}: {run.summary()['tok_per_s']:.1f} tok/s")
+                summary = run.summary()
+                runs[n][side].append(summary)
+                progress(f"ab: repeat {rep + 1} {n} clients {side}: {summary['tok_per_s']:.1f} tok/s")
     return {str(n): {side: {"runs": rs, **{k: spread([r[k] for r in rs]) for k in ("tok_per_s", "ttft_p50_s", "ttft_p99_s")}}
                      for side, rs in by_side.items()} for n, by_side in runs.items()}
 
 
 def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
     """Whether two per-repeat ranges (``spread``'s min and max) overlap."""
-    return max(a["min"], b["min"]) <= min(a["max"], b["max"])
+    return within_noise([a["min"], a["max"]], [b["min"], b["max"]])
 
 
 def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:

@@ -52,6 +52,12 @@ def questions() -> list[str]:
     return [q for q in QUESTIONS_FILE.read_text().splitlines() if q.strip()]
 
 
+def cycled_questions(count: int) -> list[str]:
+    """``count`` questions: the fixed ones in order, from the start again as often as needed."""
+    qs = questions()
+    return (qs * (count // len(qs) + 1))[:count]
+
+
 def git_commit() -> str:
     """The checked-out commit (with '+dirty' when the tree has changes)."""
     root = Path(__file__).resolve().parents[1]

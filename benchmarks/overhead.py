@@ -28,7 +28,7 @@ preload_blas(find_blas("auto"))  # before anything imports mlx
 from actors.config import BatchingConfig, FleetConfig, ModelSpec, parse_bool  # noqa: E402
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    Report, Summary, add_out_argument, environment, fmt_ms, progress, questions, ratio, served_name,
+    Report, Summary, add_out_argument, environment, fmt_ms, progress, cycled_questions, ratio, served_name,
 )
 from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table  # noqa: E402
 from broker.client import Client  # noqa: E402
@@ -88,8 +88,8 @@ def run_served(client: Client, model: str, prompt: str | None, max_tokens: int, 
 
 
 def compare(bare: list[Sample], served: list[Sample]) -> dict[str, Any]:
-    """Differences (ms) and ratios of served against bare."""
-    out: dict[str, Any] = {}
+    """Differences (ms) and ratios of served against bare, and how many pairs' greedy tokens differ."""
+    out: dict[str, Any] = {"token_mismatches": sum(b.token_ids != s.token_ids for b, s in zip(bare, served))}
     for metric, pick in (("ttft", lambda s: s.ttft_s), ("total", lambda s: s.total_s)):
         b, s = Summary.of(pick(x) for x in bare), Summary.of(pick(x) for x in served)
         paired = Summary.of(pick(y) - pick(x) for x, y in zip(bare, served))
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from workers.models import resolve_source
 
-    qs = (questions() * ((args.requests // 50) + 1))[: args.requests]
+    qs = cycled_questions(args.requests)
     model, tokenizer = load(str(resolve_source(args.model)))
     name = served_name(args.model)
     cfg, ipc_dir = local_config(name, BatchingConfig(solo_fast_path=args.solo_fast_path), source=args.model)
@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker_info = client.status()["models"][name]["workers"][0]["info"]
     worker_blas = worker_info["blas"]
     result = compare(bare, served)
-    result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
     result["requests_done"] = len(served)
     result["engine"] = engine
     result["paths"] = dict(Counter(x.path for x in served))

@@ -37,7 +37,9 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig  # noqa: E402
-from benchmarks.common import RESULTS_DIR, Report, add_out_argument, environment, progress, questions, spread  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR, Report, add_out_argument, cycled_questions, environment, progress, questions, ratio, spread, within_noise,
+)
 from benchmarks.gateway_overhead import pooled, tagged_prompts  # noqa: E402
 from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import Sample, alternate, compare, local_config, run_in_process, run_served  # noqa: E402
@@ -53,7 +55,7 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
     from mlx_lm import load
 
     model, tokenizer = load(str(folder))
-    qs = (questions() * (count // 50 + 1))[:count]
+    qs = cycled_questions(count)
 
     def in_process(q: str) -> Sample:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
@@ -69,7 +71,6 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
             through_fleet(q)
         bare, served = alternate(in_process, through_fleet, qs, None)
     result = compare(bare, served)
-    result["token_mismatches"] = sum(b.token_ids != s.token_ids for b, s in zip(bare, served))
     result["tokens"] = {"bare": sum(s.tokens for s in bare), "served": sum(s.tokens for s in served)}
     result["samples"] = {"bare": [dataclasses.asdict(s) for s in bare], "served": [dataclasses.asdict(s) for s in served]}
     return result
@@ -190,10 +191,10 @@ def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over:
                 "|---:|---:|---:|---|"]
         for level in levels:
             f, m = pooled(runs["fleet"][level]).summary(), pooled(runs["mlx_lm.server"][level]).summary()
-            tok = f["tok_per_s"] / m["tok_per_s"] if m["tok_per_s"] else float("nan")
+            tok = ratio(f["tok_per_s"], m["tok_per_s"])
             p99 = f["ttft_p99_s"] / m["ttft_p99_s"] if f["ttft_p99_s"] and m["ttft_p99_s"] else float("nan")
             a, b = per_repeat(runs["fleet"][level]), per_repeat(runs["mlx_lm.server"][level])
-            overlap = "yes (within noise)" if max(min(a), min(b)) <= min(max(a), max(b)) else "no"
+            overlap = "yes (within noise)" if within_noise(a, b) else "no"
             out.append(f"| {level} | {tok:.2f} | {p99:.2f} | {overlap} |")
     if over is not None:
         out += ["", overhead_markdown(over, args)]
