@@ -53,6 +53,11 @@ log = logging.getLogger("mlx_fleet.broker")
 METRICS_INTERVAL_S = 1.0  # one `broker` metric event per second
 
 
+def _frames(out: Out) -> list[bytes]:
+    """The wire frames of an outgoing message (a typed message, or a map the state built)."""
+    return encode(out.body) if isinstance(out.body, Message) else encode_map(out.body)
+
+
 class BrokerActor:
     """Owns the sockets and the state; ``run()`` until drained."""
 
@@ -124,8 +129,7 @@ class BrokerActor:
         """Send each Out; an unreachable or non-reading client is cancelled."""
         while outs:
             out = outs.pop(0)
-            body = out.body
-            frames = encode(body) if isinstance(body, Message) else encode_map(body)
+            frames = _frames(out)
             if out.to is Dest.CONTROL:
                 self.send_control(frames)
                 continue
@@ -272,10 +276,8 @@ class BrokerActor:
 
     def try_send_client(self, out: Out) -> bool:
         """Send one parked message; False while its client is still unreachable."""
-        body = out.body
-        frames = encode(body) if isinstance(body, Message) else encode_map(body)
         try:
-            self.frontend.send_multipart([out.identity, *frames], flags=zmq.NOBLOCK)
+            self.frontend.send_multipart([out.identity, *_frames(out)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True
