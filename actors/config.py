@@ -26,7 +26,7 @@ class ConfigError(ValueError):
     """A setting with a bad value; the message names the setting and its source."""
 
 
-# The precisions a model may be served at (workers/precision.py applies them).
+# The precisions a model may be served at (workers/models/precision.py applies them).
 DTYPES = ("auto", "quantized", "float32", "bfloat16", "float16")
 
 
@@ -94,7 +94,7 @@ class FleetConfig:
     queue_limit: int = 1024
     request_timeout_s: float = 600.0
     no_worker_timeout_s: float = 60.0  # a queued request fails `unavailable` after this long with no live worker
-    http_host: str = "127.0.0.1"  # OpenAI-compatible gateway (broker/gateway.py)
+    http_host: str = "127.0.0.1"  # OpenAI-compatible gateway (mlx_fleet/gateway/server.py)
     http_port: int = 8000  # 0 turns the gateway off
     api_key: str = field(default="", repr=False)  # bearer token the gateway requires; empty: none
     blas: str = "auto"

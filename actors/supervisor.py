@@ -27,7 +27,7 @@ not on the serving path: start-up does not wait for it, and when it dies the
 others' metric events are dropped until it is back.
 
 The supervisor imports no entry point: the composition root hands it a
-:class:`Wiring` (``fleet/wiring.py``).
+:class:`Wiring` (``mlx_fleet/wiring.py``).
 """
 
 from __future__ import annotations

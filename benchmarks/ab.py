@@ -31,7 +31,7 @@ PER_CLIENT = 6  # prompts per client at each concurrent level
 def sequential(args: argparse.Namespace) -> dict[str, Any]:
     """Alternating single requests; B against A (``compare``'s bare = A, served = B)."""
     from benchmarks.overhead import alternate, compare, run_served  # it preloads a BLAS: not at import
-    from broker.client import Client
+    from mlx_fleet.client import Client
 
     qs = cycled_questions(args.requests)
     with Client(args.a, timeout_s=120) as ca, Client(args.b, timeout_s=120) as cb:

@@ -28,8 +28,8 @@ from benchmarks.common import Report, add_out_argument, environment, progress, q
 from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table  # noqa: E402
 from benchmarks.load import MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 POLICIES: dict[str, dict[str, Any]] = {
     # The seed's policies, with no decode window.
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     levels = [int(x) for x in args.levels.split(",")]
     policies = args.policies.split(",")
 
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     t_start = time.monotonic()
     model_path = str(resolve_source(args.model))

@@ -5,7 +5,7 @@
   solo path at batch 1). Every system keeps its own sequences; rounds interleave the systems
   (order rotated per round), each advancing the same number of steps, so all see the same
   sequence lengths and the same drift of the machine. The engine's steps also give the
-  split of their time into mlx-lm's part and ours (:mod:`workers.engine_stats`).
+  split of their time into mlx-lm's part and ours (:mod:`workers.engine.stats`).
 - :func:`overlap`: how much host work between steps the step in flight hides. The engine
   steps with a fixed amount of busy host work after each step (standing in for
   detokenizing, messages and telemetry); the growth of the step cycle against no host
@@ -28,7 +28,7 @@ MAX_TOKENS = 1_000_000  # nothing finishes while it is measured
 
 def _engine(model: Any, tokenizer: Any, batch: int, *, solo: bool) -> Any:
     """The worker's engine with the worker's defaults, ``batch`` sequences decoding together."""
-    from workers.engine import Engine, EngineRequest
+    from workers.engine.adapter import Engine, EngineRequest
 
     b = BatchingConfig()
     eng = Engine(model, tokenizer, decode_capacity=max(b.decode_capacity, batch), admission_batch=b.admission_batch,

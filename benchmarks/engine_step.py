@@ -38,8 +38,8 @@ def measure(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     preload_blas(find_blas("auto"))
     from benchmarks import engine_compare
-    from workers.engine import load_model
-    from workers.models import resolve_source
+    from workers.models.precision import load_model
+    from workers.models.sources import resolve_source
 
     model, tokenizer = load_model(str(resolve_source(model_name)))
     parts = set(args.parts.split(","))
@@ -61,7 +61,7 @@ def _ints(text: str) -> list[int]:
 
 def decode_and_admit(model: Any, tokenizer: Any, batch_sizes: list[int], steps: int, admit_groups: list[int]) -> dict[str, Any]:
     """Decode-step seconds per batch size, and admission-step costs."""
-    from workers.engine import Engine, EngineRequest
+    from workers.engine.adapter import Engine, EngineRequest
 
     prompt = tokenizer.encode("A fixed prompt of a few words to start each sequence with.")
     out: dict[str, Any] = {"decode": {}, "admit": {}}

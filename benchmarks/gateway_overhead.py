@@ -2,7 +2,7 @@
 
 One run, one model, one BLAS, three ways in:
 
-- ``zmq``: ``broker.client.AsyncClient`` straight to the broker (the fleet's native path);
+- ``zmq``: ``mlx_fleet.AsyncClient`` straight to the broker (the fleet's native path);
 - ``gateway``: streamed ``POST /v1/completions`` to the fleet's HTTP gateway (same fleet);
 - ``mlx_lm.server``: the same HTTP requests to ``python -m mlx_lm.server`` on the same folder.
 
@@ -28,8 +28,8 @@ from actors.config import BatchingConfig
 from benchmarks.common import Report, environment, progress, questions, spread, within_noise
 from benchmarks.load import LoadRun, MlxLmServer, Requester, RequestSample, TokenTimer, free_port, http_requester, run_load
 from benchmarks.overhead import local_config
-from broker.client import AsyncClient
-from fleet.embedded import BackgroundFleet
+from mlx_fleet.client import AsyncClient
+from mlx_fleet.embedded import BackgroundFleet
 from workers.blas import blas_env, find_blas
 
 TARGETS = ("zmq", "gateway", "mlx_lm.server")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     levels = [int(x) for x in args.levels.split(",")]
     capacity = max(levels)
 
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     blas = find_blas("auto")
     model_path = str(resolve_source(args.model))

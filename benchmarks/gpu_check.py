@@ -83,7 +83,7 @@ def calibrate(model: str, max_tokens: int) -> dict[str, Any]:
     from mlx_lm import load
 
     from benchmarks.overhead import run_in_process
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     t0 = time.monotonic()
     m, tok = load(str(resolve_source(model)))

@@ -2,7 +2,7 @@
 
 Random weights cost the same per token as trained ones, so this folder gives the seed's
 absolute numbers a counterpart without a model hub. It reuses the demo model's pieces
-(:mod:`workers.demo_model`): its tensor plan and seeded per-tensor generator, and the
+(:mod:`workers.models.demo_model`): its tensor plan and seeded per-tensor generator, and the
 demo tokenizer's files. What differs from the demo:
 
 - Llama-3.2-3B's shape: hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate 8192,
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from workers import demo_model as dm
-from workers import demo_tokenizer as dtok
-from workers.cache import build_into
+from workers.models import demo_model as dm
+from workers.models import demo_tokenizer as dtok
+from workers.models.store import build_into
 
 LLAMA_3_2_3B = dm.DemoSize("llama-3.2-3b-config", hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8,
                            intermediate_size=8192)

@@ -158,7 +158,7 @@ def run_direct(make_requester: Callable[[], tuple[Requester, Callable[[], None]]
 def fleet_requester(frontend: str, model: str, max_tokens: int, *, chat: bool = False,
                     **options: Any) -> Callable[[], tuple[Requester, Callable[[], None]]]:
     """A factory of per-thread requesters over the ZeroMQ client (``chat``: each prompt as one user message)."""
-    from broker.client import Client
+    from mlx_fleet.client import Client
 
     def make() -> tuple[Requester, Callable[[], None]]:
         client = Client(frontend, timeout_s=300)

@@ -49,7 +49,7 @@ from actors.metrics import EventSender  # noqa: E402
 from benchmarks.common import Report, environment, progress, questions  # noqa: E402
 from benchmarks.load import fleet_requester, free_port, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 from workers.policies import make_policy  # noqa: E402
 from workers.telemetry import WorkerTelemetry  # noqa: E402
 

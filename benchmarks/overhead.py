@@ -31,8 +31,8 @@ from benchmarks.common import (  # noqa: E402
     Report, Summary, add_out_argument, environment, fmt_ms, progress, cycled_questions, ratio, served_name,
 )
 from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 
 def local_config(model: str, batching: BatchingConfig | None = None, replicas: int = 1, *, source: str | None = None,
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from mlx_lm import load
 
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     qs = cycled_questions(args.requests)
     model, tokenizer = load(str(resolve_source(args.model)))

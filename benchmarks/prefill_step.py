@@ -31,7 +31,7 @@ from actors.stats import percentile  # noqa: E402
 from benchmarks.common import Report, add_out_argument, environment, progress, questions  # noqa: E402
 from benchmarks.load import Requester, RequestSample, fleet_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 Factory = Callable[[], tuple[Requester, Callable[[], None]]]
 

@@ -43,10 +43,10 @@ from actors.config import BatchingConfig  # noqa: E402  (needs the sys.path line
 from actors.stats import percentile  # noqa: E402
 from benchmarks.common import env_markdown, environment, results_dir  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 from workers.blas import blas_env, find_blas  # noqa: E402
-from workers.demo_model import ensure_demo_model  # noqa: E402
+from workers.models.demo_model import ensure_demo_model  # noqa: E402
 
 CORPUS = REPO_ROOT / "workers" / "data" / "corpus.txt"
 QUESTIONS = [

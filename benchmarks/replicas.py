@@ -25,8 +25,8 @@ from actors.config import BatchingConfig  # noqa: E402
 from benchmarks.common import RESULTS_DIR, Report, environment, progress, questions, ratio, spread  # noqa: E402
 from benchmarks.load import fleet_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 REPLICAS = (1, 2)
 

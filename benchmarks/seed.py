@@ -40,8 +40,8 @@ from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table, merge 
 from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_direct, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 from benchmarks.seed_runs import Plan, RunFn, System, measure  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,7 @@ def _closed_loop(make_requester: Any, *, direct: bool = False) -> RunFn:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and write ``<out>/<name>.{json,md}`` (after every run) and its CDF plots."""
     args = parse_args(argv)
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     t0 = time.monotonic()
     wanted = set(args.configs.split(","))

@@ -27,8 +27,8 @@ from benchmarks.load import fleet_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 from benchmarks.replicas import prompts_for, summarize  # noqa: E402
 from benchmarks.soak import rss_kib  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 SHARDS = (1, 2)
 

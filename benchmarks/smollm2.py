@@ -43,8 +43,8 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.gateway_overhead import pooled, tagged_prompts  # noqa: E402
 from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import Sample, alternate, compare, local_config, run_in_process, run_served  # noqa: E402
-from broker.client import Client  # noqa: E402
-from fleet.embedded import BackgroundFleet  # noqa: E402
+from mlx_fleet.client import Client  # noqa: E402
+from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
 
 MODEL = "smollm2"
 SYSTEMS = ("fleet", "mlx_lm.server")
@@ -82,7 +82,7 @@ def precisions(names: list[str], count: int, rounds: int, max_tokens: int) -> di
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     loaded = {name: load(str(resolve_source(MODEL, name, progress=progress))) for name in names}
     qs = questions()[:count]
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.precisions, args.precision_requests, args.precision_rounds = "float32,quantized", 1, 1
     levels = [int(x) for x in args.levels.split(",")]
 
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     folder = Path(resolve_source(MODEL, "float32", progress=progress))
     batching = BatchingConfig(decode_capacity=args.decode_capacity)

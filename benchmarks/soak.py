@@ -44,8 +44,8 @@ from actors.config import FleetConfig, ModelSpec
 from actors.stats import percentile
 from benchmarks.common import Report, add_out_argument, environment, progress
 from benchmarks.soak_kills import kill_every, kills_markdown, stalls_by_kill
-from broker.client import AsyncClient, FleetError
-from fleet.embedded import BackgroundFleet
+from mlx_fleet.client import AsyncClient, FleetError
+from mlx_fleet.embedded import BackgroundFleet
 
 LOCAL_NO_ANSWER = "no answer from"  # the client's own timeout: the fleet never replied
 KILL_LOST = ("unavailable", "worker_lost")  # with broker kills: a request the recovery did not save

@@ -6,7 +6,7 @@ decodes, calls a handler and sends what it returns. No message can raise out
 of the loop: decoding errors become ``bad_request`` replies or counted drops.
 
 A client is gone when its connection drops (the frontend's socket monitor,
-mapped to routing ids by :class:`broker.clients.ClientConnections`), when a
+mapped to routing ids by :class:`broker.connections.ClientConnections`), when a
 send to it fails because it is unreachable, or when ``client_hwm`` messages
 wait for it (it is not reading). Its open requests then end at once, streamed
 or not, and the log gets one line for it.
@@ -39,7 +39,7 @@ from actors.protocol import (
 from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import make_socket
 from actors.wire_scan import peek_field
-from broker.clients import ClientConnections
+from broker.connections import ClientConnections
 from broker.adoption import Adoption
 from broker.lifecycle import ModelControl
 from broker.parking import Parking
@@ -160,7 +160,7 @@ class BrokerActor:
         body = self.frontend.recv_multipart() if first.more else []
         identity, fd = first.bytes, _source_fd(first)
         if fd >= 0 and self.connections.fd_of.get(identity) != fd:
-            # A new client, or a new connection: first the events of connections closed before it (broker.clients).
+            # A new client, or a new connection: first the events of connections closed before it (broker.connections).
             self.handle_monitor()
             self.connections.seen(identity, fd)
         raw: dict[str, Any] | None = None

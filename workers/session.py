@@ -1,7 +1,7 @@
 """The worker's request session: what a worker does with its requests, apart from moving bytes.
 
 Pure: no MLX, no sockets. It takes a clock and an engine (anything shaped like
-:class:`EngineLike`, which :class:`workers.engine.Engine` is), and each call returns
+:class:`workers.engine.interface.EngineLike`), and each call returns
 what to send. The worker's MLX thread drives it:
 
 ``dispatch`` / ``cancel`` as messages arrive, then ``admit`` and ``step`` in turn,
@@ -20,76 +20,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from actors.clock import Clock
 from actors.protocol import (
     BAD_REQUEST, INTERNAL, PRIORITY_RANK, UNAVAILABLE,
     Dispatch, Done, Error, Generate,
 )
-from workers.engine_stats import StepStats
+from workers.engine.stats import StepStats
 from workers.policies import AdmissionPolicy, AutoTuner, Decision
 from workers.replies import Outgoing, Progress, request_timings
-from workers.sequences import EngineRequest, StepEvent
+from workers.engine.interface import EngineLike, EngineRequest, StepEvent
 from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger("mlx_fleet.worker")
-
-
-class CacheStats(Protocol):
-    """The prompt cache's counters."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """The counters by name."""
-        ...
-
-
-class EngineLike(Protocol):
-    """What the session needs of an engine: continuous batching, one step at a time."""
-
-    @property
-    def active(self) -> int:
-        """Sequences inserted and not finished."""
-        ...
-
-    @property
-    def free_slots(self) -> int:
-        """How many more sequences fit."""
-        ...
-
-    @property
-    def stats(self) -> StepStats:
-        """Step and path figures."""
-        ...
-
-    @property
-    def cache_stats(self) -> CacheStats:
-        """Prompt-cache figures."""
-        ...
-
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
-        """Token ids of a prompt; raises ValueError for one the model cannot take."""
-        ...
-
-    def insert(self, reqs: list[EngineRequest]) -> None:
-        """Queue sequences for prefill."""
-        ...
-
-    def step(self) -> list[StepEvent]:
-        """One step; at most one event per sequence."""
-        ...
-
-    def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
-        """Drop sequences now; each gets a final event."""
-        ...
-
-    def set_admission_batch(self, n: int) -> None:
-        """How many prompts are prefilled together."""
-        ...
-
-    def close(self) -> None:
-        """Release resources."""
-        ...
 
 
 @dataclass

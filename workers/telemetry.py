@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from actors.metrics import ITL_BUCKETS_S, EventSender, NullSender, bucket_counts
-from workers.engine_stats import StepStats
+from workers.engine.stats import StepStats
 
 FLUSH_INTERVAL_S = 0.1
 MAX_BUFFERED = 512  # flush early rather than grow an event past this many items

@@ -11,7 +11,7 @@ resets through the loop's inbox, and the loop hands back one report per turn thr
 outbox (see :mod:`workers.link`), then rings an ``inproc://`` doorbell. The loop blocks on
 its inbox only when it has nothing to step, and wakes as soon as something arrives.
 
-The engine keeps a prompt cache (see :mod:`workers.prompt_cache` for how it meets the
+The engine keeps a prompt cache (see :mod:`workers.engine.prompt_cache` for how it meets the
 broker's ``affinity`` routing); ``done`` reports the reused prompt tokens as
 ``usage.cached_tokens`` and heartbeats carry its ``prompt_cache_*`` counters.
 """
@@ -61,13 +61,13 @@ class WorkerSettings:
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 5
     blas: str = "auto"
-    dtype: str = "auto"  # auto | quantized | float32 | bfloat16 | float16 (workers/precision.py)
+    dtype: str = "auto"  # auto | quantized | float32 | bfloat16 | float16 (workers/models/precision.py)
     log_level: str = "INFO"
     max_prompt_tokens: int = 16_384
     metrics_events: str | None = None  # the collector's event endpoint; None sends no metrics
     curve_secret: str = ""  # our secret cert: CurveZMQ to the broker when set
     curve_server_public: str = ""  # the broker's public cert (its secret cert works too)
-    shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard.py)
+    shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard/engine.py)
     recovery_grace_s: float = 10.0  # how long requests outlive a lost broker
     recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
 
@@ -108,11 +108,11 @@ class WorkerActor:
         self.telemetry = WorkerTelemetry(sender, None, model=self.s.model, worker=self.s.worker_id)
 
         preload_blas(find_blas(self.s.blas))
-        from workers import engine as engine_mod
-        from workers.models import resolve_source
+        from workers.engine import adapter as engine_mod
+        from workers.models.sources import resolve_source
         from workers.policies import make_auto_tuner, make_policy
-        from workers.precision import describe_precision
-        from workers.shard import load_engine
+        from workers.models.precision import describe_precision
+        from workers.shard.engine import load_engine
 
         path = resolve_source(self.s.source, self.s.dtype)
         t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def _start(**overrides: Any) -> Any:
 
 
 def _weights_bytes(source: str) -> int:
-    from workers.models import weights_bytes
+    from workers.models.sources import weights_bytes
 
     size = weights_bytes(source)
     assert size, f"cannot size {source}"

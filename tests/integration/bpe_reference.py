@@ -1,7 +1,7 @@
 """A plain-Python byte-level BPE encoder, the tests' independent check of the GGUF tokenizer.
 
 It reads nothing through MLX or the ``tokenizers`` library: the vocabulary and merges
-come from :func:`workers.gguf_file.read_gguf`, the text split follows llama.cpp's
+come from :func:`workers.models.gguf_file.read_gguf`, the text split follows llama.cpp's
 rules for the file's ``tokenizer.ggml.pre``, and merges apply by rank, lowest first.
 Slow, and only meant for a handful of test strings.
 """

@@ -23,9 +23,9 @@ def ipc_dir() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def demo_model() -> tuple[Any, Any]:
-    """The ``demo`` model and tokenizer as a worker loads them (``workers.engine.load_model``), loaded once."""
-    from workers.demo_model import ensure_demo_model
-    from workers.engine import load_model
+    """The ``demo`` model and tokenizer as a worker loads them (``workers.models.precision.load_model``), loaded once."""
+    from workers.models.demo_model import ensure_demo_model
+    from workers.models.precision import load_model
 
     return load_model(str(ensure_demo_model("demo")))
 
@@ -33,7 +33,7 @@ def demo_model() -> tuple[Any, Any]:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly written ``demo`` model folder (not the shared cache), written once."""
-    from workers import demo_model as dm
+    from workers.models import demo_model as dm
 
     return dm.write_demo_model(tmp_path_factory.mktemp("demo") / "demo", "demo")
 

@@ -14,8 +14,8 @@ import tempfile
 from typing import Any, Iterator
 
 from actors.config import BatchingConfig, FleetConfig, ModelSpec
-from broker.client import Client
-from fleet.embedded import BackgroundFleet
+from mlx_fleet.client import Client
+from mlx_fleet.embedded import BackgroundFleet
 
 # Kept under the name the tests use.
 RunningFleet = BackgroundFleet

@@ -159,7 +159,7 @@ def sentencepiece_metadata(vocab_size: int) -> tuple[dict[str, Any], Any]:
 
     import sentencepiece as spm
 
-    from workers.demo_tokenizer import read_corpus_text
+    from workers.models.demo_tokenizer import read_corpus_text
 
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -18,7 +18,7 @@ import asyncio
 import json
 
 from actors.curve import load_client_keys
-from broker.client import AsyncClient, FleetError
+from mlx_fleet.client import AsyncClient, FleetError
 
 
 async def burst(connect: str, curve: dict[str, bytes], count: int, max_tokens: int) -> list[str]:

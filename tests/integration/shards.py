@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from actors.config import BatchingConfig
-from fleet.embedded import BackgroundFleet
+from mlx_fleet.embedded import BackgroundFleet
 from tests.integration.clients import RawClient
 from tests.integration.fleets import make_config
 from tests.integration.reference import greedy_reference
@@ -22,8 +22,8 @@ PROMPTS = ["Once upon a time", "The weather today is", "Tell me about queues and
 @pytest.fixture(scope="module")
 def mt() -> tuple[Any, Any]:
     """The unsharded demo-small, in-process: the reference."""
-    from workers.demo_model import ensure_demo_model
-    from workers.engine import load_model
+    from workers.models.demo_model import ensure_demo_model
+    from workers.models.precision import load_model
 
     return load_model(str(ensure_demo_model(MODEL)))
 

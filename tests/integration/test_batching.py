@@ -8,7 +8,7 @@ import time
 import pytest
 
 from actors.config import BatchingConfig
-from broker.client import Client
+from mlx_fleet.client import Client
 from tests.integration.clients import RawClient
 from tests.integration.fleets import start_fleet
 from tests.waiting import wait_for

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from broker.client import AsyncClient, Client, FleetError
+from mlx_fleet.client import AsyncClient, Client, FleetError
 from tests.integration.fleets import fleet_status, running_fleet
 from tests.integration.recovering import RecoveringClient
 from tests.integration.reference import greedy_reference

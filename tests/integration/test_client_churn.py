@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors.control import OWNER_FILE, RUNTIME_PREFIX, runtime_root
-from broker.client import Client
+from mlx_fleet.client import Client
 from tests.integration.clients import RawClient, generate
 from tests.integration.fleets import fleet_status, running_fleet, start_fleet
 from tests.integration.processes import FleetProcess, children_of, is_gone, write_config

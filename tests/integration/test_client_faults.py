@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from actors.protocol import PROTOCOL_TAG
-from broker.client import AsyncClient, Client, Completion, FleetError, StreamChunk
+from mlx_fleet.client import AsyncClient, Client, Completion, FleetError, StreamChunk
 from tests.integration.fleets import fleet_status, start_fleet
 from tests.waiting import wait_for
 

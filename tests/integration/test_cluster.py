@@ -22,7 +22,7 @@ import zmq
 
 from actors.config import BatchingConfig, ModelSpec
 from actors.curve import load_client_keys, make_keys
-from broker.client import AsyncClient, Client, Completion, FleetError
+from mlx_fleet.client import AsyncClient, Client, Completion, FleetError
 from tests.integration.clients import TAG, RawClient, pack
 from tests.integration.fleets import RunningFleet, make_config, start_fleet, workers_of
 from tests.integration.processes import FleetProcess, WorkerProcess, cli, write_config
@@ -230,7 +230,7 @@ def assert_plain_dealer_gets_nothing(frontend: str) -> None:
 
 @pytest.fixture(scope="module")
 def managed():
-    from workers.models import weights_bytes
+    from workers.models.sources import weights_bytes
 
     each = weights_bytes("demo")
     assert each

@@ -1,4 +1,4 @@
-"""Tests for the built-in demo model (workers/demo_model.py, workers/demo_tokenizer.py)."""
+"""Tests for the built-in demo model (workers/models/demo_model.py, workers/models/demo_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.integration.reference import greedy_reference
-from workers import demo_model as dm
-from workers import demo_tokenizer as dtok
+from workers.models import demo_model as dm
+from workers.models import demo_tokenizer as dtok
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -45,7 +45,7 @@ def test_two_builds_are_byte_identical(demo_dir: Path, tmp_path: Path) -> None:
 def test_tokenizer_training_is_deterministic_across_processes() -> None:
     here = hashlib.sha256(dtok.train_demo_tokenizer().to_str(pretty=True).encode()).hexdigest()
     code = (
-        "import hashlib; from workers import demo_tokenizer as t; "
+        "import hashlib; from workers.models import demo_tokenizer as t; "
         "print(hashlib.sha256(t.train_demo_tokenizer().to_str(pretty=True).encode()).hexdigest())"
     )
     # A different hash seed and thread count must not change the merges.

@@ -155,7 +155,7 @@ def test_the_time_split_covers_the_busy_time(demo_model):
 
 
 def test_unseeded_requests_share_a_sampler_and_seeded_ones_stay_reproducible(demo_model):
-    from workers.sampling import SamplerPool, SeededSampler
+    from workers.engine.sampling import SamplerPool, SeededSampler
 
     pool = SamplerPool(max_shared=2)
     warm = pool.get(0.8, 0.9, 0, None)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from actors.config import BatchingConfig
-from broker.client import AsyncClient, Client, FleetError
+from mlx_fleet.client import AsyncClient, Client, FleetError
 from tests.integration.clients import RawClient, Tracker
 from tests.integration.fleets import fleet_status, running_fleet, worker_row
 from tests.integration.processes import FleetProcess, children_of, is_gone, write_config
@@ -231,7 +231,7 @@ def test_crash_looping_worker_is_given_up_and_reported(monkeypatch, capsys):
     """Past restart_max restarts in restart_window_s a worker is given up; the rest keeps serving."""
     import asyncio
 
-    from fleet.cli import main as cli_main
+    from mlx_fleet.cli import main as cli_main
 
     monkeypatch.setenv("MLX_FLEET_ENABLE_FAULTS", "1")
     monkeypatch.setenv("MLX_FLEET_FAULTS", "worker=demo-1,exit_after_dispatches=1")

@@ -1,4 +1,4 @@
-"""Fetching the built-in smollm2 model (workers/smollm2.py): offline, damaged and hand-provided files."""
+"""Fetching the built-in smollm2 model (workers/models/smollm2.py): offline, damaged and hand-provided files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.processes import cli
-from workers import smollm2
-from workers.smollm2 import FetchError, smollm2_gguf
+from workers.models import smollm2
+from workers.models.smollm2 import FetchError, smollm2_gguf
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

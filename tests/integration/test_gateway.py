@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from actors.config import BatchingConfig
-from broker.client import Client
+from mlx_fleet.client import Client
 from tests.integration.fleets import RunningFleet, make_config
 from tests.waiting import wait_for
 

@@ -1,4 +1,4 @@
-"""GGUF conversion (workers/gguf.py) on small files the tests write, from the demo model.
+"""GGUF conversion (workers/models/gguf.py) on small files the tests write, from the demo model.
 
 The demo model written as llama.cpp's converter would write it (Q and K permuted to its
 rotary layout, the tokenizer as tokens and merges) must convert back into a model with
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from tests.integration.ggufutil import demo_as_gguf, permute_rows, sentencepiece_metadata, write_gguf
-from workers.cache import file_sha256
-from workers.gguf import convert_gguf, converted_folder, ensure_converted
-from workers.gguf_file import GGUFError, read_gguf
-from workers.models import check_source, resolve_source
+from workers.models.store import file_sha256
+from workers.models.gguf import convert_gguf, converted_folder, ensure_converted
+from workers.models.gguf_file import GGUFError, read_gguf
+from workers.models.sources import check_source, resolve_source
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -101,7 +101,7 @@ def test_quantized_keeps_per_tensor_bits_and_matches_dequantized(
         tmp_path: Path, demo_dir: Path, demo_loaded: tuple[Any, Any], types: dict[str, str], bits: dict[str, int]) -> None:
     from mlx_lm import load
 
-    from workers.precision import describe_precision
+    from workers.models.precision import describe_precision
 
     gguf = demo_as_gguf(tmp_path / "q.gguf", demo_dir, types=types)
     quantized, _ = load(str(convert(gguf, tmp_path / "quantized", "quantized")))
@@ -123,7 +123,7 @@ def test_quantized_keeps_per_tensor_bits_and_matches_dequantized(
 def test_half_precisions(tmp_path: Path, demo_dir: Path, precision: str) -> None:
     from mlx_lm import load
 
-    from workers.precision import describe_precision
+    from workers.models.precision import describe_precision
 
     gguf = demo_as_gguf(tmp_path / "q.gguf", demo_dir, types={"*": "Q8_0"})
     model, _ = load(str(convert(gguf, tmp_path / "out", precision)))

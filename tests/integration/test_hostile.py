@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from actors.config import BatchingConfig
-from broker.client import Client
+from mlx_fleet.client import Client
 from tests.integration.clients import TAG, RawClient, Tracker, generate, pack
 from tests.integration.fleets import fleet_status, running_fleet, start_fleet
 from tests.integration.fuzzgen import malformed_inputs

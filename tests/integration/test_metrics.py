@@ -20,7 +20,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics import EventSender
-from broker.client import AsyncClient, Client, Completion, FleetError
+from mlx_fleet.client import AsyncClient, Client, Completion, FleetError
 from tests.integration.clients import RawClient
 from tests.integration.fleets import RunningFleet, free_tcp_port, make_config
 from tests.waiting import wait_for

@@ -257,8 +257,8 @@ def test_a_sharded_group_across_two_machines_serves_and_reforms_after_a_rank_die
     if reason:
         pytest.skip(reason)
     from tests.integration.reference import greedy_reference
-    from workers.demo_model import ensure_demo_model
-    from workers.engine import load_model
+    from workers.models.demo_model import ensure_demo_model
+    from workers.models.precision import load_model
 
     keys = make_keys(tmp_path / "keys")
     curve = ["--curve-secret", str(keys["client"][1]), "--curve-server-key", str(keys["broker"][0])]

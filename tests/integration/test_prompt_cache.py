@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from actors.config import BatchingConfig
-from broker.client import Client
+from mlx_fleet.client import Client
 from tests.integration.fleets import start_fleet
 from tests.waiting import wait_for
 
@@ -27,13 +27,13 @@ class Result:
 
 
 def make_engine(mt: tuple[Any, Any], entries: int = 16, nbytes: int = 1 << 30, **kwargs: Any) -> Any:
-    from workers.engine import Engine
+    from workers.engine.adapter import Engine
 
     return Engine(*mt, prompt_cache_entries=entries, prompt_cache_bytes=nbytes, prefill_step_size=64, **kwargs)
 
 
 def req(key: str, ids: list[int], max_tokens: int = 16, **kwargs: Any) -> Any:
-    from workers.engine import EngineRequest
+    from workers.engine.adapter import EngineRequest
 
     return EngineRequest(key, list(ids), max_tokens, **kwargs)
 

@@ -13,13 +13,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker.client import Client
+from mlx_fleet.client import Client
 from tests.integration.bpe_reference import ReferenceBPE
 from tests.integration.fleets import RunningFleet, make_config
 from tests.integration.processes import cli
 from tests.integration.reference import greedy_reference
-from workers.gguf_file import read_gguf
-from workers.smollm2 import FetchError, smollm2_gguf
+from workers.models.gguf_file import read_gguf
+from workers.models.smollm2 import FetchError, smollm2_gguf
 
 pytestmark = [pytest.mark.integration, pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -56,7 +56,7 @@ def test_tokenizer_agrees_with_an_independent_reading(smollm2_file: Path) -> Non
     """Token ids from the ``tokenizers`` build equal a plain-Python BPE over the file's own vocab and merges."""
     import mlx.core as mx
 
-    from workers.gguf_tokenizer import CONTROL, build_tokenizer
+    from workers.models.gguf_tokenizer import CONTROL, build_tokenizer
 
     _, meta = mx.load(str(smollm2_file), return_metadata=True)
     built = build_tokenizer(meta)
@@ -91,7 +91,7 @@ def test_served_greedy_equals_in_process_mlx_lm(fleet: RunningFleet) -> None:
     """
     from mlx_lm import load
 
-    from workers.models import resolve_source
+    from workers.models.sources import resolve_source
 
     model, tokenizer = load(str(resolve_source("smollm2")))
     with Client(fleet.cfg.frontend, timeout_s=120) as client:
@@ -125,8 +125,8 @@ def test_quantized_precision_answers_too(smollm2_file: Path) -> None:
     """The Q4_1 weights kept quantized (8-bit embedding, 4-bit elsewhere), through mlx_lm."""
     from mlx_lm import generate, load
 
-    from workers.models import resolve_source
-    from workers.precision import describe_precision
+    from workers.models.sources import resolve_source
+    from workers.models.precision import describe_precision
 
     model, tokenizer = load(str(resolve_source(str(smollm2_file), "quantized")))
     assert describe_precision(model) == "quantized 4/8-bit"

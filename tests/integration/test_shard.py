@@ -40,8 +40,8 @@ def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
     from workers.blas import find_blas, preload_blas
 
     preload_blas(find_blas("auto"))
-    from workers.demo_model import ensure_demo_model
-    from workers.shard import ShardedEngine, apply_op, digest, form_group
+    from workers.models.demo_model import ensure_demo_model
+    from workers.shard.engine import ShardedEngine, apply_op, digest, form_group
 
     shard = ShardRank(rank, ring, op_timeout_s=120.0, start_timeout_s=120.0)
     settings = SimpleNamespace(source=MODEL, dtype="auto", shard=shard,
@@ -73,7 +73,7 @@ def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
 
 def run_script(engine: Any, events: list[list[Any]]) -> None:
     """Solo, a handoff into a batch of shared, seeded and greedy samplers, a removal, a cached prompt."""
-    from workers.engine import EngineRequest
+    from workers.engine.adapter import EngineRequest
 
     def steps(n: int) -> None:
         for _ in range(n):

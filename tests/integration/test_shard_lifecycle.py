@@ -99,7 +99,7 @@ def test_kill9_follower_under_load_restarts_the_group(mt):
 # ---- the command line ------------------------------------------------------------------------------
 
 def test_a_group_started_by_mlx_launch_from_a_hostfile_joins_and_serves(tmp_path, mt):
-    from broker.client import Client
+    from mlx_fleet.client import Client
     from tests.integration.fleets import free_tcp_port, start_fleet, workers_of
     from tests.integration.processes import WorkerProcess, write_config
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.client import AsyncClient, Client, FleetError
+from mlx_fleet.client import AsyncClient, Client, FleetError
 from tests.integration.clients import TAG, RawClient, pack
 from tests.integration.fleets import start_fleet
 from tests.integration.reference import greedy_reference
@@ -20,7 +20,7 @@ def reference_greedy(prompt: str | list[dict], max_tokens: int) -> tuple[list[in
     """In-process mlx-lm, greedy: the token ids and text a served request must match."""
     from mlx_lm import load
 
-    from workers.demo_model import ensure_demo_model
+    from workers.models.demo_model import ensure_demo_model
 
     model, tokenizer = load(str(ensure_demo_model("demo")))
     if isinstance(prompt, list):

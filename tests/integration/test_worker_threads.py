@@ -95,7 +95,7 @@ def test_mlx_releases_the_gil_while_it_evaluates(name: str) -> None:
 
 def test_a_long_prefill_step_lets_another_thread_run(demo_model: tuple[Any, Any]) -> None:
     """One real engine step (a whole long prompt prefilled at once) leaves the GIL to other threads."""
-    from workers.engine import Engine, EngineRequest
+    from workers.engine.adapter import Engine, EngineRequest
 
     model, tokenizer = demo_model
     engine = Engine(model, tokenizer, prefill_step_size=4096, solo_fast_path=False)
@@ -192,7 +192,7 @@ def test_no_healthy_worker_is_declared_dead_beside_two_cpu_hogs() -> None:
     import subprocess
     import sys
 
-    from broker.client import Client, FleetError
+    from mlx_fleet.client import Client, FleetError
 
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
@@ -243,7 +243,7 @@ def test_no_healthy_worker_is_declared_dead_beside_two_cpu_hogs() -> None:
 
 def test_the_loop_hands_over_its_last_output_before_it_waits() -> None:
     """With a 30 s heartbeat interval, a request's done must not wait for the idle loop's next wake-up."""
-    from broker.client import Client
+    from mlx_fleet.client import Client
 
     with running_fleet(models=(("demo", "demo", 1),), heartbeat_interval_s=30.0, heartbeat_liveness=5) as fleet:
         with Client(fleet.cfg.frontend, timeout_s=60) as client:

@@ -1,7 +1,7 @@
 """Unit tests, on a fake clock: fair turns across clients, deadlines at dispatch, clients that go away.
 
 Covers broker.queue (client turns within a priority, aging between them),
-broker.deadlines and the state's deadline handling, broker.clients (connection
+broker.deadlines and the state's deadline handling, broker.connections (connection
 events to routing ids) and what BrokerState does when a client is gone.
 """
 
@@ -12,7 +12,7 @@ import math
 import pytest
 
 from actors.protocol import BAD_REQUEST, CANCEL_CLIENT_GONE, CANCEL_TIMEOUT, TIMEOUT, Cancel, Error
-from broker.clients import ClientConnections
+from broker.connections import ClientConnections
 from broker.deadlines import Deadlines
 from broker.queue import PriorityQueue
 from broker.records import ClientGone

@@ -1,4 +1,4 @@
-"""`mlx-fleet chat` (broker/chat.py) against a scripted client: history, Ctrl-C, errors, commands."""
+"""`mlx-fleet chat` (mlx_fleet/chat.py) against a scripted client: history, Ctrl-C, errors, commands."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker.chat import Conversation, answer_once, run_chat
-from broker.client import FleetError
+from mlx_fleet.chat import Conversation, answer_once, run_chat
+from mlx_fleet.client import FleetError
 
 pytestmark = pytest.mark.timeout(10)
 

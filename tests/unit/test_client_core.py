@@ -1,4 +1,4 @@
-"""Unit tests for broker.client_core: the state both client libraries share, on a fake clock."""
+"""Unit tests for mlx_fleet.client.core: the state both client libraries share, on a fake clock."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from actors.clock import FakeClock
 from actors.protocol import (
     PROTOCOL_TAG, Chunk, Done, Error, Generate, Message, ModelsReply, StatusReply, encode,
 )
-from broker.client_core import (
+from mlx_fleet.client.core import (
     BAD_REPLY, ClientCore, Completion, FleetError, StreamChunk, encode_checked, local_timeout_s, make_generate,
     make_routing_id,
 )

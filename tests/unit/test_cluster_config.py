@@ -10,8 +10,8 @@ import zmq.auth
 from actors.config import ConfigError, FleetConfig, load_config
 from actors.curve import AuthorizedKeys, check_bind_policy, is_loopback, load_client_keys, make_keys
 from actors.model_manager import budget_verdict
-from fleet.cli import build_parser
-from fleet.cli_cluster import format_status
+from mlx_fleet.cli import build_parser
+from mlx_fleet.cli_cluster import format_status
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -94,7 +94,7 @@ def test_bind_policy() -> None:
 
 
 def test_up_flags_reach_the_config() -> None:
-    from fleet.cli import config_from_args
+    from mlx_fleet.cli import config_from_args
 
     args = build_parser().parse_args(["up", "--backend", "tcp://*:5556", "--insecure", "--memory-budget-bytes", "99",
                                       "--model", "a=demo", "--model", "b=demo-small"])
@@ -154,7 +154,7 @@ def test_budget_verdict(budget: int, loaded: int, each: int | None, replicas: in
 
 
 def test_weights_bytes_sums_safetensors(tmp_path: Path) -> None:
-    from workers.models import check_source, weights_bytes
+    from workers.models.sources import check_source, weights_bytes
 
     (tmp_path / "model-00001.safetensors").write_bytes(b"x" * 1000)
     (tmp_path / "model-00002.safetensors").write_bytes(b"x" * 24)
@@ -195,7 +195,7 @@ def test_status_table_shows_replicas_state_and_blas() -> None:
 
 
 def test_constructing_a_supervisor_has_no_side_effects() -> None:
-    from fleet.wiring import make_supervisor
+    from mlx_fleet.wiring import make_supervisor
 
     before = set(Path("/tmp").glob("mlxf-run-*"))
     sup = make_supervisor(load_config(env={}, overrides={"memory_budget_bytes": 1}))

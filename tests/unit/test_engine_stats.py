@@ -1,11 +1,11 @@
-"""Unit tests for workers.engine_stats: step counters by path, and the mlx-lm/own split of busy time."""
+"""Unit tests for workers.engine.stats: step counters by path, and the mlx-lm/own split of busy time."""
 
 from __future__ import annotations
 
 import pytest
 
 from actors.clock import FakeClock
-from workers.engine_stats import PATHS, StepClock, StepStats
+from workers.engine.stats import PATHS, StepClock, StepStats
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from actors.config import ConfigError, load_config
-from broker.gateway import GatewaySettings
-from fleet.cli import build_parser, config_from_args
-from fleet.wiring import make_supervisor
+from mlx_fleet.gateway.server import GatewaySettings
+from mlx_fleet.cli import build_parser, config_from_args
+from mlx_fleet.wiring import make_supervisor
 
 
 def test_defaults_bind_loopback_port_8000_without_a_key():

@@ -352,7 +352,7 @@ def test_before_any_state_the_supervisor_is_not_connected() -> None:
 
 def test_a_given_up_worker_is_listed_once_and_the_table_shows_it() -> None:
     from broker.status import models_summary
-    from fleet.cli_cluster import format_status
+    from mlx_fleet.cli_cluster import format_status
 
     h = Harness(models=("a",))
     h.ready("a-0")

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from actors.protocol import ERROR_CODES, Limits
-from broker.openai_responses import SSE_DONE, ResponseFormat, usage_body
-from broker.openai_schema import (
+from mlx_fleet.gateway.openai_responses import SSE_DONE, ResponseFormat, usage_body
+from mlx_fleet.gateway.openai_schema import (
     CHAT, COMPLETION, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, OpenAIError, error_from_fleet, parse_chat_request,
     parse_completion_request,
 )

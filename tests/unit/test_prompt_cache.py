@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.prompt_cache import PromptCache, PromptCacheStats, common_prefix_len
+from workers.engine.prompt_cache import PromptCache, PromptCacheStats, common_prefix_len
 
 BYTES_PER_TOKEN = 10
 

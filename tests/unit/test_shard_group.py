@@ -17,7 +17,7 @@ from actors.shard_group import (
     ProcessGroup, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_env, ring_from_hosts, split_addr,
 )
 from tests.unit.test_supervisor import FakeProcess
-from workers.shard_channel import BeatTracker, GroupLost, OpError, StallCheck, StepLedger, check_op, pack, unpack
+from workers.shard.channel import BeatTracker, GroupLost, OpError, StallCheck, StepLedger, check_op, pack, unpack
 
 RING = (("127.0.0.1:4000",), ("127.0.0.1:4001",))
 
@@ -263,7 +263,7 @@ def test_a_sharded_replica_is_one_child_with_its_ranks_in_the_view() -> None:
 
 
 def test_status_shows_a_group_as_one_replica_with_its_ranks() -> None:
-    from fleet.cli_cluster import format_status
+    from mlx_fleet.cli_cluster import format_status
 
     ranks = [{"rank": 0, "pid": 11, "host": "h1"}, {"rank": 1, "pid": 12, "host": "h2"}]
     status = {"models": {"big": {"state": "ready", "queue_depth": 0, "running": 0, "on_demand": False,
@@ -285,7 +285,7 @@ def test_status_shows_a_group_as_one_replica_with_its_ranks() -> None:
 ])
 def test_the_worker_command_refuses_a_group_it_cannot_form(tmp_path: Path, monkeypatch, capsys, argv: list[str],
                                                            env: dict[str, str], needle: str) -> None:
-    from fleet.cli import main
+    from mlx_fleet.cli import main
 
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]))

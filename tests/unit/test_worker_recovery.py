@@ -15,7 +15,7 @@ from actors.protocol import (
     WORKER_LOST, Cancel, Chunk, Dispatch, Done, Error, Generate, Message, Ready, encode, encode_map,
 )
 from broker.adoption import Adoption
-from broker.client_core import ClientCore, Completion, Pending, StreamChunk
+from mlx_fleet.client.core import ClientCore, Completion, Pending, StreamChunk
 from broker.records import Dest, Out
 from broker.state import BrokerState
 from workers.replies import ID_BYTES, Progress, ReplyLedger

@@ -16,10 +16,10 @@ from actors.clock import FakeClock
 from actors.config import BatchingConfig
 from actors.protocol import Chunk, Dispatch, Done, Error, Generate, Message
 from tests.unit.test_worker_telemetry import RecordingSender
-from workers.engine_stats import StepStats
+from workers.engine.stats import StepStats
 from workers.policies import make_auto_tuner, make_policy
 from workers.replies import Outgoing, Progress, ReplyLedger
-from workers.sequences import EngineRequest, StepEvent
+from workers.engine.interface import EngineRequest, StepEvent
 from workers.session import WorkerSession
 from workers.telemetry import WorkerTelemetry
 

@@ -9,7 +9,7 @@ import pytest
 from actors.clock import FakeClock
 from actors.config import BatchingConfig
 from actors.metrics import ITL_BUCKETS_S, bucket_counts, decode_event, encode_event
-from workers.engine_stats import StepStats
+from workers.engine.stats import StepStats
 from workers.policies import make_policy
 from workers.telemetry import WorkerTelemetry
 

@@ -1,0 +1,7 @@
+"""``python -m fleet``: the `mlx-fleet` command line."""
+
+import sys
+
+from mlx_fleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""The engine's solo fast path: one sequence decoded by mlx-lm's own ``generate_step``.
+
+Private to :mod:`workers.engine.adapter`, the only module that uses it; like the engine it
+imports mlx, and every call must come from the one thread that owns MLX.
+
+A lone request on an idle engine pays ``BatchGenerator``'s bookkeeping (batched caches,
+per-step filtering, a response object per token) for nothing. :class:`Solo` decodes it
+the way in-process mlx-lm does instead: one ``next()`` of ``generate_step`` per engine
+step, over a KV cache the engine owns (fresh from ``make_prompt_cache``, or the prompt
+cache's private copy of a cached prefix), with the request's own sampler.
+
+When another request arrives, the solo sequence moves into the ``BatchGenerator``
+(:meth:`Solo.handoff`). ``generate_step`` is pipelined: when it yields token ``y_n`` it
+has already fed ``y_n`` to the model (the cache holds prompt + ``y_0..y_n``) and sampled
+``y_{n+1}``, which is still in flight and never exposed. The handoff therefore drops that
+in-flight step: it trims ``y_n`` off the cache and hands ``y_n`` over as a one-token
+prompt, with ``all_tokens`` = prompt + ``y_0..y_{n-1}`` (what the trimmed cache holds).
+``BatchGenerator`` feeds ``y_n`` and samples ``y_{n+1}`` again, from the same logits, and
+its first response is ``y_{n+1}``: the stream goes on without a gap or a repeat. Its own
+token count starts at that response, so it gets ``max_tokens - (n + 1)``. A seeded
+sampler is rewound by one draw, so ``y_{n+1}`` is drawn with the same key both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
+
+
+class Solo:
+    """One request decoded by ``generate_step``; the engine holds its cache throughout.
+
+    ``cache``/``cached_tokens``: a prompt-cache copy holding the first ``cached_tokens``
+    of ``prompt_tokens`` (None, 0 on a miss).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prompt_tokens: list[int],
+        *,
+        max_tokens: int,
+        sampler: Callable[[mx.array], mx.array],
+        cache: list[Any] | None = None,
+        cached_tokens: int = 0,
+        prefill_step_size: int = 512,
+    ) -> None:
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.given_cache = cache  # handed back untouched if the generator never ran
+        self.cache = cache if cache is not None else make_prompt_cache(model)
+        self.tokens: list[int] = list(prompt_tokens)  # what the cache holds once stepped
+        self.generated = 0
+        self._gen = generate_step(mx.array(prompt_tokens[cached_tokens:]), model, max_tokens=max_tokens,
+                                  sampler=sampler, prompt_cache=self.cache, prefill_step_size=prefill_step_size)
+
+    def next(self) -> int:
+        """The next token (the first call prefills). The cache then holds it too."""
+        token, _ = next(self._gen)
+        self.tokens.append(token)
+        self.generated += 1
+        return token
+
+    def finished_cache(self) -> tuple[list[Any], list[int]]:
+        """Stop decoding; the cache (cut to what it holds) and the tokens it holds, to store."""
+        self.close()
+        for c in self.cache:
+            if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
+                # KVCache grows in steps of 256 tokens; store only what is held, as BatchGenerator does.
+                c.keys = mx.contiguous(c.keys[..., : c.offset, :])
+                c.values = mx.contiguous(c.values[..., : c.offset, :])
+        return self.cache, self.tokens
+
+    def handoff(self) -> tuple[list[int], list[Any] | None, list[int], int]:
+        """Stop decoding; ``(prompt, cache, all_tokens, max_tokens)`` for ``BatchGenerator.insert``.
+
+        Before the first token nothing has run: the request goes over as inserted. After
+        ``y_0..y_n``: the cache loses ``y_n``, which becomes the prompt (see the module doc).
+        """
+        self.close()
+        if not self.generated:
+            return self.prompt_tokens[self.cached_tokens:], self.given_cache, self.prompt_tokens[: self.cached_tokens], self.max_tokens
+        if trim_prompt_cache(self.cache, 1) != 1:
+            raise RuntimeError("solo cache could not be trimmed for the handoff")
+        rewind = getattr(self.sampler, "rewind", None)
+        if rewind is not None:
+            rewind()  # the dropped in-flight step drew y_{n+1} already
+        return [self.tokens[-1]], self.cache, self.tokens[:-1], self.max_tokens - self.generated
+
+    def close(self) -> None:
+        """End the generator (its in-flight step is dropped)."""
+        self._gen.close()
+
+
+def can_go_solo(model: Any) -> bool:
+    """Whether ``model``'s cache can be trimmed by one token, as a handoff needs."""
+    return all(c.is_trimmable() for c in make_prompt_cache(model))
