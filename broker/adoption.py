@@ -30,7 +30,8 @@ from actors.clock import Clock
 from actors.limits import DEFAULT_LIMITS
 from actors.protocol import CANCEL_NOT_ADOPTED, PRIORITIES, Cancel, Generate, Ready
 from broker.records import Dest, Out, RequestRecord
-from broker.state import BrokerState, cancelled_unstarted
+from broker.requests import cancelled_unstarted
+from broker.state import BrokerState
 
 MEMORY_S = 60.0  # how long adopted requests and early cancels are remembered
 MAX_MEMORY = 65_536  # entries kept in each memory

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -39,7 +39,7 @@ from actors.protocol import (
 from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import make_socket
 from actors.wire_scan import peek_field
-from broker.connections import ClientConnections
+from broker.connections import ClientConnections, client_name
 from broker.adoption import Adoption
 from broker.lifecycle import ModelControl
 from broker.parking import Parking
@@ -65,13 +65,9 @@ class BrokerActor:
         self.cfg = cfg
         self.clock = MonotonicClock()
         self.state = BrokerState(
-            self.clock,
-            models=[m.name for m in cfg.models],
-            queue_limit=cfg.queue_limit,
-            heartbeat_interval_s=cfg.heartbeat_interval_s,
-            heartbeat_liveness=cfg.heartbeat_liveness,
-            default_timeout_s=cfg.request_timeout_s,
-            no_worker_timeout_s=cfg.no_worker_timeout_s,
+            self.clock, models=[m.name for m in cfg.models], queue_limit=cfg.queue_limit,
+            heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_liveness=cfg.heartbeat_liveness,
+            default_timeout_s=cfg.request_timeout_s, no_worker_timeout_s=cfg.no_worker_timeout_s,
             hung_step_s=cfg.hung_step_s,
             key_prefix=f"b{os.urandom(4).hex()}.",  # this process's own: adopted keys come from others
         )
@@ -176,20 +172,15 @@ class BrokerActor:
             self.state.count_refusal(named, err)
             self.send([Out(Dest.CLIENT, identity, err)])
             return
-        if isinstance(msg, Generate):
-            self.send(self.adoption.handle_generate(identity, msg))
-        elif isinstance(msg, Cancel):
-            self.send(self.adoption.handle_cancel(identity, msg.request_id))
-        elif isinstance(msg, Models):
-            self.send([Out(Dest.CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
-        elif isinstance(msg, Status):
-            self.send([Out(Dest.CLIENT, identity, StatusReply(status=self.status(), request_id=msg.request_id))])
-        elif isinstance(msg, Load):
-            self.send(self.lifecycle.handle_load(identity, msg))
-        elif isinstance(msg, Unload):
-            self.send(self.lifecycle.handle_unload(identity, msg))
-        if isinstance(msg, Generate):
-            self.send(self.lifecycle.after_generate(msg.model))
+        handlers: dict[type[Message], Callable[[Any], list[Out]]] = {
+            Generate: lambda m: self.adoption.handle_generate(identity, m) + self.lifecycle.after_generate(m.model),
+            Cancel: lambda m: self.adoption.handle_cancel(identity, m.request_id),
+            Models: lambda m: [Out(Dest.CLIENT, identity, ModelsReply(models=self.models_list(), request_id=m.request_id))],
+            Status: lambda m: [Out(Dest.CLIENT, identity, StatusReply(status=self.status(), request_id=m.request_id))],
+            Load: lambda m: self.lifecycle.handle_load(identity, m),
+            Unload: lambda m: self.lifecycle.handle_unload(identity, m),
+        }
+        self.send(handlers[type(msg)](msg))
 
     def handle_monitor(self) -> None:
         """Connection events of the frontend: a client whose connection dropped is gone."""
@@ -362,15 +353,13 @@ class BrokerActor:
         self.state.departures.clear()
 
     def _log_clients_gone(self) -> None:
-        # One line per client, however many requests it had open.
-        for gone in self.state.clients_gone:
+        for gone in self.state.clients_gone:  # one line per client, however many requests it had open
             log.info("client %s %s: cancelled %d running and dropped %d queued requests",
-                     _client_name(gone.identity), gone.reason, gone.running, gone.queued)
+                     client_name(gone.identity), gone.reason, gone.running, gone.queued)
         self.state.clients_gone.clear()
 
     def _safely(self, handler: Any) -> None:
-        # A bug in one handler must not take the broker down; log it and go on.
-        try:
+        try:  # a bug in one handler must not take the broker down; log it and go on
             handler()
         except zmq.ZMQError:
             raise
@@ -389,12 +378,6 @@ class BrokerActor:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-
-
-def _client_name(identity: bytes) -> str:
-    """A routing id for the log: as text when it is printable ASCII (our clients' ids are), else in hex."""
-    text = identity.decode("ascii", errors="replace")
-    return text[:40] if text.isascii() and text.isprintable() and "\ufffd" not in text else identity.hex()[:40]
 
 
 def _source_fd(frame: zmq.Frame) -> int:

@@ -10,7 +10,8 @@ import sys
 import uuid
 from typing import Any
 
-from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
+from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig
+from actors.config_load import load_config, parse_model_arg
 from actors.protocol import DEFAULT_CONNECT
 from actors.shard_group import RING_STARTING_PORT, SHARD_MODES
 from mlx_fleet.cli_cluster import add_client_options, add_cluster_commands, client_curve

@@ -1,6 +1,6 @@
 """Processes a test starts and watches: CLI commands, remote workers, /proc.
 
-``cli`` runs ``python -m fleet ...`` to completion; ``FleetProcess`` keeps one
+``cli`` runs ``python -m mlx_fleet ...`` to completion; ``FleetProcess`` keeps one
 running (``mlx-fleet up``; ``WorkerProcess`` for ``mlx-fleet worker``) with its
 output in a log; ``children_of``, ``is_gone`` and ``rss_kib`` read /proc (Linux)
 about any process.
@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(*args: str, timeout_s: float = 120.0, prefix: list[str] | None = None,
         input_text: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m fleet ARGS`` from the repository root (``input_text`` on its stdin); returns the finished process."""
-    cmd = [*(prefix or []), sys.executable, "-m", "fleet", *args]
+    """Run ``python -m mlx_fleet ARGS`` from the repository root (``input_text`` on its stdin); returns the finished process."""
+    cmd = [*(prefix or []), sys.executable, "-m", "mlx_fleet", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy(),
                           input=input_text)
 
 
 class FleetProcess:
-    """``python -m fleet COMMAND ARGS`` as a subprocess (``up``, ``worker``); a context manager that stops it.
+    """``python -m mlx_fleet COMMAND ARGS`` as a subprocess (``up``, ``worker``); a context manager that stops it.
 
     ``prefix`` runs it through another command (``ip netns exec NS``); ``log_path``
     keeps what it prints; ``env`` replaces the test's environment.
@@ -36,7 +36,7 @@ class FleetProcess:
 
     def __init__(self, command: str, *args: str, prefix: list[str] | None = None, log_path: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
-        self.cmd = [*(prefix or []), sys.executable, "-m", "fleet", command, *args]
+        self.cmd = [*(prefix or []), sys.executable, "-m", "mlx_fleet", command, *args]
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -91,7 +91,7 @@ class FleetProcess:
 
 
 class WorkerProcess(FleetProcess):
-    """``python -m fleet worker ARGS``: a worker that joins a broker from outside the fleet."""
+    """``python -m mlx_fleet worker ARGS``: a worker that joins a broker from outside the fleet."""
 
     def __init__(self, *args: str, prefix: list[str] | None = None, log_path: Path | None = None) -> None:
         super().__init__("worker", *args, prefix=prefix, log_path=log_path)

@@ -93,7 +93,7 @@ def running(frontend: str) -> int:
 def test_ctrl_c_cancels_the_answer_in_the_fleet_and_the_session_goes_on() -> None:
     with running_fleet() as fleet:
         frontend = fleet.cfg.frontend
-        term = Terminal([sys.executable, "-m", "fleet", "chat", "--model", "demo", "--connect", frontend,
+        term = Terminal([sys.executable, "-m", "mlx_fleet", "chat", "--model", "demo", "--connect", frontend,
                          "--max-tokens", str(LONG_TOKENS)])
         try:
             at = term.expect(">>> ")

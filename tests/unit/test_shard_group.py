@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from actors.clock import FakeClock
-from actors.config import ConfigError, FleetConfig, ModelSpec, load_config, shard_bounds
+from actors.config import ConfigError, FleetConfig, ModelSpec, shard_bounds
+from actors.config_load import load_config
 from actors.model_manager import budget_verdict, per_rank_bytes
 from actors.shard_group import (
     ProcessGroup, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_env, ring_from_hosts, split_addr,
