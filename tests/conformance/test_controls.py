@@ -243,4 +243,5 @@ def test_random_schemas_validate(cw: RawClient, ctl: Target) -> None:
 
 @pytest.mark.slow
 def test_fifty_random_schemas_validate_greedy_and_sampled(cw: RawClient, ctl: Target) -> None:
+    ctl.local("a hundred grammar requests at once; the six above cover a fleet given with --connect")
     _schema_outputs(cw, ctl.model, 50, PROMPT)
