@@ -53,7 +53,8 @@ from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
 from workers.models.precision import apply_dtype, load_model
 from workers.shard.channel import (
-    BeatTracker, FollowerChannel, GroupLost, GroupWatch, LeaderChannel, OpError, StallCheck, StepLedger, die,
+    REQUEST_FIELDS, BeatTracker, FollowerChannel, GroupLost, GroupWatch, LeaderChannel, OpError, StallCheck, StepLedger,
+    die,
 )
 
 log = logging.getLogger("mlx_fleet.shard")
@@ -240,7 +241,8 @@ class ShardedEngine(EngineLike):
 
     def insert(self, reqs: list[EngineRequest]) -> None:
         """Insert on every rank."""
-        self._send(["insert", [dataclasses.asdict(r) for r in reqs]])
+        # The fields the followers take (channel.REQUEST_FIELDS): n and controls are refused before this.
+        self._send(["insert", [{k: v for k, v in dataclasses.asdict(r).items() if k in REQUEST_FIELDS} for r in reqs]])
         self._apply("insert", self.engine.insert, reqs)
 
     def step(self) -> list[StepEvent]:
