@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig
@@ -116,6 +117,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
+        found: Path | str | None
         if args.fetch_only:
             found = fetch_source(args.source, progress=say)
         else:
