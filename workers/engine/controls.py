@@ -226,6 +226,11 @@ class Rows:
             self._pending = [(rows, arrays) for rows, arrays in self._pending if row not in rows]
             self.rows[new] = row
 
+    def take_entry(self, uid: int) -> LogprobEntry | None:
+        """The next logprob entry of ``uid`` (its token's), or None when it asked for none."""
+        row = self.rows.get(uid)
+        return row.entries.popleft() if row is not None and row.entries else None
+
     def plan(self, uids: list[int]) -> Plan | None:
         """The plan for a batch with these uids in this order; None when none of them has controls."""
         if not self.rows:
