@@ -33,10 +33,10 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3": ("phi3", {"model_type": "phi3", "rope_theta": 10000.0}),
 }
 # ggml types with 256-value blocks need rows of 256: those files use hidden size 256.
-BLOCK_256 = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+BLOCK_256 = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ3_S", "IQ1_S")
 # Byte ranges of each block's float16 scales, for the types written as random blocks.
 _F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-               "IQ4_NL": (0,), "IQ4_XS": (0,)}
+               "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ2_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,)}
 WEIGHT_STD = 0.05
 
 

@@ -34,7 +34,7 @@ FLOAT_TOL = 1e-4
 QUANT_MIN_COSINE = {"F16": 0.99999, "BF16": 0.9999, "Q8_0": 0.999, "Q5_0": 0.97, "Q5_1": 0.97,
                     "Q4_0": 0.9, "Q4_1": 0.9}
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL",
-         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
+         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "IQ3_S", "IQ1_S"]
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,10 @@ def weights_bytes(source: str) -> int | None:
 
 
 def _gguf_float32_bytes(path: Path) -> int:
+    """Its float32 conversion's size when the cache has it, else its tensors' values x 4 (reads the header)."""
+    converted = find_converted(file_sha256(path), "float32")
+    if converted is not None:
+        return sum(f.stat().st_size for f in converted.glob("*.safetensors"))
     return sum(4 * t.elements for t in read_gguf(path).tensors)
 
 
