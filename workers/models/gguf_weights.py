@@ -42,6 +42,7 @@ REQUANT_GROUP_SIZE = 32
 REQUANT_BITS = {"Q6_K": 6, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8}
 DEFAULT_REQUANT_BITS = 4
 PROGRESS_STEP = 0.1  # report every 10% of the file's tensor bytes
+CHUNK_VALUES = 1 << 22  # rows dequantized at once: gguf's numpy dequantizers take a few times their output
 
 
 def requant_bits(type_name: str) -> int:
@@ -139,25 +140,39 @@ def _native(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str
 
 def _dequantizing(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str, Any]]:
     import mlx.core as mx
-    import numpy as np
-    from gguf.quants import dequantize
 
     check_types(header)
     meter = _Meter(header, say, "dequantizing")
     for name, (gguf_name, shape) in plan.names.items():
         t = header.by_name[gguf_name]
         try:
-            values = dequantize(np.asarray(t.data), t.qtype)
+            values = _dequantized(t)
         except (ValueError, NotImplementedError) as exc:
             raise GGUFError(f"{header.path}: tensor {t.name!r} ({t.type_name}) cannot be dequantized: {exc}") from None
-        values = fix_weight(plan.arch, gguf_name, values.reshape(t.dims[::-1]), plan.config)
+        values = fix_weight(plan.arch, gguf_name, values, plan.config)
         _check_shape(header, gguf_name, name, values, shape, False)
         module, kind = name.rpartition(".")[0], name.rpartition(".")[2]
-        for key, value in _at_precision(mx.array(values), t, plan, module, kind).items():
+        w = mx.array(values)
+        del values  # the MLX copy is all that is needed from here on
+        for key, value in _at_precision(w, t, plan, module, kind).items():
             mx.eval(value)
             yield key, value
-        del values
+        del w
         meter.add(t)
+
+
+def _dequantized(t: TensorInfo) -> Any:
+    """The tensor as float32 numpy (mlx-lm's shape), dequantized :data:`CHUNK_VALUES` values at a time."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    raw = np.asarray(t.data)
+    rows = raw.reshape(-1, raw.shape[-1])  # a row: ``dims[0]`` values (or their blocks' bytes)
+    out = np.empty((rows.shape[0], t.dims[0]), dtype=np.float32)
+    step = max(1, CHUNK_VALUES // t.dims[0])
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = dequantize(rows[start:start + step], t.qtype).reshape(-1, t.dims[0])
+    return out.reshape(t.dims[::-1])
 
 
 def _at_precision(w: Any, t: TensorInfo, plan: Plan, module: str, kind: str) -> dict[str, Any]:
