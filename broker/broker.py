@@ -19,11 +19,11 @@ running requests to the workers, which give them to the next broker.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from actors.clock import MonotonicClock
@@ -37,9 +37,9 @@ from actors.protocol import (
     Ready, Status, StatusReply, Unload, encode, encode_map, error_for, from_map, unpack_frames,
 )
 from actors.runtime import Hooks, StartError, run_process
-from actors.sockets import make_socket
+from actors.sockets import make_socket, poll_ms
 from actors.wire_scan import peek_field
-from broker.connections import ClientConnections
+from broker.connections import ClientConnections, client_name
 from broker.adoption import Adoption
 from broker.lifecycle import ModelControl
 from broker.parking import Parking
@@ -61,17 +61,13 @@ def _frames(out: Out) -> list[bytes]:
 class BrokerActor:
     """Owns the sockets and the state; ``run()`` until drained."""
 
-    def __init__(self, cfg: FleetConfig, *, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: FleetConfig, *, ctx: zmq.SyncContext | None = None) -> None:
         self.cfg = cfg
         self.clock = MonotonicClock()
         self.state = BrokerState(
-            self.clock,
-            models=[m.name for m in cfg.models],
-            queue_limit=cfg.queue_limit,
-            heartbeat_interval_s=cfg.heartbeat_interval_s,
-            heartbeat_liveness=cfg.heartbeat_liveness,
-            default_timeout_s=cfg.request_timeout_s,
-            no_worker_timeout_s=cfg.no_worker_timeout_s,
+            self.clock, models=[m.name for m in cfg.models], queue_limit=cfg.queue_limit,
+            heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_liveness=cfg.heartbeat_liveness,
+            default_timeout_s=cfg.request_timeout_s, no_worker_timeout_s=cfg.no_worker_timeout_s,
             hung_step_s=cfg.hung_step_s,
             key_prefix=f"b{os.urandom(4).hex()}.",  # this process's own: adopted keys come from others
         )
@@ -98,7 +94,7 @@ class BrokerActor:
         self.handover_requested = False
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
         # The supervisor's channel (actors/control.py): its state, and runtime model management.
-        self.control_sock: zmq.Socket | None = None
+        self.control_sock: zmq.SyncSocket | None = None
         if cfg.runtime_dir:
             self.control_sock = make_socket(self.ctx, zmq.DEALER)
             self.control_sock.connect(control_addr(cfg.runtime_dir))
@@ -107,7 +103,7 @@ class BrokerActor:
             on_demand={m.name: m.idle_unload_s for m in cfg.models if m.on_demand},
             drain_timeout_s=cfg.drain_timeout_s,
         )
-        self.auth: Any = None
+        self.auth: ThreadAuthenticator | None = None
 
     def bind(self) -> None:
         """Bind both endpoints (CurveZMQ servers when configured); StartError naming the address."""
@@ -176,20 +172,15 @@ class BrokerActor:
             self.state.count_refusal(named, err)
             self.send([Out(Dest.CLIENT, identity, err)])
             return
-        if isinstance(msg, Generate):
-            self.send(self.adoption.handle_generate(identity, msg))
-        elif isinstance(msg, Cancel):
-            self.send(self.adoption.handle_cancel(identity, msg.request_id))
-        elif isinstance(msg, Models):
-            self.send([Out(Dest.CLIENT, identity, ModelsReply(models=self.models_list(), request_id=msg.request_id))])
-        elif isinstance(msg, Status):
-            self.send([Out(Dest.CLIENT, identity, StatusReply(status=self.status(), request_id=msg.request_id))])
-        elif isinstance(msg, Load):
-            self.send(self.lifecycle.handle_load(identity, msg))
-        elif isinstance(msg, Unload):
-            self.send(self.lifecycle.handle_unload(identity, msg))
-        if isinstance(msg, Generate):
-            self.send(self.lifecycle.after_generate(msg.model))
+        handlers: dict[type[Message], Callable[[Any], list[Out]]] = {
+            Generate: lambda m: self.adoption.handle_generate(identity, m) + self.lifecycle.after_generate(m.model),
+            Cancel: lambda m: self.adoption.handle_cancel(identity, m.request_id),
+            Models: lambda m: [Out(Dest.CLIENT, identity, ModelsReply(models=self.models_list(), request_id=m.request_id))],
+            Status: lambda m: [Out(Dest.CLIENT, identity, StatusReply(status=self.status(), request_id=m.request_id))],
+            Load: lambda m: self.lifecycle.handle_load(identity, m),
+            Unload: lambda m: self.lifecycle.handle_unload(identity, m),
+        }
+        self.send(handlers[type(msg)](msg))
 
     def handle_monitor(self) -> None:
         """Connection events of the frontend: a client whose connection dropped is gone."""
@@ -311,7 +302,7 @@ class BrokerActor:
                 break
             # Wake for the next beat, tick or request deadline (deadlines are kept to about a millisecond).
             wake_s = min(next_beat_s, next_tick_s, self.state.next_deadline_s())
-            ready = dict(poller.poll(max(0, math.ceil((wake_s - now) * 1000.0))))
+            ready = dict(poller.poll(poll_ms(wake_s - now)))
             if self.monitor in ready:  # connection events are not urgent: once per wake-up
                 self._safely(self.handle_monitor)
             # Drain what is ready, workers first (their chunks unblock clients).
@@ -362,15 +353,13 @@ class BrokerActor:
         self.state.departures.clear()
 
     def _log_clients_gone(self) -> None:
-        # One line per client, however many requests it had open.
-        for gone in self.state.clients_gone:
+        for gone in self.state.clients_gone:  # one line per client, however many requests it had open
             log.info("client %s %s: cancelled %d running and dropped %d queued requests",
-                     _client_name(gone.identity), gone.reason, gone.running, gone.queued)
+                     client_name(gone.identity), gone.reason, gone.running, gone.queued)
         self.state.clients_gone.clear()
 
-    def _safely(self, handler: Any) -> None:
-        # A bug in one handler must not take the broker down; log it and go on.
-        try:
+    def _safely(self, handler: Callable[[], None]) -> None:
+        try:  # a bug in one handler must not take the broker down; log it and go on
             handler()
         except zmq.ZMQError:
             raise
@@ -389,12 +378,6 @@ class BrokerActor:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-
-
-def _client_name(identity: bytes) -> str:
-    """A routing id for the log: as text when it is printable ASCII (our clients' ids are), else in hex."""
-    text = identity.decode("ascii", errors="replace")
-    return text[:40] if text.isascii() and text.isprintable() and "\ufffd" not in text else identity.hex()[:40]
 
 
 def _source_fd(frame: zmq.Frame) -> int:

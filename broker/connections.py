@@ -56,3 +56,9 @@ class ClientConnections:
             ids.discard(identity)
             if not ids:
                 del self.on_fd[fd]
+
+
+def client_name(identity: bytes) -> str:
+    """A routing id for the log: as text when it is printable ASCII (our clients' ids are), else in hex."""
+    text = identity.decode("ascii", errors="replace")
+    return text[:40] if text.isascii() and text.isprintable() and "\ufffd" not in text else identity.hex()[:40]

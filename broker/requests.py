@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from actors.clock import Clock
-from actors.protocol import CANCEL_CLIENT_GONE, CANCEL_TIMEOUT, TIMEOUT, Cancel, Error, Generate, Message
+from actors.protocol import CANCEL_CLIENT_GONE, CANCEL_TIMEOUT, TIMEOUT, WORKER_LOST, Cancel, Done, Error, Generate, Message
 from broker.deadlines import Deadlines
-from broker.records import ClientGone, Dest, ModelRecord, Out, ReplyCounts, RequestRecord
+from broker.records import ClientGone, Dest, ModelRecord, Out, ReplyCounts, RequestRecord, WorkerRecord
 
 
 class OpenRequests:
@@ -98,6 +98,37 @@ class OpenRequests:
             self.gone.append(ClientGone(client, reason, running, queued))
         return out
 
+    def worker_lost(self, worker: WorkerRecord, reason: str, model: ModelRecord, *, requeue: bool,
+                    max_requeues: int) -> list[Out]:
+        """The requests ``worker`` ran when it was lost: requeue each unstarted one once (when ``requeue``), end the rest.
+
+        A request the client had asked to stop ends as cancelled; one whose output had started,
+        one adopted from a worker's table, or one requeued ``max_requeues`` times ends with
+        ``worker_lost``, saying why.
+        """
+        out: list[Out] = []
+        for key in sorted(worker.running):
+            rec = self.requests.get(key)
+            if rec is None:
+                continue
+            rec.worker = None
+            if rec.answered:
+                self.requests.pop(key, None)
+            elif rec.cancel_sent:
+                # The client asked to stop it: end it as cancelled rather than start it again.
+                out += self.finish(rec, cancelled_unstarted(key, self.clock.now() - rec.enqueued_at_s))
+            elif not rec.streamed and not rec.adopted and rec.requeues < max_requeues and requeue:
+                rec.requeues += 1
+                self.counters["requeued"] += 1
+                model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s, rec.client)
+            else:
+                why = ("after output had started" if rec.streamed else
+                       "while draining" if not requeue else
+                       "after it was adopted from its table (the prompt stayed with that worker)" if rec.adopted else
+                       f"and it was already requeued {rec.requeues}x")
+                out += self.finish(rec, Error(WORKER_LOST, f"worker {worker.worker_id} was lost ({reason}) {why}", key))
+        return out
+
     # ---- deadlines ----------------------------------------------------------------------
 
     def next_deadline_s(self) -> float:
@@ -146,3 +177,9 @@ def rewrite(raw: dict[str, Any], request_id: str) -> dict[str, Any]:
     out = dict(raw)
     out["request_id"] = request_id
     return out
+
+
+def cancelled_unstarted(request_id: str, waited_s: float) -> Done:
+    """The ``done`` of a request cancelled before any output: no usage, all its time spent waiting."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+    return Done(request_id, "cancelled", usage, {"queue_s": waited_s, "ttft_s": 0.0, "total_s": waited_s})

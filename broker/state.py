@@ -20,12 +20,12 @@ from typing import Any, Sequence
 from actors.clock import Clock
 from actors.control import SupervisorState, SupervisorStateAck
 from actors.protocol import (
-    CANCEL_BROKER_EXIT, DUPLICATE_REQUEST, OVERLOADED, UNAVAILABLE, UNKNOWN_MODEL, WORKER_LOST,
+    CANCEL_BROKER_EXIT, DUPLICATE_REQUEST, OVERLOADED, UNAVAILABLE, UNKNOWN_MODEL,
     Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
 )
 from broker.queue import PriorityQueue
 from broker.records import Dest, ModelRecord, Out, RequestRecord, SilentWorker, SupervisorView, WorkerRecord
-from broker.requests import OpenRequests, rewrite
+from broker.requests import OpenRequests, cancelled_unstarted, rewrite
 from broker.routing import Affinity, pick_worker
 
 SILENT_MEMORY_S = 3600.0  # how long a silent worker is remembered if it never returns
@@ -207,7 +207,9 @@ class BrokerState:
         if isinstance(msg, Disconnect):
             return self.worker_gone(identity, msg.reason or "worker disconnected")
         key = raw.get("request_id")
-        rec = self.requests.get(key) if isinstance(key, str) else None
+        if not isinstance(key, str):
+            return []
+        rec = self.requests.get(key)
         if rec is None or rec.worker != identity:
             return []  # late message for a request already ended
         if isinstance(msg, (Done, Error)):
@@ -253,27 +255,7 @@ class BrokerState:
         model = self.ensure_model(worker.model)
         if not self.live_workers(worker.model):
             model.no_worker_since_s = self.clock.now()
-        out: list[Out] = []
-        for key in sorted(worker.running):
-            rec = self.requests.get(key)
-            if rec is None:
-                continue
-            rec.worker = None
-            if rec.answered:
-                self.requests.pop(key, None)
-            elif rec.cancel_sent:
-                # The client asked to stop it: end it as cancelled rather than start it again.
-                out += self.finish(rec, cancelled_unstarted(key, self._waited_s(rec)))
-            elif not rec.streamed and not rec.adopted and rec.requeues < self.max_requeues and self.accepting:
-                rec.requeues += 1
-                self.counters["requeued"] += 1
-                model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s, rec.client)
-            else:
-                why = ("after output had started" if rec.streamed else
-                       "while draining" if not self.accepting else
-                       "after it was adopted from its table (the prompt stayed with that worker)" if rec.adopted else
-                       f"and it was already requeued {rec.requeues}x")
-                out += self.finish(rec, Error(WORKER_LOST, f"worker {worker.worker_id} was lost ({reason}) {why}", key))
+        out = self.open.worker_lost(worker, reason, model, requeue=self.accepting, max_requeues=self.max_requeues)
         return out + self.dispatch()
 
     # ---- routing ---------------------------------------------------------------
@@ -394,9 +376,3 @@ class BrokerState:
 
     def _waited_s(self, rec: RequestRecord) -> float:
         return self.clock.now() - rec.enqueued_at_s
-
-
-def cancelled_unstarted(request_id: str, waited_s: float) -> Done:
-    """The ``done`` of a request cancelled before any output: no usage, all its time spent waiting."""
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
-    return Done(request_id, "cancelled", usage, {"queue_s": waited_s, "ttft_s": 0.0, "total_s": waited_s})

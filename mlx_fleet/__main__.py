@@ -1,4 +1,4 @@
-"""``python -m fleet``: the `mlx-fleet` command line."""
+"""``python -m mlx_fleet``: the `mlx-fleet` command line."""
 
 import sys
 

@@ -8,9 +8,11 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
-from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig, load_config, parse_model_arg
+from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig
+from actors.config_load import load_config, parse_model_arg
 from actors.protocol import DEFAULT_CONNECT
 from actors.shard_group import RING_STARTING_PORT, SHARD_MODES
 from mlx_fleet.cli_cluster import add_client_options, add_cluster_commands, client_curve
@@ -115,6 +117,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
+        found: Path | str | None
         if args.fetch_only:
             found = fetch_source(args.source, progress=say)
         else:

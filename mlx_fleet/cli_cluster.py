@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-from actors.config import DTYPES, load_config, parse_model_arg
+from actors.config import DTYPES
+from actors.config_load import load_config, parse_model_arg
 from actors.curve import CurveKeys, client_keys_from_config, make_keys
 from actors.protocol import DEFAULT_CONNECT
 

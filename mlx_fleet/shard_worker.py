@@ -136,7 +136,7 @@ def supervise(settings: WorkerSettings, cfg: FleetConfig, make_ranks: Callable[[
 
 def rank_argv(args: argparse.Namespace, worker_id: str) -> list[str]:
     """The `mlx-fleet worker` command each rank runs under mlx.launch (same flags, without the hostfile)."""
-    argv = [sys.executable, "-m", "fleet", "worker", "--connect", args.connect, "--model", args.model,
+    argv = [sys.executable, "-m", "mlx_fleet", "worker", "--connect", args.connect, "--model", args.model,
             "--shards", str(args.shards), "--shard-mode", args.shard_mode, "--worker-id", worker_id]
     for flag, value in (("--metrics-events", args.metrics_events), ("--config", args.config), ("--blas", args.blas),
                         ("--dtype", args.dtype), ("--log-level", args.log_level),

@@ -131,7 +131,6 @@ def write_broker_config(path: Path, keys: dict[str, tuple[Path, Path]]) -> Path:
     path.write_text(f"""
 frontend = "{FRONTEND}"
 backend = "tcp://0.0.0.0:{BACKEND_PORT}"
-metrics_export = false
 http_port = 0
 heartbeat_interval_s = {HEARTBEAT_S}
 heartbeat_liveness = {LIVENESS}
@@ -159,7 +158,7 @@ def test_worker_link_down_is_declared_dead_requeued_and_rejoins(tmp_path: Path):
     broker_log = tmp_path / "broker.log"
     try:
         net.create()
-        broker = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "fleet", "up", "--config",
+        broker = subprocess.Popen([*net.exec(net.broker), sys.executable, "-m", "mlx_fleet", "up", "--config",
                                    str(write_broker_config(tmp_path / "fleet.toml", keys))],
                                   cwd=ROOT, stdout=open(broker_log, "wb"), stderr=subprocess.STDOUT)
         procs.append(broker)
@@ -266,7 +265,7 @@ def test_a_sharded_group_across_two_machines_serves_and_reforms_after_a_rank_die
     procs: list[Any] = []
     try:
         net.create()
-        procs.append(subprocess.Popen([*Network.exec(net.broker), sys.executable, "-m", "fleet", "up", "--config",
+        procs.append(subprocess.Popen([*Network.exec(net.broker), sys.executable, "-m", "mlx_fleet", "up", "--config",
                                        str(write_broker_config(tmp_path / "fleet.toml", keys))], cwd=ROOT,
                                       stdout=open(tmp_path / "broker.log", "wb"), stderr=subprocess.STDOUT))
 

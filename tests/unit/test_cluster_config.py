@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from actors.config import ConfigError, FleetConfig, load_config
+from actors.config import ConfigError, FleetConfig
+from actors.config_load import load_config
 from actors.curve import AuthorizedKeys, check_bind_policy, is_loopback, load_client_keys, make_keys
 from actors.model_manager import budget_verdict
 from mlx_fleet.cli import build_parser

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from actors.config import BatchingConfig, ConfigError, FleetConfig, ModelSpec, load_config, parse_bool, parse_model_arg
+from actors.config import BatchingConfig, ConfigError, FleetConfig, ModelSpec, parse_bool
+from actors.config_load import load_config, parse_model_arg
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.config import ConfigError, load_config
+from actors.config import ConfigError
+from actors.config_load import load_config
 from mlx_fleet.gateway.server import GatewaySettings
 from mlx_fleet.cli import build_parser, config_from_args
 from mlx_fleet.wiring import make_supervisor

@@ -189,14 +189,15 @@ def test_bounds_and_entries_hold_under_any_sequence(ops, max_entries, max_bytes)
     ({"MLX_FLEET_PROMPT_CACHE_ENTRIES": "0"}, (0, 512 * 1024 * 1024)),
 ])
 def test_config_reads_the_bounds_from_the_environment(env, want):
-    from actors.config import load_config
+    from actors.config_load import load_config
 
     b = load_config(env=env).batching
     assert (b.prompt_cache_entries, b.prompt_cache_bytes) == want
 
 
 def test_config_refuses_negative_bounds_and_cli_wins():
-    from actors.config import ConfigError, load_config
+    from actors.config import ConfigError
+    from actors.config_load import load_config
 
     with pytest.raises(ConfigError, match="prompt_cache"):
         load_config(env={"MLX_FLEET_PROMPT_CACHE_BYTES": "-1"})

@@ -167,8 +167,8 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
 
 
 def _sentencepiece_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
-    raw: Any = meta.get("tokenizer.ggml.scores") or []
-    scores = list(raw.tolist() if hasattr(raw, "tolist") else raw)
+    found = meta.get("tokenizer.ggml.scores", [])
+    scores = list(found.tolist() if hasattr(found, "tolist") else found)
     if len(scores) != len(tokens):
         raise GGUFError(f"{len(scores)} token scores for {len(tokens)} tokens (tokenizer.ggml.scores)")
     unk = _token_id(meta, "unknown")

@@ -109,7 +109,9 @@ def _native(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str
     import mlx.core as mx
 
     say(f"reading {header.path.name} ({header.file_bytes / 2**20:.0f} MiB) with mx.load")
-    raw: dict[str, Any] = mx.load(str(header.path))  # type: ignore[assignment]  # a GGUF gives a dict
+    raw = mx.load(str(header.path))
+    if not isinstance(raw, dict):  # mx.load gives a name -> array map for every .gguf
+        raise GGUFError(f"{header.path}: MLX did not load it as a map of tensors")
     meter = _Meter(header, say, "converting")
     dtype = None if plan.precision == "quantized" else getattr(mx, plan.precision)
     for name, (gguf_name, shape) in plan.names.items():
