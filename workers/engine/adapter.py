@@ -41,6 +41,8 @@ from workers.engine.sampling import SamplerPool
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent  # apart: read without MLX
 from workers.engine.solo import Solo, can_go_solo
 from workers.engine.text_stream import TextStream
+from workers.engine.tool_setup import template_messages
+from workers.tools import ToolSupport
 
 SOLO_UID = -1  # the solo sequence's key in ``Engine.streams`` (BatchGenerator uids are >= 0)
 
@@ -63,9 +65,11 @@ class Engine(EngineLike):
         prompt_cache_bytes: int = 0,
         solo_fast_path: bool = True,
         clock: Clock | None = None,
+        tools: ToolSupport | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self._tools = tools or ToolSupport("", None, "its tool calling was not set up")
         self.eos_ids = set(tokenizer.eos_token_ids)
         self.vocab_size = int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer.get_vocab()))
         self.decode_capacity = decode_capacity
@@ -90,12 +94,20 @@ class Engine(EngineLike):
 
     # ---- prompts -------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
-        """Token ids for a prompt string, chat messages or given ids (validated)."""
+    @property
+    def tool_support(self) -> ToolSupport:
+        """How this model calls tools (workers/engine/tool_setup.py), or why it cannot."""
+        return self._tools
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids for a prompt string, chat messages (with ``tools`` for the template) or given ids (validated)."""
         if tokens is not None:
             ids = list(tokens)
         elif messages is not None:
-            ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            extra = {"tools": tools} if tools else {}
+            ids = list(self.tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=True,
+                                                          **extra))
         else:
             text = prompt or ""
             bos = getattr(self.tokenizer, "bos_token", None)
@@ -326,13 +338,15 @@ def make_kv_prompt_cache(model: Any, *, max_entries: int, max_bytes: int) -> Pro
                        copy_prefix=_copy_kv_prefix, can_trim=can_trim_prompt_cache)
 
 
-def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None) -> Engine:
-    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)."""
+def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None,
+                tools: ToolSupport | None = None) -> Engine:
+    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)
+    and the model's tool calling (``tools``, from :func:`workers.engine.tool_setup.setup_tools`)."""
     b = batching
     return Engine(model, tokenizer, decode_capacity=b.decode_capacity, admission_batch=b.admission_batch,
                   prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries,
                   prompt_cache_bytes=b.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes,
-                  solo_fast_path=b.solo_fast_path)
+                  solo_fast_path=b.solo_fast_path, tools=tools)
 
 
 def mlx_info() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
+from workers.tools import ToolSupport
 
 
 @dataclass
@@ -73,9 +74,14 @@ class EngineLike(Protocol):
         """Whether a lone request on an idle engine decodes on the solo path."""
         ...
 
+    @property
+    def tool_support(self) -> ToolSupport:
+        """How the model calls tools, or why it cannot."""
+        ...
+
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
-                      tokens: list[int] | None) -> list[int]:
-        """Token ids of a prompt; raises ValueError for one the model cannot take."""
+                      tokens: list[int] | None, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt (``tools`` go to the chat template); raises ValueError for one the model cannot take."""
         ...
 
     def insert(self, reqs: list[EngineRequest]) -> None:
