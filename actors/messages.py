@@ -30,7 +30,7 @@ ERROR_CODES = frozenset({
     DUPLICATE_REQUEST,
 })
 
-FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+FINISH_REASONS = frozenset({"stop", "length", "cancelled", "tool_calls"})
 # Why the broker cancels a request at its worker when the client did not ask (Cancel.reason).
 CANCEL_TIMEOUT = "timeout"
 CANCEL_CLIENT_GONE = "client_gone"
@@ -40,6 +40,19 @@ PRIORITIES = ("urgent", "default", "background")
 # Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 MAX_TOP_K = 1 << 20  # above any vocabulary; workers treat top_k >= vocab size as "off"
+# Decoding controls (docs/protocol.md, generate): their bounds, checked by actors.protocol.validate_generate.
+MAX_REPETITION_PENALTY = 10.0  # repetition_penalty in (0, 10]
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty in [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # logit_bias values in [-100, 100]
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # completions of one prompt
+GRAMMAR_TYPES = frozenset({"json_schema", "json_object", "regex", "lark", "choice"})
+TOOL_CHOICES = frozenset({"auto", "none", "required"})
+
+
+def optional(default: Any) -> Any:
+    """A field that stays off the wire while it holds its default, so older peers never see it."""
+    return field(default=default, metadata={"omit_default": True})
 
 
 class Message:
@@ -56,6 +69,8 @@ class Message:
         out: dict[str, Any] = {"type": self.TYPE}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue
             if isinstance(value, Message):
                 out[f.name] = value.to_map()
             elif value is not None:
@@ -74,13 +89,17 @@ class Addressed(Message):
 
 @dataclass
 class Generate(Addressed):
-    """Ask ``model`` to generate. Exactly one of prompt, messages, prompt_tokens."""
+    """Ask ``model`` to generate. Exactly one of prompt, messages, prompt_tokens.
+
+    The decoding controls (penalties to ``grammar``) and the tool fields default to "off"
+    and are sent only when set; docs/protocol.md gives their meaning and bounds.
+    """
 
     TYPE: ClassVar[str] = "generate"
     request_id: str
     model: str
     prompt: str | None = None
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt_tokens: list[int] | None = None
     max_tokens: int = 256
     temperature: float = 0.0
@@ -94,6 +113,18 @@ class Generate(Addressed):
     affinity: str | None = None
     cache: bool = True
     resend: bool | None = None  # true: the same request again, sent after the connection dropped (docs/protocol.md)
+    repetition_penalty: float | None = None  # (0, 10]; 1.0 or None: off
+    presence_penalty: float = optional(0.0)
+    frequency_penalty: float = optional(0.0)
+    logit_bias: dict[str, float] | None = None  # decimal token id -> bias
+    min_p: float = optional(0.0)
+    logprobs: bool = optional(False)
+    top_logprobs: int = optional(0)
+    n: int = optional(1)
+    grammar: dict[str, Any] | None = None  # {"type": one of GRAMMAR_TYPES, ...}
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = optional(True)
 
 
 @dataclass
@@ -167,19 +198,29 @@ class Chunk(Addressed):
     token_ids: list[int] = field(default_factory=list)
     text_offset: int | None = None
     token_offset: int | None = None
+    index: int = optional(0)  # which of the request's n completions
+    logprobs: list[dict[str, Any]] | None = None  # one entry per token id of this chunk
+    tool_calls: list[dict[str, Any]] | None = None  # tool-call deltas
 
 
 @dataclass
 class Done(Addressed):
-    """The terminal success message. ``text``/``token_ids`` are set when not streaming."""
+    """The terminal success message. ``text``/``token_ids`` are set when not streaming.
+
+    One per request whatever its ``n``: with n > 1, ``choices`` holds each completion's end.
+    """
 
     TYPE: ClassVar[str] = "done"
     request_id: str
     finish_reason: str
-    usage: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
     token_ids: list[int] | None = None
+    choices: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    warning: str | None = None
 
 
 @dataclass
@@ -197,7 +238,7 @@ class ModelsReply(Addressed):
     """Answer to ``models``: one map per model (name, workers_ready, ...)."""
 
     TYPE: ClassVar[str] = "models_reply"
-    models: list[dict]
+    models: list[dict[str, Any]]
     request_id: str | None = None
 
 
@@ -206,7 +247,7 @@ class StatusReply(Addressed):
     """Answer to ``status``: a JSON-like map, see docs/protocol.md."""
 
     TYPE: ClassVar[str] = "status_reply"
-    status: dict
+    status: dict[str, Any]
     request_id: str | None = None
 
 
@@ -239,8 +280,8 @@ class Ready(Message):
     capacity: int
     pid: int
     host: str
-    info: dict = field(default_factory=dict)
-    requests: list[dict] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    requests: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -251,7 +292,7 @@ class Heartbeat(Message):
     worker_id: str = ""
     in_flight: int = 0
     free_slots: int = 0
-    stats: dict | None = None
+    stats: dict[str, Any] | None = None
     steps_completed: int = 0  # engine steps the worker's MLX loop has completed
     step_elapsed_s: float = 0.0  # how long the loop has been in its current step (or work); 0 when idle
 

@@ -58,6 +58,18 @@ class Pending:
                         self.admitted_s, self.first_token_s)
 
 
+# What the engine cannot do yet: a request that sets one of these is refused, never half-served.
+NOT_YET = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "logprobs",
+           "top_logprobs", "n", "grammar", "tools", "tool_choice")
+
+
+def refused_fields(req: Generate) -> list[str]:
+    """The fields of ``req`` set away from their default that this worker cannot honour."""
+    defaults = Generate(req.request_id, req.model)
+    return [name for name in NOT_YET if getattr(req, name) != getattr(defaults, name)
+            and not (name == "tool_choice" and req.tool_choice == "none")]
+
+
 class WorkerSession:
     """The requests of one worker: admission, steps, cancels, timings; returns what to send."""
 
@@ -94,6 +106,9 @@ class WorkerSession:
         now = self.clock.now() if arrived_s is None else arrived_s
         req = msg.request
         key = req.request_id  # the broker's own key
+        refused = refused_fields(req)
+        if refused:
+            return [Error(BAD_REQUEST, f"generate: this worker cannot honour {', '.join(refused)} yet", key)]
         try:
             ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens)
             if len(ids) > self.max_prompt_tokens:

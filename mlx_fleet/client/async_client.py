@@ -67,7 +67,7 @@ class AsyncClient(ClientShell):
             self._reader = loop.create_task(self._read())
         if self._watcher is None or self._watcher.done():
             # Events from before anything watched: they set the link's state and concern no open request.
-            now_monitor: zmq.Socket = zmq.Socket.shadow(self._monitor.underlying)
+            now_monitor: zmq.Socket[Any] = zmq.Socket.shadow(self._monitor.underlying)
             while now_monitor.poll(0):
                 self.core.on_event(parse_monitor_message(now_monitor.recv_multipart())["event"])
             for msg in self.core.take_resends():

@@ -22,18 +22,18 @@ from actors.protocol import (
 )
 from mlx_fleet.client.async_client import AsyncClient, AsyncStream
 from mlx_fleet.client.core import (
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RECOVER_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, ClientShell, Completion,
-    FleetError, Pending, StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
+    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RECOVER_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, Choice, ClientShell,
+    Completion, FleetError, Pending, StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
 )
 
 __all__ = [
     "DEFAULT_CONNECT", "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "GRACE_S",
-    "AsyncClient", "AsyncStream", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream",
+    "AsyncClient", "AsyncStream", "Choice", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream",
     "apply_curve_client", "make_generate",
 ]
 
 
-def apply_curve_client(sock: zmq.Socket, curve: dict[str, bytes]) -> None:
+def apply_curve_client(sock: zmq.Socket[Any], curve: dict[str, bytes]) -> None:
     """Configure CurveZMQ on a client-side socket: our key pair and the server's public key.
 
     ``curve`` is ``{"public", "secret", "server"}``; ``actors.curve.load_client_keys``
@@ -53,7 +53,7 @@ class Client(ClientShell):
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
-                 ctx: zmq.Context | None = None, recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
+                 ctx: zmq.Context[Any] | None = None, recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
         super().__init__(ctx or zmq.Context(), ctx is None, connect, timeout_s=timeout_s,
                          connect_timeout_s=connect_timeout_s, curve=curve, recover_timeout_s=recover_timeout_s)
         self._poller = zmq.Poller()
