@@ -49,6 +49,7 @@ class Progress:
     completion_tokens: int = 0
     admitted_s: float = 0.0  # clock time of admission into the batch; 0: still waiting
     first_token_s: float = 0.0  # clock time of the first token; 0: none yet
+    tool_calls: list[dict[str, Any]] | None = None  # tool-call deltas (chunk ``tool_calls``)
 
 
 Outgoing = Union[Message, Progress]
@@ -226,10 +227,11 @@ class ReplyLedger:
         rec.token_ids += p.token_ids
         rec.kept_bytes += added
         self.kept_bytes += added
-        if p.text:
+        if p.text or p.tool_calls:
             rec.text.append(p.text)
             if rec.stream:  # held-back text keeps its ids waiting
-                out.append(Chunk(rec.key, p.text, rec.token_ids[rec.released:], rec.chars, rec.released))
+                out.append(Chunk(rec.key, p.text, rec.token_ids[rec.released:], rec.chars, rec.released,
+                                 tool_calls=p.tool_calls))
                 rec.released = len(rec.token_ids)
             rec.chars += len(p.text)
 

@@ -32,6 +32,8 @@ from workers.policies import AdmissionPolicy, AutoTuner, Decision
 from workers.replies import Outgoing, Progress, request_timings
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent
 from workers.telemetry import WorkerTelemetry
+from workers.tool_session import RequestTools
+from workers.tools import ToolPlan, ToolRequestError
 
 log = logging.getLogger("mlx_fleet.worker")
 
@@ -51,16 +53,18 @@ class Pending:
     tokens: int = 0  # generated so far (EOS included)
     itl_s: list[float] = field(default_factory=list)  # inter-token latencies, for metrics
     counted: bool = True  # False once the fleet ended it for the client (timeout, client gone): no latency metrics
+    tools: RequestTools = field(default_factory=lambda: RequestTools(ToolPlan()))  # workers/tool_session.py
 
-    def progress(self, text: str = "", token_ids: list[int] | None = None) -> Progress:
+    def progress(self, text: str = "", token_ids: list[int] | None = None,
+                 tool_calls: list[dict[str, Any]] | None = None) -> Progress:
         """This request's figures now, with new output."""
         return Progress(self.key, text, token_ids or [], len(self.prompt_ids), self.tokens,
-                        self.admitted_s, self.first_token_s)
+                        self.admitted_s, self.first_token_s, tool_calls or None)
 
 
 # What the engine cannot do yet: a request that sets one of these is refused, never half-served.
 NOT_YET = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "logprobs",
-           "top_logprobs", "n", "grammar", "tools", "tool_choice")
+           "top_logprobs", "n", "grammar")
 
 
 def refused_fields(req: Generate) -> list[str]:
@@ -110,12 +114,19 @@ class WorkerSession:
         if refused:
             return [Error(BAD_REQUEST, f"generate: this worker cannot honour {', '.join(refused)} yet", key)]
         try:
-            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens)
+            tools = RequestTools.for_request(req, self.engine.tool_support)
+        except ToolRequestError as exc:
+            return [Error(BAD_REQUEST, f"generate: {exc.field}: {exc}", key)]
+        if tools.plan.grammar is not None and "grammar" in NOT_YET:
+            return [Error(BAD_REQUEST, "generate: tool_choice: forcing a tool call needs grammars, which this "
+                          "worker cannot honour yet", key)]
+        try:
+            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens, tools.plan.template_tools)
             if len(ids) > self.max_prompt_tokens:
                 raise ValueError(f"prompt has {len(ids)} tokens; this worker's limit is {self.max_prompt_tokens}")
         except Exception as exc:  # tokenizer or template failures are the request's fault
             return [Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key)]
-        pending = self.waiting[key] = Pending(key, req, ids, msg.queue_s - now, now)
+        pending = self.waiting[key] = Pending(key, req, ids, msg.queue_s - now, now, tools=tools)
         return [pending.progress()]
 
     def cancel(self, key: str, reason: str | None = None) -> list[Outgoing]:
@@ -129,7 +140,7 @@ class WorkerSession:
         if held is not None and reason:
             held.counted = False
         if pending is not None:
-            return self._finish(pending, "cancelled", 0)
+            return self._finish(pending, Done(key, "cancelled"), 0)
         out: list[Outgoing] = []
         for event in self.engine.remove([key], "cancelled"):
             out += self._on_event(event, None)
@@ -184,7 +195,7 @@ class WorkerSession:
             self.active[p.key] = p
             r = p.request
             reqs.append(EngineRequest(p.key, p.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
-                                      list(r.stop or []), cache=r.cache))
+                                      p.tools.stop(r.stop), cache=r.cache))
         try:
             self.engine.insert(reqs)
         except Exception as exc:
@@ -264,17 +275,21 @@ class WorkerSession:
             p.tokens += 1
         if event.first_token and not p.first_token_s:
             p.first_token_s = token_s or self.clock.now()
-        out: list[Outgoing] = [p.progress(event.text, event.token_ids)]
-        if event.finish_reason is not None:
-            del self.active[p.key]
-            out += self._finish(p, event.finish_reason, event.completion_tokens, event.cached_tokens, event.path)
-        return out
+        if event.finish_reason is None:
+            seen = p.tools.output(event.text)  # content and tool-call deltas (workers/tool_session.py)
+            return [p.progress(seen.content, event.token_ids, seen.deltas)]
+        end = p.tools.end(event.text, event.finish_reason)
+        del self.active[p.key]
+        done = Done(p.key, end.finish_reason, tool_calls=end.calls, warning=end.warning)
+        return [p.progress(end.content, event.token_ids, end.deltas),
+                *self._finish(p, done, event.completion_tokens, event.cached_tokens, event.path)]
 
-    def _finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0,
+    def _finish(self, p: Pending, done: Done, completion_tokens: int, cached_tokens: int = 0,
                 path: str = "") -> list[Outgoing]:
-        """The request's ``done``: usage and timings, with the engine ``path`` it took when known
-        (solo | batch | handoff); the reply ledger adds the text."""
+        """The request's ``done`` (its finish reason and calls given): usage and timings, with the engine
+        ``path`` it took when known (solo | batch | handoff); the reply ledger adds the text."""
         now = self.clock.now()
+        reason = done.finish_reason
         timings: dict[str, Any] = request_timings(p.base_s, p.admitted_s, p.first_token_s, now)
         if path:
             timings["path"] = path
@@ -288,7 +303,8 @@ class WorkerSession:
         if self.tuner is not None and p.first_token_s:
             self.tuner.observe_batch([p.first_token_s - p.arrived_s])
             self.engine.set_admission_batch(self.policy.admission_batch)
-        return [Done(p.key, reason, usage, timings)]
+        done.usage, done.timings = usage, timings
+        return [done]
 
     def _flush(self, now: float) -> None:
         self.telemetry.flush(now)

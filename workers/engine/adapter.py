@@ -99,7 +99,7 @@ class Engine(EngineLike):
         """How this model calls tools (workers/engine/tool_setup.py), or why it cannot."""
         return self._tools
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None,
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None, tokens: list[int] | None,
                       tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids for a prompt string, chat messages (with ``tools`` for the template) or given ids (validated)."""
         if tokens is not None:

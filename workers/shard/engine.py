@@ -227,7 +227,7 @@ class ShardedEngine(EngineLike):
         """Rank 0's: the tokenizer and its template are rank 0's alone."""
         return self.engine.tool_support
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None,
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None, tokens: list[int] | None,
                       tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids for a prompt (the tokenizer is rank 0's alone; the ids travel with the insert)."""
         return self.engine.encode_prompt(prompt, messages, tokens, tools)
