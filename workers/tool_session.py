@@ -67,6 +67,18 @@ class RequestTools:
             return ToolOutput(text)
         return self._stream(index).feed(text)
 
+    def calls(self, index: int = 0) -> list[dict[str, Any]] | None:
+        """The complete calls of completion ``index`` (None: none, or calls are not read)."""
+        s = self.streams.get(index)
+        return (s.calls or None) if s is not None else None
+
+    @property
+    def warning(self) -> str | None:
+        """Why output that looked like a call came back as content, over every completion; None when none did."""
+        notes = [f"completion {i}: {s.warning}" if len(self.streams) > 1 else s.warning
+                 for i, s in sorted(self.streams.items()) if s.warning]
+        return "; ".join(n for n in notes if n) or None
+
     def end(self, text: str, finish_reason: str, index: int = 0) -> Ending:
         """The last text of completion ``index`` and how it ended."""
         if not self.reads_calls:

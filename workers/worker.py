@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import queue
 import socket
@@ -38,7 +39,7 @@ from actors.runtime import Hooks, StartError, run_process
 from actors.shard_group import ShardRank
 from workers.faults import make_fault_injector
 from workers.io_thread import BrokerIO
-from workers.link import Close, InboxItem, Inbound, LoopReport, Register, Reset, Stop
+from workers.link import Close, InboxItem, Inbound, LoopReport, Register, Reset, Stop, Wake
 from workers.replies import Outgoing
 from workers.session import WorkerSession
 from workers.telemetry import WorkerTelemetry
@@ -46,6 +47,7 @@ from workers.telemetry import WorkerTelemetry
 log = logging.getLogger("mlx_fleet.worker")
 
 IO_JOIN_S = 2.0  # how long teardown waits for the I/O thread to send the goodbye and close
+COMPILE_THREADS = 2  # grammars compile here, off the MLX thread (llguidance drops the GIL while it works)
 _DOORBELLS = itertools.count()
 
 
@@ -97,6 +99,7 @@ class WorkerActor:
         self.last_report: tuple[int, int, bool] = (-1, -1, False)
         self.next_stats_s = 0.0
         self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
+        self.compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
 
     # ---- setup ------------------------------------------------------------------
 
@@ -124,7 +127,8 @@ class WorkerActor:
         self.telemetry = WorkerTelemetry(sender, policy, model=self.s.model, worker=self.s.worker_id)
         self.session = WorkerSession(self.engine, policy, clock=self.clock, tuner=make_auto_tuner(b, policy),
                                      telemetry=self.telemetry, max_prompt_tokens=self.s.max_prompt_tokens,
-                                     idle_flush_s=self.s.heartbeat_interval_s)
+                                     idle_flush_s=self.s.heartbeat_interval_s, decode_capacity=b.decode_capacity,
+                                     compile_pool=self.compile_pool, wake=lambda: self.inbox.put(Wake()))
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source, "dtype": self.s.dtype,
                      "precision": describe_precision(model),
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
@@ -200,6 +204,8 @@ class WorkerActor:
         if isinstance(item, Stop):
             self.running = False
             return
+        if isinstance(item, Wake):
+            return  # admit() takes what finished compiling
         self.consumed = item.seq
         if isinstance(item, Register):
             self.ready_for = item.registration  # alive: the I/O thread may say `ready`
@@ -258,6 +264,7 @@ class WorkerActor:
         if self.bell is not None:
             self.bell.close(0)
         self.telemetry.close(time.monotonic())
+        self.compile_pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()
         if self.io is None or not self.io.thread.is_alive():

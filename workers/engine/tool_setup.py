@@ -109,6 +109,25 @@ def setup_tools(tokenizer: Any, *, model: str, chat_template: str = "", fmt: str
     return ToolSupport(model, found)
 
 
+def encode_prompt(tokenizer: Any, vocab_size: int, prompt: str | None, messages: list[dict[str, Any]] | None,
+                  tokens: list[int] | None, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids for a prompt string, chat messages (with ``tools`` for the template) or given ids (validated)."""
+    if tokens is not None:
+        ids = list(tokens)
+    elif messages is not None:
+        extra = {"tools": tools} if tools else {}
+        ids = list(tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=True, **extra))
+    else:
+        text = prompt or ""
+        bos = getattr(tokenizer, "bos_token", None)
+        ids = tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    if any(t >= vocab_size for t in ids):
+        raise ValueError(f"prompt_tokens must be < vocab_size={vocab_size}")
+    return ids
+
+
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: a tool call's ``arguments`` as an object, not JSON text."""
     out = []

@@ -232,6 +232,22 @@ class ShardedEngine(EngineLike):
         """Token ids for a prompt (the tokenizer is rank 0's alone; the ids travel with the insert)."""
         return self.engine.encode_prompt(prompt, messages, tokens, tools)
 
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits."""
+        return self.engine.vocab_size
+
+    def compile_grammar(self, spec: dict[str, Any]) -> Any:
+        """Never called: a group refuses grammars (``controls_refused``)."""
+        raise ValueError("a sharded group does not apply grammars")
+
+    def prepare_logprobs(self) -> None:
+        """Nothing to prepare: a group refuses logprobs."""
+
+    def controls_refused(self) -> str | None:
+        """Decoding controls and n > 1 would have to travel to every rank with the insert: not done yet."""
+        return "a sharded group does not apply decoding controls yet"
+
     # ---- changes --------------------------------------------------------------------------
 
     def insert(self, reqs: list[EngineRequest]) -> None:
