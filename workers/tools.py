@@ -120,7 +120,8 @@ def plan_tools(support: ToolSupport, tools: list[dict[str, Any]] | None, tool_ch
                                    f"fleet has no grammar; {'forcing a call' if must_call else 'a response format beside tools'} "
                                    f"needs one (formats with a grammar: {', '.join(sorted(GRAMMAR_FORMATS))})")
         allowed = [t for t in tools if t["function"]["name"] == forced] if forced else tools
-        plan.grammar = json_tools_grammar(fmt, allowed, parallel=parallel_tool_calls,
+        # A named choice is one call of that function; otherwise as many as parallel_tool_calls allows.
+        plan.grammar = json_tools_grammar(fmt, allowed, parallel=parallel_tool_calls and forced is None,
                                           answer=None if must_call else grammar)
     elif not parallel_tool_calls and fmt.call_end:
         plan.stop = [fmt.call_end]  # the output ends with the first call
@@ -150,8 +151,10 @@ def json_tools_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], *, parallel
     ``parallel``; with ``answer`` (a response format), either calls or that answer."""
     schemas = [_call_schema(t) for t in tools]
     body = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    # Calls follow each other with nothing between: after a call's end marker the model may only
+    # open another call or stop (a newline there would let a small model run on call after call).
     lines = [f"call: {json.dumps(fmt.call_start)} \"\\n\" %json{json.dumps(body)} \"\\n\" {json.dumps(fmt.call_end)}",
-             "calls: call (\"\\n\" call)*" if parallel else "calls: call"]
+             "calls: call+" if parallel else "calls: call"]
     lines.insert(0, "start: calls | answer" if answer is not None else "start: calls")
     if answer is not None:
         lines.append(f"answer: {_answer_rule(answer)}")
