@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig
@@ -96,12 +98,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:  # the prompt as one user message, formatted by the model's chat template
         options["messages"] = [{"role": "user", "content": args.prompt}]
     try:
+        options.update(decoding_options(args))
+    except ValueError as exc:
+        print(f"mlx-fleet: error: {exc}", file=sys.stderr)
+        return 2
+    logprobs: list[dict[str, Any]] = []
+    try:
         with Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)) as client:
             stream = client.stream(None if args.chat else args.prompt, model=args.model, **options)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+                logprobs += chunk.logprobs or []
             sys.stdout.write("\n")
+        for entry in logprobs:  # on stderr: stdout stays the text alone
+            tops = ", ".join(f"{t['token']!r} {t['logprob']:.4f}" for t in entry["top_logprobs"])
+            print(f"{entry['logprob']:9.4f}  {entry['token']!r}" + (f"  top: {tops}" if tops else ""), file=sys.stderr)
     except FleetError as exc:
         print(f"mlx-fleet: error: {exc}", file=sys.stderr)
         return 1
@@ -109,6 +121,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("\nmlx-fleet: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``grammar`` and logprobs fields that ``generate``'s flags ask for; a bad schema file raises ValueError."""
+    out: dict[str, Any] = {}
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--json-schema {args.json_schema}: {exc}") from None
+        out["grammar"] = {"type": "json_schema", "schema": schema}
+    elif args.regex is not None:
+        out["grammar"] = {"type": "regex", "pattern": args.regex}
+    elif args.choice is not None:
+        out["grammar"] = {"type": "choice", "choices": [c for c in args.choice.split(",") if c]}
+    if args.logprobs is not None:
+        out.update(logprobs=True, top_logprobs=args.logprobs)
+    return out
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -247,6 +277,12 @@ def add_generate_command(sub: Any) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--chat", action="store_true", help="send PROMPT as one user message (the model's chat template)")
+    grammar = gen.add_mutually_exclusive_group()
+    grammar.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under the JSON Schema in FILE")
+    grammar.add_argument("--regex", metavar="R", help="the output matches the regular expression R")
+    grammar.add_argument("--choice", metavar="A,B,C", help="the output is one of these comma-separated strings")
+    gen.add_argument("--logprobs", type=int, metavar="K", help="print each token's logprob and its K most likely "
+                     "alternatives (0-20) to stderr after the text")
     add_client_options(gen, timeout_s=60.0)
     gen.set_defaults(func=cmd_generate)
 

@@ -62,8 +62,9 @@ def make_controls(req: Generate, compile_grammar: Callable[[dict[str, Any]], Any
             raise RefusedField("generate: grammar: this worker cannot compile grammars")
         try:
             grammar = compile_grammar(req.grammar)
-        except ValueError as exc:
-            raise RefusedField(f"generate: grammar: {exc}") from None
+        except ValueError as exc:  # llguidance's message, its lines joined: one line on the wire
+            text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise RefusedField(f"generate: grammar: {text}") from None
     rp = req.repetition_penalty
     return Controls(
         repetition_penalty=None if rp == 1.0 else rp, presence_penalty=req.presence_penalty,

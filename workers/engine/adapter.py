@@ -208,7 +208,7 @@ class Engine(EngineLike):
                 caches.append(copy_kv)
                 held.append(r.prompt_tokens[:-1])
                 seqs.append((r, i, n))
-        uids = self.gen.insert(prompts, max_tokens=[r.max_tokens for r, _, _ in seqs], caches=caches,
+        uids = self.gen.insert(prompts, max_tokens=[r.max_tokens for r, _, _ in seqs], caches=caches,  # type: ignore[arg-type]  # None: a fresh cache
                                all_tokens=held, samplers=[self._sampler(r, i) for r, i, _ in seqs])
         for uid, (r, i, _) in zip(uids, seqs):
             self._add_row(uid, r, i)
@@ -234,7 +234,7 @@ class Engine(EngineLike):
             return
         solo, self.solo = self.solo, None
         prompt, kv, all_tokens, max_tokens = solo.handoff()
-        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv], all_tokens=[all_tokens],
+        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv], all_tokens=[all_tokens],  # type: ignore[list-item]
                                  samplers=[solo.sampler])
         self.rows.rename(SOLO_UID, uid)
         stream = self.streams[uid] = self.streams.pop(SOLO_UID)

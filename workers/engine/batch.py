@@ -22,7 +22,7 @@ tests/integration/test_controls.py checks the plain path gives mlx-lm's own toke
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, cast
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
@@ -30,16 +30,19 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBat
 from workers.engine.controls import Plan, Rows
 
 
-def sample_rows(samplers: list[Any], fallback: Any, logprobs: mx.array) -> mx.array:
+Sampler = Callable[[mx.array], mx.array]
+
+
+def sample_rows(samplers: list[Sampler | None], fallback: Sampler, logprobs: mx.array) -> mx.array:
     """One sampler call when every row shares one sampler (mlx-lm's rule), else one per row."""
     chosen = [fallback if s is None else s for s in samplers]
     if not chosen or all(s is chosen[0] for s in chosen):
-        return (chosen[0] if chosen else fallback)(logprobs)  # type: ignore[no-any-return]
+        return (chosen[0] if chosen else fallback)(logprobs)
     return mx.concatenate([s(logprobs[e: e + 1]) for e, s in enumerate(chosen)], axis=0)
 
 
 def controlled_sample(plan: Plan, rows: Rows, raw: mx.array, inputs: mx.array,
-                      sample: Any) -> tuple[mx.array, mx.array, list[int] | None, list[mx.array]]:
+                      sample: Sampler) -> tuple[mx.array, mx.array, list[int] | None, list[mx.array]]:
     """From a step's raw logits to its sampled tokens, with the plan's controls.
 
     Returns the sampled tokens, the log-probabilities they were sampled from, the input
@@ -51,7 +54,7 @@ def controlled_sample(plan: Plan, rows: Rows, raw: mx.array, inputs: mx.array,
     if plan.constrained:
         mx.async_eval(logits)  # the forward pass runs while the masks are filled
         mx.eval(inputs)  # done already: the previous step produced them
-        tokens = inputs.tolist()
+        tokens = cast(list[int], inputs.tolist())
         logits = plan.constrain(logits, tokens, rows.eos_ids, rows.clock)
         rows.stats.mask_s += plan.mask_s
         rows.stats.masked_steps += 1
@@ -63,7 +66,7 @@ def controlled_sample(plan: Plan, rows: Rows, raw: mx.array, inputs: mx.array,
     return sampled, logprobs, tokens, extra
 
 
-class ControlledGenerationBatch(GenerationBatch):  # type: ignore[misc]
+class ControlledGenerationBatch(GenerationBatch):
     """mlx-lm's generation batch; a step with controlled rows applies their controls."""
 
     rows: Rows
@@ -78,41 +81,43 @@ class ControlledGenerationBatch(GenerationBatch):  # type: ignore[misc]
         """mlx-lm's ``next``; its step also reads the logprobs of the tokens it returns."""
         self._reading = True
         try:
-            return super().next()  # type: ignore[no-any-return]
+            return cast(list[Any], super().next())
         finally:
             self._reading = False
 
     def _step(self) -> tuple[list[int], list[mx.array]]:
         plan = self.rows.plan(self.uids)
         if plan is None:
-            out: tuple[list[int], list[mx.array]] = super()._step()
-            return out
-        self._current_tokens = self._next_tokens
-        self._current_logprobs = self._next_logprobs
-        inputs = self._current_tokens
+            return super()._step()
+        # mlx-lm declares none of these attributes' types (``_current_tokens`` starts as None).
+        me: Any = self
+        me._current_tokens = me._next_tokens
+        me._current_logprobs = me._next_logprobs
+        inputs: mx.array = me._current_tokens
         raw = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
-        samplers = self.samplers or [None] * len(self.uids)
+        samplers: list[Sampler | None] = list(me.samplers or [None] * len(self.uids))
+        fallback: Sampler = me.fallback_sampler
         sampled, logprobs, tokens, extra = controlled_sample(
-            plan, self.rows, raw, inputs, lambda lp: sample_rows(samplers, self.fallback_sampler, lp))
-        self._next_tokens = sampled
-        self._next_logprobs = list(logprobs)
-        mx.async_eval(self._next_tokens, self._next_logprobs, extra)
-        mx.eval(inputs, self._current_logprobs)
+            plan, self.rows, raw, inputs, lambda lp: sample_rows(samplers, fallback, lp))
+        me._next_tokens = sampled
+        me._next_logprobs = list(logprobs)
+        mx.async_eval(sampled, me._next_logprobs, extra)
+        mx.eval(inputs, me._current_logprobs)
         if self._reading:  # a sequence's first step (inside prompt processing) returns no token
             self.rows.read_logprobs()
-        values: list[int] = tokens if tokens is not None else inputs.tolist()
+        values = tokens if tokens is not None else cast(list[int], inputs.tolist())
         for sti, ti in zip(self.tokens, values):
             sti.append(ti)
-        return values, self._current_logprobs
+        return values, cast(list[mx.array], me._current_logprobs)
 
 
-class ControlledPromptBatch(PromptProcessingBatch):  # type: ignore[misc]
+class ControlledPromptBatch(PromptProcessingBatch):
     """mlx-lm's prompt batch, handing its sequences to a :class:`ControlledGenerationBatch`."""
 
     rows: Rows
 
     def _copy(self) -> "ControlledPromptBatch":
-        new: ControlledPromptBatch = super()._copy()
+        new = cast(ControlledPromptBatch, super()._copy())
         new.rows = self.rows
         return new
 
@@ -129,7 +134,7 @@ class ControlledPromptBatch(PromptProcessingBatch):  # type: ignore[misc]
         return generation
 
 
-class ControlledBatchGenerator(BatchGenerator):  # type: ignore[misc]
+class ControlledBatchGenerator(BatchGenerator):
     """``BatchGenerator`` whose batches apply the decoding controls of ``rows``."""
 
     def __init__(self, model: Any, *, rows: Rows, **kwargs: Any) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 import mlx.core as mx
 
@@ -257,8 +258,10 @@ class Rows:
         pending, self._pending = self._pending, []
         mx.eval([a for _, arrays in pending for a in arrays])
         for rows, arrays in pending:
-            chosen = arrays[0].tolist()
-            tops = [arrays[1].tolist(), arrays[2].tolist()] if len(arrays) == 3 else None
+            chosen = cast(list[float], arrays[0].tolist())
+            tops = None
+            if len(arrays) == 3:
+                tops = (cast(list[list[int]], arrays[1].tolist()), cast(list[list[float]], arrays[2].tolist()))
             for k, row in enumerate(rows):
                 top: list[tuple[int, float]] = []
                 if tops is not None and row.controls.top_logprobs:

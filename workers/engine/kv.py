@@ -47,7 +47,9 @@ def _kv_nbytes(kv: list[Any]) -> int:
 def _copy_kv_prefix(kv: list[Any], held_tokens: int, keep_tokens: int) -> list[Any]:
     """A deep copy of ``kv`` cut to its first ``keep_tokens``: the stored entry stays untouched."""
     out = copy.deepcopy(kv)
-    if keep_tokens < held_tokens and trim_prompt_cache(out, held_tokens - keep_tokens) != held_tokens - keep_tokens:
+    # mlx-lm annotates trim_prompt_cache as returning a list; it returns the tokens trimmed.
+    trimmed: Any = trim_prompt_cache(out, held_tokens - keep_tokens) if keep_tokens < held_tokens else 0
+    if keep_tokens < held_tokens and trimmed != held_tokens - keep_tokens:
         raise ValueError("prompt cache entry could not be trimmed")
     return out
 

@@ -23,8 +23,8 @@ sampler is rewound by one draw, so ``y_{n+1}`` is drawn with the same key both w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Generator
+from typing import Any, Callable, cast
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
@@ -63,7 +63,7 @@ class Solo:
         self.tokens: list[int] = list(prompt_tokens)  # what the cache holds once stepped
         self.generated = 0
         prompt = mx.array(prompt_tokens[cached_tokens:])
-        self._gen: Iterator[tuple[int, Any]]
+        self._gen: Generator[tuple[Any, Any], None, None]
         if rows is not None and uid in rows.rows:  # a request with decoding controls
             self._gen = controlled_step(prompt, model, self.cache, sampler, rows, uid, prefill_step_size)
         else:
@@ -72,7 +72,7 @@ class Solo:
 
     def next(self) -> int:
         """The next token (the first call prefills). The cache then holds it too."""
-        token, _ = next(self._gen)
+        token = int(next(self._gen)[0])
         self.tokens.append(token)
         self.generated += 1
         return token
@@ -84,7 +84,7 @@ class Solo:
             if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
                 # KVCache grows in steps of 256 tokens; store only what is held, as BatchGenerator does.
                 c.keys = mx.contiguous(c.keys[..., : c.offset, :])
-                c.values = mx.contiguous(c.values[..., : c.offset, :])
+                c.values = mx.contiguous(c.values[..., : c.offset, :])  # type: ignore[index]  # set with keys
         return self.cache, self.tokens
 
     def handoff(self) -> tuple[list[int], list[Any] | None, list[int], int]:
@@ -96,7 +96,8 @@ class Solo:
         self.close()
         if not self.generated:
             return self.prompt_tokens[self.cached_tokens:], self.given_cache, self.prompt_tokens[: self.cached_tokens], self.max_tokens
-        if trim_prompt_cache(self.cache, 1) != 1:
+        trimmed: Any = trim_prompt_cache(self.cache, 1)  # the tokens trimmed (mlx-lm annotates a list)
+        if trimmed != 1:
             raise RuntimeError("solo cache could not be trimmed for the handoff")
         rewind = getattr(self.sampler, "rewind", None)
         if rewind is not None:
@@ -109,7 +110,7 @@ class Solo:
 
 
 def controlled_step(prompt: mx.array, model: Any, cache: list[Any], sampler: Callable[[mx.array], mx.array],
-                    rows: Rows, uid: int, prefill_step_size: int) -> Iterator[tuple[int, Any]]:
+                    rows: Rows, uid: int, prefill_step_size: int) -> Generator[tuple[int, Any], None, None]:
     """``generate_step`` with the decoding controls of ``rows[uid]``: the same prefill and one-step overlap.
 
     Yields ``(token, None)``: the engine reads logprobs from the row.
@@ -135,7 +136,7 @@ def controlled_step(prompt: mx.array, model: Any, cache: list[Any], sampler: Cal
             next_y = step(y)  # in flight before this token is waited for
             mx.eval(y)
             rows.read_logprobs()
-            yield int(y.item()), None
+            yield cast(int, y.item()), None
             y = next_y
 
 
