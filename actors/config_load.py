@@ -189,12 +189,13 @@ def load_config(
             if name not in specs:
                 raise ConfigError(f"{flag} {name}={count}: no model named {name!r}")
             specs[name] = dataclasses.replace(specs[name], **{field_name: count})
-    for flag, field_name, texts in (("--chat-template", "chat_template", chat_templates),
-                                    ("--tool-format", "tool_format", tool_formats)):
+    for flag, texts in (("--chat-template", chat_templates), ("--tool-format", tool_formats)):
         for name, text in (texts or {}).items():
             if name not in specs:
                 raise ConfigError(f"{flag} {name}={text}: no model named {name!r}")
-            specs[name] = dataclasses.replace(specs[name], **{field_name: text})
+            old = specs[name]
+            specs[name] = (dataclasses.replace(old, chat_template=text) if flag == "--chat-template"
+                           else dataclasses.replace(old, tool_format=text))
     for spec in specs.values():
         if not 0 <= spec.replicas <= 64:
             raise ConfigError(f"model {spec.name}: replicas must be in 0..64")
