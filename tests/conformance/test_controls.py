@@ -222,17 +222,18 @@ def test_grammar_output_matches(cw: RawClient, ctl: Target, grammar: dict[str, A
         assert out.end["finish_reason"] == "stop" and check(text), text
 
 
-def _schema_outputs(wire: RawClient, model: str, count: int, prompt: Any) -> None:
+def _schema_outputs(wire: RawClient, model: str, count: int, prompt: Any, **fields: Any) -> None:
     """``count`` random schemas, each greedy and sampled, all in flight at once; every output validates."""
     jsonschema = pytest.importorskip("jsonschema")
     schemas = random_schemas(count, seed=7)
     for i, schema in enumerate(schemas):
         for mode, temperature in (("g", 0.0), ("s", 1.0)):
             wire.send(generate(f"{mode}{i}", model, prompt=prompt, max_tokens=400, stream=False,
-                               temperature=temperature, seed=i, grammar={"type": "json_schema", "schema": schema}))
+                               temperature=temperature, seed=i, grammar={"type": "json_schema", "schema": schema},
+                               **fields))
     for i, schema in enumerate(schemas):
         for mode in ("g", "s"):
-            end = wire.finish(f"{mode}{i}", timeout_s=600).end
+            end = wire.finish(f"{mode}{i}", timeout_s=900).end
             assert end["type"] == "done" and end["finish_reason"] == "stop", (schema, end)
             jsonschema.validate(json.loads(end["text"]), schema)
 

@@ -12,6 +12,7 @@ from tests.integration.processes import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
+
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[RunningFleet]:
     running = start_fleet(transport="tcp", models=(("demo", "demo", 1),))

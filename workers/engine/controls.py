@@ -89,6 +89,11 @@ class Plan:
         self.counts: mx.array | None = None
         if self.adjust_rows:
             self._make_adjust()
+        self.g_idx = mx.array([i for i, _ in self.grammar_rows])
+        self.m_idx = mx.array([i for i, _ in self.min_p_rows])
+        self.m_floor = mx.array([[math.log(r.controls.min_p)] for _, r in self.min_p_rows])
+        self.l_idx = mx.array([i for i, _ in self.logprob_rows])
+        self.top_k = max((r.controls.top_logprobs for _, r in self.logprob_rows), default=0)
         self.mask_s = 0.0  # last constrain() call: consuming tokens and filling masks
 
     def _make_adjust(self) -> None:
@@ -144,29 +149,25 @@ class Plan:
         self.mask_s = clock.now() - t0
         bits = (words[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
         allowed = bits.reshape(len(states), -1)[:, : logits.shape[-1]]
-        idx = mx.array([i for i, _ in self.grammar_rows])
-        return logits.at[idx].add(mx.where(allowed.astype(mx.bool_), 0.0, -math.inf).astype(logits.dtype))
+        return logits.at[self.g_idx].add(mx.where(allowed.astype(mx.bool_), 0.0, -math.inf).astype(logits.dtype))
 
     def min_p(self, logits: mx.array) -> mx.array:
         """Drop, on its rows, tokens less likely than ``min_p`` times the row's most likely one."""
         if not self.min_p_rows:
             return logits
-        idx = mx.array([i for i, _ in self.min_p_rows])
-        floor = mx.array([[math.log(r.controls.min_p)] for _, r in self.min_p_rows])
-        sub = logits[idx]
-        cut = sub < mx.max(sub, axis=-1, keepdims=True) + floor
-        return logits.at[idx].add(mx.where(cut, -math.inf, 0.0).astype(logits.dtype))
+        sub = logits[self.m_idx]
+        cut = sub < mx.max(sub, axis=-1, keepdims=True) + self.m_floor
+        return logits.at[self.m_idx].add(mx.where(cut, -math.inf, 0.0).astype(logits.dtype))
 
     def logprobs(self, raw: mx.array, sampled: mx.array) -> tuple[list[Row], list[mx.array]] | None:
         """The logprob arrays of the rows that ask (from the raw logits), to read at the next step."""
         if not self.logprob_rows:
             return None
-        idx = mx.array([i for i, _ in self.logprob_rows])
-        sub = raw[idx].astype(mx.float32)
+        sub = raw[self.l_idx].astype(mx.float32)
         lp = sub - mx.logsumexp(sub, axis=-1, keepdims=True)
-        chosen = mx.take_along_axis(lp, sampled[idx][:, None], axis=-1)[:, 0]
+        chosen = mx.take_along_axis(lp, sampled[self.l_idx][:, None], axis=-1)[:, 0]
         arrays = [chosen]
-        k = max(r.controls.top_logprobs for _, r in self.logprob_rows)
+        k = self.top_k
         if k:
             top = mx.argpartition(-lp, k - 1, axis=-1)[:, :k]
             arrays += [top, mx.take_along_axis(lp, top, axis=-1)]
