@@ -30,6 +30,9 @@ def test_toml_keys_and_cli_flags(tmp_path: Path) -> None:
         "/t/x.jinja", "mistral", "none")
     with pytest.raises(ConfigError, match="no model named 'c'"):
         config_from_args(build_parser().parse_args(["up", "--config", str(toml), "--tool-format", "c=json_tools"]))
+    worker = build_parser().parse_args(["worker", "--connect", "tcp://h:5556", "--model", "a=demo",
+                                        "--chat-template", "smollm2-tools", "--tool-format", "json_tools"])
+    assert (worker.chat_template, worker.tool_format) == ("smollm2-tools", "json_tools")
     with pytest.raises(ConfigError, match="NAME=VALUE"):
         config_from_args(build_parser().parse_args(["up", "--chat-template", "smollm2-tools"]))
 
