@@ -65,17 +65,29 @@ class Message:
 
         A field holding a message (``Dispatch.request``) becomes that message's map.
         """
-        assert dataclasses.is_dataclass(self)
         out: dict[str, Any] = {"type": self.TYPE}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.metadata.get("omit_default") and value == f.default:
+        for name, omit, default in _wire_fields(type(self)):
+            value = getattr(self, name)
+            if omit and value == default:
                 continue
             if isinstance(value, Message):
-                out[f.name] = value.to_map()
+                out[name] = value.to_map()
             elif value is not None:
-                out[f.name] = value
+                out[name] = value
         return out
+
+
+_WIRE_FIELDS: dict[type, list[tuple[str, bool, Any]]] = {}
+
+
+def _wire_fields(cls: type) -> list[tuple[str, bool, Any]]:
+    """Each field of a message class: its name, whether it stays off the wire at its default, the default."""
+    spec = _WIRE_FIELDS.get(cls)
+    if spec is None:
+        assert dataclasses.is_dataclass(cls)
+        spec = _WIRE_FIELDS[cls] = [(f.name, bool(f.metadata.get("omit_default")), f.default)
+                                    for f in dataclasses.fields(cls)]
+    return spec
 
 
 class Addressed(Message):

@@ -212,6 +212,7 @@ class BrokerState:
             return []  # late message for a request already ended
         if isinstance(msg, (Done, Error)):
             worker.running.discard(key)
+            worker.weights.pop(key, None)
             worker.served += 1
             rec.worker = None
             out = self.finish(rec, raw)

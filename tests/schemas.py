@@ -1,8 +1,9 @@
 """Random JSON Schemas for the constrained-decoding tests: nested objects, arrays, enums, bounded numbers.
 
-Seeded, so a failure names the schema that caused it. Strings and arrays are bounded
-(``maxLength``, ``maxItems``): a schema that allows unbounded output lets a random-weight
-model run to ``max_tokens``, which ends with ``length`` and a prefix, not a document.
+Seeded, so a failure names the schema that caused it. Strings, arrays and the digits of
+numbers are bounded (``maxLength``, ``maxItems``, ``multipleOf``): a schema that allows
+unbounded output lets a model (a sampled real one writes 0.1234567...) run to
+``max_tokens``, which ends with ``length`` and a prefix, not a document.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
     if kind == "integer":
         low = rng.randint(-100, 100)
         return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 1000)}
-    if kind == "number":
+    if kind == "number":  # multipleOf bounds the digits (a power of two: exact in binary, as jsonschema checks it)
         low = rng.randint(-50, 50)
-        return {"type": "number", "minimum": low, "maximum": low + rng.randint(1, 100)}
+        return {"type": "number", "minimum": low, "maximum": low + rng.randint(1, 100),
+                "multipleOf": rng.choice([0.5, 0.25, 0.125])}
     if kind == "enum":
         return {"enum": rng.sample(WORDS, rng.randint(1, 4)) + ([rng.randint(0, 9)] if rng.random() < 0.3 else [])}
     if kind == "string":
