@@ -224,6 +224,21 @@ def test_completion_logprobs_streamed_and_not(fleet: RunningFleet) -> None:
     assert streamed == lp.tokens
 
 
+def test_logit_bias_with_token_id_keys_and_penalties(fleet: RunningFleet) -> None:
+    from mlx_fleet.client import Client
+
+    c = client(fleet)
+    plain = c.chat.completions.create(model="chat", messages=ask("Paris"), temperature=0, max_tokens=6)
+    with Client(fleet.cfg.frontend, timeout_s=120) as native:
+        first = native.generate(model="chat", messages=ask("Paris"), max_tokens=1).token_ids[0]
+    banned = c.chat.completions.create(model="chat", messages=ask("Paris"), temperature=0, max_tokens=6,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].message.content != plain.choices[0].message.content
+    penalised = c.chat.completions.create(model="chat", messages=ask("Paris"), temperature=0, max_tokens=6,
+                                          presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised.choices[0].message.content
+
+
 def test_n_gives_three_choices(fleet: RunningFleet) -> None:
     c = client(fleet)
     reply = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Name a colour."}], n=3,
