@@ -13,7 +13,7 @@ timings: TTFT, and decode tok/s after the first token; per level: aggregate tok/
 kinds (per-request rates are the comparison). Levels 1 and 8 clients, one fleet for the whole run, kinds interleaved within
 each conversation so the machine's drift reaches all of them.
 
-    python -m benchmarks tools [--levels 1,8] [--conversations 3] [--max-tokens 48]
+    python -m benchmarks tools [--levels 1,8] [--conversations 3] [--max-tokens 64]
     python -m benchmarks --out /tmp/bench tools --quick      # smoke run: 1 and 2 clients, 1 conversation each
 """
 
@@ -96,7 +96,8 @@ async def level(frontend: str, clients: int, conversations: int, max_tokens: int
                          "decode_tok_s_median": statistics.median(rates) if rates else 0.0,
                          "decode_tok_s_mean": statistics.fmean(rates) if rates else 0.0,
                          "ttft_s_median": statistics.median(s["ttft_s"] for s in samples),
-                         "valid_calls": sum(1 for s in samples if s["calls"] and _valid(s["calls"]))}
+                         "valid_calls": sum(1 for s in samples if s["calls"] and _valid(s["calls"])),
+                         "cut_by_max_tokens": sum(1 for s in samples if s["finish_reason"] == "length")}
     summary["aggregate_tok_s"] = sum(summary[k]["tokens"] for k in KINDS) / wall_s
     return summary
 
@@ -109,13 +110,14 @@ def _valid(calls: list[dict[str, str]]) -> bool:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| clients | kind | requests | tokens | decode tok/s per request (median) | TTFT p50 (s) | valid calls |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| clients | kind | requests | tokens | decode tok/s per request (median) | TTFT p50 (s) | valid calls "
+             "| cut by max_tokens |", "|---|---|---|---|---|---|---|---|"]
     for clients, r in results.items():
         for kind in KINDS:
             k = r[kind]
             lines.append(f"| {clients} | {kind} | {k['requests']} | {k['tokens']} | {k['decode_tok_s_median']:.1f} | "
-                         f"{k['ttft_s_median']:.2f} | {k['valid_calls'] if kind == 'constrained' else '-'} |")
+                         f"{k['ttft_s_median']:.2f} | {k['valid_calls'] if kind == 'constrained' else '-'} | "
+                         f"{k['cut_by_max_tokens']} |")
     lines += ["", "| clients | constrained / free decode tok/s | aggregate tok/s (all kinds) |", "|---|---|---|"]
     for clients, r in results.items():
         free = r["free"]["decode_tok_s_median"]
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks tools", description=__doc__.split("\n")[0])
     p.add_argument("--levels", default="1,8")
     p.add_argument("--conversations", type=int, default=3, help="conversations each client holds")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--quick", action="store_true")
     add_out_argument(p)
     args = p.parse_args(argv)
