@@ -157,6 +157,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
+        found: Path | str | None
         if args.fetch_only:
             found = fetch_source(args.source, progress=say)
         else:

@@ -98,3 +98,15 @@ def test_what_llguidance_refuses_is_an_error_with_its_message(tok: tuple[llguida
         return
     matcher = llguidance.LLMatcher(tok[0], text, log_level=0)
     assert matcher.is_error() and matcher.get_error()
+
+
+def test_the_dense_mask_allows_everything_on_rows_without_a_grammar() -> None:
+    filler = MaskFiller(40)
+    packed = np.zeros((1, 2), dtype=np.int32)
+    packed[0, 0] = 0b101  # tokens 0 and 2
+    packed.view(np.uint32)[0, 1] = np.uint32(1 << 31)  # token 63: past the width of 40
+    dense = filler.dense(packed, [1], 3, 40)
+    assert dense.shape == (3, 40) and dense[0].all() and dense[2].all()
+    assert set(np.nonzero(dense[1])[0]) == {0, 2}
+    alone = filler.dense(packed, [0], 1, 40)
+    assert set(np.nonzero(alone[0])[0]) == {0, 2}

@@ -1,26 +1,25 @@
-"""The engine adapter over mlx-lm's continuous batching: with :mod:`workers.engine.solo` and
-:mod:`workers.engine.sampling`, the only mlx importer.
+"""The engine adapter over mlx-lm's continuous batching (workers/engine/ holds the only mlx importers).
 
-:class:`Engine` wraps ``BatchGenerator``: ``insert`` requests with their own
-sampler, max_tokens and stop strings; ``step`` once; ``remove`` to cancel.
-Each stream is detokenized on its own (:mod:`workers.engine.text_stream`) so multi-byte
-characters come out whole. Every call must come from the one thread that owns MLX.
+:class:`Engine` wraps ``BatchGenerator``: ``insert`` requests with their own sampler,
+max_tokens, stop strings and decoding controls (:mod:`workers.engine.controls`); ``step``
+once; ``remove`` to cancel. Each stream is detokenized on its own
+(:mod:`workers.engine.text_stream`) so multi-byte characters come out whole. Every call must
+come from the one thread that owns MLX.
 
 With a prompt cache (:mod:`workers.engine.prompt_cache`), a request starts from a private copy
-of the longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and
-a finished sequence's cache is stored under its prompt plus generated tokens. A removed
+of the longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and a
+finished sequence's cache is stored under its prompt plus generated tokens. A removed
 (cancelled) sequence stores nothing.
 
-Solo fast path (``solo_fast_path``): a request inserted alone into an idle engine is
-decoded by mlx-lm's own ``generate_step`` (:class:`workers.engine.solo.Solo`, private to this
-module), as in-process mlx-lm would; the next insert moves it into the ``BatchGenerator``
-mid-stream with the same output. Its stream lives under the uid ``SOLO_UID`` until then.
+Solo fast path (``solo_fast_path``): a request inserted alone into an idle engine is decoded by
+mlx-lm's own ``generate_step`` (:class:`workers.engine.solo.Solo`), as in-process mlx-lm would;
+the next insert moves it into the ``BatchGenerator`` mid-stream with the same output. Its
+stream lives under the uid ``SOLO_UID`` until then.
 
-Between steps the engine forces no evaluation of its own: mlx-lm's step already leaves the
-next step in flight when it returns (``async_eval``, then a wait on the current tokens only),
-and a finished sequence's cache is stored with ``async_eval``, so the detokenizing, stop
-strings and messages that follow a step run while MLX still computes. ``stats``
-(:class:`workers.engine.stats.StepStats`) counts the path each request took and splits the
+Between steps the engine forces no evaluation of its own: the step leaves the next one in
+flight (``async_eval``, then a wait on the current tokens only), and a finished sequence's
+cache is stored with ``async_eval``, so what follows a step runs while MLX still computes.
+``stats`` (:class:`workers.engine.stats.StepStats`) counts each request's path and splits the
 busy time into mlx-lm's part and ours.
 """
 
@@ -29,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
 
 from actors.clock import Clock, MonotonicClock
 from actors.config import BatchingConfig
@@ -81,7 +81,7 @@ class Engine(EngineLike):
                                         eos_ids=sorted(self.eos_ids), think=think_markers(tokenizer))
         self.rows = Rows(self.vocab_size, None, self.eos_ids, self.clock, self._stats)
         self.logprob_maps = LogprobFormatter(self.grammars.token_bytes)
-        self.gen = ControlledBatchGenerator(
+        self.gen: BatchGenerator = ControlledBatchGenerator(
             model,
             rows=self.rows,
             stop_tokens=[[t] for t in sorted(self.eos_ids)],
@@ -234,8 +234,9 @@ class Engine(EngineLike):
             return
         solo, self.solo = self.solo, None
         prompt, kv, all_tokens, max_tokens = solo.handoff()
-        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv], all_tokens=[all_tokens],  # type: ignore[list-item]
-                                 samplers=[solo.sampler])
+        # kv None: no cached prefix, as in insert.
+        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv],  # type: ignore[list-item]
+                                 all_tokens=[all_tokens], samplers=[solo.sampler])
         self.rows.rename(SOLO_UID, uid)
         stream = self.streams[uid] = self.streams.pop(SOLO_UID)
         stream.path = HANDOFF
@@ -334,11 +335,8 @@ class Engine(EngineLike):
 
     def _logprob(self, uid: int, token: int) -> dict[str, Any] | None:
         """The logprob entry of ``uid``'s new token, when its request asked for them."""
-        row = self.rows.rows.get(uid)
-        if row is None or not row.controls.logprobs or not row.entries:
-            return None
-        entry = row.entries.popleft()
-        return self.logprob_maps.entry(token, entry.logprob, entry.top)
+        entry = self.rows.take_entry(uid)
+        return None if entry is None else self.logprob_maps.entry(token, entry.logprob, entry.top)
 
     def _on_token(self, uid: int, token: int, finish_reason: str | None) -> tuple[StepEvent, bool]:
         """Detokenize one new token of ``uid``: its event, and whether a stop string ended it."""
@@ -397,4 +395,5 @@ def mlx_info() -> dict[str, Any]:
     """Versions and device for logs and the ``ready`` message."""
     import mlx_lm
 
-    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+    mlx_version = mx.__version__  # type: ignore[attr-defined]  # there at run time; mlx's stubs leave it out
+    return {"mlx": mlx_version, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}

@@ -117,7 +117,7 @@ class ControlledPromptBatch(PromptProcessingBatch):
     rows: Rows
 
     def _copy(self) -> "ControlledPromptBatch":
-        new = cast(ControlledPromptBatch, super()._copy())
+        new = cast(ControlledPromptBatch, super()._copy())  # type: ignore[no-untyped-call]  # mlx-lm's, unannotated
         new.rows = self.rows
         return new
 

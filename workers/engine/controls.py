@@ -11,8 +11,8 @@ batch (:class:`Plan`, made by :class:`Rows` for the batch's rows in order):
   one scatter-add over just those rows.
 - grammars: the step's forward pass is started (``async_eval``), the previous tokens are
   read (they are done: they came out of the previous step), the rows' matchers consume
-  them and llguidance fills their bitmasks in its own threads while the forward pass runs;
-  the masks then go in with one ``mx.where`` over the constrained rows.
+  them, llguidance fills their bitmasks in its own threads and numpy unpacks them, all
+  while the forward pass runs; the masks then go in with one ``mx.where``.
 - ``min_p``: a per-row threshold below the row's top logit, one more masked add.
 - logprobs: for the rows that ask, the log-softmax of the *raw* logits, the sampled
   token's entry and an ``argpartition`` top-k, computed with the step and read at the
@@ -89,7 +89,6 @@ class Plan:
         self.counts: mx.array | None = None
         if self.adjust_rows:
             self._make_adjust()
-        self.g_idx = mx.array([i for i, _ in self.grammar_rows])
         self.m_idx = mx.array([i for i, _ in self.min_p_rows])
         self.m_floor = mx.array([[math.log(r.controls.min_p)] for _, r in self.min_p_rows])
         self.l_idx = mx.array([i for i, _ in self.logprob_rows])
@@ -145,11 +144,11 @@ class Plan:
             if row.started and tokens[i] not in eos_ids:
                 row.grammar.consume(tokens[i])
             states.append(row.grammar)
-        words = mx.array(self.filler.fill(states)).view(mx.uint32)
+        allowed = self.filler.dense(self.filler.fill(states), [i for i, _ in self.grammar_rows], logits.shape[0],
+                                    logits.shape[-1])
         self.mask_s = clock.now() - t0
-        bits = (words[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
-        allowed = bits.reshape(len(states), -1)[:, : logits.shape[-1]]
-        return logits.at[self.g_idx].add(mx.where(allowed.astype(mx.bool_), 0.0, -math.inf).astype(logits.dtype))
+        # One where over the batch (rows without a grammar allow everything): no gather, no scatter.
+        return mx.where(mx.array(allowed), logits, mx.array(-math.inf, dtype=logits.dtype))
 
     def min_p(self, logits: mx.array) -> mx.array:
         """Drop, on its rows, tokens less likely than ``min_p`` times the row's most likely one."""
@@ -215,7 +214,10 @@ class Rows:
         """Forget a sequence (finished or removed)."""
         if uid in self.rows:
             self._drop_plan()
-        return self.rows.pop(uid, None)
+        row = self.rows.pop(uid, None)
+        if not self.rows:
+            self._pending.clear()  # logprobs of tokens no one will read
+        return row
 
     def rename(self, old: int, new: int) -> None:
         """A sequence moved (the solo handoff): its state goes on under ``new``; its unread logprobs are dropped."""
@@ -225,6 +227,11 @@ class Rows:
             row.entries.clear()
             self._pending = [(rows, arrays) for rows, arrays in self._pending if row not in rows]
             self.rows[new] = row
+
+    def take_entry(self, uid: int) -> LogprobEntry | None:
+        """The next logprob entry of ``uid`` (its token's), or None when it asked for none."""
+        row = self.rows.get(uid)
+        return row.entries.popleft() if row is not None and row.entries else None
 
     def plan(self, uids: list[int]) -> Plan | None:
         """The plan for a batch with these uids in this order; None when none of them has controls."""

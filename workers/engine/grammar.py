@@ -187,6 +187,7 @@ class MaskFiller:
         self.words = (n_vocab + 31) // 32
         self._executor = llguidance.LLExecutor()
         self._buffer = np.zeros((0, self.words), dtype=np.int32)
+        self._dense = np.ones((0, n_vocab), dtype=np.bool_)
 
     def fill(self, states: list[GrammarState]) -> np.ndarray:
         """One int32 bitmask row per state (bit ``t`` of word ``t // 32`` allows token ``t``); a view, reused."""
@@ -203,3 +204,20 @@ class MaskFiller:
                 t = s.think.start[0]
                 mask.view(np.uint32)[i, t // 32] |= np.uint32(1 << (t % 32))
         return mask
+
+    def dense(self, packed: np.ndarray, rows: list[int], batch: int, width: int) -> np.ndarray:
+        """A ``(batch, width)`` boolean mask: row ``rows[i]`` from ``packed[i]``, every other row all allowed.
+
+        ``width`` is the logits' (ids past ``n_vocab`` are never allowed); a view, reused.
+        """
+        bits = np.unpackbits(packed.view(np.uint8), axis=1, count=min(width, packed.shape[1] * 32),
+                             bitorder="little").view(np.bool_)
+        if len(rows) == batch and width == bits.shape[1]:
+            return bits
+        if self._dense.shape[0] < batch or self._dense.shape[1] != width:
+            self._dense = np.ones((max(batch, 2 * self._dense.shape[0]), width), dtype=np.bool_)
+        out = self._dense[:batch]
+        out[:] = True
+        out[rows, bits.shape[1]:] = False
+        out[rows, : bits.shape[1]] = bits
+        return out

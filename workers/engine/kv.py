@@ -18,9 +18,10 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
 from workers.engine.prompt_cache import PromptCache
+from workers.engine.solo import trim_kv
 
 
 def prefill_shared(model: Any, prompt_tokens: list[int], cache: list[Any] | None, cached_tokens: int,
@@ -47,9 +48,7 @@ def _kv_nbytes(kv: list[Any]) -> int:
 def _copy_kv_prefix(kv: list[Any], held_tokens: int, keep_tokens: int) -> list[Any]:
     """A deep copy of ``kv`` cut to its first ``keep_tokens``: the stored entry stays untouched."""
     out = copy.deepcopy(kv)
-    # mlx-lm annotates trim_prompt_cache as returning a list; it returns the tokens trimmed.
-    trimmed: Any = trim_prompt_cache(out, held_tokens - keep_tokens) if keep_tokens < held_tokens else 0
-    if keep_tokens < held_tokens and trimmed != held_tokens - keep_tokens:
+    if keep_tokens < held_tokens and trim_kv(out, held_tokens - keep_tokens) != held_tokens - keep_tokens:
         raise ValueError("prompt cache entry could not be trimmed")
     return out
 

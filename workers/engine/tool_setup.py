@@ -74,12 +74,16 @@ def defaults_for(source: str, chat_template: str, fmt: str) -> tuple[str, str]:
 
 
 class ToolSettings(Protocol):
-    """What setting up a model's tools needs of a worker's settings."""
+    """What setting up a model's tools needs of a worker's settings (read-only: they are frozen)."""
 
-    model: str
-    source: str
-    chat_template: str
-    tool_format: str
+    @property
+    def model(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def chat_template(self) -> str: ...
+    @property
+    def tool_format(self) -> str: ...
 
 
 def model_tools(tokenizer: Any, s: ToolSettings) -> ToolSupport:

@@ -38,7 +38,7 @@ import random
 import socket
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ParamSpec, Protocol, TypeVar
 
 import mlx.core as mx
 import msgpack
@@ -55,7 +55,8 @@ from workers.engine.tool_setup import model_tools
 from workers.models.precision import apply_dtype, load_model
 from workers.tools import ToolSupport
 from workers.shard.channel import (
-    BeatTracker, FollowerChannel, GroupLost, GroupWatch, LeaderChannel, OpError, StallCheck, StepLedger, die,
+    REQUEST_FIELDS, BeatTracker, FollowerChannel, GroupLost, GroupWatch, Rank0Channel, OpError, StallCheck,
+    StepLedger, die,
 )
 
 log = logging.getLogger("mlx_fleet.shard")
@@ -64,17 +65,27 @@ log = logging.getLogger("mlx_fleet.shard")
 # evict differently on each rank. There the prompt cache is bounded by its entry count alone.
 UNBOUNDED_CACHE_BYTES = 1 << 62
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 class EngineSettings(Protocol):
-    """What loading an engine needs of a worker's settings."""
+    """What loading an engine needs of a worker's settings (read-only: they are frozen)."""
 
-    model: str
-    source: str
-    dtype: str
-    batching: BatchingConfig
-    shard: ShardRank | None
-    chat_template: str
-    tool_format: str
+    @property
+    def model(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def batching(self) -> BatchingConfig: ...
+    @property
+    def shard(self) -> ShardRank | None: ...
+    @property
+    def chat_template(self) -> str: ...
+    @property
+    def tool_format(self) -> str: ...
 
 
 @dataclass
@@ -85,8 +96,8 @@ class GroupMember:
     engine: Engine
     model: Any
     mode: str  # tensor | pipeline: what sharded_load applied
-    ctx: zmq.Context
-    leader: LeaderChannel | None = None
+    ctx: zmq.SyncContext
+    rank0: Rank0Channel | None = None
     follower: FollowerChannel | None = None
     ranks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -114,7 +125,7 @@ def load_sharded(path: str, dtype: str, mode: str, group: Any) -> tuple[Any, Any
     return apply_dtype(model, dtype), tokenizer, "pipeline"
 
 
-def form_group(path: str, s: EngineSettings, ctx: zmq.Context, clock: Clock | None = None) -> GroupMember:
+def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock | None = None) -> GroupMember:
     """Join the ring, load this rank's shard, and connect the op channel (rank 0 waits for every follower).
 
     Bounded by ``start_timeout_s``: MLX's ring waits for absent peers holding the GIL, so the bound is
@@ -130,23 +141,24 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.Context, clock: Clock | No
         if (group.rank(), group.size()) != (shard.rank, shard.size):
             raise RuntimeError(f"the ring says rank {group.rank()} of {group.size()}, not {shard.rank} of {shard.size}")
         model, tokenizer, mode = load_sharded(path, s.dtype, shard.mode, group)
-        leader = LeaderChannel(ctx, shard.own_host) if shard.rank == 0 else None
-        mine = [leader.ops_port, leader.beat_port, random.randrange(1, 2**31 - 1)] if leader else [0, 0, 0]
+        rank0 = Rank0Channel(ctx, shard.own_host) if shard.rank == 0 else None
+        mine = [rank0.ops_port, rank0.beat_port, random.randrange(1, 2**31 - 1)] if rank0 else [0, 0, 0]
         shared = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu)
-        ops_port, beat_port, seed = (int(v) for v in shared.tolist())
+        ops_port, beat_port, seed = (int(v) for v in shared)
         mx.random.seed(seed)  # unseeded sampling draws the same keys on every rank
         keep_bytes = s.batching.prompt_cache_bytes
         engine = make_engine(model, tokenizer, s.batching,
                              prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES,
                              tools=model_tools(tokenizer, s) if shard.rank == 0 else None)
-        me = {"rank": shard.rank, "pid": os.getpid(), "host": socket.gethostname()}
-        member = GroupMember(shard, engine, model, mode, ctx, leader=leader, ranks=[me])
-        if leader is not None:
-            hellos = leader.wait_hellos(range(1, shard.size), max(0.0, deadline_s - clock.now()), clock)
+        pid, host = os.getpid(), socket.gethostname()
+        me: dict[str, Any] = {"rank": shard.rank, "pid": pid, "host": host}
+        member = GroupMember(shard, engine, model, mode, ctx, rank0=rank0, ranks=[me])
+        if rank0 is not None:
+            hellos = rank0.wait_hellos(range(1, shard.size), max(0.0, deadline_s - clock.now()), clock)
             member.ranks += [hellos[r] for r in sorted(hellos)]
         else:
-            member.follower = FollowerChannel(ctx, shard.rank, shard.leader_host, ops_port, beat_port)
-            member.follower.hello(me["pid"], me["host"])
+            member.follower = FollowerChannel(ctx, shard.rank, shard.rank0_host, ops_port, beat_port)
+            member.follower.hello(pid, host)
         log.info("rank %d of %d joined its group (%s parallel)", shard.rank, shard.size, mode)
         return member
     finally:
@@ -182,10 +194,10 @@ class ShardedEngine(EngineLike):
     """
 
     def __init__(self, member: GroupMember, *, clock: Clock | None = None, fail: Callable[[str], None] = die) -> None:
-        assert member.leader is not None
+        assert member.rank0 is not None
         self.member = member
         self.engine = member.engine
-        self.channel = member.leader
+        self.channel = member.rank0
         self.fail = fail
         clock = clock or MonotonicClock()
         self.stall = StallCheck(clock, member.shard.op_timeout_s)
@@ -252,14 +264,15 @@ class ShardedEngine(EngineLike):
 
     def insert(self, reqs: list[EngineRequest]) -> None:
         """Insert on every rank."""
-        self._send(["insert", [dataclasses.asdict(r) for r in reqs]])
+        # The fields the followers take (channel.REQUEST_FIELDS): n and controls are refused before this.
+        self._send(["insert", [{k: v for k, v in dataclasses.asdict(r).items() if k in REQUEST_FIELDS} for r in reqs]])
         self._apply("insert", self.engine.insert, reqs)
 
     def step(self) -> list[StepEvent]:
         """Step every rank; rank 0's events, checked against the followers' reports as they come."""
         self.seq += 1
         self._send(["step", self.seq])
-        events: list[StepEvent] = self._apply("step", self.engine.step)
+        events = self._apply("step", self.engine.step)
         try:
             self.ledger.record(self.seq, digest(events))
             for rank, seq, theirs in self.channel.reports():
@@ -296,10 +309,10 @@ class ShardedEngine(EngineLike):
         except GroupLost as exc:
             self.fail(str(exc))
 
-    def _apply(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _apply(self, what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             with self.stall.busy(what):
-                return fn(*args)
+                return fn(*args, **kwargs)
         except Exception as exc:  # a collective that failed (a peer died) leaves the group's state unknown
             self.fail(f"{what} failed on rank 0: {type(exc).__name__}: {exc}")
             raise
