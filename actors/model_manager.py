@@ -153,7 +153,8 @@ class ModelManager:
         gen = self.generations.get(spec.name, -1) + 1
         self.generations[spec.name] = gen
         return [WorkerSpec(f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}", spec.name, spec.source,
-                           spec.batching, spec.dtype, spec.shards, spec.shard_mode) for i in range(count)]
+                           spec.batching, spec.dtype, spec.shards, spec.shard_mode, spec.chat_template,
+                           spec.tool_format) for i in range(count)]
 
     def spawn(self, spec: ModelSpec, count: int) -> list[str]:
         """Start ``count`` workers of ``spec``; their ids."""

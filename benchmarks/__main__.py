@@ -54,6 +54,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("prefill-step", "benchmarks.prefill_step", "prefill_step_size 128/256/512: throughput and TTFT with long prompts in the mix", "prefill_step"),
     Command("prompt-cache", "benchmarks.prompt_cache", "multi-turn chat with and without the prompt cache, and mlx_lm.server", "prompt_cache"),
     Command("gateway-overhead", "benchmarks.gateway_overhead", "the HTTP gateway against the ZeroMQ client", "gateway_overhead"),
+    Command("tools", "benchmarks.tools", "a tool-calling conversation on SmolLM2: grammar-forced calls against free text, 1 and 8 clients", "tools"),
     Command("metrics-cost", "benchmarks.metrics_cost", "throughput with metrics export on and off", "metrics_cost"),
     Command("blas", "benchmarks.blas_gemm", "float32 GEMM GFLOP/s: reference BLAS against the optimized ones", "blas_gemm"),
     Command("smollm2", "benchmarks.smollm2", "SmolLM2-135M float32 at 1-32 clients vs mlx_lm.server, and served vs in-process", "smollm2"),

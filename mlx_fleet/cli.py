@@ -29,6 +29,16 @@ def _counts(values: list[str], flag: str = "--replicas") -> dict[str, int]:
     return out
 
 
+def _texts(values: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag}: expected NAME=VALUE, got {text!r}")
+        out[name] = value
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> FleetConfig:
     """Build the FleetConfig for `up` from flags, env and the config file."""
     overrides: dict[str, Any] = {
@@ -47,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     overrides.update(cluster_overrides(args))
     models = [parse_model_arg(m) for m in args.model]
     return load_config(args.config, overrides=overrides, models=models, replicas=_counts(args.replicas),
-                       shards=_counts(args.shards, "--shards"))
+                       shards=_counts(args.shards, "--shards"), chat_templates=_texts(args.chat_template, "--chat-template"),
+                       tool_formats=_texts(args.tool_format, "--tool-format"))
 
 
 def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,7 +200,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if bool(curve["curve_secret"]) != bool(curve["curve_server_public"]):
         raise ConfigError("--curve-secret and --curve-server-key go together")
     settings = worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
-                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype)
+                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype,
+                               chat_template=args.chat_template or "", tool_format=args.tool_format or "")
     if plan is not None:
         from mlx_fleet.shard_worker import run_sharded_worker
 
@@ -223,6 +235,10 @@ def add_up_command(sub: Any) -> None:
     up.add_argument("--replicas", action="append", default=[], metavar="NAME=N")
     up.add_argument("--shards", action="append", default=[], metavar="NAME=N",
                     help="split a model's weights over a group of N ranks (MLX's ring backend) per replica")
+    up.add_argument("--chat-template", action="append", default=[], metavar="NAME=TEMPLATE",
+                    help="a Jinja chat template file (or smollm2-tools) for model NAME, replacing its tokenizer's")
+    up.add_argument("--tool-format", action="append", default=[], metavar="NAME=FORMAT",
+                    help="how model NAME writes tool calls: an mlx-lm tool parser (json_tools, ...) or none")
     up.add_argument("--config", help="TOML config file")
     up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
     up.add_argument("--backend", help="worker endpoint to bind (default tcp://127.0.0.1:5556)")
@@ -293,6 +309,8 @@ def add_worker_command(sub: Any) -> None:
     wk.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://HOST:5556")
     wk.add_argument("--model", required=True, metavar="NAME=SOURCE")
     wk.add_argument("--worker-id")
+    wk.add_argument("--chat-template", metavar="TEMPLATE", help="a Jinja chat template file (or smollm2-tools)")
+    wk.add_argument("--tool-format", metavar="FORMAT", help="an mlx-lm tool parser name (json_tools, ...) or none")
     wk.add_argument("--metrics-events", metavar="ADDR",
                     help="the fleet collector's event endpoint, e.g. tcp://HOST:5557 (default: send no metrics)")
     wk.add_argument("--config")

@@ -37,8 +37,6 @@ def wants_controls(req: Generate) -> bool:
 
 def check_request(req: Generate, *, vocab_size: int, decode_capacity: int, refused: str | None) -> None:
     """Refuse (``RefusedField``) what this worker cannot honour for ``req``; ``refused`` says why its engine takes no controls."""
-    if req.tools is not None or (req.tool_choice is not None and req.tool_choice != "none"):
-        raise RefusedField("generate: tools: this worker does not render tools yet (the model has no tool format)")
     names = controls_set(req)
     if refused is not None and names:
         raise RefusedField(f"generate: {names[0]}: {refused}")

@@ -52,6 +52,7 @@ class Progress:
     first_token_s: float = 0.0  # clock time of the first token; 0: none yet
     index: int = 0  # which of the request's completions the new output belongs to
     logprobs: list[dict[str, Any]] | None = None  # one per id of ``token_ids``, when the request asked
+    tool_calls: list[dict[str, Any]] | None = None  # tool-call deltas (chunk ``tool_calls``)
 
 
 Outgoing = Union[Message, Progress]
@@ -262,11 +263,11 @@ class ReplyLedger:
         o.logprobs += p.logprobs or []
         rec.kept_bytes += added
         self.kept_bytes += added
-        if p.text:
+        if p.text or p.tool_calls:
             o.text.append(p.text)
             if rec.stream:  # held-back text keeps its ids waiting
                 out.append(Chunk(rec.key, p.text, o.token_ids[o.released:], o.chars, o.released, index=p.index,
-                                 logprobs=o.logprobs[o.released:] or None))
+                                 logprobs=o.logprobs[o.released:] or None, tool_calls=p.tool_calls))
                 o.released = len(o.token_ids)
             o.chars += len(p.text)
 

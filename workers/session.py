@@ -18,6 +18,7 @@ records, which the I/O thread's :class:`workers.replies.ReplyLedger` turns into
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from workers.policies import AdmissionPolicy, AutoTuner, Decision
 from workers.replies import Outgoing, Progress, request_timings
 from workers.engine.interface import Controls, EngineLike, EngineRequest, StepEvent
 from workers.telemetry import WorkerTelemetry
+from workers.tool_session import RequestTools
+from workers.tools import ToolPlan, ToolRequestError
 
 log = logging.getLogger("mlx_fleet.worker")
 
@@ -57,6 +60,7 @@ class Pending:
     ended: dict[int, tuple[str, int]] = field(default_factory=dict)  # completion index -> (finish reason, tokens)
     cached_tokens: int = 0
     path: str = ""  # completion 0's engine path
+    tools: RequestTools = field(default_factory=lambda: RequestTools(ToolPlan()))  # workers/tool_session.py
 
     @property
     def n(self) -> int:
@@ -64,10 +68,11 @@ class Pending:
         return self.request.n
 
     def progress(self, text: str = "", token_ids: list[int] | None = None, index: int = 0,
-                 logprobs: list[dict[str, Any]] | None = None) -> Progress:
+                 logprobs: list[dict[str, Any]] | None = None,
+                 tool_calls: list[dict[str, Any]] | None = None) -> Progress:
         """This request's figures now, with new output (of completion ``index``)."""
         return Progress(self.key, text, token_ids or [], len(self.prompt_ids), self.tokens,
-                        self.admitted_s, self.first_token_s, index, logprobs)
+                        self.admitted_s, self.first_token_s, index, logprobs, tool_calls or None)
 
 
 class WorkerSession:
@@ -116,14 +121,19 @@ class WorkerSession:
         try:
             check_request(req, vocab_size=self.engine.vocab_size, decode_capacity=self.decode_capacity,
                           refused=self.engine.controls_refused())
-            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens)
+            tools = RequestTools.for_request(req, self.engine.tool_support)
+            if tools.plan.grammar is not None:  # the tool grammar replaces the request's own (workers/tools.py)
+                req = dataclasses.replace(req, grammar=tools.plan.grammar)
+            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens, tools.plan.template_tools)
             if len(ids) > self.max_prompt_tokens:
                 raise ValueError(f"prompt has {len(ids)} tokens; this worker's limit is {self.max_prompt_tokens}")
         except RefusedField as exc:
             return [Error(BAD_REQUEST, str(exc), key)]
+        except ToolRequestError as exc:
+            return [Error(BAD_REQUEST, f"generate: {exc.field}: {exc}", key)]
         except Exception as exc:  # tokenizer or template failures are the request's fault
             return [Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key)]
-        pending = Pending(key, req, ids, msg.queue_s - now, now)
+        pending = Pending(key, req, ids, msg.queue_s - now, now, tools=tools)
         if self.compile_pool is not None and needs_compile_pool(req):
             future = self.compile_pool.submit(self._prepare, req)
             self.preparing[key] = (pending, future)
@@ -244,7 +254,7 @@ class WorkerSession:
             self.active[p.key] = p
             r = p.request
             reqs.append(EngineRequest(p.key, p.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
-                                      list(r.stop or []), cache=r.cache, n=r.n, controls=p.controls))
+                                      p.tools.stop(r.stop), cache=r.cache, n=r.n, controls=p.controls))
         try:
             self.engine.insert(reqs)
         except Exception as exc:
@@ -325,21 +335,25 @@ class WorkerSession:
             p.tokens += 1
         if event.first_token and not p.first_token_s:
             p.first_token_s = token_s or self.clock.now()
-        out: list[Outgoing] = [p.progress(event.text, event.token_ids, event.index, event.logprobs)]
-        if event.finish_reason is not None:
-            p.ended[event.index] = (event.finish_reason, event.completion_tokens)
-            if event.index == 0:
-                p.cached_tokens, p.path = event.cached_tokens, event.path
-            if len(p.ended) == p.n:
-                del self.active[p.key]
-                reason, tokens = p.ended[0]
-                out += self._finish(p, reason, sum(t for _, t in p.ended.values()), p.cached_tokens, p.path)
+        if event.finish_reason is None:
+            seen = p.tools.output(event.text, event.index)  # content and tool-call deltas (workers/tool_session.py)
+            return [p.progress(seen.content, event.token_ids, event.index, event.logprobs, seen.deltas)]
+        end = p.tools.end(event.text, event.finish_reason, event.index)
+        out: list[Outgoing] = [p.progress(end.content, event.token_ids, event.index, event.logprobs, end.deltas)]
+        p.ended[event.index] = (end.finish_reason, event.completion_tokens)
+        if event.index == 0:
+            p.cached_tokens, p.path = event.cached_tokens, event.path
+        if len(p.ended) == p.n:
+            del self.active[p.key]
+            reason, tokens = p.ended[0]
+            out += self._finish(p, reason, sum(t for _, t in p.ended.values()), p.cached_tokens, p.path)
         return out
 
     def _finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0,
                 path: str = "") -> list[Outgoing]:
         """The request's ``done``: usage and timings, with the engine ``path`` it took when known
-        (solo | batch | handoff), and with n > 1 each completion's end; the reply ledger adds the text."""
+        (solo | batch | handoff), and with n > 1 each completion's end; with tool calls, those
+        (workers/tool_session.py); the reply ledger adds the text."""
         now = self.clock.now()
         timings: dict[str, Any] = request_timings(p.base_s, p.admitted_s, p.first_token_s, now)
         if path:
@@ -354,10 +368,13 @@ class WorkerSession:
         if self.tuner is not None and p.first_token_s:
             self.tuner.observe_batch([p.first_token_s - p.arrived_s])
             self.engine.set_admission_batch(self.policy.admission_batch)
-        done = Done(p.key, reason, usage, timings)
+        done = Done(p.key, reason, usage, timings, warning=p.tools.warning)
         if p.n > 1:
             done.choices = [{"index": i, "finish_reason": p.ended.get(i, (reason, 0))[0],
-                             "completion_tokens": p.ended.get(i, (reason, 0))[1]} for i in range(p.n)]
+                             "completion_tokens": p.ended.get(i, (reason, 0))[1],
+                             **({"tool_calls": p.tools.calls(i)} if p.tools.calls(i) else {})} for i in range(p.n)]
+        else:
+            done.tool_calls = p.tools.calls(0)
         return [done]
 
     def _flush(self, now: float) -> None:

@@ -73,6 +73,8 @@ class WorkerSettings:
     shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard/engine.py)
     recovery_grace_s: float = 10.0  # how long requests outlive a lost broker
     recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
+    chat_template: str = ""  # a Jinja file or a shipped template's name replacing the tokenizer's (workers/engine/tool_setup.py)
+    tool_format: str = ""  # the tool-call format (an mlx-lm tool parser, or none); "": the tokenizer's own
 
 
 class WorkerActor:

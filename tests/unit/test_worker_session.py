@@ -16,6 +16,7 @@ from actors.clock import FakeClock
 from actors.config import BatchingConfig
 from actors.protocol import Chunk, Dispatch, Done, Error, Generate, Message
 from tests.unit.test_worker_telemetry import RecordingSender
+from workers.tools import ToolSupport
 from workers.engine.stats import StepStats
 from workers.policies import make_auto_tuner, make_policy
 from workers.replies import Outgoing, Progress, ReplyLedger
@@ -65,6 +66,8 @@ class FakeEngine:
         self.admission_batches: list[int] = []
         self.fail_next_step = False
         self.fail_next_insert = False
+        self.tool_support = ToolSupport("m", None, "the fake engine has no tool format")
+        self.rendered_tools: list[list[dict] | None] = []
 
     @property
     def active(self) -> int:
@@ -90,7 +93,9 @@ class FakeEngine:
     def controls_refused(self) -> str | None:
         return self.refuse
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
+    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None,
+                      tools: list[dict] | None = None) -> list[int]:
+        self.rendered_tools.append(tools)
         ids = list(tokens) if tokens is not None else [ord(c) for c in (prompt or "")]
         if not ids:
             raise ValueError("the prompt is empty after tokenization")

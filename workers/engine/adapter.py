@@ -43,6 +43,8 @@ from workers.engine.sampling import Sampler, SamplerPool
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent  # apart: read without MLX
 from workers.engine.solo import Solo, can_go_solo
 from workers.engine.text_stream import TextStream
+from workers.engine.tool_setup import encode_prompt
+from workers.tools import ToolSupport
 
 SOLO_UID = -1  # the solo sequence's key in ``Engine.streams`` (BatchGenerator uids are >= 0)
 
@@ -65,9 +67,11 @@ class Engine(EngineLike):
         prompt_cache_bytes: int = 0,
         solo_fast_path: bool = True,
         clock: Clock | None = None,
+        tools: ToolSupport | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self._tools = tools or ToolSupport("", None, "its tool calling was not set up")  # tool_setup.py
         self.eos_ids = set(tokenizer.eos_token_ids)
         self._vocab_size = int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(tokenizer.get_vocab()))
         self.decode_capacity = decode_capacity
@@ -97,22 +101,15 @@ class Engine(EngineLike):
 
     # ---- prompts -------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
-                      tokens: list[int] | None) -> list[int]:
-        """Token ids for a prompt string, chat messages or given ids (validated)."""
-        if tokens is not None:
-            ids = list(tokens)
-        elif messages is not None:
-            ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        else:
-            text = prompt or ""
-            bos = getattr(self.tokenizer, "bos_token", None)
-            ids = self.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
-        if not ids:
-            raise ValueError("the prompt is empty after tokenization")
-        if any(t >= self.vocab_size for t in ids):
-            raise ValueError(f"prompt_tokens must be < vocab_size={self.vocab_size}")
-        return ids
+    @property
+    def tool_support(self) -> ToolSupport:
+        """How this model calls tools, or why it cannot."""
+        return self._tools
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None, tokens: list[int] | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids for a prompt string, chat messages (with ``tools`` for the template) or given ids (validated)."""
+        return encode_prompt(self.tokenizer, self.vocab_size, prompt, messages, tokens, tools)
 
     # ---- batch control ------------------------------------------------------------
 
@@ -383,13 +380,15 @@ class Engine(EngineLike):
         self.gen.close()
 
 
-def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None) -> Engine:
-    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)."""
+def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None,
+                tools: ToolSupport | None = None) -> Engine:
+    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)
+    and the model's tool calling (``tools``, from :func:`workers.engine.tool_setup.setup_tools`)."""
     b = batching
     return Engine(model, tokenizer, decode_capacity=b.decode_capacity, admission_batch=b.admission_batch,
                   prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries,
                   prompt_cache_bytes=b.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes,
-                  solo_fast_path=b.solo_fast_path)
+                  solo_fast_path=b.solo_fast_path, tools=tools)
 
 
 def mlx_info() -> dict[str, Any]:

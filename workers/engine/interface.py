@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
+from workers.tools import ToolSupport
 
 if TYPE_CHECKING:  # llguidance, not MLX; the worker's pure parts never load it for this
     from workers.engine.grammar import Grammar
@@ -110,6 +111,11 @@ class EngineLike(Protocol):
         ...
 
     @property
+    def tool_support(self) -> ToolSupport:
+        """How the model calls tools, or why it cannot."""
+        ...
+
+    @property
     def vocab_size(self) -> int:
         """Width of the model's logits: token ids must be below it."""
         ...
@@ -130,8 +136,8 @@ class EngineLike(Protocol):
         ...
 
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
-                      tokens: list[int] | None) -> list[int]:
-        """Token ids of a prompt; raises ValueError for one the model cannot take."""
+                      tokens: list[int] | None, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt (``tools`` go to the chat template); raises ValueError for one the model cannot take."""
         ...
 
     def insert(self, reqs: list[EngineRequest]) -> None:

@@ -51,7 +51,9 @@ from workers.engine.adapter import Engine, make_engine
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent
 from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
+from workers.engine.tool_setup import model_tools
 from workers.models.precision import apply_dtype, load_model
+from workers.tools import ToolSupport
 from workers.shard.channel import (
     REQUEST_FIELDS, BeatTracker, FollowerChannel, GroupLost, GroupWatch, Rank0Channel, OpError, StallCheck,
     StepLedger, die,
@@ -71,6 +73,8 @@ class EngineSettings(Protocol):
     """What loading an engine needs of a worker's settings (read-only: they are frozen)."""
 
     @property
+    def model(self) -> str: ...
+    @property
     def source(self) -> str: ...
     @property
     def dtype(self) -> str: ...
@@ -78,6 +82,10 @@ class EngineSettings(Protocol):
     def batching(self) -> BatchingConfig: ...
     @property
     def shard(self) -> ShardRank | None: ...
+    @property
+    def chat_template(self) -> str: ...
+    @property
+    def tool_format(self) -> str: ...
 
 
 @dataclass
@@ -140,7 +148,8 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock 
         mx.random.seed(seed)  # unseeded sampling draws the same keys on every rank
         keep_bytes = s.batching.prompt_cache_bytes
         engine = make_engine(model, tokenizer, s.batching,
-                             prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES)
+                             prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES,
+                             tools=model_tools(tokenizer, s) if shard.rank == 0 else None)
         pid, host = os.getpid(), socket.gethostname()
         me: dict[str, Any] = {"rank": shard.rank, "pid": pid, "host": host}
         member = GroupMember(shard, engine, model, mode, ctx, rank0=rank0, ranks=[me])
@@ -225,10 +234,15 @@ class ShardedEngine(EngineLike):
         """Whether a lone request decodes on the solo path (on every rank alike)."""
         return self.engine.solo_fast_path
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
-                      tokens: list[int] | None) -> list[int]:
+    @property
+    def tool_support(self) -> ToolSupport:
+        """Rank 0's: the tokenizer and its template are rank 0's alone."""
+        return self.engine.tool_support
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None, tokens: list[int] | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids for a prompt (the tokenizer is rank 0's alone; the ids travel with the insert)."""
-        return self.engine.encode_prompt(prompt, messages, tokens)
+        return self.engine.encode_prompt(prompt, messages, tokens, tools)
 
     @property
     def vocab_size(self) -> int:
@@ -313,7 +327,7 @@ def load_engine(path: str, s: EngineSettings) -> tuple[EngineLike, Any, dict[str
     """
     if s.shard is None:
         model, tokenizer = load_model(path, s.dtype)
-        return make_engine(model, tokenizer, s.batching), model, {}
+        return make_engine(model, tokenizer, s.batching, tools=model_tools(tokenizer, s)), model, {}
     if s.shard.rank != 0:
         raise ValueError(f"rank {s.shard.rank} is a follower; only rank 0 serves the broker")
     member = form_group(path, s, zmq.Context())
