@@ -396,3 +396,19 @@ def test_the_readme_tour_runs_as_written(fleet: RunningFleet, capsys: pytest.Cap
     assert call_line == want_call  # greedy, and forced by the grammar
     got, want = json.loads(answer_line), json.loads(want_answer)
     assert set(got) == set(want) and got["city"] == want["city"]
+
+
+def test_the_http_doc_blocks_on_the_chat_model_run_as_written(fleet: RunningFleet,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/http.md's tool round trip and Responses examples, with the doc's ``client`` pointed at this fleet."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "http.md").read_text()
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", doc, flags=re.M | re.S) if 'model="chat"' in b]
+    assert len(blocks) == 2, blocks
+    client = OpenAI(base_url=f"http://127.0.0.1:{fleet.cfg.http_port}/v1", api_key="sk-local")
+    scope: dict[str, Any] = {"client": client}
+    for code in blocks:
+        exec(compile(code, "docs/http.md", "exec"), scope)
+    assert scope["call"].function.name == "get_weather" and "city" in json.loads(scope["call"].function.arguments)
+    assert scope["answer"].choices[0].finish_reason in ("stop", "length")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].strip() and "response.completed" in printed
