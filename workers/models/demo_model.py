@@ -29,7 +29,7 @@ import numpy as np
 import tokenizers
 
 from workers.models import demo_tokenizer as dtok
-from workers.models.store import build_into, build_once, is_model_folder
+from workers.models.store import build_into, build_once, is_model_folder, json_file_bytes
 from workers.models.store import cache_dir as demo_cache_dir
 
 # Bump when the folder's contents change for the same size, seed and corpus.
@@ -210,10 +210,6 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 def _write_contents(folder: Path, spec: DemoSize, seed: int) -> None:
     tokenizer = dtok.train_demo_tokenizer()
     if spec.vocab_size:
@@ -221,10 +217,10 @@ def _write_contents(folder: Path, spec: DemoSize, seed: int) -> None:
     vocab_size = tokenizer.get_vocab_size()
     for name, data in dtok.tokenizer_files(tokenizer).items():
         _write_file(folder / name, data)
-    _write_file(folder / "config.json", _json_bytes(_model_config(spec, vocab_size, seed)))
+    _write_file(folder / "config.json", json_file_bytes(_model_config(spec, vocab_size, seed)))
     generation_config = {"bos_token_id": dtok.BOS_TOKEN_ID, "eos_token_id": dtok.EOS_TOKEN_ID,
                          "do_sample": False}
-    _write_file(folder / "generation_config.json", _json_bytes(generation_config))
+    _write_file(folder / "generation_config.json", json_file_bytes(generation_config))
     _write_safetensors(folder / "model.safetensors", _tensor_plan(spec, vocab_size), seed)
 
 

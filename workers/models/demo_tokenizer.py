@@ -19,6 +19,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from workers.models.store import json_file_bytes
+
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 SYSTEM_TOKEN = "<|system|>"
@@ -122,10 +124,6 @@ def widen_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
     raise ValueError(f"cannot widen a vocabulary of {len(base)} tokens to {vocab_size}")
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
     """Return the tokenizer files of a model folder, name to exact bytes."""
     tokenizer_config = {
@@ -145,6 +143,6 @@ def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
     }
     return {
         "tokenizer.json": (tokenizer.to_str(pretty=True) + "\n").encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(tokenizer_config),
-        "special_tokens_map.json": _json_bytes(special_tokens_map),
+        "tokenizer_config.json": json_file_bytes(tokenizer_config),
+        "special_tokens_map.json": json_file_bytes(special_tokens_map),
     }

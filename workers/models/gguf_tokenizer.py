@@ -19,12 +19,12 @@ an error naming it, because a wrong split gives a model that serves nonsense. No
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from workers.models.gguf_file import GGUFError
+from workers.models.store import json_file_bytes
 
 # Token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -202,10 +202,6 @@ def _post_processor(meta: Mapping[str, Any], tokens: Sequence[str]) -> Any:
                                          special_tokens=specials)
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 def tokenizer_files(meta: Mapping[str, Any], *, model_max_length: int) -> dict[str, bytes]:
     """The tokenizer files of a model folder, name to bytes, from GGUF metadata."""
     tokenizer = build_tokenizer(meta)
@@ -227,8 +223,8 @@ def tokenizer_files(meta: Mapping[str, Any], *, model_max_length: int) -> dict[s
         config["chat_template"] = str(template)
     return {
         "tokenizer.json": (tokenizer.to_str(pretty=True) + "\n").encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(config),
-        "special_tokens_map.json": _json_bytes(specials),
+        "tokenizer_config.json": json_file_bytes(config),
+        "special_tokens_map.json": json_file_bytes(specials),
     }
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 CACHE_ENV = "MLX_FLEET_CACHE"
 DOWNLOADS_ENV = "MLX_FLEET_DOWNLOADS"
@@ -126,3 +127,8 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_file_bytes(obj: Any) -> bytes:
+    """``obj`` as a model folder's JSON files are written: indented UTF-8 with a final newline."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
