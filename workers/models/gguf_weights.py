@@ -23,12 +23,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from workers.models.gguf_arch import Arch, fix_weight
 from workers.models.gguf_file import GGUFError, GGUFHeader, TensorInfo
+from workers.models.store import ProgressFn
 
-Progress = Callable[[str], None]
 
 NATIVE_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")  # what mx.load reads (the quantized ones kept quantized)
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -81,7 +81,7 @@ class Plan:
 class _Meter:
     """Progress by bytes read: a line each :data:`PROGRESS_STEP` of the file."""
 
-    def __init__(self, header: GGUFHeader, say: Progress, verb: str) -> None:
+    def __init__(self, header: GGUFHeader, say: ProgressFn, verb: str) -> None:
         self.total = sum(t.n_bytes for t in header.tensors) or 1
         self.done, self.next_at, self.say, self.verb = 0, PROGRESS_STEP, say, verb
         self.count, self.n, self.t0 = 0, len(header.tensors), time.monotonic()
@@ -96,7 +96,7 @@ class _Meter:
                 self.next_at += PROGRESS_STEP
 
 
-def iter_weights(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str, Any]]:
+def iter_weights(header: GGUFHeader, plan: Plan, say: ProgressFn) -> Iterator[tuple[str, Any]]:
     """(mlx-lm name, evaluated MLX array) for every weight, ``scales``/``biases`` of quantized ones included.
 
     Fills ``plan.quantization`` with each quantized module's bits and group size.
@@ -105,7 +105,7 @@ def iter_weights(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tupl
     yield from reader(header, plan, say)
 
 
-def _native(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str, Any]]:
+def _native(header: GGUFHeader, plan: Plan, say: ProgressFn) -> Iterator[tuple[str, Any]]:
     import mlx.core as mx
 
     say(f"reading {header.path.name} ({header.file_bytes / 2**20:.0f} MiB) with mx.load")
@@ -140,7 +140,7 @@ def _native(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str
         meter.add(t)
 
 
-def _dequantizing(header: GGUFHeader, plan: Plan, say: Progress) -> Iterator[tuple[str, Any]]:
+def _dequantizing(header: GGUFHeader, plan: Plan, say: ProgressFn) -> Iterator[tuple[str, Any]]:
     import mlx.core as mx
 
     check_types(header)

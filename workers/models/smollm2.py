@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workers.models.builtin import BuiltinModel, FetchError, Progress, WheelPart, builtin_gguf
+from workers.models.builtin import BuiltinModel, FetchError, WheelPart, builtin_gguf
+from workers.models.store import ProgressFn
 
 __all__ = ["FetchError", "SMOLLM2", "is_smollm2_source", "manual_steps", "smollm2_gguf"]
 
@@ -36,6 +37,6 @@ def manual_steps(folder: Path) -> str:
     return SMOLLM2.manual_steps(folder)
 
 
-def smollm2_gguf(*, folder: Path | None = None, fetch: bool = True, progress: Progress | None = None) -> Path:
+def smollm2_gguf(*, folder: Path | None = None, fetch: bool = True, progress: ProgressFn | None = None) -> Path:
     """The verified SmolLM2 GGUF, fetching it first when ``fetch`` is set and it is absent."""
     return builtin_gguf(SMOLLM2, folder=folder, fetch=fetch, progress=progress)

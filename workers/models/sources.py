@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 from workers.models.builtin import builtin_gguf
 from workers.models.builtins import find_builtin
 from workers.models.gguf import PRECISIONS, check_gguf, ensure_converted, find_converted, is_gguf_path
 from workers.models.gguf_file import read_gguf
-from workers.models.store import file_sha256
+from workers.models.store import ProgressFn, file_sha256
 
 log = logging.getLogger("mlx_fleet.models")
 
-Progress = Callable[[str], None]
 
-
-def _say(progress: Progress | None) -> Progress:
+def _say(progress: ProgressFn | None) -> ProgressFn:
     return progress or (lambda text: log.info("%s", text))
 
 
-def resolve_source(source: str, dtype: str = "auto", *, progress: Progress | None = None) -> Path | str:
+def resolve_source(source: str, dtype: str = "auto", *, progress: ProgressFn | None = None) -> Path | str:
     """A local folder for every SOURCE but a hub id, which is returned as is.
 
     Builds the demo model, fetches built-in models and converts GGUF files as needed,
@@ -66,7 +63,7 @@ def resolve_source(source: str, dtype: str = "auto", *, progress: Progress | Non
     return source
 
 
-def fetch_source(source: str, *, progress: Progress | None = None) -> Path | None:
+def fetch_source(source: str, *, progress: ProgressFn | None = None) -> Path | None:
     """Fetch the file a built-in SOURCE downloads (``smollm2``, ``gemma3``), converting nothing.
 
     Returns the fetched file, or None for a SOURCE that downloads nothing itself.
@@ -76,7 +73,7 @@ def fetch_source(source: str, *, progress: Progress | None = None) -> Path | Non
     return None
 
 
-def _convert(gguf: Path, dtype: str, progress: Progress | None) -> Path:
+def _convert(gguf: Path, dtype: str, progress: ProgressFn | None) -> Path:
     from workers.models.precision import resolve_dtype
 
     return ensure_converted(gguf, resolve_dtype(dtype), progress=_say(progress))

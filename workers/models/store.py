@@ -26,6 +26,9 @@ DOWNLOADS_ENV = "MLX_FLEET_DOWNLOADS"
 HASH_CHUNK_BYTES = 4 << 20
 
 
+ProgressFn = Callable[[str], None]  # takes one line of progress (a download, a conversion) to show the user
+
+
 def cache_dir() -> Path:
     """The mlx-fleet cache folder.
 
