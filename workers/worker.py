@@ -18,6 +18,7 @@ broker's ``affinity`` routing); ``done`` reports the reused prompt tokens as
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -70,6 +71,7 @@ class WorkerSettings:
     shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard/engine.py)
     recovery_grace_s: float = 10.0  # how long requests outlive a lost broker
     recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
+    memory_share: int = 1  # worker processes of the fleet sharing this machine's memory ("auto" capacity divides it)
 
 
 class WorkerActor:
@@ -87,6 +89,7 @@ class WorkerActor:
         self.io: BrokerIO | None = None
         self.bell: zmq.Socket | None = None
         self.info: dict[str, Any] = {}
+        self.capacity = 0  # sequences decoded at once, sized once the model is loaded (workers/capacity.py)
         self.telemetry = WorkerTelemetry.disabled()
         self.generation = 0  # the last Reset (drop everything) the loop has taken
         self.ready_for = 0  # the last Register the loop has answered
@@ -116,8 +119,9 @@ class WorkerActor:
 
         path = resolve_source(self.s.source, self.s.dtype)
         t0 = time.perf_counter()
-        self.engine, model, group_info = load_engine(str(path), self.s)  # a sharded group's rank 0 joins it here
-        b = self.s.batching
+        loaded = load_engine(str(path), self.s)  # a sharded group's rank 0 joins it here
+        self.engine, model, self.capacity = loaded.engine, loaded.model, loaded.capacity.capacity
+        b = dataclasses.replace(self.s.batching, decode_capacity=self.capacity)
         policy = make_policy(b, self.clock)
         self.telemetry = WorkerTelemetry(sender, policy, model=self.s.model, worker=self.s.worker_id)
         self.session = WorkerSession(self.engine, policy, clock=self.clock, tuner=make_auto_tuner(b, policy),
@@ -128,16 +132,17 @@ class WorkerActor:
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
                      "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes,
-                     "solo_fast_path": self.engine.solo_fast_path, **group_info}
+                     "solo_fast_path": self.engine.solo_fast_path, "capacity": loaded.capacity.info(), **loaded.info}
         log.info("loaded %s from %s in %.2fs; precision=%s; blas=%s", self.s.model, path, time.perf_counter() - t0,
                  self.info["precision"], self.info["blas"])
+        log.info("decode capacity %d (%s)", self.capacity, loaded.capacity.reason)
         self.start_io()
 
     def start_io(self) -> None:
         """Start the I/O thread and connect this thread's end of the doorbell."""
         doorbell = f"inproc://worker-doorbell-{os.getpid()}-{next(_DOORBELLS)}"
         curve = load_client_keys(self.s.curve_secret, self.s.curve_server_public) if self.s.curve_secret else None
-        ready = Ready(self.s.worker_id, self.s.model, self.s.batching.decode_capacity, os.getpid(),
+        ready = Ready(self.s.worker_id, self.s.model, self.capacity, os.getpid(),
                       socket.gethostname(), self.info)
         self.io = BrokerIO(self.ctx, self.clock, worker_id=self.s.worker_id, connect=self.s.connect,
                            inbox=self.inbox, outbox=self.outbox, doorbell=doorbell,

@@ -34,7 +34,8 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from actors.clock import Clock, MonotonicClock
-from actors.config import BatchingConfig
+from actors.config import BatchingConfig, fixed_capacity
+from workers.capacity import FALLBACK_CAPACITY
 from workers.engine.stats import BATCH, HANDOFF, SOLO, StepClock, StepStats
 from workers.engine.prompt_cache import PromptCache, PromptCacheStats
 from workers.engine.sampling import SamplerPool
@@ -326,10 +327,16 @@ def make_kv_prompt_cache(model: Any, *, max_entries: int, max_bytes: int) -> Pro
                        copy_prefix=_copy_kv_prefix, can_trim=can_trim_prompt_cache)
 
 
-def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None) -> Engine:
-    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)."""
+def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None,
+                decode_capacity: int | None = None) -> Engine:
+    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs).
+
+    ``decode_capacity`` is the capacity sized for this worker (:mod:`workers.capacity`); without it, the
+    number set in ``batching``, or the fallback when that is "auto".
+    """
     b = batching
-    return Engine(model, tokenizer, decode_capacity=b.decode_capacity, admission_batch=b.admission_batch,
+    capacity = decode_capacity or fixed_capacity(b) or FALLBACK_CAPACITY
+    return Engine(model, tokenizer, decode_capacity=capacity, admission_batch=b.admission_batch,
                   prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries,
                   prompt_cache_bytes=b.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes,
                   solo_fast_path=b.solo_fast_path)
