@@ -15,7 +15,7 @@ from actors.shard_group import MAX_SHARDS, SHARD_MODES
 
 POLICIES = ("immediate", "fixed", "adaptive")  # the batching-window policies (workers/policies.py)
 ROUTINGS = ("cache_aware", "least_loaded")  # how the broker picks a replica (broker/routing.py)
-AUTO = "auto"
+AUTO: Literal["auto"] = "auto"
 
 
 class ConfigError(ValueError):

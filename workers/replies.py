@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Union
 
 from actors.clock import Clock
-from actors.protocol import WORKER_LOST, Chunk, Dispatch, Done, Error, Message
+from actors.protocol import WORKER_LOST, Chunk, Dispatch, Done, Error, Generate, Message
 
 ID_BYTES = 4  # what one kept token id counts for against the budget
 MAX_TABLE_ROWS = 4096  # rows a `ready` carries (a broker reads no more); answered ones beyond are forgotten first
@@ -156,6 +156,13 @@ class ReplyLedger:
             else:
                 out.append(item)
         return out
+
+    def output_of(self, key: str) -> tuple[Generate, str, list[int]] | None:
+        """A request kept here: what it asked, and its whole output so far (text and token ids)."""
+        rec = self._open.get(key)
+        if rec is None:
+            return None
+        return rec.dispatch.request, "".join(rec.text), list(rec.token_ids)
 
     def take_overflowed(self) -> list[str]:
         """Keys ended for the budget since the last call: the loop must stop decoding them."""

@@ -96,6 +96,7 @@ class WorkerActor:
         self.consumed = 0  # the last inbox item taken
         self.out: list[Outgoing] = []  # said since the last report
         self.last_report: tuple[int, int, bool] = (-1, -1, False)
+        self.cache_labels: list[str] = []  # the prompt cache's entries as last reported (workers/prefix_report.py)
         self.next_stats_s = 0.0
         self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
 
@@ -229,11 +230,15 @@ class WorkerActor:
             stats = self.session.stats()
             self.next_stats_s = now + self.s.heartbeat_interval_s
         state = (self.consumed, self.session.steps_completed, step_began_s is not None)
-        if not self.out and stats is None and step_began_s is None and state == self.last_report:
+        labels: list[str] | None = self.session.engine.prompt_cache_labels()
+        if labels == self.cache_labels:
+            labels = None  # unchanged since the last report
+        if not self.out and stats is None and step_began_s is None and state == self.last_report and labels is None:
             return  # nothing new: an idle turn
         self.last_report = state
+        self.cache_labels = labels if labels is not None else self.cache_labels
         self.outbox.put(LoopReport(self.generation, self.consumed, self.session.steps_completed, step_began_s,
-                                   self.out, self.session.engine.free_slots, stats, self.ready_for))
+                                   self.out, self.session.engine.free_slots, stats, self.ready_for, labels))
         self.out = []
         self._ring()
 

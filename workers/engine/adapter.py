@@ -138,6 +138,10 @@ class Engine(EngineLike):
         """The prompt cache's hits, misses, bytes held and other counters."""
         return self.prompt_cache.stats
 
+    def prompt_cache_labels(self) -> list[str]:
+        """The keys of the requests whose caches the prompt cache holds now."""
+        return self.prompt_cache.labels()
+
     def insert(self, reqs: list[EngineRequest]) -> None:
         """Queue requests for prefill; they join decoding between steps.
 
@@ -199,7 +203,7 @@ class Engine(EngineLike):
         # The cut copies are computed behind the step in flight, never waited for here; once
         # computed they no longer hold on to the batch's KV buffers.
         mx.async_eval([c.state for c in kv])
-        self.prompt_cache.store(tokens, kv)
+        self.prompt_cache.store(tokens, kv, label=req.key)
 
     def _top_k(self, top_k: int) -> int:
         # mlx-lm raises for top_k outside (0, vocab) inside a compiled sampler, which fails

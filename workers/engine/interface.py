@@ -68,6 +68,10 @@ class EngineLike(Protocol):
         """Prompt-cache figures (cumulative)."""
         ...
 
+    def prompt_cache_labels(self) -> list[str]:
+        """The keys of the requests whose KV caches the prompt cache holds now (reported to the broker)."""
+        ...
+
     @property
     def solo_fast_path(self) -> bool:
         """Whether a lone request on an idle engine decodes on the solo path."""

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -47,12 +47,13 @@ def kv_shape(model: Any) -> KvShape | None:
 def activation_bytes(model: Any) -> int:
     """Bytes of one value of the dtype ``model`` computes in (4 when it holds no floating parameter)."""
     kinds: Counter[Any] = Counter()
-    for _, value in tree_flatten(model.parameters()):
+    for _, value in cast(list[tuple[str, Any]], tree_flatten(model.parameters())):
         if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
             kinds[value.dtype] += 1
     if not kinds:
         return 4
-    return int(kinds.most_common(1)[0][0].size)
+    dtype = max(kinds, key=lambda d: kinds[d])
+    return int(dtype.size)
 
 
 def free_memory() -> FreeMemory | None:

@@ -75,6 +75,7 @@ class _Entry(Generic[KV]):
     kv: KV
     nbytes: int
     trimmable: bool
+    label: str = ""  # who stored it (the request's key): the worker reports its prefix keys under it
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -130,6 +131,10 @@ class PromptCache(Generic[KV]):
         """Stored token sequences, least recently used first."""
         return list(self._entries)
 
+    def labels(self) -> list[str]:
+        """The labels of the entries held now, least recently used first (what the broker's index mirrors)."""
+        return [e.label for e in self._entries.values()]
+
     def bypass(self) -> None:
         """Count a request that opted out of the cache."""
         self.stats.bypassed += 1
@@ -165,8 +170,8 @@ class PromptCache(Generic[KV]):
         self.stats.hit_tokens += best_n
         return self.copy_prefix(best.kv, len(best.tokens), best_n), best_n
 
-    def store(self, tokens: Sequence[int], kv: KV) -> bool:
-        """Keep ``kv`` (the cache of exactly ``tokens``); evict LRU entries to stay in bounds.
+    def store(self, tokens: Sequence[int], kv: KV, label: str = "") -> bool:
+        """Keep ``kv`` (the cache of exactly ``tokens``) under ``label``; evict LRU entries to stay in bounds.
 
         The cache takes ownership of ``kv``. Returns False when it is not kept. When a
         longer entry starting with ``tokens`` exists, that entry is marked used instead.
@@ -192,7 +197,7 @@ class PromptCache(Generic[KV]):
         while self._entries and (len(self._entries) >= self.max_entries or self.stats.bytes_held + nbytes > self.max_bytes):
             self._drop(next(iter(self._entries)))
             self.stats.evicted += 1
-        self._entries[key] = _Entry(key, kv, nbytes, trimmable)
+        self._entries[key] = _Entry(key, kv, nbytes, trimmable, label)
         self.stats.bytes_held += nbytes
         self.stats.entries = len(self._entries)
         self.stats.stored += 1

@@ -245,6 +245,10 @@ class ShardedEngine(EngineLike):
         """Rank 0's step figures, with ``shard_checked_steps`` kept current."""
         return self.engine.stats
 
+    def prompt_cache_labels(self) -> list[str]:
+        """Rank 0's prompt-cache entries (the followers' hold the same)."""
+        return self.engine.prompt_cache_labels()
+
     @property
     def solo_fast_path(self) -> bool:
         """Whether a lone request decodes on the solo path (on every rank alike)."""
