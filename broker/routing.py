@@ -25,12 +25,11 @@ from dataclasses import dataclass
 
 from actors.clock import Clock
 from actors.config import FleetConfig
-from actors.metrics import PREFIX_BLOCK_BUCKETS, bucket_index
+from actors.metrics import PREFIX_BLOCK_BUCKETS, ROUTE_REASONS, bucket_index
 from actors.prefix_keys import prompt_keys
 from broker.prefix_index import PrefixIndex
 from broker.records import RequestRecord, WorkerRecord
 
-ROUTE_REASONS = ("affinity", "prefix", "least_loaded", "imbalance")
 CACHE_AWARE, LEAST_LOADED = "cache_aware", "least_loaded"
 
 

@@ -59,14 +59,8 @@ class PrefixReporter:
     def cache_now(self, labels: Iterable[str]) -> None:
         """The prompt cache holds exactly the entries ``labels`` now."""
         now = set(labels)
-        for label in [held for held in self._held if held not in now]:
-            for key in self._held.pop(label):
-                self._counts[key] -= 1
-                if self._counts[key] <= 0:
-                    del self._counts[key]
-                    self._added.discard(key)
-                    self._removed.add(key)
-        for label in now - self._held.keys():
+        gone = [held for held in self._held if held not in now]
+        for label in now - self._held.keys():  # arrivals first: a key an arrival shares with a departure stays put
             keys = self._pending.pop(label, None)
             if keys is None:
                 self.unknown += 1
@@ -77,6 +71,13 @@ class PrefixReporter:
                 if self._counts[key] == 1:
                     self._removed.discard(key)
                     self._added.add(key)
+        for label in gone:
+            for key in self._held.pop(label):
+                self._counts[key] -= 1
+                if self._counts[key] <= 0:
+                    del self._counts[key]
+                    self._added.discard(key)
+                    self._removed.add(key)
 
     def owe_full(self) -> None:
         """The next report replaces everything the broker knows (a new registration, or a report lost)."""
