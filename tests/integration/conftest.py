@@ -1,7 +1,8 @@
-"""Fixtures shared by the integration tests: a short ipc:// folder, the demo model in-process."""
+"""Fixtures shared by the integration tests: a short ipc:// folder, the demo model in-process, SmolLM2's file."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,3 +45,26 @@ def demo_loaded(demo_dir: Path) -> tuple[Any, Any]:
     from mlx_lm import load
 
     return load(str(demo_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """SmolLM2's verified GGUF, fetched if absent; the test skips without network (fails under
+    ``MLX_FLEET_REQUIRE_REAL_MODEL=1``, as in CI)."""
+    from workers.models.smollm2 import FetchError, smollm2_gguf
+
+    try:
+        return smollm2_gguf(progress=print)
+    except FetchError as exc:
+        if os.environ.get("MLX_FLEET_REQUIRE_REAL_MODEL"):
+            pytest.fail(f"MLX_FLEET_REQUIRE_REAL_MODEL is set and SmolLM2 is unavailable: {exc}")
+        pytest.skip(f"SmolLM2 is unavailable here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def demo_small_loaded() -> tuple[Any, Any]:
+    """The ``demo-small`` model and tokenizer as a worker loads them, in this process (a greedy reference)."""
+    from workers.models.demo_model import ensure_demo_model
+    from workers.models.precision import load_model
+
+    return load_model(str(ensure_demo_model("demo-small")))

@@ -41,22 +41,26 @@ def make_config(
     gateway: bool = False,
     **overrides: Any,
 ) -> tuple[FleetConfig, str | None]:
-    """A test FleetConfig on fresh ipc paths or tcp ports; metrics off unless asked.
+    """A test FleetConfig on fresh ipc paths or tcp ports, with `mlx-fleet up`'s defaults otherwise.
 
-    ``models`` are (name, source, replicas). The HTTP gateway is off unless
-    ``gateway=True``, which puts it on a free loopback port. Returns the config and
-    the ipc folder (None on tcp), which the fleet removes when it stops.
+    As `up` runs by default, metrics export and the collector are on (its events and its
+    HTTP port on fresh private addresses). ``models`` are (name, source, replicas). The HTTP
+    gateway is off unless ``gateway=True``, which puts it on a free loopback port (tests
+    that do not speak HTTP need no gateway process). Returns the config and the ipc folder
+    (None on tcp), which the fleet removes when it stops.
     """
     ipc_dir = None
     if transport == "ipc":
         ipc_dir = short_ipc_dir()
         frontend, backend = f"ipc://{ipc_dir}/front", f"ipc://{ipc_dir}/back"
+        events = f"ipc://{ipc_dir}/events"
     else:
         frontend, backend = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+        events = f"tcp://127.0.0.1:{free_tcp_port()}"
     b = batching or BatchingConfig()
     specs = tuple(ModelSpec(n, s, r, b) for n, s, r in models)
-    base = FleetConfig(frontend=frontend, backend=backend, metrics_export=False, ready_timeout_s=120.0,
-                       drain_timeout_s=10.0, models=specs, batching=b,
+    base = FleetConfig(frontend=frontend, backend=backend, metrics_export=True, metrics_port=free_tcp_port(),
+                       metrics_events=events, ready_timeout_s=120.0, drain_timeout_s=10.0, models=specs, batching=b,
                        http_port=free_tcp_port() if gateway else 0)
     return dataclasses.replace(base, **overrides), ipc_dir
 

@@ -8,7 +8,9 @@ about any process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,21 +37,45 @@ class FleetProcess:
     """
 
     def __init__(self, command: str, *args: str, prefix: list[str] | None = None, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.cmd = [*(prefix or []), sys.executable, "-m", "mlx_fleet", command, *args]
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
+        self.new_session = False  # a process group of its own, which stop_group() stops whole
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def shell(cls, text: str, *, cwd: Path, log_path: Path, env: dict[str, str]) -> "FleetProcess":
+        """A command line run by bash as a reader would type it, in a process group of its own; bash
+        ``exec``s it, so signals reach it."""
+        proc = cls("", log_path=log_path, env=env, cwd=cwd)
+        proc.cmd = ["bash", "-c", f"exec {text}"]
+        proc.new_session = True
+        return proc
+
+    def stop_group(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to its whole process group, as a service manager stops a job; returns once every process
+        of the group has exited (fails, after SIGKILL, past ``timeout_s``)."""
+        assert self.proc is not None and self.new_session, "stop_group() needs a process group of its own (shell())"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+            wait_for(lambda: not group_members(self.proc.pid), timeout_s, "every process of the group to exit")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
     def start(self) -> "FleetProcess":
         """Start it (once)."""
         if self.log_path is None:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                         env=self.env or os.environ.copy())
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                         env=self.env or os.environ.copy(), start_new_session=self.new_session)
         else:
             with open(self.log_path, "wb") as out:
-                self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                             env=self.env or os.environ.copy())
+                self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                             env=self.env or os.environ.copy(), start_new_session=self.new_session)
         return self
 
     def __enter__(self) -> "FleetProcess":
@@ -80,6 +106,9 @@ class FleetProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.new_session:  # nothing it started outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
 
     def __exit__(self, *exc: Any) -> None:
@@ -102,6 +131,21 @@ def write_config(path: Path, **settings: Any) -> Path:
     lines = [f"{k} = {v!r}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}" for k, v in settings.items()]
     path.write_text("\n".join(lines).replace("'", '"') + "\n")
     return path
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
 
 
 def children_of(pid: int) -> list[int]:

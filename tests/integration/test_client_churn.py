@@ -24,7 +24,7 @@ from actors.config import BatchingConfig
 from actors.control import OWNER_FILE, RUNTIME_PREFIX, runtime_root
 from mlx_fleet.client import Client
 from tests.integration.clients import RawClient, generate
-from tests.integration.fleets import fleet_status, running_fleet, start_fleet
+from tests.integration.fleets import fleet_status, free_tcp_port, running_fleet, start_fleet
 from tests.integration.processes import FleetProcess, children_of, is_gone, write_config
 from tests.waiting import wait_for
 
@@ -155,7 +155,7 @@ def test_a_one_millisecond_timeout_is_answered_in_milliseconds(fleet) -> None:
 @pytest.mark.slow
 def test_a_killed_supervisors_runtime_folder_is_removed_on_the_next_start(tmp_path: Path, ipc_dir: str) -> None:
     config = write_config(tmp_path / "fleet.toml", frontend=f"ipc://{ipc_dir}/front", backend=f"ipc://{ipc_dir}/back",
-                          metrics_export=False, http_port=0)
+                          metrics_events=f"ipc://{ipc_dir}/events", metrics_port=free_tcp_port(), http_port=0)
     up = FleetProcess("up", "--config", str(config), log_path=tmp_path / "up.log").start()
     proc = up.proc
     try:

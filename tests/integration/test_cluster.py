@@ -24,7 +24,7 @@ from actors.config import BatchingConfig, ModelSpec
 from actors.curve import load_client_keys, make_keys
 from mlx_fleet.client import AsyncClient, Client, Completion, FleetError
 from tests.integration.clients import TAG, RawClient, pack
-from tests.integration.fleets import RunningFleet, make_config, start_fleet, workers_of
+from tests.integration.fleets import RunningFleet, free_tcp_port, make_config, start_fleet, workers_of
 from tests.integration.processes import FleetProcess, WorkerProcess, cli, write_config
 from tests.waiting import assert_never, wait_for
 
@@ -337,7 +337,9 @@ def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed
 
 def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Path):
     front, back = f"ipc://{tmp_path}/f", f"ipc://{tmp_path}/b"
-    env = {**os.environ, "MLX_METRICS_EXPORT": "off", "MLX_FLEET_HTTP_PORT": "0"}  # only the serving path
+    # Metrics on, as by default, on private endpoints; no HTTP: this test speaks ZeroMQ only.
+    env = {**os.environ, "MLX_METRICS_PORT": str(free_tcp_port()), "MLX_FLEET_METRICS_EVENTS": f"ipc://{tmp_path}/ev",
+           "MLX_FLEET_HTTP_PORT": "0"}
     up = FleetProcess("up", "--model", "a=demo", "--model", "b=demo", "--replicas", "b=2", "--frontend", front,
                       "--backend", back, env=env, log_path=tmp_path / "up.log").start()
     try:

@@ -17,7 +17,7 @@ import pytest
 from actors.config import BatchingConfig
 from mlx_fleet.client import AsyncClient, Client, FleetError
 from tests.integration.clients import RawClient, Tracker
-from tests.integration.fleets import fleet_status, running_fleet, worker_row
+from tests.integration.fleets import fleet_status, free_tcp_port, running_fleet, worker_row
 from tests.integration.processes import FleetProcess, children_of, is_gone, write_config
 from tests.waiting import wait_for
 
@@ -279,7 +279,8 @@ def test_sigterm_drains_then_exits_zero(tmp_path, ipc_dir):
     """SIGTERM to `mlx-fleet up`: admission stops, short requests finish, long ones get an error, exit 0."""
     drain_s = 5.0
     addr = f"ipc://{ipc_dir}/front"
-    config = write_config(tmp_path / "fleet.toml", frontend=addr, backend=f"ipc://{ipc_dir}/back", metrics_export=False,
+    config = write_config(tmp_path / "fleet.toml", frontend=addr, backend=f"ipc://{ipc_dir}/back",
+                          metrics_events=f"ipc://{ipc_dir}/events", metrics_port=free_tcp_port(),
                           http_port=0, drain_timeout_s=drain_s, heartbeat_interval_s=0.2, heartbeat_liveness=3)
     up = FleetProcess("up", "--config", str(config), log_path=tmp_path / "up.log").start()
     proc = up.proc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.metrics import EventSender
 from mlx_fleet.client import AsyncClient, Client, Completion, FleetError
 from tests.integration.clients import RawClient
-from tests.integration.fleets import RunningFleet, free_tcp_port, make_config
+from tests.integration.fleets import RunningFleet, make_config
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -60,9 +59,7 @@ class MetricsFleet(RunningFleet):
     """A two-model fleet whose collector starts (and is checked) before anything else."""
 
     def __init__(self) -> None:
-        cfg, ipc_dir = make_config(models=(("a", "demo", 1), ("b", "demo", 1)), metrics_export=True,
-                                   metrics_port=free_tcp_port())
-        cfg = dataclasses.replace(cfg, metrics_events=f"ipc://{ipc_dir}/events")
+        cfg, ipc_dir = make_config(models=(("a", "demo", 1), ("b", "demo", 1)))
         super().__init__(cfg, ipc_dir)
         self.base_url = f"http://127.0.0.1:{cfg.metrics_port}"
         self.ready_before: tuple[int, dict[str, Any]] = (0, {})

@@ -131,7 +131,6 @@ def write_broker_config(path: Path, keys: dict[str, tuple[Path, Path]]) -> Path:
     path.write_text(f"""
 frontend = "{FRONTEND}"
 backend = "tcp://0.0.0.0:{BACKEND_PORT}"
-metrics_export = false
 http_port = 0
 heartbeat_interval_s = {HEARTBEAT_S}
 heartbeat_liveness = {LIVENESS}

@@ -7,7 +7,6 @@ with ``MLX_FLEET_REQUIRE_REAL_MODEL=1`` (CI) they fail instead.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +18,6 @@ from tests.integration.fleets import RunningFleet, make_config
 from tests.integration.processes import cli
 from tests.integration.reference import greedy_reference
 from workers.models.gguf_file import read_gguf
-from workers.models.smollm2 import FetchError, smollm2_gguf
 
 pytestmark = [pytest.mark.integration, pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -31,17 +29,6 @@ TOKENIZER_TEXTS = [
     "  leading  and\ttabs\n\n\nnewlines   ", "def f(x):\n    return x**2  # comment", "Ⅻ ½ ²",
 ]
 PROMPTS: list[Any] = [[{"role": "user", "content": "Write a haiku about the sea."}], "The three primary colors are"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_file() -> Path:
-    """The verified GGUF; fetched if absent."""
-    try:
-        return smollm2_gguf(progress=print)
-    except FetchError as exc:
-        if os.environ.get("MLX_FLEET_REQUIRE_REAL_MODEL"):
-            pytest.fail(f"MLX_FLEET_REQUIRE_REAL_MODEL is set and SmolLM2 is unavailable: {exc}")
-        pytest.skip(f"SmolLM2 is unavailable here: {exc}")
 
 
 @pytest.fixture(scope="module")
