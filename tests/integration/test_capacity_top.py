@@ -13,7 +13,7 @@ from actors.config import BatchingConfig
 from mlx_fleet.client import Client
 from tests.integration.fleets import fleet_status, running_fleet
 from tests.integration.processes import cli
-from tests.integration.test_chat_cli import Terminal
+from tests.integration.terminal import Terminal
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
