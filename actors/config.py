@@ -126,10 +126,11 @@ class FleetConfig:
     curve_server_public: str = ""  # clients and remote workers: the broker's public cert
     insecure: bool = False  # allow binding a non-loopback address without CurveZMQ
     memory_budget_bytes: int = 0  # estimated weight bytes the supervisor may load; 0: no limit
-    # Routing (broker/routing.py): to the replica holding the longest cached prefix of a request, unless the
-    # replicas' loads (requests running) differ by more than routing_balance_abs and by more than
-    # routing_balance_rel times; then, as with no cached prefix, to the least-loaded replica.
+    # Routing (broker/routing.py): to the replica holding the longest cached prefix of a request, when it holds
+    # at least routing_min_match of the request's prefix blocks, unless the replicas' loads (requests running)
+    # differ by more than routing_balance_abs and by more than routing_balance_rel times; else to the least loaded.
     routing: str = "cache_aware"  # cache_aware | least_loaded
+    routing_min_match: float = 0.5
     routing_balance_abs: int = 8
     routing_balance_rel: float = 1.5
     runtime_dir: str = ""  # set by the supervisor: its private folder (control socket, local keys)
@@ -204,6 +205,8 @@ def validate_routing(cfg: FleetConfig) -> None:
         raise ConfigError(f"routing: expected one of {', '.join(ROUTINGS)}, got {cfg.routing!r}")
     if cfg.routing_balance_abs < 0 or cfg.routing_balance_rel < 1.0:
         raise ConfigError("routing_balance_abs must be >= 0 and routing_balance_rel >= 1")
+    if not 0.0 <= cfg.routing_min_match <= 1.0:
+        raise ConfigError("routing_min_match must be in [0, 1] (a share of the request's prefix blocks)")
 
 
 def validate_recovery(cfg: FleetConfig) -> None:

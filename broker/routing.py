@@ -12,7 +12,10 @@ reason it is counted under (``ROUTE_REASONS``):
    its cache-aware policy the same way).
 3. ``prefix``: the replica with a free slot whose prompt cache holds the longest prefix of the
    request, by the prefix keys its worker reported (:mod:`broker.prefix_index`,
-   :mod:`actors.prefix_keys`); ties go to the least loaded.
+   :mod:`actors.prefix_keys`), when that is at least ``min_match`` of the request's blocks; ties go
+   to the least loaded. Below that share (as SGLang's cache threshold) the request mostly needs a
+   prefill anyway, and a shared beginning alone (a system prompt) would pull every new
+   conversation onto the first replica that served one.
 4. ``least_loaded``: no replica holds any of it (or ``least_loaded`` routing): the replica with
    the most free slots, the least recently used on ties.
 """
@@ -67,11 +70,12 @@ class RoutingSettings:
     policy: str = CACHE_AWARE  # cache_aware | least_loaded
     balance_abs: int = 8  # requests running: the gap between the busiest and the idlest replica ...
     balance_rel: float = 1.5  # ... and their ratio, both past which loads count as out of balance
+    min_match: float = 0.5  # share of a request's prefix blocks a replica must hold to be chosen for them
 
     @classmethod
     def of(cls, cfg: FleetConfig) -> "RoutingSettings":
         """The routing settings of a fleet's config."""
-        return cls(cfg.routing, cfg.routing_balance_abs, cfg.routing_balance_rel)
+        return cls(cfg.routing, cfg.routing_balance_abs, cfg.routing_balance_rel, cfg.routing_min_match)
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ class Router:
             n = self.prefixes.matched(w.identity, rec.prefix_keys)
             if n > blocks or (n == blocks and n > 0 and (w.free, -w.last_used_s) > (best.free, -best.last_used_s)):
                 best, blocks = w, n
-        return Route(best, "prefix", blocks) if blocks > 0 else Route(least, LEAST_LOADED)
+        enough = blocks > 0 and blocks >= self.settings.min_match * len(rec.prefix_keys)
+        return Route(best, "prefix", blocks) if enough else Route(least, LEAST_LOADED)
 
     def out_of_balance(self, loads: list[int]) -> bool:
         """SGLang's guard: the busiest replica runs more than ``balance_abs`` requests over the idlest, and

@@ -33,7 +33,8 @@ def make_status(state: BrokerState, control: ModelControl | None = None) -> dict
         "models": models, "accepting": state.accepting, "counters": dict(state.counters),
         "requests": len(state.requests), "recent_worker_losses": recent_losses(state, now),
         "supervisor": supervisor_status(state.supervisor, now),
-        "routing": {"policy": r.policy, "balance_abs": r.balance_abs, "balance_rel": r.balance_rel,
+        "routing": {"policy": r.policy, "min_match": r.min_match, "balance_abs": r.balance_abs,
+                    "balance_rel": r.balance_rel,
                     "prefix_keys_dropped": state.router.prefixes.dropped},
     }
 

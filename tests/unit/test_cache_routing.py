@@ -46,22 +46,36 @@ def reasons(f: Fleet) -> dict[str, int]:
 
 def test_a_request_goes_to_the_replica_holding_its_prefix() -> None:
     f, wa, wb = fleet()
-    holds(f, wb, DOC[:64])  # four blocks of DOC
+    holds(f, wb, DOC[:96])  # six of DOC's ten blocks
     assert send(f, "r1", DOC) == wb  # wa is the least recently used: least-loaded routing would pick it
     assert send(f, "r2", OTHER) == wa  # held nowhere: the least loaded (wb now runs one)
     assert reasons(f) == {"prefix": 1, "least_loaded": 1}
     counts = f.state.router.counts["a"]
-    assert counts.blocks_sum == 4 and counts.blocks[2] == 1  # bucket <= 4 blocks
+    assert counts.blocks_sum == 6 and counts.blocks[3] == 1  # bucket <= 8 blocks
+    f.fail_all()
+    f.check()
+
+
+@pytest.mark.parametrize(("held_tokens", "min_match", "goes_to_holder"), [
+    (64, 0.5, False),  # four of ten blocks: mostly a prefill anyway; a shared beginning must not pull it over
+    (80, 0.5, True),  # five of ten: enough
+    (64, 0.4, True),
+    (16, 0.0, True),  # any prefix at all
+])
+def test_a_replica_must_hold_enough_of_the_prompt(held_tokens: int, min_match: float, goes_to_holder: bool) -> None:
+    f, wa, wb = fleet(min_match=min_match)
+    holds(f, wb, DOC[:held_tokens])
+    assert send(f, "r1", DOC) == (wb if goes_to_holder else wa)
     f.fail_all()
     f.check()
 
 
 def test_the_longest_prefix_wins_and_ties_go_to_the_least_loaded() -> None:
     f, wa, wb = fleet()
-    holds(f, wa, DOC[:32])
-    holds(f, wb, DOC[:96])
+    holds(f, wa, DOC[:80])
+    holds(f, wb, DOC[:112])
     assert send(f, "r1", DOC) == wb
-    holds(f, wa, DOC[:96])  # both hold six blocks now; wb runs one request
+    holds(f, wa, DOC[:112])  # both hold seven blocks now; wb runs one request
     assert send(f, "r2", DOC) == wa
     f.fail_all()
     f.check()

@@ -122,7 +122,8 @@ SEED_ENV = [
     ({"MLX_FLEET_DECODE_CAPACITY": "32"}, {"decode_capacity": 32}),
     ({"MLX_FLEET_DECODE_CAPACITY": "auto"}, {"decode_capacity": "auto"}),
     ({"MLX_FLEET_DECODE_CAPACITY": " AUTO "}, {"decode_capacity": "auto"}),
-    ({}, {"decode_capacity": "auto", "decode_capacity_max": 64, "kv_memory_fraction": 0.5, "routing": "cache_aware"}),
+    ({}, {"decode_capacity": "auto", "decode_capacity_max": 64, "kv_memory_fraction": 0.5, "routing": "cache_aware",
+          "routing_min_match": 0.5, "routing_balance_abs": 8, "routing_balance_rel": 1.5}),
     ({"MLX_FLEET_DECODE_CAPACITY_MAX": "128", "MLX_FLEET_KV_MEMORY_FRACTION": "0.25"},
      {"decode_capacity_max": 128, "kv_memory_fraction": 0.25}),
     ({"MLX_FLEET_ROUTING": "least_loaded"}, {"routing": "least_loaded"}),
@@ -272,6 +273,7 @@ ERRORS: list[tuple[str, dict[str, Any]]] = [
     ("env-bad-routing", {"env": {"MLX_FLEET_ROUTING": "random"}}),
     ("cli-balance-rel-under-one", {"overrides": {"routing_balance_rel": 0.5}}),
     ("cli-balance-abs-negative", {"overrides": {"routing_balance_abs": -1}}),
+    ("cli-min-match-over-one", {"overrides": {"routing_min_match": 1.5}}),
     # CLI
     ("cli-unknown-key", {"overrides": {"windw_ms": 1.0}}),
     ("cli-bad-policy", {"overrides": {"policy": "eager"}}),
