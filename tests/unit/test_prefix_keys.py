@@ -77,3 +77,41 @@ def test_keys_are_bounded_and_fit_a_signed_64_bit_integer() -> None:
     assert all(0 <= k < 2**63 for k in keys)
     long_chat = [{"role": "user", "content": "w" * (BLOCK_CHARS * 300)}] * 4
     assert len(message_keys(long_chat)) == MAX_BLOCKS
+
+
+def test_the_algorithm_as_docs_protocol_md_writes_it() -> None:
+    """An implementation written from docs/protocol.md (Prefix keys) makes the same keys."""
+    import hashlib
+    import struct
+
+    def h(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=8).digest()
+
+    def step(d: bytes, *parts: bytes) -> bytes:
+        return h(d + b"".join(struct.pack("<I", len(p)) + p for p in parts))
+
+    def key(d: bytes) -> int:
+        return int.from_bytes(d, "big") & (2**63 - 1)
+
+    tokens = list(range(40))
+    d, want = h(b"mlxf-prefix-tokens"), []
+    for i in (0, 16):
+        d = step(d, struct.pack("<16I", *tokens[i:i + 16]))
+        want.append(key(d))
+    assert token_keys(tokens) == want
+
+    messages = [{"role": "system", "content": "s" * 70}, {"role": "user", "content": "hi"}]
+    d, want = h(b"mlxf-prefix-messages"), []
+    for m in messages:
+        d = step(d, m["role"].encode())
+        content = m["content"]
+        whole = len(content) - len(content) % 64
+        for i in range(0, whole, 64):
+            d = step(d, content[i:i + 64].encode())
+            want.append(key(d))
+        d = step(d, content[whole:].encode(), b"\x00end")
+        want.append(key(d))
+    assert message_keys(messages) == want
+
+    d = step(h(b"mlxf-prefix-text"), ("t" * 64).encode())
+    assert text_keys("t" * 100) == [key(d)]
