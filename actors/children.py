@@ -21,10 +21,11 @@ import os
 import signal
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator
 
 from actors.clock import Clock
 from actors.config import BatchingConfig, FleetConfig
+from actors.proc import Process
 from actors.shard_group import ProcessGroup
 
 log = logging.getLogger("mlx_fleet.supervisor")
@@ -66,36 +67,6 @@ class ChildSpec:
     def for_worker(cls, spec: WorkerSpec) -> "ChildSpec":
         """A worker replica, named ``worker:<worker_id>``."""
         return cls(f"worker:{spec.worker_id}", WORKER, spec)
-
-
-class Process(Protocol):
-    """What the registry needs of a child process; ``multiprocessing.Process`` has it all."""
-
-    @property
-    def pid(self) -> int | None:
-        """The OS process id once started."""
-        ...
-
-    @property
-    def exitcode(self) -> int | None:
-        """None while it runs; its exit status (negative: killed by that signal) after."""
-        ...
-
-    def is_alive(self) -> bool:
-        """True while it runs."""
-        ...
-
-    def terminate(self) -> None:
-        """SIGTERM."""
-        ...
-
-    def kill(self) -> None:
-        """SIGKILL."""
-        ...
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait up to ``timeout`` seconds for it to exit."""
-        ...
 
 
 Launch = Callable[[ChildSpec], Process]

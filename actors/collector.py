@@ -204,7 +204,7 @@ class MetricsServer(ThreadingHTTPServer):
         self.lock = lock
         self.started_s = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(FleetMetrics(self.snapshot))  # type: ignore[arg-type]
+        self.registry.register(FleetMetrics(self.snapshot))
         super().__init__(addr, _Handler)
 
     def snapshot(self) -> Snapshot:
@@ -262,7 +262,7 @@ class CollectorActor:
                                     broker_stale_s=max(5.0, 3 * cfg.heartbeat_interval_s))
         self.stop_requested = False
         self.ctx = zmq.Context()
-        self.pull: zmq.Socket | None = None
+        self.pull: zmq.SyncSocket | None = None
         self.http: MetricsServer | None = None
         self._http_thread: threading.Thread | None = None
 

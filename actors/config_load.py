@@ -187,11 +187,13 @@ def load_config(
                                                                                     dtype=fleet_dtype)
     if not specs:
         specs["demo"] = ModelSpec("demo", "demo", 1, batching, dtype=fleet_dtype)
-    for flag, field_name, counts in (("--replicas", "replicas", replicas), ("--shards", "shards", shards)):
+    for flag, counts in (("--replicas", replicas), ("--shards", shards)):
         for name, count in (counts or {}).items():
             if name not in specs:
                 raise ConfigError(f"{flag} {name}={count}: no model named {name!r}")
-            specs[name] = dataclasses.replace(specs[name], **{field_name: count})
+            old = specs[name]
+            specs[name] = (dataclasses.replace(old, replicas=count) if flag == "--replicas"
+                           else dataclasses.replace(old, shards=count))
     for spec in specs.values():
         if not 0 <= spec.replicas <= 64:
             raise ConfigError(f"model {spec.name}: replicas must be in 0..64")

@@ -32,14 +32,14 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import zmq
 
 from actors.config import FleetConfig
 from actors.curve import make_local_keys
 from actors.protocol import Addressed, ControlReply, Error, Load, Message, ProtocolError, encode, from_map, unpack_frames
-from actors.sockets import make_socket
+from actors.sockets import make_socket, poll_ms
 
 log = logging.getLogger("mlx_fleet.supervisor")
 
@@ -78,9 +78,9 @@ class SupervisorState(Message):
     """
 
     TYPE: ClassVar[str] = "supervisor_state"
-    children: list[dict] = field(default_factory=list)
-    models: list[dict] = field(default_factory=list)
-    memory: dict = field(default_factory=dict)
+    children: list[dict[str, Any]] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
     supervisor_pid: int = 0
 
 
@@ -91,7 +91,7 @@ class SupervisorStateAck(Message):
 
     TYPE: ClassVar[str] = "supervisor_state_ack"
     registered: list[str] = field(default_factory=list)
-    silent_workers: list[dict] = field(default_factory=list)
+    silent_workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 CONTROL_TYPES: dict[str, type[Message]] = {
@@ -188,7 +188,7 @@ class SupervisorLink:
 
     def poll(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a message; True when one is ready."""
-        return bool(self.sock.poll(max(0.0, timeout_s) * 1000.0))
+        return bool(self.sock.poll(poll_ms(timeout_s)))
 
     def receive(self) -> list[Message]:
         """Every message ready now, decoded; malformed ones are logged and dropped."""

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -74,7 +75,7 @@ def _load(path: str, *, need_secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-def apply_client(sock: zmq.Socket, keys: CurveKeys) -> None:
+def apply_client(sock: zmq.Socket[Any], keys: CurveKeys) -> None:
     """Configure CurveZMQ on a client-side socket (before connect)."""
     sock.curve_publickey = keys["public"]
     sock.curve_secretkey = keys["secret"]
@@ -120,7 +121,7 @@ class AuthorizedKeys:
         return allowed
 
 
-def start_server_auth(ctx: zmq.Context, cfg: FleetConfig, sockets: list[zmq.Socket]) -> ThreadAuthenticator:
+def start_server_auth(ctx: zmq.SyncContext, cfg: FleetConfig, sockets: list[zmq.SyncSocket]) -> ThreadAuthenticator:
     """Start the ZAP handler and make ``sockets`` CurveZMQ servers (call before bind)."""
     public, secret = _load(cfg.curve_server_secret, need_secret=True)
     if not Path(cfg.curve_authorized_dir).is_dir():

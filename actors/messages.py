@@ -80,7 +80,7 @@ class Generate(Addressed):
     request_id: str
     model: str
     prompt: str | None = None
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt_tokens: list[int] | None = None
     max_tokens: int = 256
     temperature: float = 0.0
@@ -176,8 +176,8 @@ class Done(Addressed):
     TYPE: ClassVar[str] = "done"
     request_id: str
     finish_reason: str
-    usage: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
     token_ids: list[int] | None = None
 
@@ -197,7 +197,7 @@ class ModelsReply(Addressed):
     """Answer to ``models``: one map per model (name, workers_ready, ...)."""
 
     TYPE: ClassVar[str] = "models_reply"
-    models: list[dict]
+    models: list[dict[str, Any]]
     request_id: str | None = None
 
 
@@ -206,7 +206,7 @@ class StatusReply(Addressed):
     """Answer to ``status``: a JSON-like map, see docs/protocol.md."""
 
     TYPE: ClassVar[str] = "status_reply"
-    status: dict
+    status: dict[str, Any]
     request_id: str | None = None
 
 
@@ -239,8 +239,8 @@ class Ready(Message):
     capacity: int
     pid: int
     host: str
-    info: dict = field(default_factory=dict)
-    requests: list[dict] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    requests: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -251,7 +251,7 @@ class Heartbeat(Message):
     worker_id: str = ""
     in_flight: int = 0
     free_slots: int = 0
-    stats: dict | None = None
+    stats: dict[str, Any] | None = None
     steps_completed: int = 0  # engine steps the worker's MLX loop has completed
     step_elapsed_s: float = 0.0  # how long the loop has been in its current step (or work); 0 when idle
 

@@ -207,7 +207,7 @@ class EventSender:
 
     enabled = True
 
-    def __init__(self, addr: str, source: str, *, ctx: zmq.Context | None = None, hwm: int = EVENT_SNDHWM) -> None:
+    def __init__(self, addr: str, source: str, *, ctx: zmq.SyncContext | None = None, hwm: int = EVENT_SNDHWM) -> None:
         self.source = source
         self.dropped = 0
         self.sent = 0
@@ -255,7 +255,7 @@ class NullSender:
         """Nothing to close."""
 
 
-def make_event_sender(addr: str | None, source: str, *, ctx: zmq.Context | None = None) -> EventSender | NullSender:
+def make_event_sender(addr: str | None, source: str, *, ctx: zmq.SyncContext | None = None) -> EventSender | NullSender:
     """An EventSender to ``addr``, or a NullSender when ``addr`` is None or empty."""
     if not addr:
         return NullSender()

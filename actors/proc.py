@@ -1,4 +1,4 @@
-"""Process helpers: spawn-only start, and children that die with their parent."""
+"""Process helpers: what a child process offers, spawn-only start, and children that die with their parent."""
 
 from __future__ import annotations
 
@@ -8,9 +8,39 @@ import signal
 import sys
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 PR_SET_PDEATHSIG = 1
+
+
+class Process(Protocol):
+    """What the registry needs of a child process; ``multiprocessing.Process`` has it all."""
+
+    @property
+    def pid(self) -> int | None:
+        """The OS process id once started."""
+        ...
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; its exit status (negative: killed by that signal) after."""
+        ...
+
+    def is_alive(self) -> bool:
+        """True while it runs."""
+        ...
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        ...
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` seconds for it to exit."""
+        ...
 
 
 def spawn_context() -> SpawnContext:

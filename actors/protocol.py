@@ -249,7 +249,7 @@ def validate_generate(msg: Generate, limits: Limits = DEFAULT_LIMITS) -> None:
         raise bad(f"priority must be one of {', '.join(PRIORITIES)}")
 
 
-def _validate_messages(messages: list[dict], limits: Limits, bad: typing.Callable[[str], ProtocolError]) -> None:
+def _validate_messages(messages: list[dict[str, Any]], limits: Limits, bad: typing.Callable[[str], ProtocolError]) -> None:
     if not messages:
         raise bad("messages is empty")
     if len(messages) > limits.max_messages:

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from actors.proc import Process
+
 SHARD_MODES = ("auto", "tensor", "pipeline")  # auto: tensor where the model supports it, else pipeline
 RING_STARTING_PORT = 32323  # mlx.launch's default --starting-port
 GROUP_LOST_EXIT = 75  # a rank's exit status when its group broke (a peer died, hung or diverged)
@@ -171,13 +173,13 @@ def rank_from_env(environ: Mapping[str, str], **bounds: Any) -> ShardRank | None
 
 
 class ProcessGroup:
-    """The rank processes of one group, as one process (:class:`actors.children.Process`).
+    """The rank processes of one group, as one process (:class:`actors.proc.Process`).
 
     ``ranks[0]`` is rank 0, the worker the broker sees. ``terminate`` asks only rank 0 to
     stop: it tells its followers, which then exit. ``kill`` ends every rank.
     """
 
-    def __init__(self, ranks: Sequence[Any], host: str | None = None) -> None:
+    def __init__(self, ranks: Sequence[Process], host: str | None = None) -> None:
         if not ranks:
             raise ValueError("a process group needs at least one rank")
         self.ranks = list(ranks)

@@ -41,14 +41,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from actors.children import BROKER, COLLECTOR, GATEWAY, ChildSpec, Children, Launch, Process, RestartPolicy, WorkerSpec
+from actors.children import BROKER, COLLECTOR, GATEWAY, ChildSpec, Children, Launch, RestartPolicy, WorkerSpec
 from actors.clock import Clock, MonotonicClock
 from actors.config import FleetConfig, shard_bounds
 from actors.control import SupervisorLink, SupervisorState, SupervisorStateAck, prepare_runtime
 from actors.curve import check_bind_policy
 from actors.metrics import EventSender, NullSender, events_addr, make_event_sender
 from actors.model_manager import ModelManager
-from actors.proc import spawn_child
+from actors.proc import Process, spawn_child
 from actors.shard_group import ProcessGroup, ShardRank, local_ring
 from actors.protocol import Message
 
@@ -137,7 +137,7 @@ class Supervisor:
         if self.wiring.run_rank is None:
             raise RuntimeError(f"{name}: this fleet's wiring cannot run sharded workers")
         ring = local_ring(worker.shards)
-        procs: list[Any] = []
+        procs: list[Process] = []
         try:
             for rank in range(worker.shards):
                 shard = ShardRank(rank, ring, **shard_bounds(cfg, worker.shard_mode))

@@ -50,6 +50,7 @@ from benchmarks.common import Report, environment, progress, questions  # noqa: 
 from benchmarks.load import fleet_requester, free_port, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
 from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
+from workers.engine.stats import StepStats  # noqa: E402
 from workers.policies import make_policy  # noqa: E402
 from workers.telemetry import WorkerTelemetry  # noqa: E402
 
@@ -116,9 +117,10 @@ def micro_costs(n: int) -> dict[str, float]:
             tel.on_request(finish_reason="length", prompt_tokens=12, completion_tokens=64, queue_s=0.001,
                            ttft_s=0.05, e2e_s=0.4, itl_s=[0.004] * 63)
         request_us = (time.perf_counter() - t0) / n * 1e6
+        stats = StepStats(steps=1, decode_steps=1, last_batch_size=16, last_step_s=0.004)  # one 4 ms step of 16
         t0 = time.perf_counter()
         for _ in range(n):
-            tel.on_step(16, 0.004, 1.0)
+            tel.on_step(stats, 1.0)
         step_us = (time.perf_counter() - t0) / n * 1e6
         t0 = time.perf_counter()
         for _ in range(n // 10):

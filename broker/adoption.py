@@ -68,16 +68,17 @@ def parse_row(raw: Any) -> Row | None:
         identity = bytes.fromhex(client) if isinstance(client, str) else b""
     except ValueError:
         return None
-    flags = [raw.get(name, False) for name in ("stream", "started", "finished")]
+    stream, started, finished = (raw.get(name, False) for name in ("stream", "started", "finished"))
     timeout_s, affinity, priority = raw.get("timeout_s"), raw.get("affinity"), raw.get("priority", "default")
-    if not 0 < len(identity) <= 255 or not all(isinstance(f, bool) for f in flags):
+    if not 0 < len(identity) <= 255 or not all(isinstance(f, bool) for f in (stream, started, finished)):
         return None
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not 0 < timeout_s <= 86_400):
         return None
     if (affinity is not None and not (isinstance(affinity, str) and len(affinity) <= max_id)) or priority not in PRIORITIES:
         return None
-    return Row(key, identity, rid, *flags, priority, affinity, None if timeout_s is None else float(timeout_s))
+    return Row(key, identity, rid, stream, started, finished, priority, affinity,
+               None if timeout_s is None else float(timeout_s))
 
 
 @dataclass

@@ -19,11 +19,11 @@ running requests to the workers, which give them to the next broker.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from actors.clock import MonotonicClock
@@ -37,7 +37,7 @@ from actors.protocol import (
     Ready, Status, StatusReply, Unload, encode, encode_map, error_for, from_map, unpack_frames,
 )
 from actors.runtime import Hooks, StartError, run_process
-from actors.sockets import make_socket
+from actors.sockets import make_socket, poll_ms
 from actors.wire_scan import peek_field
 from broker.connections import ClientConnections, client_name
 from broker.adoption import Adoption
@@ -62,7 +62,7 @@ def _frames(out: Out) -> list[bytes]:
 class BrokerActor:
     """Owns the sockets and the state; ``run()`` until drained."""
 
-    def __init__(self, cfg: FleetConfig, *, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: FleetConfig, *, ctx: zmq.SyncContext | None = None) -> None:
         self.cfg = cfg
         self.clock = MonotonicClock()
         self.state = BrokerState(
@@ -95,7 +95,7 @@ class BrokerActor:
         self.handover_requested = False
         self.events = make_event_sender(events_addr(cfg.metrics_export, cfg.metrics_events), "broker", ctx=self.ctx)
         # The supervisor's channel (actors/control.py): its state, and runtime model management.
-        self.control_sock: zmq.Socket | None = None
+        self.control_sock: zmq.SyncSocket | None = None
         if cfg.runtime_dir:
             self.control_sock = make_socket(self.ctx, zmq.DEALER)
             self.control_sock.connect(control_addr(cfg.runtime_dir))
@@ -104,7 +104,7 @@ class BrokerActor:
             on_demand={m.name: m.idle_unload_s for m in cfg.models if m.on_demand},
             drain_timeout_s=cfg.drain_timeout_s,
         )
-        self.auth: Any = None
+        self.auth: ThreadAuthenticator | None = None
 
     def bind(self) -> None:
         """Bind both endpoints (CurveZMQ servers when configured); StartError naming the address."""
@@ -303,7 +303,7 @@ class BrokerActor:
                 break
             # Wake for the next beat, tick or request deadline (deadlines are kept to about a millisecond).
             wake_s = min(next_beat_s, next_tick_s, self.state.next_deadline_s())
-            ready = dict(poller.poll(max(0, math.ceil((wake_s - now) * 1000.0))))
+            ready = dict(poller.poll(poll_ms(wake_s - now)))
             if self.monitor in ready:  # connection events are not urgent: once per wake-up
                 self._safely(self.handle_monitor)
             # Drain what is ready, workers first (their chunks unblock clients).
@@ -359,7 +359,7 @@ class BrokerActor:
                      client_name(gone.identity), gone.reason, gone.running, gone.queued)
         self.state.clients_gone.clear()
 
-    def _safely(self, handler: Any) -> None:
+    def _safely(self, handler: Callable[[], None]) -> None:
         try:  # a bug in one handler must not take the broker down; log it and go on
             handler()
         except zmq.ZMQError:

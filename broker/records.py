@@ -42,13 +42,13 @@ class WorkerRecord:
     capacity: int
     pid: int
     host: str
-    info: dict
+    info: dict[str, Any]
     expiry_s: float
     last_used_s: float = 0.0
     running: set[str] = field(default_factory=set)
     reported_in_flight: int = 0
     served: int = 0
-    stats: dict = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
     retiring: bool = False  # being stopped (unload, idle): finishes what it runs, gets nothing new
     max_in_flight: int = 0  # the most requests it ever held at once
     step_elapsed_s: float = 0.0  # from its last heartbeat: time in its engine loop's current step

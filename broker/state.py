@@ -215,7 +215,9 @@ class BrokerState:
         if isinstance(msg, Disconnect):
             return self.worker_gone(identity, msg.reason or "worker disconnected")
         key = raw.get("request_id")
-        rec = self.requests.get(key) if isinstance(key, str) else None
+        if not isinstance(key, str):
+            return []
+        rec = self.requests.get(key)
         if rec is None or rec.worker != identity:
             return []  # late message for a request already ended
         if isinstance(msg, (Done, Error)):

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from actors.config import DTYPES, POLICIES, ROUTINGS, ConfigError, FleetConfig
@@ -117,6 +118,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
+        found: Path | str | None
         if args.fetch_only:
             found = fetch_source(args.source, progress=say)
         else:

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite; arguments go to pytest.
+# Set up (if needed), type-check, and run the test suite; arguments go to pytest.
+# mypy --strict runs first on actors/ broker/ workers/ mlx_fleet/ (pyproject.toml's [tool.mypy];
+# its cache is .cache/mypy) and an error fails the run before any test starts.
 # The set-up also fetches SmolLM2's GGUF once into .cache/downloads for the real_model
 # tests; without network they skip (MLX_FLEET_REQUIRE_REAL_MODEL=1 makes them fail).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh --test
+SECONDS=0
+if ! mypy_out="$(.venv/bin/mypy 2>&1)"; then
+    printf '%s\n' "$mypy_out" >&2
+    echo "test.sh: mypy found type errors (above); no tests run" >&2
+    exit 1
+fi
+echo "test.sh: mypy --strict: ${mypy_out##*$'\n'} (${SECONDS} s)"
 export MLX_FLEET_DOWNLOADS="${MLX_FLEET_DOWNLOADS:-$PWD/.cache/downloads}"
 .venv/bin/mlx-fleet pull --fetch-only smollm2 >/dev/null \
     || echo "test.sh: SmolLM2 could not be fetched (see above); the real_model tests will skip" >&2

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import queue
 import threading
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -31,7 +32,7 @@ from actors.prefix_keys import entry_keys
 from actors.protocol import (
     Cancel, Disconnect, Dispatch, Done, Heartbeat, Message, ProtocolError, Ready, decode, encode,
 )
-from actors.sockets import make_socket
+from actors.sockets import make_socket, poll_ms
 from workers.link import BrokerLink, Close, InboxItem, Inbound, LoopProgress, LoopReport, Register, Reset, Stop
 from workers.prefix_report import PrefixReporter
 from workers.replies import Outgoing, ReplyLedger
@@ -48,7 +49,7 @@ class BrokerIO:
 
     def __init__(
         self,
-        ctx: zmq.Context,
+        ctx: zmq.SyncContext,
         clock: Clock,
         *,
         worker_id: str,
@@ -79,14 +80,14 @@ class BrokerIO:
         self.prefixes = PrefixReporter(worker_id)  # the prompt cache's prefix keys, as the broker should know them
         self.generation = 0  # the loop's reports of an older generation speak of dropped requests
         self.free_slots = 0
-        self.stats: dict | None = None
+        self.stats: dict[str, Any] | None = None
         self.failed = False
         self.closing = False  # the loop's Close came: send what came before it, then end
         # Bound here so the loop's end can connect at once; used only by the thread after start().
         self.bell = make_socket(ctx, zmq.PAIR)
         self.bell.bind(doorbell)
-        self.sock: zmq.Socket | None = None
-        self.monitor: zmq.Socket | None = None
+        self.sock: zmq.SyncSocket | None = None
+        self.monitor: zmq.SyncSocket | None = None
         self.thread = threading.Thread(target=self.run, name="broker-io", daemon=True)
 
     def start(self) -> None:
@@ -117,7 +118,7 @@ class BrokerIO:
         poller.register(self.bell, zmq.POLLIN)
         self._connect(poller)
         while not self.closing:
-            events = dict(poller.poll(self.link.wait_s() * 1000.0))
+            events = dict(poller.poll(poll_ms(self.link.wait_s())))
             if self.bell in events:
                 self._drain_bell()
             self._drain_outbox()

@@ -37,6 +37,7 @@ from actors.metrics import make_event_sender
 from actors.protocol import Cancel, Disconnect, Dispatch, Ready
 from actors.runtime import Hooks, StartError, run_process
 from actors.shard_group import ShardRank
+from workers.engine.interface import EngineLike
 from workers.faults import make_fault_injector
 from workers.io_thread import BrokerIO
 from workers.link import Close, InboxItem, Inbound, LoopReport, Register, Reset, Stop
@@ -85,9 +86,9 @@ class WorkerActor:
         self.inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[LoopReport | Close] = queue.SimpleQueue()
         self.session: WorkerSession | None = None
-        self.engine: Any = None
+        self.engine: EngineLike | None = None
         self.io: BrokerIO | None = None
-        self.bell: zmq.Socket | None = None
+        self.bell: zmq.SyncSocket | None = None
         self.info: dict[str, Any] = {}
         self.capacity = 0  # sequences decoded at once, sized once the model is loaded (workers/capacity.py)
         self.telemetry = WorkerTelemetry.disabled()

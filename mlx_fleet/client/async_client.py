@@ -23,11 +23,8 @@ from mlx_fleet.client.core import (
 )
 
 
-class AsyncClient(ClientShell):
+class AsyncClient(ClientShell[zmq.asyncio.Socket]):
     """An asyncio client: many concurrent requests over one socket. See :class:`mlx_fleet.client.sync_client.Client`."""
-
-    sock: zmq.asyncio.Socket  # made by an asyncio context
-    _monitor: zmq.asyncio.Socket
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
@@ -67,7 +64,7 @@ class AsyncClient(ClientShell):
             self._reader = loop.create_task(self._read())
         if self._watcher is None or self._watcher.done():
             # Events from before anything watched: they set the link's state and concern no open request.
-            now_monitor: zmq.Socket = zmq.Socket.shadow(self._monitor.underlying)
+            now_monitor = zmq.SyncSocket.shadow(self._monitor.underlying)
             while now_monitor.poll(0):
                 self.core.on_event(parse_monitor_message(now_monitor.recv_multipart())["event"])
             for msg in self.core.take_resends():

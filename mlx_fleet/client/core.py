@@ -20,7 +20,7 @@ import dataclasses
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import zmq
 
@@ -30,7 +30,7 @@ from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, DUPLICATE_REQUEST, TIMEOUT, UNAVAILABLE,
     Addressed, Cancel, Chunk, Done, Error, Generate, Message, ProtocolError, decode, encode,
 )
-from actors.sockets import make_socket
+from actors.sockets import SocketT, make_socket
 
 DEFAULT_TIMEOUT_S = 120.0  # a call or request with no timeout_s of its own
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # how long a request waits for a broker to be connected at all
@@ -312,10 +312,14 @@ class ClientCore:
         return None
 
 
-class ClientShell:
-    """The socket side of both clients: a DEALER with its own routing id, its monitor, and the core."""
+class ClientShell(Generic[SocketT]):
+    """The socket side of both clients: a DEALER with its own routing id, its monitor, and the core.
 
-    def __init__(self, ctx: zmq.Context, own_ctx: bool, connect: str, *, timeout_s: float,
+    ``SocketT`` is what ``ctx`` makes: a blocking socket for :class:`Client`, an asyncio one
+    for :class:`AsyncClient`.
+    """
+
+    def __init__(self, ctx: zmq.Context[SocketT], own_ctx: bool, connect: str, *, timeout_s: float,
                  connect_timeout_s: float, curve: dict[str, bytes] | None,
                  recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
         self.connect_addr = connect
@@ -330,7 +334,7 @@ class ClientShell:
         self._monitor = self.sock.get_monitor_socket(MONITOR_EVENTS)  # before connect: see the first handshake
         self.sock.connect(connect)
         # Sends that never wait (cancels), from any code path, the asyncio one included.
-        self._now_sock: zmq.Socket = zmq.Socket.shadow(self.sock.underlying)
+        self._now_sock = zmq.SyncSocket.shadow(self.sock.underlying)
         self.closed = False
 
     def _close_sockets(self) -> None:

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def apply_curve_client(sock: zmq.Socket, curve: dict[str, bytes]) -> None:
+def apply_curve_client(sock: zmq.Socket[Any], curve: dict[str, bytes]) -> None:
     """Configure CurveZMQ on a client-side socket: our key pair and the server's public key.
 
     ``curve`` is ``{"public", "secret", "server"}``; ``actors.curve.load_client_keys``
@@ -42,7 +42,7 @@ def apply_curve_client(sock: zmq.Socket, curve: dict[str, bytes]) -> None:
     apply_client(sock, curve)
 
 
-class Client(ClientShell):
+class Client(ClientShell[zmq.SyncSocket]):
     """A blocking client. ``timeout_s`` bounds every call that has no own timeout.
 
     ``connect_timeout_s`` bounds how long a request waits for a broker to be
@@ -53,7 +53,7 @@ class Client(ClientShell):
 
     def __init__(self, connect: str = DEFAULT_CONNECT, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, curve: dict[str, bytes] | None = None,
-                 ctx: zmq.Context | None = None, recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
+                 ctx: zmq.SyncContext | None = None, recover_timeout_s: float = DEFAULT_RECOVER_TIMEOUT_S) -> None:
         super().__init__(ctx or zmq.Context(), ctx is None, connect, timeout_s=timeout_s,
                          connect_timeout_s=connect_timeout_s, curve=curve, recover_timeout_s=recover_timeout_s)
         self._poller = zmq.Poller()

@@ -31,7 +31,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache
 
 from actors.clock import Clock, MonotonicClock
 from actors.config import BatchingConfig, fixed_capacity
@@ -40,7 +40,7 @@ from workers.engine.stats import BATCH, HANDOFF, SOLO, StepClock, StepStats
 from workers.engine.prompt_cache import PromptCache, PromptCacheStats
 from workers.engine.sampling import SamplerPool
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent  # apart: read without MLX
-from workers.engine.solo import Solo, can_go_solo
+from workers.engine.solo import Solo, can_go_solo, trim_kv
 from workers.engine.text_stream import TextStream
 
 SOLO_UID = -1  # the solo sequence's key in ``Engine.streams`` (BatchGenerator uids are >= 0)
@@ -91,7 +91,8 @@ class Engine(EngineLike):
 
     # ---- prompts -------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
+                      tokens: list[int] | None) -> list[int]:
         """Token ids for a prompt string, chat messages or given ids (validated)."""
         if tokens is not None:
             ids = list(tokens)
@@ -166,7 +167,9 @@ class Engine(EngineLike):
                 uids, path = self.gen.insert(
                     [r.prompt_tokens[n:] for r, (_, n) in zip(reqs, found)],
                     max_tokens=[r.max_tokens for r in reqs],
-                    caches=[kv for kv, _ in found],
+                    # None: no cached prefix. mlx-lm takes it (it fills [None] * n itself) but
+                    # annotates caches as List[List[Any]].
+                    caches=[kv for kv, _ in found],  # type: ignore[misc]
                     all_tokens=[r.prompt_tokens[:n] for r, (_, n) in zip(reqs, found)],
                     samplers=samplers,
                 ), BATCH
@@ -181,8 +184,9 @@ class Engine(EngineLike):
             return
         solo, self.solo = self.solo, None
         prompt, kv, all_tokens, max_tokens = solo.handoff()
-        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv], all_tokens=[all_tokens],
-                                 samplers=[solo.sampler])
+        # kv None: no cached prefix, as in insert.
+        (uid,) = self.gen.insert([prompt], max_tokens=[max_tokens], caches=[kv],  # type: ignore[list-item]
+                                 all_tokens=[all_tokens], samplers=[solo.sampler])
         stream = self.streams[uid] = self.streams.pop(SOLO_UID)
         stream.path = HANDOFF
         self.uid_of[stream.req.key] = uid
@@ -320,7 +324,7 @@ def _kv_nbytes(kv: list[Any]) -> int:
 def _copy_kv_prefix(kv: list[Any], held_tokens: int, keep_tokens: int) -> list[Any]:
     """A deep copy of ``kv`` cut to its first ``keep_tokens``: the stored entry stays untouched."""
     out = copy.deepcopy(kv)
-    if keep_tokens < held_tokens and trim_prompt_cache(out, held_tokens - keep_tokens) != held_tokens - keep_tokens:
+    if keep_tokens < held_tokens and trim_kv(out, held_tokens - keep_tokens) != held_tokens - keep_tokens:
         raise ValueError("prompt cache entry could not be trimmed")
     return out
 
@@ -350,4 +354,5 @@ def mlx_info() -> dict[str, Any]:
     """Versions and device for logs and the ``ready`` message."""
     import mlx_lm
 
-    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+    mlx_version = mx.__version__  # type: ignore[attr-defined]  # there at run time; mlx's stubs leave it out
+    return {"mlx": mlx_version, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}

@@ -61,7 +61,8 @@ class Solo:
 
     def next(self) -> int:
         """The next token (the first call prefills). The cache then holds it too."""
-        token, _ = next(self._gen)
+        out, _ = next(self._gen)
+        token = int(out)  # generate_step yields ints, annotated as mx.array; int() takes either
         self.tokens.append(token)
         self.generated += 1
         return token
@@ -70,7 +71,7 @@ class Solo:
         """Stop decoding; the cache (cut to what it holds) and the tokens it holds, to store."""
         self.close()
         for c in self.cache:
-            if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
+            if isinstance(c, KVCache) and c.keys is not None and c.values is not None and c.keys.shape[2] > c.offset:
                 # KVCache grows in steps of 256 tokens; store only what is held, as BatchGenerator does.
                 c.keys = mx.contiguous(c.keys[..., : c.offset, :])
                 c.values = mx.contiguous(c.values[..., : c.offset, :])
@@ -85,7 +86,7 @@ class Solo:
         self.close()
         if not self.generated:
             return self.prompt_tokens[self.cached_tokens:], self.given_cache, self.prompt_tokens[: self.cached_tokens], self.max_tokens
-        if trim_prompt_cache(self.cache, 1) != 1:
+        if trim_kv(self.cache, 1) != 1:
             raise RuntimeError("solo cache could not be trimmed for the handoff")
         rewind = getattr(self.sampler, "rewind", None)
         if rewind is not None:
@@ -95,6 +96,12 @@ class Solo:
     def close(self) -> None:
         """End the generator (its in-flight step is dropped)."""
         self._gen.close()
+
+
+def trim_kv(cache: list[Any], num_tokens: int) -> int:
+    """Trim ``cache`` in place by up to ``num_tokens``; how many tokens it trimmed."""
+    # mlx-lm 0.32.2 returns that count but annotates trim_prompt_cache as returning List[Any].
+    return trim_prompt_cache(cache, num_tokens)  # type: ignore[return-value]
 
 
 def can_go_solo(model: Any) -> bool:

@@ -161,6 +161,8 @@ def _weights(header: GGUFHeader, precision: str, progress: Progress) -> tuple[di
 
     progress(f"reading {header.path.name} ({header.file_bytes / 2**20:.0f} MiB)")
     raw = mx.load(str(header.path))
+    if not isinstance(raw, dict):  # mx.load gives a name -> array map for every .gguf
+        raise GGUFError(f"{header.path}: MLX did not load it as a map of tensors")
     heads = int(_meta(header, "attention.head_count"))
     kv_heads = int(_meta(header, "attention.head_count_kv", heads))
     dtype = None if precision == "quantized" else getattr(mx, precision)

@@ -153,8 +153,8 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
 
 
 def _sentencepiece_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> Tokenizer:
-    scores = meta.get("tokenizer.ggml.scores")
-    scores = list(scores.tolist() if hasattr(scores, "tolist") else scores or [])
+    found = meta.get("tokenizer.ggml.scores", [])
+    scores = list(found.tolist() if hasattr(found, "tolist") else found)
     if len(scores) != len(tokens):
         raise GGUFError(f"{len(scores)} token scores for {len(tokens)} tokens (tokenizer.ggml.scores)")
     unk = _token_id(meta, "unknown")

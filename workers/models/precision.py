@@ -69,7 +69,8 @@ def describe_precision(model: Any) -> str:
     if bits:
         return f"quantized {'/'.join(str(b) for b in bits)}-bit"
     by_dtype: Counter[str] = Counter()
-    for _, value in tree_flatten(model.parameters()):
+    leaves = tree_flatten(model.parameters())  # (name, array) pairs: a list, as no destination is given
+    for _, value in leaves if isinstance(leaves, list) else leaves.items():
         by_dtype[str(value.dtype).removeprefix("mlx.core.")] += value.nbytes
     return by_dtype.most_common(1)[0][0] if by_dtype else "unknown"
 
@@ -78,5 +79,5 @@ def load_model(path: str, dtype: str = "auto") -> tuple[Any, Any]:
     """Load a model folder (or hub id) through ``mlx_lm.load``, at ``dtype`` (see :func:`apply_dtype`)."""
     from mlx_lm import load
 
-    model, tokenizer = load(path)
-    return apply_dtype(model, dtype), tokenizer
+    loaded = load(path)  # (model, tokenizer); mlx-lm adds the config only when asked
+    return apply_dtype(loaded[0], dtype), loaded[1]

@@ -43,7 +43,7 @@ import zmq
 
 from actors.clock import Clock
 from actors.shard_group import GROUP_LOST_EXIT
-from actors.sockets import make_socket
+from actors.sockets import make_socket, poll_ms
 
 log = logging.getLogger("mlx_fleet.shard")
 
@@ -68,7 +68,8 @@ class OpError(ValueError):
 
 def pack(msg: list[Any]) -> bytes:
     """One channel message as its msgpack frame."""
-    return msgpack.packb(msg, use_bin_type=True)
+    frame: bytes = msgpack.packb(msg, use_bin_type=True)
+    return frame
 
 
 def unpack(frame: bytes) -> list[Any]:
@@ -195,7 +196,7 @@ class StepLedger:
 class LeaderChannel:
     """Rank 0's end: the ops ROUTER and the beats PULL, bound on its ring address."""
 
-    def __init__(self, ctx: zmq.Context, host: str) -> None:
+    def __init__(self, ctx: zmq.SyncContext, host: str) -> None:
         self.ops = make_socket(ctx, zmq.ROUTER, max_msg_bytes=MAX_OP_BYTES)
         self.beats = make_socket(ctx, zmq.PULL, max_msg_bytes=4096)
         self.ops_port = self.ops.bind_to_random_port(f"tcp://{host}")
@@ -210,7 +211,7 @@ class LeaderChannel:
         deadline_s = clock.now() + timeout_s
         while set(seen) != want:
             left_s = deadline_s - clock.now()
-            if left_s <= 0 or not self.ops.poll(left_s * 1000.0):
+            if left_s <= 0 or not self.ops.poll(poll_ms(left_s)):
                 raise GroupLost(f"ranks {sorted(want - set(seen))} did not say hello within {timeout_s:g}s")
             ident, frame = self.ops.recv_multipart()[:2]
             try:
@@ -249,7 +250,7 @@ class LeaderChannel:
 class FollowerChannel:
     """A follower's end: the ops DEALER and the beats PUSH, connected to rank 0."""
 
-    def __init__(self, ctx: zmq.Context, rank: int, host: str, ops_port: int, beat_port: int) -> None:
+    def __init__(self, ctx: zmq.SyncContext, rank: int, host: str, ops_port: int, beat_port: int) -> None:
         self.rank = rank
         self.ops = make_socket(ctx, zmq.DEALER, identity=f"rank{rank}".encode(), max_msg_bytes=MAX_OP_BYTES)
         # ZMTP heartbeats: a rank 0 that vanishes without closing its connection is noticed too.
@@ -264,7 +265,7 @@ class FollowerChannel:
         """Introduce this rank to rank 0."""
         self.ops.send(pack(["hello", self.rank, pid, host]))
 
-    def recv(self, timeout_ms: float) -> list[Any] | None:
+    def recv(self, timeout_ms: int) -> list[Any] | None:
         """The next op from rank 0, checked; None after ``timeout_ms``."""
         if not self.ops.poll(timeout_ms):
             return None
@@ -293,9 +294,9 @@ def die(reason: str) -> None:
 class GroupWatch(threading.Thread):
     """A rank's watch: its own stalls, and its peers' liveness (see the module doc)."""
 
-    def __init__(self, stall: StallCheck, *, rank: int, tick_s: float = 0.5, beats_in: zmq.Socket | None = None,
-                 tracker: BeatTracker | None = None, beats_out: zmq.Socket | None = None,
-                 monitor: zmq.Socket | None = None, fail: Callable[[str], None] = die) -> None:
+    def __init__(self, stall: StallCheck, *, rank: int, tick_s: float = 0.5, beats_in: zmq.SyncSocket | None = None,
+                 tracker: BeatTracker | None = None, beats_out: zmq.SyncSocket | None = None,
+                 monitor: zmq.SyncSocket | None = None, fail: Callable[[str], None] = die) -> None:
         super().__init__(name=f"shard-watch-{rank}", daemon=True)
         self.stall, self.rank, self.tick_s = stall, rank, tick_s
         self.beats_in, self.tracker, self.beats_out, self.monitor = beats_in, tracker, beats_out, monitor
@@ -310,7 +311,7 @@ class GroupWatch(threading.Thread):
                 poller.register(sock, zmq.POLLIN)
         try:
             while not self.stopping.is_set():
-                ready = dict(poller.poll(self.tick_s * 1000.0))
+                ready = dict(poller.poll(poll_ms(self.tick_s)))
                 problem = self._read(ready) or self.stall.stalled() or self._silent()
                 if problem and not self.stopping.is_set():
                     self.fail(problem)

@@ -38,7 +38,7 @@ import random
 import socket
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ParamSpec, Protocol, TypeVar, cast
 
 import mlx.core as mx
 import msgpack
@@ -63,15 +63,23 @@ log = logging.getLogger("mlx_fleet.shard")
 # evict differently on each rank. There the prompt cache is bounded by its entry count alone.
 UNBOUNDED_CACHE_BYTES = 1 << 62
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 class EngineSettings(Protocol):
-    """What loading an engine needs of a worker's settings."""
+    """What loading an engine needs of a worker's settings (read-only: they are frozen)."""
 
-    source: str
-    dtype: str
-    batching: BatchingConfig
-    shard: ShardRank | None
-    memory_share: int  # worker processes of the fleet sharing this machine's memory (workers/capacity.py)
+    @property
+    def source(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def batching(self) -> BatchingConfig: ...
+    @property
+    def shard(self) -> ShardRank | None: ...
+    @property
+    def memory_share(self) -> int: ...  # worker processes sharing this machine's memory (workers/capacity.py)
 
 
 @dataclass
@@ -101,7 +109,7 @@ class GroupMember:
     engine: Engine
     model: Any
     mode: str  # tensor | pipeline: what sharded_load applied
-    ctx: zmq.Context
+    ctx: zmq.SyncContext
     capacity: CapacityPlan
     leader: LeaderChannel | None = None
     follower: FollowerChannel | None = None
@@ -131,7 +139,7 @@ def load_sharded(path: str, dtype: str, mode: str, group: Any) -> tuple[Any, Any
     return apply_dtype(model, dtype), tokenizer, "pipeline"
 
 
-def form_group(path: str, s: EngineSettings, ctx: zmq.Context, clock: Clock | None = None) -> GroupMember:
+def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock | None = None) -> GroupMember:
     """Join the ring, load this rank's shard, and connect the op channel (rank 0 waits for every follower).
 
     Bounded by ``start_timeout_s``: MLX's ring waits for absent peers holding the GIL, so the bound is
@@ -151,21 +159,23 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.Context, clock: Clock | No
         plan = size_capacity(model, s, shard.size)
         mine = [leader.ops_port, leader.beat_port, random.randrange(1, 2**31 - 1)] if leader else [0, 0, 0]
         mine += [plan.capacity if r == shard.rank else 0 for r in range(shard.size)]  # each rank's own capacity
-        shared = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu).tolist()
-        ops_port, beat_port, seed = (int(v) for v in shared[:3])
+        summed = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu)
+        shared = [int(v) for v in cast(list[int], summed.tolist())]
+        ops_port, beat_port, seed = shared[:3]
         mx.random.seed(seed)  # unseeded sampling draws the same keys on every rank
-        plan = group_capacity(plan, [int(v) for v in shared[3:]])
+        plan = group_capacity(plan, shared[3:])
         keep_bytes = s.batching.prompt_cache_bytes
         engine = make_engine(model, tokenizer, s.batching, decode_capacity=plan.capacity,
                              prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES)
-        me = {"rank": shard.rank, "pid": os.getpid(), "host": socket.gethostname()}
+        pid, host = os.getpid(), socket.gethostname()
+        me: dict[str, Any] = {"rank": shard.rank, "pid": pid, "host": host}
         member = GroupMember(shard, engine, model, mode, ctx, plan, leader=leader, ranks=[me])
         if leader is not None:
             hellos = leader.wait_hellos(range(1, shard.size), max(0.0, deadline_s - clock.now()), clock)
             member.ranks += [hellos[r] for r in sorted(hellos)]
         else:
             member.follower = FollowerChannel(ctx, shard.rank, shard.leader_host, ops_port, beat_port)
-            member.follower.hello(me["pid"], me["host"])
+            member.follower.hello(pid, host)
         log.info("rank %d of %d joined its group (%s parallel)", shard.rank, shard.size, mode)
         return member
     finally:
@@ -254,7 +264,8 @@ class ShardedEngine(EngineLike):
         """Whether a lone request decodes on the solo path (on every rank alike)."""
         return self.engine.solo_fast_path
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
+                      tokens: list[int] | None) -> list[int]:
         """Token ids for a prompt (the tokenizer is rank 0's alone; the ids travel with the insert)."""
         return self.engine.encode_prompt(prompt, messages, tokens)
 
@@ -269,7 +280,7 @@ class ShardedEngine(EngineLike):
         """Step every rank; rank 0's events, checked against the followers' reports as they come."""
         self.seq += 1
         self._send(["step", self.seq])
-        events: list[StepEvent] = self._apply("step", self.engine.step)
+        events = self._apply("step", self.engine.step)
         try:
             self.ledger.record(self.seq, digest(events))
             for rank, seq, theirs in self.channel.reports():
@@ -306,10 +317,10 @@ class ShardedEngine(EngineLike):
         except GroupLost as exc:
             self.fail(str(exc))
 
-    def _apply(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _apply(self, what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             with self.stall.busy(what):
-                return fn(*args)
+                return fn(*args, **kwargs)
         except Exception as exc:  # a collective that failed (a peer died) leaves the group's state unknown
             self.fail(f"{what} failed on rank 0: {type(exc).__name__}: {exc}")
             raise

@@ -11,7 +11,7 @@ connection drops, or when an operation runs past ``op_timeout_s`` (its watch,
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -20,9 +20,12 @@ from actors.runtime import Hooks, run_process
 from workers.shard.channel import GroupWatch, OpError, StallCheck, die
 from workers.worker import WorkerSettings
 
+if TYPE_CHECKING:  # imported where MLX may be: after the BLAS is chosen
+    from workers.shard.engine import GroupMember
+
 log = logging.getLogger("mlx_fleet.shard")
 
-POLL_MS = 500.0  # how often an idle follower looks at its stop flag
+POLL_MS = 500  # how often an idle follower looks at its stop flag
 
 
 class FollowerActor:
@@ -33,7 +36,7 @@ class FollowerActor:
             raise ValueError("a follower is a rank > 0 of a sharded group")
         self.s = settings
         self.running = True
-        self.member: Any = None
+        self.member: GroupMember | None = None
         self.watch: GroupWatch | None = None
         self.stall = StallCheck(MonotonicClock(), settings.shard.op_timeout_s)
         self.steps = 0
@@ -47,9 +50,10 @@ class FollowerActor:
         from workers.shard.engine import form_group
 
         path = resolve_source(self.s.source, self.s.dtype)
-        self.member = form_group(str(path), self.s, zmq.Context())
-        channel = self.member.follower
-        self.watch = GroupWatch(self.stall, rank=self.member.shard.rank, beats_out=channel.beats,
+        self.member = member = form_group(str(path), self.s, zmq.Context())
+        channel = member.follower
+        assert channel is not None  # a follower's group gives it its channel to rank 0
+        self.watch = GroupWatch(self.stall, rank=member.shard.rank, beats_out=channel.beats,
                                 monitor=channel.monitor)
         self.watch.start()
 
@@ -57,7 +61,9 @@ class FollowerActor:
         """Apply ops until rank 0 says close (or a stop is asked)."""
         from workers.shard.engine import apply_op, digest
 
-        channel = self.member.follower
+        member = self.member
+        assert member is not None and member.follower is not None  # setup succeeded
+        channel = member.follower
         while self.running:
             try:
                 op = channel.recv(POLL_MS)
@@ -71,10 +77,10 @@ class FollowerActor:
                 return
             try:
                 with self.stall.busy(op[0]):
-                    events = apply_op(self.member.engine, op)
+                    events = apply_op(member.engine, op)
             except Exception as exc:  # the ranks no longer hold the same state
                 log.exception("op %s failed", op[0])
-                die(f"{op[0]} failed on rank {self.member.shard.rank}: {type(exc).__name__}: {exc}")
+                die(f"{op[0]} failed on rank {member.shard.rank}: {type(exc).__name__}: {exc}")
                 return
             if op[0] == "step":
                 self.steps += 1
@@ -85,7 +91,8 @@ class FollowerActor:
         if self.watch is not None:
             self.watch.stop()
         if self.member is not None:
-            self.member.follower.close()
+            if self.member.follower is not None:
+                self.member.follower.close()
             self.member.engine.close()
             self.member.ctx.term()
         log.info("follower stopped after %d steps", self.steps)
