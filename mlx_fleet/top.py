@@ -135,7 +135,11 @@ def _ttft(recent: dict[str, Any]) -> str:
 def key_reader(stream: TextIO) -> Iterator[Callable[[float], str]]:
     """``wait(timeout_s)`` returns the keys typed within it ('' when none): cbreak mode on a terminal's stdin."""
     if not stream.isatty():
-        yield lambda timeout_s: (time.sleep(timeout_s), "")[1]
+        def pause(timeout_s: float) -> str:
+            time.sleep(timeout_s)
+            return ""
+
+        yield pause
         return
     import termios
     import tty
