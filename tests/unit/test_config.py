@@ -404,3 +404,17 @@ def test_recovery_settings_come_from_the_file_and_bad_values_are_refused(tmp_pat
         path.write_text(bad + "\n")
         with pytest.raises(ConfigError, match=bad.split()[0]):
             load_config(path, env={})
+
+
+def test_the_readmes_capacity_and_routing_settings_load_as_shown(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"^```toml\n(.*?)^```", readme, flags=re.M | re.S)
+              if "kv_tokens_per_sequence" in b or "routing_min_match" in b]
+    assert len(blocks) == 2
+    cfg = load(tmp_path, "\n".join(blocks))
+    assert (cfg.batching.decode_capacity, cfg.batching.decode_capacity_max, cfg.batching.kv_memory_fraction,
+            cfg.batching.kv_tokens_per_sequence) == ("auto", 64, 0.5, 1280)
+    assert (cfg.routing, cfg.routing_min_match, cfg.routing_balance_abs, cfg.routing_balance_rel) == (
+        "cache_aware", 0.5, 8, 1.5)
