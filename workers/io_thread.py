@@ -3,7 +3,10 @@
 It heartbeats on schedule whatever the MLX thread is doing, reads dispatches and cancels
 into the loop's inbox, answers cancels at once (:class:`workers.replies.ReplyLedger`),
 encodes and sends what the loop reports while the loop runs its next step, and
-reconnects with backoff when the broker goes silent. The loop rings an ``inproc://``
+reconnects with backoff when the broker goes silent. It also tells the broker which prefixes
+its prompt cache holds (``prefixes``, :mod:`workers.prefix_report`): the keys of each finished
+request's prompt and answer, when the loop reports that the cache kept it, ahead of that request's
+``done``, and all of them after every ``ready``. The loop rings an ``inproc://``
 doorbell after each report, so the thread sleeps in one poll on both. The decisions
 live in :mod:`workers.link` and :mod:`workers.replies`; this module moves bytes.
 

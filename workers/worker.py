@@ -12,8 +12,11 @@ outbox (see :mod:`workers.link`), then rings an ``inproc://`` doorbell. The loop
 its inbox only when it has nothing to step, and wakes as soon as something arrives.
 
 The engine keeps a prompt cache (see :mod:`workers.engine.prompt_cache` for how it meets the
-broker's ``affinity`` routing); ``done`` reports the reused prompt tokens as
-``usage.cached_tokens`` and heartbeats carry its ``prompt_cache_*`` counters.
+broker's routing); ``done`` reports the reused prompt tokens as ``usage.cached_tokens``,
+heartbeats carry its ``prompt_cache_*`` counters, and each report to the I/O thread lists its
+entries when they changed, which the I/O thread turns into ``prefixes`` for the broker. The
+decode capacity is sized once the model is loaded (:mod:`workers.capacity`) and advertised in
+``ready``, with how it was sized in ``ready.info["capacity"]``.
 """
 
 from __future__ import annotations

@@ -27,13 +27,12 @@ reused from mlx-lm is the cache machinery itself: the caches ``BatchGenerator`` 
 back, ``trim_prompt_cache``, ``can_trim_prompt_cache``, ``nbytes`` and
 ``insert(caches=..., all_tokens=...)``.
 
-Affinity: the cache is per worker process, so a conversation only hits it when its
-turns reach the same replica. The broker's ``pick_worker`` sends every request with the
-same ``(model, affinity)`` key to the replica that served the last one, while that
-replica is alive (and to the least-loaded replica when it is not). A client that sets
-``affinity`` to a conversation id therefore gets cache hits on every warm turn; without
-one, turns spread over the replicas by load and hit only where they happen to land.
-Should the bound replica die, the next turn goes elsewhere and pays one cold prefill.
+Routing: the cache is per worker process, so a conversation only hits it when its turns
+reach the same replica. Each entry carries a label (the key of the request that stored it);
+the worker reports the prefix keys of the entries it holds (:mod:`workers.prefix_report`),
+and the broker sends a request to the replica holding the longest prefix of it
+(:mod:`broker.routing`), unless the replicas' loads are out of balance. An ``affinity`` key
+still pins every request of a conversation to one replica while that replica lives.
 """
 
 from __future__ import annotations
