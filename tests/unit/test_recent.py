@@ -62,3 +62,23 @@ def test_bounded_per_worker_and_in_workers() -> None:
     recent.add("c", done(0.1))  # "a" replied longest ago: forgotten
     assert recent.summary(["a"])["requests"] == 0
     assert recent.summary(["b", "c"])["requests"] == 2
+
+
+def test_percentiles_match_the_projects_definition_as_replies_come_and_go() -> None:
+    import random
+
+    from actors.stats import percentile
+
+    clock = FakeClock(0.0)
+    recent = RecentReplies(clock, window_s=10.0, max_samples=50)
+    rng = random.Random(3)
+    kept: list[tuple[float, float]] = []
+    for _ in range(300):
+        clock.advance(rng.uniform(0.0, 0.2))
+        ttft = rng.uniform(0.0, 2.0)
+        recent.add("w", done(ttft))
+        kept = [(t, v) for t, v in kept if t >= clock.now() - 10.0][-49:] + [(clock.now(), ttft)]
+        s = recent.summary(["w"])
+        values = [v for _, v in kept]
+        assert s["requests"] == len(values)
+        assert s["ttft_p50_s"] == round(percentile(values, 50), 4) and s["ttft_p99_s"] == round(percentile(values, 99), 4)
