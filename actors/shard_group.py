@@ -71,7 +71,7 @@ class ShardRank:
         return len(self.ring)
 
     @property
-    def leader_host(self) -> str:
+    def rank0_host(self) -> str:
         """Rank 0's address on the ring: where the followers reach its op channel."""
         return split_addr(self.ring[0][0])[0]
 

@@ -51,16 +51,13 @@ from actors.model_manager import ModelManager
 from actors.proc import Process, spawn_child
 from actors.shard_group import ProcessGroup, ShardRank, local_ring
 from actors.protocol import Message
+from actors.runtime import StartError
 
 log = logging.getLogger("mlx_fleet.supervisor")
 
 LOOP_S = 0.1  # the loop's pace: how soon an exit is noticed
 READY_POLL_S = 0.2  # while starting: how often the broker is asked which workers registered
 WORKER_EVENT_REFRESH_S = 2.0  # resend the workers' restarts this often (a restarted collector relearns them)
-
-
-class StartupError(RuntimeError):
-    """The fleet could not come up; the message names the setting to change."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,7 @@ class Supervisor:
             log.warning("%s", warning)
         problem = self.models.startup_problem()
         if problem:
-            raise StartupError(problem)
+            raise StartError(problem)
         self.open()
         self.children.start_all()
         self.wait_ready()
@@ -167,11 +164,11 @@ class Supervisor:
         have: dict[str, int] = {}
         while self.clock.now() < deadline_s:
             if self.stop_event.is_set():
-                raise StartupError("interrupted while starting")
+                raise StartError("interrupted while starting")
             for child in self.children:
                 if child.kind != COLLECTOR and child.process is not None and not child.alive:
                     code = child.process.exitcode
-                    raise StartupError(f"{child.name} exited with code {code} during start-up (see its log above)")
+                    raise StartError(f"{child.name} exited with code {code} during start-up (see its log above)")
             self.send_state(force=True)
             self.serve(READY_POLL_S)
             have = {name: sum(1 for c in self.children.workers(name) if c.worker_id in self.registered)
@@ -181,7 +178,7 @@ class Supervisor:
         missing = ", ".join(f"{n} ({have.get(n, 0)}/{want[n]})" for n in want if have.get(n, 0) < want[n])
         if not missing:
             missing = f"HTTP gateway not listening on {self.cfg.http_host}:{self.cfg.http_port}"
-        raise StartupError(
+        raise StartError(
             f"fleet not ready within ready_timeout_s={self.cfg.ready_timeout_s:g}s: {missing}; "
             "raise --ready-timeout or ready_timeout_s in the config"
         )
@@ -327,7 +324,7 @@ def run_fleet(sup: Supervisor, *, on_ready: Callable[[], None] | None = None) ->
             return 1
         log.info("stopping: draining in-flight requests (drain_timeout_s=%g)", sup.cfg.drain_timeout_s)
         return 0
-    except StartupError as exc:
+    except StartError as exc:
         if sup.stop_event.is_set() and sup.failure is None:
             log.info("stopped while starting, as asked")
             return 0

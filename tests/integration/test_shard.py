@@ -108,16 +108,16 @@ def test_followers_apply_the_same_ops_and_produce_the_same_tokens(mt, tmp_path):
             p.join(30)
             if p.is_alive():
                 p.kill()
-    leader_events, steps, checked, fails, a_prompt, capacity = results[0]
+    rank0_events, steps, checked, fails, a_prompt, capacity = results[0]
     assert capacity == results[1][-1]  # the ranks agreed on one decode capacity (the smallest either could hold)
     follower_events = results[1][0]
     assert fails == []
-    assert leader_events == follower_events
+    assert rank0_events == follower_events
     assert steps > 40 and checked == steps, "every step was confirmed by the follower's digest"
-    ends = {e[0]: (e[2], e[3]) for e in leader_events if e[2] is not None}
+    ends = {e[0]: (e[2], e[3]) for e in rank0_events if e[2] is not None}
     assert ends["c"][0] == "cancelled" and ends["a"][1] == "handoff" and set(ends) == set("abcde")
     # The greedy request, solo and then handed off, is what unsharded mlx_lm gives.
-    a_ids = [t for e in leader_events if e[0] == "a" for t in e[1]]
+    a_ids = [t for e in rank0_events if e[0] == "a" for t in e[1]]
     assert a_ids == greedy_reference(*mt, a_prompt, 40)[0]
 
 

@@ -38,7 +38,7 @@ def test_a_rank_outside_its_group_is_refused(kwargs: dict[str, Any], needle: str
 
 def test_a_rank_knows_its_group() -> None:
     r = ShardRank(1, (("10.0.0.1:5000",), ("10.0.0.2:5001",), ("10.0.0.3:5002",)))
-    assert (r.size, r.leader_host, r.own_host) == (3, "10.0.0.1", "10.0.0.2")
+    assert (r.size, r.rank0_host, r.own_host) == (3, "10.0.0.1", "10.0.0.2")
 
 
 @pytest.mark.parametrize(("addr", "expected"), [("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:5", ("::1", 5))])

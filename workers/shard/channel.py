@@ -193,7 +193,7 @@ class StepLedger:
 
 # ---- sockets ---------------------------------------------------------------------------
 
-class LeaderChannel:
+class Rank0Channel:
     """Rank 0's end: the ops ROUTER and the beats PULL, bound on its ring address."""
 
     def __init__(self, ctx: zmq.SyncContext, host: str) -> None:

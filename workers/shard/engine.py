@@ -54,7 +54,7 @@ from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
 from workers.models.precision import apply_dtype, load_model
 from workers.shard.channel import (
-    BeatTracker, FollowerChannel, GroupLost, GroupWatch, LeaderChannel, OpError, StallCheck, StepLedger, die,
+    BeatTracker, FollowerChannel, GroupLost, GroupWatch, Rank0Channel, OpError, StallCheck, StepLedger, die,
 )
 
 log = logging.getLogger("mlx_fleet.shard")
@@ -111,7 +111,7 @@ class GroupMember:
     mode: str  # tensor | pipeline: what sharded_load applied
     ctx: zmq.SyncContext
     capacity: CapacityPlan
-    leader: LeaderChannel | None = None
+    rank0: Rank0Channel | None = None
     follower: FollowerChannel | None = None
     ranks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -155,9 +155,9 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock 
         if (group.rank(), group.size()) != (shard.rank, shard.size):
             raise RuntimeError(f"the ring says rank {group.rank()} of {group.size()}, not {shard.rank} of {shard.size}")
         model, tokenizer, mode = load_sharded(path, s.dtype, shard.mode, group)
-        leader = LeaderChannel(ctx, shard.own_host) if shard.rank == 0 else None
+        rank0 = Rank0Channel(ctx, shard.own_host) if shard.rank == 0 else None
         plan = size_capacity(model, s, shard.size)
-        mine = [leader.ops_port, leader.beat_port, random.randrange(1, 2**31 - 1)] if leader else [0, 0, 0]
+        mine = [rank0.ops_port, rank0.beat_port, random.randrange(1, 2**31 - 1)] if rank0 else [0, 0, 0]
         mine += [plan.capacity if r == shard.rank else 0 for r in range(shard.size)]  # each rank's own capacity
         summed = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu)
         shared = [int(v) for v in cast(list[int], summed.tolist())]
@@ -169,12 +169,12 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock 
                              prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES)
         pid, host = os.getpid(), socket.gethostname()
         me: dict[str, Any] = {"rank": shard.rank, "pid": pid, "host": host}
-        member = GroupMember(shard, engine, model, mode, ctx, plan, leader=leader, ranks=[me])
-        if leader is not None:
-            hellos = leader.wait_hellos(range(1, shard.size), max(0.0, deadline_s - clock.now()), clock)
+        member = GroupMember(shard, engine, model, mode, ctx, plan, rank0=rank0, ranks=[me])
+        if rank0 is not None:
+            hellos = rank0.wait_hellos(range(1, shard.size), max(0.0, deadline_s - clock.now()), clock)
             member.ranks += [hellos[r] for r in sorted(hellos)]
         else:
-            member.follower = FollowerChannel(ctx, shard.rank, shard.leader_host, ops_port, beat_port)
+            member.follower = FollowerChannel(ctx, shard.rank, shard.rank0_host, ops_port, beat_port)
             member.follower.hello(pid, host)
         log.info("rank %d of %d joined its group (%s parallel)", shard.rank, shard.size, mode)
         return member
@@ -220,10 +220,10 @@ class ShardedEngine(EngineLike):
     """
 
     def __init__(self, member: GroupMember, *, clock: Clock | None = None, fail: Callable[[str], None] = die) -> None:
-        assert member.leader is not None
+        assert member.rank0 is not None
         self.member = member
         self.engine = member.engine
-        self.channel = member.leader
+        self.channel = member.rank0
         self.fail = fail
         clock = clock or MonotonicClock()
         self.stall = StallCheck(clock, member.shard.op_timeout_s)
