@@ -47,6 +47,8 @@ class WorkerSpec:
     dtype: str = "auto"  # the precision it loads the model at (actors.config.DTYPES)
     shards: int = 1  # ranks of its group (actors/shard_group.py); 1: one process
     shard_mode: str = "auto"
+    chat_template: str = ""  # ModelSpec.chat_template
+    tool_format: str = ""  # ModelSpec.tool_format
     memory_share: int = 1  # worker processes of the fleet on this machine: "auto" capacity divides the memory by it
 
 

@@ -73,6 +73,8 @@ class ModelSpec:
     dtype: str = "auto"  # one of DTYPES: auto = float32 on a CPU device, as stored (quantized) elsewhere
     shards: int = 1  # ranks per replica: >1 splits the weights over a group on MLX's ring (actors/shard_group.py)
     shard_mode: str = "auto"  # auto (tensor where the model supports it) | tensor | pipeline
+    chat_template: str = ""  # a Jinja file (or a shipped template's name) replacing the tokenizer's; "": its own
+    tool_format: str = ""  # how the model writes tool calls: an mlx-lm tool parser name, or none; "": the tokenizer's
 
 
 @dataclass(frozen=True)

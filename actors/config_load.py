@@ -155,11 +155,13 @@ def load_config(
     models: list[tuple[str, str]] | None = None,
     replicas: Mapping[str, int] | None = None,
     shards: Mapping[str, int] | None = None,
+    chat_templates: Mapping[str, str] | None = None,
+    tool_formats: Mapping[str, str] | None = None,
 ) -> FleetConfig:
     """Build the config from defaults, a TOML file, the environment and CLI overrides.
 
-    ``models``, ``replicas`` and ``shards`` come from repeatable CLI flags and replace or
-    extend the TOML's ``[[models]]``. With no model anywhere, the built-in demo
+    ``models``, ``replicas``, ``shards``, ``chat_templates`` and ``tool_formats`` come from
+    repeatable CLI flags and replace or extend the TOML's ``[[models]]``. With no model anywhere, the built-in demo
     model is served as ``demo``.
     """
     env = os.environ if env is None else env
@@ -194,6 +196,13 @@ def load_config(
             old = specs[name]
             specs[name] = (dataclasses.replace(old, replicas=count) if flag == "--replicas"
                            else dataclasses.replace(old, shards=count))
+    for flag, texts in (("--chat-template", chat_templates), ("--tool-format", tool_formats)):
+        for name, text in (texts or {}).items():
+            if name not in specs:
+                raise ConfigError(f"{flag} {name}={text}: no model named {name!r}")
+            old = specs[name]
+            specs[name] = (dataclasses.replace(old, chat_template=text) if flag == "--chat-template"
+                           else dataclasses.replace(old, tool_format=text))
     for spec in specs.values():
         if not 0 <= spec.replicas <= 64:
             raise ConfigError(f"model {spec.name}: replicas must be in 0..64")
@@ -224,7 +233,7 @@ def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: s
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("source"), str):
         raise ConfigError(f"{path}: each [[models]] needs string 'name' and 'source'")
     unknown = set(entry) - {"name", "source", "replicas", "batching", "on_demand", "idle_unload_s", "dtype", "shards",
-                            "shard_mode"}
+                            "shard_mode", "chat_template", "tool_format"}
     if unknown:
         raise ConfigError(f"{path}: model {entry['name']}: unknown keys {sorted(unknown)}")
     own_batching = entry.get("batching", {})
@@ -243,5 +252,7 @@ def _model_from_toml(entry: Mapping[str, Any], batching: BatchingConfig, path: s
     own_dtype = check_dtype(entry.get("dtype", dtype), f"{source} dtype")
     shards = _coerce("shards", entry.get("shards", 1), int, source)
     shard_mode = _coerce("shard_mode", entry.get("shard_mode", ModelSpec.shard_mode), str, source)
+    chat_template = _coerce("chat_template", entry.get("chat_template", ""), str, source)
+    tool_format = _coerce("tool_format", entry.get("tool_format", ""), str, source)
     return ModelSpec(entry["name"], entry["source"], replicas, _build_batching(own, batching), on_demand, idle_unload_s,
-                     own_dtype, shards, shard_mode)
+                     own_dtype, shards, shard_mode, chat_template, tool_format)

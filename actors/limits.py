@@ -23,7 +23,12 @@ class Limits:
     max_stop_chars: int = 256
     max_tokens_limit: int = 32_768
     max_id_chars: int = 256
-    max_map_keys: int = 64
+    max_map_keys: int = 512  # logit_bias may hold 300 entries, a JSON schema many properties
+    max_logit_bias_entries: int = 300
+    max_grammar_bytes: int = 256 * 1024  # a grammar map, msgpack-encoded
+    max_choices: int = 256  # strings of a `choice` grammar
+    max_tools: int = 128
+    max_tools_bytes: int = 512 * 1024  # the tools list, msgpack-encoded
 
     @property
     def max_array_items(self) -> int:

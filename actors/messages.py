@@ -30,7 +30,7 @@ ERROR_CODES = frozenset({
     DUPLICATE_REQUEST,
 })
 
-FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+FINISH_REASONS = frozenset({"stop", "length", "cancelled", "tool_calls"})
 # Why the broker cancels a request at its worker when the client did not ask (Cancel.reason).
 CANCEL_TIMEOUT = "timeout"
 CANCEL_CLIENT_GONE = "client_gone"
@@ -40,6 +40,19 @@ PRIORITIES = ("urgent", "default", "background")
 # Admission order of each priority, lower first (the broker's queue and the worker's waiting list).
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 MAX_TOP_K = 1 << 20  # above any vocabulary; workers treat top_k >= vocab size as "off"
+# Decoding controls (docs/protocol.md, generate): their bounds, checked by actors.protocol.validate_generate.
+MAX_REPETITION_PENALTY = 10.0  # repetition_penalty in (0, 10]
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty in [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # logit_bias values in [-100, 100]
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # completions of one prompt
+GRAMMAR_TYPES = frozenset({"json_schema", "json_object", "regex", "lark", "choice"})
+TOOL_CHOICES = frozenset({"auto", "none", "required"})
+
+
+def optional(default: Any) -> Any:
+    """A field that stays off the wire while it holds its default, so older peers never see it."""
+    return field(default=default, metadata={"omit_default": True})
 
 
 class Message:
@@ -52,15 +65,29 @@ class Message:
 
         A field holding a message (``Dispatch.request``) becomes that message's map.
         """
-        assert dataclasses.is_dataclass(self)
         out: dict[str, Any] = {"type": self.TYPE}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name, omit, default in _wire_fields(type(self)):
+            value = getattr(self, name)
+            if omit and value == default:
+                continue
             if isinstance(value, Message):
-                out[f.name] = value.to_map()
+                out[name] = value.to_map()
             elif value is not None:
-                out[f.name] = value
+                out[name] = value
         return out
+
+
+_WIRE_FIELDS: dict[type, list[tuple[str, bool, Any]]] = {}
+
+
+def _wire_fields(cls: type) -> list[tuple[str, bool, Any]]:
+    """Each field of a message class: its name, whether it stays off the wire at its default, the default."""
+    spec = _WIRE_FIELDS.get(cls)
+    if spec is None:
+        assert dataclasses.is_dataclass(cls)
+        spec = _WIRE_FIELDS[cls] = [(f.name, bool(f.metadata.get("omit_default")), f.default)
+                                    for f in dataclasses.fields(cls)]
+    return spec
 
 
 class Addressed(Message):
@@ -74,7 +101,11 @@ class Addressed(Message):
 
 @dataclass
 class Generate(Addressed):
-    """Ask ``model`` to generate. Exactly one of prompt, messages, prompt_tokens."""
+    """Ask ``model`` to generate. Exactly one of prompt, messages, prompt_tokens.
+
+    The decoding controls (penalties to ``grammar``) and the tool fields default to "off"
+    and are sent only when set; docs/protocol.md gives their meaning and bounds.
+    """
 
     TYPE: ClassVar[str] = "generate"
     request_id: str
@@ -94,6 +125,18 @@ class Generate(Addressed):
     affinity: str | None = None
     cache: bool = True
     resend: bool | None = None  # true: the same request again, sent after the connection dropped (docs/protocol.md)
+    repetition_penalty: float | None = None  # (0, 10]; 1.0 or None: off
+    presence_penalty: float = optional(0.0)
+    frequency_penalty: float = optional(0.0)
+    logit_bias: dict[str, float] | None = None  # decimal token id -> bias
+    min_p: float = optional(0.0)
+    logprobs: bool = optional(False)
+    top_logprobs: int = optional(0)
+    n: int = optional(1)
+    grammar: dict[str, Any] | None = None  # {"type": one of GRAMMAR_TYPES, ...}
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = optional(True)
 
 
 @dataclass
@@ -167,11 +210,17 @@ class Chunk(Addressed):
     token_ids: list[int] = field(default_factory=list)
     text_offset: int | None = None
     token_offset: int | None = None
+    index: int = optional(0)  # which of the request's n completions
+    logprobs: list[dict[str, Any]] | None = None  # one entry per token id of this chunk
+    tool_calls: list[dict[str, Any]] | None = None  # tool-call deltas
 
 
 @dataclass
 class Done(Addressed):
-    """The terminal success message. ``text``/``token_ids`` are set when not streaming."""
+    """The terminal success message. ``text``/``token_ids`` are set when not streaming.
+
+    One per request whatever its ``n``: with n > 1, ``choices`` holds each completion's end.
+    """
 
     TYPE: ClassVar[str] = "done"
     request_id: str
@@ -180,6 +229,10 @@ class Done(Addressed):
     timings: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
     token_ids: list[int] | None = None
+    choices: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    warning: str | None = None
 
 
 @dataclass

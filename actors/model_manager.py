@@ -154,7 +154,8 @@ class ModelManager:
         self.generations[spec.name] = gen
         share = self.memory_share()
         return [WorkerSpec(f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}", spec.name, spec.source,
-                           spec.batching, spec.dtype, spec.shards, spec.shard_mode, share) for i in range(count)]
+                           spec.batching, spec.dtype, spec.shards, spec.shard_mode, spec.chat_template,
+                           spec.tool_format, memory_share=share) for i in range(count)]
 
     def memory_share(self) -> int:
         """Worker processes that share this machine's memory: every replica's ranks of the models run here

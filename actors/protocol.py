@@ -23,23 +23,28 @@ import msgpack
 
 from actors.limits import DEFAULT_LIMITS, Limits, ProtocolError
 from actors.messages import (
+    GRAMMAR_TYPES, MAX_LOGIT_BIAS, MAX_N, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS, TOOL_CHOICES,
     BAD_REQUEST, CANCEL_BROKER_EXIT, CANCEL_CLIENT_GONE, CANCEL_NOT_ADOPTED, CANCEL_TIMEOUT, CANCELLED, CLIENT_TYPES, DEFAULT_CONNECT, DUPLICATE_REQUEST, ERROR_CODES, FINISH_REASONS, INTERNAL,
     MAX_PREFIX_REPORT, MAX_TOP_K, MESSAGE_TYPES, OVER_BUDGET, OVERLOADED, PRIORITIES, PRIORITY_RANK, PROTOCOL_TAG, TIMEOUT, UNAVAILABLE,
     UNKNOWN_MODEL, WORKER_LOST, WORKER_TYPES,
     Addressed, Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Load, Message,
     Models, ModelsReply, Prefixes, Ready, Status, StatusReply, Unload,
 )
+from actors.generate_checks import parse_logit_bias, validate_controls, validate_tools
 from actors.wire_scan import explain_refusal, peek_request_id
 
 __all__ = [
     "BAD_REQUEST", "CANCEL_BROKER_EXIT", "CANCEL_CLIENT_GONE", "CANCEL_NOT_ADOPTED", "CANCEL_TIMEOUT", "CANCELLED", "CLIENT_TYPES", "DEFAULT_CONNECT", "DEFAULT_LIMITS", "DUPLICATE_REQUEST",
-    "ERROR_CODES", "FINISH_REASONS", "INTERNAL", "MAX_PREFIX_REPORT", "MAX_TOP_K", "MESSAGE_TYPES", "OVER_BUDGET", "OVERLOADED",
+    "ERROR_CODES", "FINISH_REASONS", "GRAMMAR_TYPES", "INTERNAL", "MAX_LOGIT_BIAS", "MAX_N", "MAX_PENALTY",
+    "MAX_PREFIX_REPORT", "MAX_REPETITION_PENALTY", "MAX_TOP_K", "MAX_TOP_LOGPROBS", "TOOL_CHOICES", "MESSAGE_TYPES",
+    "OVER_BUDGET", "OVERLOADED",
     "PRIORITIES", "PRIORITY_RANK", "PROTOCOL_TAG", "TIMEOUT", "UNAVAILABLE", "UNKNOWN_MODEL", "WORKER_LOST",
     "WORKER_TYPES",
     "Addressed", "Cancel", "Chunk", "ControlReply", "Disconnect", "Dispatch", "Done", "Error", "Generate",
     "Heartbeat", "Limits", "Load", "Message", "Models", "ModelsReply", "Prefixes", "ProtocolError", "Ready", "Status",
     "StatusReply", "Unload",
-    "decode", "encode", "encode_map", "error_for", "from_map", "unpack_frames", "validate_generate",
+    "decode", "encode", "encode_map", "error_for", "from_map", "parse_logit_bias", "unpack_frames", "validate_controls",
+    "validate_generate", "validate_tools",
 ]
 
 
@@ -148,7 +153,16 @@ def _check_type(mtype: str, key: str, value: Any, hint: Any, rid: str | None, li
     """
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # e.g. tool_choice: a string or a map
+            for option in options:
+                try:
+                    return _check_type(mtype, key, value, option, rid, limits)
+                except ProtocolError:
+                    continue
+            names = " or ".join(_type_name(typing.get_origin(o) or o) for o in options)
+            raise ProtocolError(BAD_REQUEST, f"{mtype}: field {key!r} must be {names}", rid)
+        hint = options[0]
         args = typing.get_args(hint)
     origin = typing.get_origin(hint) or hint
     if isinstance(origin, type) and issubclass(origin, Message):
@@ -247,6 +261,8 @@ def validate_generate(msg: Generate, limits: Limits = DEFAULT_LIMITS) -> None:
         raise bad("timeout_s must be in (0, 86400]")
     if msg.priority not in PRIORITIES:
         raise bad(f"priority must be one of {', '.join(PRIORITIES)}")
+    validate_controls(msg, limits)
+    validate_tools(msg, limits)
 
 
 def _validate_messages(messages: list[dict[str, Any]], limits: Limits, bad: typing.Callable[[str], ProtocolError]) -> None:
@@ -266,3 +282,4 @@ def _validate_messages(messages: list[dict[str, Any]], limits: Limits, bad: typi
 def error_for(exc: ProtocolError) -> Error:
     """The ``error`` message that answers a ProtocolError."""
     return Error(code=exc.code, message=exc.message, request_id=exc.request_id)
+

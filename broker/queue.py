@@ -42,6 +42,7 @@ class _Entry(Generic[T]):
     client: bytes
     enqueued_at_s: float
     seq: int
+    weight: int = 1  # sequences it stands for (a generate's n)
 
     def order(self) -> tuple[float, int]:
         """Arrival order within its client (a requeued item keeps its original arrival)."""
@@ -92,9 +93,15 @@ class PriorityQueue(Generic[T]):
         self._items: dict[str, _Entry[T]] = {}
         self._classes: list[_Turns[T]] = [_Turns() for _ in PRIORITIES]
         self._seq = itertools.count()
+        self._weight = 0
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def sequences(self) -> int:
+        """The items' total weight: sequences waiting (a generate with n completions counts n)."""
+        return self._weight
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
@@ -103,11 +110,12 @@ class PriorityQueue(Generic[T]):
         """The aging score of a request; between priorities, lower goes first."""
         return PRIORITY_RANK[priority] * self.aging_s + enqueued_at_s
 
-    def push(self, key: str, item: T, priority: str, enqueued_at_s: float, client: bytes = b"") -> None:
+    def push(self, key: str, item: T, priority: str, enqueued_at_s: float, client: bytes = b"", weight: int = 1) -> None:
         """Add ``item`` under ``key`` for ``client``; a requeued item keeps its original arrival time."""
         self.remove(key)
-        entry = _Entry(key, item, PRIORITY_RANK[priority], client, enqueued_at_s, next(self._seq))
+        entry = _Entry(key, item, PRIORITY_RANK[priority], client, enqueued_at_s, next(self._seq), weight)
         self._items[key] = entry
+        self._weight += weight
         self._classes[entry.rank].add(entry)
 
     def remove(self, key: str) -> T | None:
@@ -115,6 +123,7 @@ class PriorityQueue(Generic[T]):
         entry = self._items.pop(key, None)
         if entry is None:
             return None
+        self._weight -= entry.weight
         self._classes[entry.rank].drop(entry, served=False)
         return entry.item
 
@@ -123,6 +132,7 @@ class PriorityQueue(Generic[T]):
         entry = self._items.pop(key, None)
         if entry is None:
             return None
+        self._weight -= entry.weight
         self._classes[entry.rank].drop(entry, served=True)
         return entry.item
 

@@ -52,11 +52,23 @@ class WorkerRecord:
     retiring: bool = False  # being stopped (unload, idle): finishes what it runs, gets nothing new
     max_in_flight: int = 0  # the most requests it ever held at once
     step_elapsed_s: float = 0.0  # from its last heartbeat: time in its engine loop's current step
+    weights: dict[str, int] = field(default_factory=dict)  # running requests that take more than one slot (n > 1)
 
     @property
     def free(self) -> int:
-        """Slots the broker may still fill (none while retiring)."""
-        return 0 if self.retiring else self.capacity - len(self.running)
+        """Slots the broker may still fill (none while retiring); a request with n completions takes n."""
+        if self.retiring:
+            return 0
+        extra = sum(w - 1 for k, w in self.weights.items() if k in self.running) if self.weights else 0
+        return self.capacity - len(self.running) - extra
+
+    def take_slots(self, key: str, weight: int) -> None:
+        """``key`` now runs here, taking ``weight`` slots."""
+        self.running.add(key)
+        if self.weights:
+            self.weights = {k: w for k, w in self.weights.items() if k in self.running}
+        if weight > 1:
+            self.weights[key] = weight
 
 
 @dataclass

@@ -120,7 +120,8 @@ class OpenRequests:
             elif not rec.streamed and not rec.adopted and rec.requeues < max_requeues and requeue:
                 rec.requeues += 1
                 self.counters["requeued"] += 1
-                model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s, rec.client)
+                model.queue.push(key, rec, rec.request.priority, rec.enqueued_at_s, rec.client,
+                                 weight=rec.request.n)
             else:
                 why = ("after output had started" if rec.streamed else
                        "while draining" if not requeue else

@@ -123,7 +123,7 @@ class Router:
             return None
         if self.settings.policy != CACHE_AWARE or len(replicas) < 2:
             return Route(least, LEAST_LOADED)
-        if self.out_of_balance([len(w.running) for w in replicas]):
+        if self.out_of_balance([w.capacity - w.free for w in replicas]):  # slots taken (n > 1 takes n)
             return Route(least, "imbalance")
         if rec.prefix_keys is None:
             rec.prefix_keys = prompt_keys(req.prompt, req.messages, req.prompt_tokens)

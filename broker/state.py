@@ -136,12 +136,12 @@ class BrokerState:
         if (client, msg.request_id) in self.by_client:
             text = f"request_id {msg.request_id!r} is already in flight; this second request was refused, the first goes on"
             return self._refuse(client, msg, Error(DUPLICATE_REQUEST, text, msg.request_id))
-        if len(model.queue) >= self.queue_limit:
+        if model.queue.sequences + msg.n > self.queue_limit:
             return self._refuse(client, msg, Error(OVERLOADED, f"model {msg.model!r} queue is full (queue_limit={self.queue_limit})", msg.request_id))
         key = f"{self.key_prefix}{next(self._keys)}"
         timeout_s = msg.timeout_s if msg.timeout_s is not None else self.default_timeout_s
         rec = self.open.add(key, client, msg, now, now + timeout_s)
-        model.queue.push(key, rec, msg.priority, now, client)
+        model.queue.push(key, rec, msg.priority, now, client, weight=msg.n)
         self.counters["accepted"] += 1
         return self.dispatch()
 
@@ -190,7 +190,7 @@ class BrokerState:
         rec.worker = identity
         self.open.place(rec)
         worker = self.workers[identity]
-        worker.running.add(rec.key)
+        worker.take_slots(rec.key, rec.request.n)
         worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
 
     def handle_worker_message(self, identity: bytes, msg: Message, raw: dict[str, Any]) -> list[Out]:
@@ -222,6 +222,7 @@ class BrokerState:
             return []  # late message for a request already ended
         if isinstance(msg, (Done, Error)):
             worker.running.discard(key)
+            worker.weights.pop(key, None)
             worker.served += 1
             self.recent.add(worker.worker_id, raw)
             rec.worker = None
@@ -292,14 +293,14 @@ class BrokerState:
                     out += self.open.time_out(rec)
                     continue
                 route = self.pick_worker(rec)
-                if route is None:
+                if route is None or route.worker.free < min(rec.request.n, route.worker.capacity):
                     if not self._has_free(model.name):
                         break
-                    continue  # affinity target busy; others may still go
+                    continue  # affinity target busy, or too few slots for its n; others may still go
                 worker = route.worker
                 self.router.routed(rec, route)
                 model.queue.take(key)
-                worker.running.add(key)
+                worker.take_slots(key, rec.request.n)
                 worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
                 worker.last_used_s = now
                 rec.worker = worker.identity

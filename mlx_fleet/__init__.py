@@ -9,6 +9,6 @@ This package is the public face and the composition root:
   ``workers`` together (docs/architecture.md).
 """
 
-from mlx_fleet.client import AsyncClient, AsyncStream, Client, Completion, FleetError, StreamChunk, SyncStream
+from mlx_fleet.client import AsyncClient, AsyncStream, Choice, Client, Completion, FleetError, StreamChunk, SyncStream
 
-__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream"]
+__all__ = ["AsyncClient", "AsyncStream", "Choice", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,16 @@ def _counts(values: list[str], flag: str = "--replicas") -> dict[str, int]:
     return out
 
 
+def _texts(values: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag}: expected NAME=VALUE, got {text!r}")
+        out[name] = value
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> FleetConfig:
     """Build the FleetConfig for `up` from flags, env and the config file."""
     overrides: dict[str, Any] = {
@@ -47,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     overrides.update(cluster_overrides(args))
     models = [parse_model_arg(m) for m in args.model]
     return load_config(args.config, overrides=overrides, models=models, replicas=_counts(args.replicas),
-                       shards=_counts(args.shards, "--shards"))
+                       shards=_counts(args.shards, "--shards"), chat_templates=_texts(args.chat_template, "--chat-template"),
+                       tool_formats=_texts(args.tool_format, "--tool-format"))
 
 
 def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,12 +99,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:  # the prompt as one user message, formatted by the model's chat template
         options["messages"] = [{"role": "user", "content": args.prompt}]
     try:
+        options.update(decoding_options(args))
+    except ValueError as exc:
+        print(f"mlx-fleet: error: {exc}", file=sys.stderr)
+        return 2
+    logprobs: list[dict[str, Any]] = []
+    try:
         with Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)) as client:
             stream = client.stream(None if args.chat else args.prompt, model=args.model, **options)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+                logprobs += chunk.logprobs or []
             sys.stdout.write("\n")
+        for entry in logprobs:  # on stderr: stdout stays the text alone
+            tops = ", ".join(f"{t['token']!r} {t['logprob']:.4f}" for t in entry["top_logprobs"])
+            print(f"{entry['logprob']:9.4f}  {entry['token']!r}" + (f"  top: {tops}" if tops else ""), file=sys.stderr)
     except FleetError as exc:
         print(f"mlx-fleet: error: {exc}", file=sys.stderr)
         return 1
@@ -100,6 +122,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("\nmlx-fleet: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``grammar`` and logprobs fields that ``generate``'s flags ask for; a bad schema file raises ValueError."""
+    out: dict[str, Any] = {}
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--json-schema {args.json_schema}: {exc}") from None
+        out["grammar"] = {"type": "json_schema", "schema": schema}
+    elif args.regex is not None:
+        out["grammar"] = {"type": "regex", "pattern": args.regex}
+    elif args.choice is not None:
+        out["grammar"] = {"type": "choice", "choices": [c for c in args.choice.split(",") if c]}
+    if args.logprobs is not None:
+        out.update(logprobs=True, top_logprobs=args.logprobs)
+    return out
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -162,7 +202,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if bool(curve["curve_secret"]) != bool(curve["curve_server_public"]):
         raise ConfigError("--curve-secret and --curve-server-key go together")
     settings = worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
-                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype)
+                               batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype,
+                               chat_template=args.chat_template or "", tool_format=args.tool_format or "")
     settings = dataclasses.replace(settings, memory_share=max(1, args.memory_share))
     if plan is not None:
         from mlx_fleet.shard_worker import run_sharded_worker
@@ -197,6 +238,10 @@ def add_up_command(sub: Any) -> None:
     up.add_argument("--replicas", action="append", default=[], metavar="NAME=N")
     up.add_argument("--shards", action="append", default=[], metavar="NAME=N",
                     help="split a model's weights over a group of N ranks (MLX's ring backend) per replica")
+    up.add_argument("--chat-template", action="append", default=[], metavar="NAME=TEMPLATE",
+                    help="a Jinja chat template file (or smollm2-tools) for model NAME, replacing its tokenizer's")
+    up.add_argument("--tool-format", action="append", default=[], metavar="NAME=FORMAT",
+                    help="how model NAME writes tool calls: an mlx-lm tool parser (json_tools, ...) or none")
     up.add_argument("--config", help="TOML config file")
     up.add_argument("--frontend", help=f"client endpoint to bind (default {DEFAULT_CONNECT})")
     up.add_argument("--backend", help="worker endpoint to bind (default tcp://127.0.0.1:5556)")
@@ -239,6 +284,12 @@ def add_generate_command(sub: Any) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--chat", action="store_true", help="send PROMPT as one user message (the model's chat template)")
+    grammar = gen.add_mutually_exclusive_group()
+    grammar.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under the JSON Schema in FILE")
+    grammar.add_argument("--regex", metavar="R", help="the output matches the regular expression R")
+    grammar.add_argument("--choice", metavar="A,B,C", help="the output is one of these comma-separated strings")
+    gen.add_argument("--logprobs", type=int, metavar="K", help="print each token's logprob and its K most likely "
+                     "alternatives (0-20) to stderr after the text")
     add_client_options(gen, timeout_s=60.0)
     gen.set_defaults(func=cmd_generate)
 
@@ -264,6 +315,8 @@ def add_worker_command(sub: Any) -> None:
     wk.add_argument("--connect", required=True, help="the broker's worker endpoint, e.g. tcp://HOST:5556")
     wk.add_argument("--model", required=True, metavar="NAME=SOURCE")
     wk.add_argument("--worker-id")
+    wk.add_argument("--chat-template", metavar="TEMPLATE", help="a Jinja chat template file (or smollm2-tools)")
+    wk.add_argument("--tool-format", metavar="FORMAT", help="an mlx-lm tool parser name (json_tools, ...) or none")
     wk.add_argument("--metrics-events", metavar="ADDR",
                     help="the fleet collector's event endpoint, e.g. tcp://HOST:5557 (default: send no metrics)")
     wk.add_argument("--config")

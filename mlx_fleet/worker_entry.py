@@ -20,9 +20,11 @@ from workers.worker import WorkerSettings, run_worker
 
 def worker_settings(cfg: FleetConfig, *, worker_id: str, model: str, source: str, connect: str,
                     batching: BatchingConfig, metrics_events: str | None, curve_secret: str = "",
-                    curve_server_public: str = "", dtype: str = "auto") -> WorkerSettings:
+                    curve_server_public: str = "", dtype: str = "auto", chat_template: str = "",
+                    tool_format: str = "") -> WorkerSettings:
     """A worker's settings: who it is and where it connects, with the fleet's liveness, BLAS and logging."""
     return WorkerSettings(worker_id=worker_id, model=model, source=source, connect=connect, batching=batching,
+                          chat_template=chat_template, tool_format=tool_format,
                           dtype=dtype, heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_liveness=cfg.heartbeat_liveness,
                           blas=cfg.blas, log_level=cfg.log_level, metrics_events=metrics_events,
                           curve_secret=curve_secret, curve_server_public=curve_server_public,
@@ -34,6 +36,7 @@ def local_worker_settings(spec: WorkerSpec, cfg: FleetConfig) -> WorkerSettings:
     secret = local_secret_cert(cfg)
     settings = worker_settings(cfg, worker_id=spec.worker_id, model=spec.model, source=spec.source,
                                connect=local_addr(cfg.backend), batching=spec.batching, dtype=spec.dtype,
+                               chat_template=spec.chat_template, tool_format=spec.tool_format,
                                metrics_events=events_addr(cfg.metrics_export, cfg.metrics_events),
                                curve_secret=secret, curve_server_public=cfg.curve_server_secret if secret else "")
     return dataclasses.replace(settings, memory_share=spec.memory_share)

@@ -2,8 +2,9 @@
 # Set up (if needed), type-check, and run the test suite; arguments go to pytest.
 # mypy --strict runs first on actors/ broker/ workers/ mlx_fleet/ (pyproject.toml's [tool.mypy];
 # its cache is .cache/mypy) and an error fails the run before any test starts.
-# The set-up also fetches SmolLM2's GGUF once into .cache/downloads for the real_model
-# tests; without network they skip (MLX_FLEET_REQUIRE_REAL_MODEL=1 makes them fail).
+# The set-up also fetches the built-in models' GGUFs (SmolLM2, Gemma 3 270M) once into
+# .cache/downloads for the real_model tests; without network they skip
+# (MLX_FLEET_REQUIRE_REAL_MODEL=1 makes them fail).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh --test
@@ -15,6 +16,8 @@ if ! mypy_out="$(.venv/bin/mypy 2>&1)"; then
 fi
 echo "test.sh: mypy --strict: ${mypy_out##*$'\n'} (${SECONDS} s)"
 export MLX_FLEET_DOWNLOADS="${MLX_FLEET_DOWNLOADS:-$PWD/.cache/downloads}"
-.venv/bin/mlx-fleet pull --fetch-only smollm2 >/dev/null \
-    || echo "test.sh: SmolLM2 could not be fetched (see above); the real_model tests will skip" >&2
+for model in smollm2 gemma3; do
+    .venv/bin/mlx-fleet pull --fetch-only "$model" >/dev/null \
+        || echo "test.sh: $model could not be fetched (see above); its real_model tests will skip" >&2
+done
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

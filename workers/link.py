@@ -66,7 +66,12 @@ class Stop:
     reason: str
 
 
-InboxItem = Inbound | Register | Reset | Stop
+@dataclass(frozen=True)
+class Wake:
+    """Look again: a request's grammar finished compiling (sent by the compile pool, not the I/O thread)."""
+
+
+InboxItem = Inbound | Register | Reset | Stop | Wake
 
 
 @dataclass(frozen=True)

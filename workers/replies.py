@@ -31,6 +31,7 @@ from actors.clock import Clock
 from actors.protocol import WORKER_LOST, Chunk, Dispatch, Done, Error, Generate, Message
 
 ID_BYTES = 4  # what one kept token id counts for against the budget
+LOGPROB_BYTES = 48  # what one kept logprob entry (or one of its alternatives) counts for
 MAX_TABLE_ROWS = 4096  # rows a `ready` carries (a broker reads no more); answered ones beyond are forgotten first
 
 
@@ -49,6 +50,9 @@ class Progress:
     completion_tokens: int = 0
     admitted_s: float = 0.0  # clock time of admission into the batch; 0: still waiting
     first_token_s: float = 0.0  # clock time of the first token; 0: none yet
+    index: int = 0  # which of the request's completions the new output belongs to
+    logprobs: list[dict[str, Any]] | None = None  # one per id of ``token_ids``, when the request asked
+    tool_calls: list[dict[str, Any]] | None = None  # tool-call deltas (chunk ``tool_calls``)
 
 
 Outgoing = Union[Message, Progress]
@@ -64,6 +68,17 @@ def request_timings(base_s: float, admitted_s: float, first_token_s: float, now_
 
 
 @dataclass
+class _Output:
+    """One completion's output so far, as the I/O thread keeps it."""
+
+    text: list[str] = field(default_factory=list)  # the whole text so far
+    chars: int = 0  # its length
+    token_ids: list[int] = field(default_factory=list)  # every id so far
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one per id, when asked for
+    released: int = 0  # streamed: ids sent (the rest wait for their text)
+
+
+@dataclass
 class _Open:
     """A request this worker holds (or has just answered), as the I/O thread knows it."""
 
@@ -71,13 +86,27 @@ class _Open:
     dispatch: Dispatch
     arrived_s: float
     progress: Progress
-    text: list[str] = field(default_factory=list)  # the whole text so far
-    chars: int = 0  # its length
-    token_ids: list[int] = field(default_factory=list)  # every id so far
-    released: int = 0  # streamed: ids sent (the rest wait for their text)
+    outputs: dict[int, _Output] = field(default_factory=dict)  # by completion index
     kept_bytes: int = 0  # what its output counts against the budget
     terminal: Message | None = None  # answered: its done or error, kept to send again
     sent_s: float | None = None  # when the terminal last went out; None: not yet
+
+    def output(self, index: int) -> _Output:
+        """Completion ``index``'s output."""
+        out = self.outputs.get(index)
+        if out is None:
+            out = self.outputs[index] = _Output()
+        return out
+
+    @property
+    def chars(self) -> int:
+        """Characters of text so far, all completions."""
+        return sum(o.chars for o in self.outputs.values())
+
+    @property
+    def started(self) -> bool:
+        """Whether a streamed request has sent output."""
+        return self.stream and any(o.chars or o.released for o in self.outputs.values())
 
     @property
     def stream(self) -> bool:
@@ -132,6 +161,9 @@ class ReplyLedger:
         p = rec.progress
         usage = {"prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens, "cached_tokens": 0}
         done = Done(key, "cancelled", usage, request_timings(rec.base_s, p.admitted_s, p.first_token_s, self.clock.now()))
+        if rec.dispatch.request.n > 1:
+            done.choices = [{"index": i, "finish_reason": "cancelled", "completion_tokens": len(rec.output(i).token_ids)}
+                            for i in range(rec.dispatch.request.n)]
         return self._close(rec, done)
 
     def take(self, items: Iterable[Outgoing]) -> list[Message]:
@@ -158,11 +190,12 @@ class ReplyLedger:
         return out
 
     def output_of(self, key: str) -> tuple[Generate, str, list[int]] | None:
-        """A request kept here: what it asked, and its whole output so far (text and token ids)."""
+        """A request kept here: what it asked, and its first completion's whole output so far (text and ids)."""
         rec = self._open.get(key)
         if rec is None:
             return None
-        return rec.dispatch.request, "".join(rec.text), list(rec.token_ids)
+        out = rec.outputs.get(0) or _Output()
+        return rec.dispatch.request, "".join(out.text), list(out.token_ids)
 
     def take_overflowed(self) -> list[str]:
         """Keys ended for the budget since the last call: the loop must stop decoding them."""
@@ -206,8 +239,10 @@ class ReplyLedger:
         now = self.clock.now()
         out: list[Message] = []
         for rec in self._open.values():
-            if rec.stream and (rec.chars or rec.released):
-                out.append(Chunk(rec.key, "".join(rec.text), rec.token_ids[: rec.released], 0, 0))
+            for i, o in sorted(rec.outputs.items()):
+                if rec.stream and (o.chars or o.released):
+                    out.append(Chunk(rec.key, "".join(o.text), o.token_ids[: o.released], 0, 0, index=i,
+                                     logprobs=o.logprobs[: o.released] or None))
             if rec.terminal is not None:
                 out.append(rec.terminal)
                 rec.sent_s = now
@@ -226,30 +261,35 @@ class ReplyLedger:
 
     def _progress(self, rec: _Open, p: Progress, out: list[Message]) -> None:
         added = len(p.text.encode("utf-8")) + ID_BYTES * len(p.token_ids)
+        added += sum(LOGPROB_BYTES * (1 + len(e.get("top_logprobs", ()))) for e in p.logprobs or ())
         if self.away and added and self.kept_bytes + added > self.budget_bytes:
             self._overflow(rec)
             return
         rec.progress = p
-        rec.token_ids += p.token_ids
+        o = rec.output(p.index)
+        o.token_ids += p.token_ids
+        o.logprobs += p.logprobs or []
         rec.kept_bytes += added
         self.kept_bytes += added
-        if p.text:
-            rec.text.append(p.text)
+        if p.text or p.tool_calls:
+            o.text.append(p.text)
             if rec.stream:  # held-back text keeps its ids waiting
-                out.append(Chunk(rec.key, p.text, rec.token_ids[rec.released:], rec.chars, rec.released))
-                rec.released = len(rec.token_ids)
-            rec.chars += len(p.text)
+                out.append(Chunk(rec.key, p.text, o.token_ids[o.released:], o.chars, o.released, index=p.index,
+                                 logprobs=o.logprobs[o.released:] or None, tool_calls=p.tool_calls))
+                o.released = len(o.token_ids)
+            o.chars += len(p.text)
 
     def _close(self, rec: _Open, terminal: Message) -> list[Message]:
         """The last messages of a request: pending ids first (streamed), text into the done (not streamed)."""
         out: list[Message] = []
         if isinstance(terminal, Done):
             if not rec.stream:
-                terminal.text = "".join(rec.text)
-                terminal.token_ids = list(rec.token_ids)
-            elif rec.released < len(rec.token_ids):
-                out.append(Chunk(rec.key, "", rec.token_ids[rec.released:], rec.chars, rec.released))
-                rec.released = len(rec.token_ids)
+                _fill_done(terminal, rec)
+            for i, o in sorted(rec.outputs.items()):
+                if rec.stream and o.released < len(o.token_ids):
+                    out.append(Chunk(rec.key, "", o.token_ids[o.released:], o.chars, o.released, index=i,
+                                     logprobs=o.logprobs[o.released:] or None))
+                    o.released = len(o.token_ids)
         rec.terminal = terminal
         rec.sent_s = None if self.away else self.clock.now()
         return out + [terminal]
@@ -266,12 +306,28 @@ class ReplyLedger:
     def _release(self, rec: _Open) -> None:
         self.kept_bytes -= rec.kept_bytes
         rec.kept_bytes = 0
-        rec.text, rec.token_ids, rec.chars, rec.released = [], [], 0, 0
+        rec.outputs = {}
 
     def _forget(self, key: str) -> None:
         rec = self._open.pop(key, None)
         if rec is not None:
             self.kept_bytes -= rec.kept_bytes
+
+
+def _fill_done(done: Done, rec: _Open) -> None:
+    """A non-streamed request's output into its ``done``: the text, or with n > 1 each choice's."""
+    asked = rec.dispatch.request.logprobs
+    if done.choices is None:
+        o = rec.output(0)
+        done.text, done.token_ids = "".join(o.text), list(o.token_ids)
+        if asked:
+            done.logprobs = list(o.logprobs)
+        return
+    for choice in done.choices:
+        o = rec.output(int(choice["index"]))
+        choice["text"], choice["token_ids"] = "".join(o.text), list(o.token_ids)
+        if asked:
+            choice["logprobs"] = list(o.logprobs)
 
 
 def _entry(rec: _Open, now_s: float) -> dict[str, Any]:
@@ -280,7 +336,7 @@ def _entry(rec: _Open, now_s: float) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "request_id": rec.key, "client": rec.dispatch.client or "",
         "client_request_id": rec.dispatch.client_request_id or "", "stream": req.stream,
-        "started": bool(rec.stream and (rec.chars or rec.released)), "finished": rec.terminal is not None,
+        "started": rec.started, "finished": rec.terminal is not None,
         "completion_tokens": rec.progress.completion_tokens, "text_chars": rec.chars, "priority": req.priority,
     }
     if req.timeout_s is not None:

@@ -18,20 +18,25 @@ records, which the I/O thread's :class:`workers.replies.ReplyLedger` turns into
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from actors.clock import Clock
 from actors.protocol import (
     BAD_REQUEST, INTERNAL, PRIORITY_RANK, UNAVAILABLE,
     Dispatch, Done, Error, Generate,
 )
+from workers.decoding import RefusedField, check_request, make_controls, needs_compile_pool
 from workers.engine.stats import StepStats
 from workers.policies import AdmissionPolicy, AutoTuner, Decision
 from workers.replies import Outgoing, Progress, request_timings
-from workers.engine.interface import EngineLike, EngineRequest, StepEvent
+from workers.engine.interface import Controls, EngineLike, EngineRequest, StepEvent
 from workers.telemetry import WorkerTelemetry
+from workers.tool_session import RequestTools
+from workers.tools import ToolPlan, ToolRequestError
 
 log = logging.getLogger("mlx_fleet.worker")
 
@@ -51,11 +56,23 @@ class Pending:
     tokens: int = 0  # generated so far (EOS included)
     itl_s: list[float] = field(default_factory=list)  # inter-token latencies, for metrics
     counted: bool = True  # False once the fleet ended it for the client (timeout, client gone): no latency metrics
+    controls: Controls | None = None
+    ended: dict[int, tuple[str, int]] = field(default_factory=dict)  # completion index -> (finish reason, tokens)
+    cached_tokens: int = 0
+    path: str = ""  # completion 0's engine path
+    tools: RequestTools = field(default_factory=lambda: RequestTools(ToolPlan()))  # workers/tool_session.py
 
-    def progress(self, text: str = "", token_ids: list[int] | None = None) -> Progress:
-        """This request's figures now, with new output."""
+    @property
+    def n(self) -> int:
+        """Completions asked for: sequences it takes in the engine."""
+        return self.request.n
+
+    def progress(self, text: str = "", token_ids: list[int] | None = None, index: int = 0,
+                 logprobs: list[dict[str, Any]] | None = None,
+                 tool_calls: list[dict[str, Any]] | None = None) -> Progress:
+        """This request's figures now, with new output (of completion ``index``)."""
         return Progress(self.key, text, token_ids or [], len(self.prompt_ids), self.tokens,
-                        self.admitted_s, self.first_token_s)
+                        self.admitted_s, self.first_token_s, index, logprobs, tool_calls or None)
 
 
 class WorkerSession:
@@ -71,6 +88,9 @@ class WorkerSession:
         telemetry: WorkerTelemetry | None = None,
         max_prompt_tokens: int = 16_384,
         idle_flush_s: float = 1.0,
+        decode_capacity: int = 16,
+        compile_pool: Executor | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -79,6 +99,10 @@ class WorkerSession:
         self.telemetry = telemetry or WorkerTelemetry.disabled()
         self.max_prompt_tokens = max_prompt_tokens
         self.idle_flush_s = idle_flush_s
+        self.decode_capacity = decode_capacity
+        self.compile_pool = compile_pool  # None: controls are prepared inline (tests)
+        self.wake = wake or (lambda: None)  # rings the loop when a compile finishes
+        self.preparing: dict[str, tuple[Pending, Future[Controls | None]]] = {}  # grammars compiling
         self.waiting: dict[str, Pending] = {}
         self.active: dict[str, Pending] = {}
         self.steps_completed = 0
@@ -95,13 +119,57 @@ class WorkerSession:
         req = msg.request
         key = req.request_id  # the broker's own key
         try:
-            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens)
+            check_request(req, vocab_size=self.engine.vocab_size, decode_capacity=self.decode_capacity,
+                          refused=self.engine.controls_refused())
+            tools = RequestTools.for_request(req, self.engine.tool_support)
+            if tools.plan.grammar is not None:  # the tool grammar replaces the request's own (workers/tools.py)
+                req = dataclasses.replace(req, grammar=tools.plan.grammar)
+            ids = self.engine.encode_prompt(req.prompt, req.messages, req.prompt_tokens, tools.plan.template_tools)
             if len(ids) > self.max_prompt_tokens:
                 raise ValueError(f"prompt has {len(ids)} tokens; this worker's limit is {self.max_prompt_tokens}")
+        except RefusedField as exc:
+            return [Error(BAD_REQUEST, str(exc), key)]
+        except ToolRequestError as exc:
+            return [Error(BAD_REQUEST, f"generate: {exc.field}: {exc}", key)]
         except Exception as exc:  # tokenizer or template failures are the request's fault
             return [Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key)]
-        pending = self.waiting[key] = Pending(key, req, ids, msg.queue_s - now, now)
+        pending = Pending(key, req, ids, msg.queue_s - now, now, tools=tools)
+        if self.compile_pool is not None and needs_compile_pool(req):
+            future = self.compile_pool.submit(self._prepare, req)
+            self.preparing[key] = (pending, future)
+            future.add_done_callback(lambda _: self.wake())
+            return [pending.progress()]
+        try:
+            pending.controls = self._prepare(req)
+        except RefusedField as exc:
+            return [Error(BAD_REQUEST, str(exc), key)]
+        self.waiting[key] = pending
         return [pending.progress()]
+
+    def _prepare(self, req: Generate) -> Controls | None:
+        """The request's controls: its grammar compiled, what logprobs need built (maybe on a pool thread)."""
+        if req.logprobs:
+            self.engine.prepare_logprobs()
+        return make_controls(req, self.engine.compile_grammar)
+
+    def _prepared(self) -> list[Outgoing]:
+        """Requests whose controls are ready go to the waiting list; a grammar that failed is refused."""
+        out: list[Outgoing] = []
+        for key, (pending, future) in list(self.preparing.items()):
+            if not future.done():
+                continue
+            del self.preparing[key]
+            try:
+                pending.controls = future.result()
+            except RefusedField as exc:
+                out.append(Error(BAD_REQUEST, str(exc), key))
+                continue
+            except Exception as exc:  # a compiler crash is the request's failure, not the worker's
+                log.exception("preparing %s failed", key)
+                out.append(Error(INTERNAL, f"preparing the request failed: {type(exc).__name__}: {exc}", key))
+                continue
+            self.waiting[key] = pending
+        return out
 
     def cancel(self, key: str, reason: str | None = None) -> list[Outgoing]:
         """End a request now: dropped if waiting, removed from the batch if decoding.
@@ -110,6 +178,8 @@ class WorkerSession:
         out of the latency metrics: the client never saw it finish.
         """
         pending = self.waiting.pop(key, None)
+        if pending is None and key in self.preparing:
+            pending = self.preparing.pop(key)[0]
         held = pending or self.active.get(key)
         if held is not None and reason:
             held.counted = False
@@ -124,12 +194,13 @@ class WorkerSession:
         """Forget every request without a reply (the broker no longer knows them)."""
         if self.active:
             self.engine.remove(list(self.active))
+        self.preparing.clear()
         self.waiting.clear()
         self.active.clear()
 
     def stop(self, message: str) -> list[Outgoing]:
         """Fail every request held with ``unavailable`` and forget them (the worker is stopping)."""
-        out: list[Outgoing] = [Error(UNAVAILABLE, message, key) for key in [*self.waiting, *self.active]]
+        out: list[Outgoing] = [Error(UNAVAILABLE, message, key) for key in [*self.preparing, *self.waiting, *self.active]]
         self.drop_all()
         return out
 
@@ -142,7 +213,7 @@ class WorkerSession:
 
     def wait_s(self) -> float | None:
         """How long the loop may wait for input: 0 when there is work now, None when idle."""
-        if self.engine.active:
+        if self.engine.active or any(f.done() for _, f in self.preparing.values()):
             return 0.0
         if self.waiting:
             d = self._decide(running=0)
@@ -153,13 +224,27 @@ class WorkerSession:
         return None
 
     def admit(self) -> list[Outgoing]:
-        """Admit as many waiting requests as the policy says, in priority then arrival order."""
+        """Admit as many waiting requests as the policy says, in priority then arrival order.
+
+        A request with ``n`` completions takes ``n`` of the engine's free slots; one that
+        does not fit waits, and so do those behind it (no overtaking).
+        """
+        out = self._prepared() if self.preparing else []
         if not self.waiting:
-            return []
+            return out
         d = self._decide(running=self.engine.active)
         if d.admit <= 0:
-            return []
-        chosen = sorted(self.waiting.values(), key=lambda p: (PRIORITY_RANK[p.request.priority], p.arrived_s))[: d.admit]
+            return out
+        ordered = sorted(self.waiting.values(), key=lambda p: (PRIORITY_RANK[p.request.priority], p.arrived_s))
+        chosen: list[Pending] = []
+        slots = self.engine.free_slots
+        for p in ordered[: d.admit]:
+            if p.n > slots:
+                break
+            chosen.append(p)
+            slots -= p.n
+        if not chosen:
+            return out
         now = self.clock.now()
         self.telemetry.on_admit(now - min(p.arrived_s for p in chosen), now)
         reqs = []
@@ -169,15 +254,15 @@ class WorkerSession:
             self.active[p.key] = p
             r = p.request
             reqs.append(EngineRequest(p.key, p.prompt_ids, r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
-                                      list(r.stop or []), cache=r.cache))
+                                      p.tools.stop(r.stop), cache=r.cache, n=r.n, controls=p.controls))
         try:
             self.engine.insert(reqs)
         except Exception as exc:
             log.exception("insert failed")
             for p in chosen:
                 self.active.pop(p.key, None)
-            return [Error(INTERNAL, f"engine insert failed: {exc}", p.key) for p in chosen]
-        return [p.progress() for p in chosen]
+            return out + [Error(INTERNAL, f"engine insert failed: {exc}", p.key) for p in chosen]
+        return out + [p.progress() for p in chosen]
 
     def step(self) -> list[Outgoing]:
         """One engine step: each request's new output, and the done of those that finished."""
@@ -215,7 +300,7 @@ class WorkerSession:
     @property
     def in_flight(self) -> int:
         """Requests held: waiting and decoding."""
-        return len(self.waiting) + len(self.active)
+        return len(self.preparing) + len(self.waiting) + len(self.active)
 
     def stats(self) -> dict[str, Any]:
         """Engine and policy figures, reported with heartbeats."""
@@ -243,22 +328,32 @@ class WorkerSession:
         if p is None:
             return []
         if token_s is not None:
-            if p.last_token_s:
+            if p.last_token_s and event.index == 0:  # one completion's pace (all n step together)
                 p.itl_s.append(token_s - p.last_token_s)
-            p.last_token_s = token_s
+            if event.index == 0:
+                p.last_token_s = token_s
             p.tokens += 1
         if event.first_token and not p.first_token_s:
             p.first_token_s = token_s or self.clock.now()
-        out: list[Outgoing] = [p.progress(event.text, event.token_ids)]
-        if event.finish_reason is not None:
+        if event.finish_reason is None:
+            seen = p.tools.output(event.text, event.index)  # content and tool-call deltas (workers/tool_session.py)
+            return [p.progress(seen.content, event.token_ids, event.index, event.logprobs, seen.deltas)]
+        end = p.tools.end(event.text, event.finish_reason, event.index)
+        out: list[Outgoing] = [p.progress(end.content, event.token_ids, event.index, event.logprobs, end.deltas)]
+        p.ended[event.index] = (end.finish_reason, event.completion_tokens)
+        if event.index == 0:
+            p.cached_tokens, p.path = event.cached_tokens, event.path
+        if len(p.ended) == p.n:
             del self.active[p.key]
-            out += self._finish(p, event.finish_reason, event.completion_tokens, event.cached_tokens, event.path)
+            reason, tokens = p.ended[0]
+            out += self._finish(p, reason, sum(t for _, t in p.ended.values()), p.cached_tokens, p.path)
         return out
 
     def _finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0,
                 path: str = "") -> list[Outgoing]:
         """The request's ``done``: usage and timings, with the engine ``path`` it took when known
-        (solo | batch | handoff); the reply ledger adds the text."""
+        (solo | batch | handoff), and with n > 1 each completion's end; with tool calls, those
+        (workers/tool_session.py); the reply ledger adds the text."""
         now = self.clock.now()
         timings: dict[str, Any] = request_timings(p.base_s, p.admitted_s, p.first_token_s, now)
         if path:
@@ -273,7 +368,14 @@ class WorkerSession:
         if self.tuner is not None and p.first_token_s:
             self.tuner.observe_batch([p.first_token_s - p.arrived_s])
             self.engine.set_admission_batch(self.policy.admission_batch)
-        return [Done(p.key, reason, usage, timings)]
+        done = Done(p.key, reason, usage, timings, warning=p.tools.warning)
+        if p.n > 1:
+            done.choices = [{"index": i, "finish_reason": p.ended.get(i, (reason, 0))[0],
+                             "completion_tokens": p.ended.get(i, (reason, 0))[1],
+                             **({"tool_calls": p.tools.calls(i)} if p.tools.calls(i) else {})} for i in range(p.n)]
+        else:
+            done.tool_calls = p.tools.calls(0)
+        return [done]
 
     def _flush(self, now: float) -> None:
         self.telemetry.flush(now)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import os
 import queue
 import socket
@@ -43,7 +44,7 @@ from actors.shard_group import ShardRank
 from workers.engine.interface import EngineLike
 from workers.faults import make_fault_injector
 from workers.io_thread import BrokerIO
-from workers.link import Close, InboxItem, Inbound, LoopReport, Register, Reset, Stop
+from workers.link import Close, InboxItem, Inbound, LoopReport, Register, Reset, Stop, Wake
 from workers.replies import Outgoing
 from workers.session import WorkerSession
 from workers.telemetry import WorkerTelemetry
@@ -51,6 +52,7 @@ from workers.telemetry import WorkerTelemetry
 log = logging.getLogger("mlx_fleet.worker")
 
 IO_JOIN_S = 2.0  # how long teardown waits for the I/O thread to send the goodbye and close
+COMPILE_THREADS = 2  # grammars compile here, off the MLX thread (llguidance drops the GIL while it works)
 _DOORBELLS = itertools.count()
 
 
@@ -75,6 +77,8 @@ class WorkerSettings:
     shard: ShardRank | None = None  # this process's rank when the model is sharded over a group (workers/shard/engine.py)
     recovery_grace_s: float = 10.0  # how long requests outlive a lost broker
     recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
+    chat_template: str = ""  # a Jinja file or a shipped template's name replacing the tokenizer's (workers/engine/tool_setup.py)
+    tool_format: str = ""  # the tool-call format (an mlx-lm tool parser, or none); "": the tokenizer's own
     memory_share: int = 1  # worker processes of the fleet sharing this machine's memory ("auto" capacity divides it)
 
 
@@ -103,6 +107,7 @@ class WorkerActor:
         self.cache_labels: list[str] = []  # the prompt cache's entries as last reported (workers/prefix_report.py)
         self.next_stats_s = 0.0
         self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
+        self.compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
 
     # ---- setup ------------------------------------------------------------------
 
@@ -131,7 +136,8 @@ class WorkerActor:
         self.telemetry = WorkerTelemetry(sender, policy, model=self.s.model, worker=self.s.worker_id)
         self.session = WorkerSession(self.engine, policy, clock=self.clock, tuner=make_auto_tuner(b, policy),
                                      telemetry=self.telemetry, max_prompt_tokens=self.s.max_prompt_tokens,
-                                     idle_flush_s=self.s.heartbeat_interval_s)
+                                     idle_flush_s=self.s.heartbeat_interval_s, decode_capacity=self.capacity,
+                                     compile_pool=self.compile_pool, wake=lambda: self.inbox.put(Wake()))
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source, "dtype": self.s.dtype,
                      "precision": describe_precision(model),
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
@@ -208,6 +214,8 @@ class WorkerActor:
         if isinstance(item, Stop):
             self.running = False
             return
+        if isinstance(item, Wake):
+            return  # admit() takes what finished compiling
         self.consumed = item.seq
         if isinstance(item, Register):
             self.ready_for = item.registration  # alive: the I/O thread may say `ready`
@@ -234,7 +242,7 @@ class WorkerActor:
             stats = self.session.stats()
             self.next_stats_s = now + self.s.heartbeat_interval_s
         state = (self.consumed, self.session.steps_completed, step_began_s is not None)
-        labels: list[str] | None = self.session.engine.prompt_cache_labels()
+        labels: list[str] | None = self.session.engine.prompt_cache.labels()
         if labels == self.cache_labels:
             labels = None  # unchanged since the last report
         if not self.out and stats is None and step_began_s is None and state == self.last_report and labels is None:
@@ -270,6 +278,7 @@ class WorkerActor:
         if self.bell is not None:
             self.bell.close(0)
         self.telemetry.close(time.monotonic())
+        self.compile_pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.close()
         if self.io is None or not self.io.thread.is_alive():

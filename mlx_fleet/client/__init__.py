@@ -6,12 +6,12 @@ but ``actors``.
 """
 
 from mlx_fleet.client.sync_client import (
-    DEFAULT_CONNECT, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, AsyncClient, AsyncStream, Client,
+    DEFAULT_CONNECT, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, AsyncClient, AsyncStream, Choice, Client,
     Completion, FleetError, StreamChunk, SyncStream, apply_curve_client, make_generate,
 )
 
 __all__ = [
     "DEFAULT_CONNECT", "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "GRACE_S",
-    "AsyncClient", "AsyncStream", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream",
+    "AsyncClient", "AsyncStream", "Choice", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream",
     "apply_curve_client", "make_generate",
 ]

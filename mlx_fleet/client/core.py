@@ -31,6 +31,13 @@ from actors.protocol import (
     Addressed, Cancel, Chunk, Done, Error, Generate, Message, ProtocolError, decode, encode,
 )
 from actors.sockets import SocketT, make_socket
+from mlx_fleet.client.results import Choice, Completion, Output, StreamChunk, make_completion
+
+__all__ = [
+    "BAD_REPLY", "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_RECOVER_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "GRACE_S",
+    "MONITOR_EVENTS", "R", "Choice", "ClientCore", "ClientShell", "Completion", "FleetError", "Output", "Pending",
+    "StreamChunk", "encode_checked", "local_timeout_s", "make_generate", "make_routing_id", "new_request_id",
+]
 
 DEFAULT_TIMEOUT_S = 120.0  # a call or request with no timeout_s of its own
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # how long a request waits for a broker to be connected at all
@@ -52,34 +59,21 @@ class FleetError(Exception):
         self.request_id = request_id
 
 
-@dataclass
-class StreamChunk:
-    """New text (and its token ids) of a streaming request."""
-
-    text: str
-    token_ids: list[int]
-
-
-@dataclass
-class Completion:
-    """A finished request."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
 def new_request_id() -> str:
     """A fresh, random request id."""
     return uuid.uuid4().hex
 
 
 def make_generate(model: str, prompt: str | None, **options: Any) -> Generate:
-    """A ``generate`` message with a fresh request id; options are the protocol's fields."""
+    """A ``generate`` message with a fresh request id; options are the protocol's fields.
+
+    The decoding controls go as they are (``n``, ``logprobs``, ``top_logprobs``, ``grammar``,
+    the penalties, ``min_p``); ``logit_bias`` may use int token ids as keys.
+    """
     rid = options.pop("request_id", None) or new_request_id()
+    bias = options.get("logit_bias")
+    if isinstance(bias, dict):
+        options["logit_bias"] = {str(k): v for k, v in bias.items()}
     return Generate(request_id=rid, model=model, prompt=prompt, **options)
 
 
@@ -113,13 +107,23 @@ class Pending:
     deadline_s: float
     notify: Callable[[], None] | None = None  # wakes a waiting coroutine (AsyncClient)
     inbox: deque[Message | FleetError] = field(default_factory=deque)
-    parts: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
+    outputs: dict[int, Output] = field(default_factory=dict)  # by completion index
     ended: bool = False  # the fleet sent its terminal message
     request: Generate | None = None  # a generate, sent again if the connection drops before any output
-    chars: int = 0  # characters of text received so far
     lost_at_s: float | None = None  # the connection dropped while this waited, and the fleet has not carried on yet
     resend_due: bool = False  # to send again once a broker is connected
+
+    @property
+    def shown(self) -> bool:
+        """Whether any output of this request came."""
+        return any(o.shown for o in self.outputs.values())
+
+    def output(self, index: int) -> Output:
+        """Completion ``index``'s output so far."""
+        out = self.outputs.get(index)
+        if out is None:
+            out = self.outputs[index] = Output()
+        return out
 
     def put(self, item: Message | FleetError) -> None:
         """Queue a reply (or a local failure) for the reader of this request."""
@@ -200,7 +204,7 @@ class ClientCore:
     def expired(self, p: Pending) -> FleetError:
         """The error of a request whose wait (``wait_until_s``) has passed."""
         if p.lost_at_s is not None and p.lost_at_s + self.recover_timeout_s <= p.deadline_s:
-            why = ("its stream had started, and no worker resumed it through a broker" if p.parts or p.ids else
+            why = ("its stream had started, and no worker resumed it through a broker" if p.shown else
                    "no broker took it back")
             return FleetError(UNAVAILABLE, f"lost the connection to the broker at {self.addr}, and {why} within "
                               f"recover_timeout_s={self.recover_timeout_s:g}s (the broker did not come back in time, "
@@ -261,7 +265,7 @@ class ClientCore:
                 if p.lost_at_s is None:
                     p.lost_at_s = now
                 # Nothing shown (read or not): safe to run again. Otherwise its worker resumes it.
-                p.resend_due = not (p.parts or p.ids or any(isinstance(m, Chunk) for m in p.inbox))
+                p.resend_due = not (p.shown or any(isinstance(m, Chunk) for m in p.inbox))
                 if p.notify is not None:
                     p.notify()
 
@@ -270,36 +274,37 @@ class ClientCore:
     def advance(self, p: Pending, msg: Message) -> StreamChunk | Completion | None:
         """What one reply of a generate means: a chunk, the completion, or (error) a raised FleetError."""
         if isinstance(msg, Chunk):
-            text, ids = self._new_output(p, msg)
+            out = p.output(msg.index)
+            text, ids, logprobs = self._new_output(p, out, msg)
             if text is None:
                 return None  # sent again after a broker restart: had it already
-            p.parts.append(text)
-            p.chars += len(text)
-            p.ids.extend(ids)
-            return StreamChunk(text, ids)
+            out.add(text, ids, logprobs, msg.tool_calls)
+            return StreamChunk(text, ids, msg.index, logprobs, msg.tool_calls)
         if isinstance(msg, Error):
             p.ended = True
             raise FleetError(msg.code, msg.message, p.request_id)
         if isinstance(msg, Done):
             p.ended = True
-            text = "".join(p.parts) if msg.text is None else msg.text
-            ids = p.ids if msg.token_ids is None else list(msg.token_ids)
-            return Completion(p.request_id, text, ids, msg.finish_reason, dict(msg.usage), dict(msg.timings))
+            return make_completion(p.request_id, msg, p.outputs)
         return None  # nothing else answers a generate
 
     @staticmethod
-    def _new_output(p: Pending, msg: Chunk) -> tuple[str | None, list[int]]:
-        """What of a chunk is new, by its offsets: (None, []) when nothing; a gap raises ``unavailable``."""
+    def _new_output(p: Pending, out: Output, msg: Chunk) -> tuple[str | None, list[int], list[dict[str, Any]] | None]:
+        """What of a chunk is new, by its offsets: (None, [], None) when nothing; a gap raises ``unavailable``.
+
+        Logprobs go with token ids, one entry each: the new ids' entries are the new ones.
+        """
         if msg.text_offset is None and msg.token_offset is None:
-            return msg.text, msg.token_ids
+            return msg.text, msg.token_ids, msg.logprobs
         text_at, ids_at = msg.text_offset or 0, msg.token_offset or 0
-        if text_at > p.chars or ids_at > len(p.ids):
-            raise FleetError(UNAVAILABLE, f"part of this stream was lost on the way (it has {p.chars} characters "
-                             f"and {len(p.ids)} token ids; a chunk came from {text_at} and {ids_at})", p.request_id)
-        text, ids = msg.text[p.chars - text_at:], msg.token_ids[len(p.ids) - ids_at:]
-        if not text and not ids and (text_at < p.chars or ids_at < len(p.ids)):
-            return None, []
-        return text, ids
+        if text_at > out.chars or ids_at > len(out.ids):
+            raise FleetError(UNAVAILABLE, f"part of this stream was lost on the way (it has {out.chars} characters "
+                             f"and {len(out.ids)} token ids; a chunk came from {text_at} and {ids_at})", p.request_id)
+        skip = len(out.ids) - ids_at
+        text, ids = msg.text[out.chars - text_at:], msg.token_ids[skip:]
+        if not text and not ids and (text_at < out.chars or ids_at < len(out.ids)):
+            return None, [], None
+        return text, ids, None if msg.logprobs is None else msg.logprobs[skip:]
 
     def reply(self, p: Pending, msg: Message, reply_type: type[R]) -> R | None:
         """A call's reply if ``msg`` is it; an ``error`` is raised; anything else is None."""

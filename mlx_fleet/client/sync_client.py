@@ -22,13 +22,13 @@ from actors.protocol import (
 )
 from mlx_fleet.client.async_client import AsyncClient, AsyncStream
 from mlx_fleet.client.core import (
-    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RECOVER_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, ClientShell, Completion,
-    FleetError, Pending, StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
+    DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_RECOVER_TIMEOUT_S, DEFAULT_TIMEOUT_S, GRACE_S, R, Choice, ClientShell,
+    Completion, FleetError, Pending, StreamChunk, encode_checked, local_timeout_s, make_generate, new_request_id,
 )
 
 __all__ = [
     "DEFAULT_CONNECT", "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "GRACE_S",
-    "AsyncClient", "AsyncStream", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream",
+    "AsyncClient", "AsyncStream", "Choice", "Client", "Completion", "FleetError", "StreamChunk", "SyncStream",
     "apply_curve_client", "make_generate",
 ]
 

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
@@ -31,10 +31,14 @@ from actors.protocol import CANCELLED, DEFAULT_LIMITS
 from actors.runtime import Hooks, StartError, run_process
 from actors.sockets import local_addr
 from mlx_fleet.client import GRACE_S, AsyncClient, AsyncStream, Completion, FleetError, StreamChunk
+from actors.protocol import BAD_REQUEST
+from mlx_fleet.gateway.openai_fields import refusal
 from mlx_fleet.gateway.openai_responses import FINISH_REASONS, ResponseFormat, json_bytes
 from mlx_fleet.gateway.openai_schema import (
-    DEFAULT_MAX_TOKENS, OpenAIError, ParsedRequest, error_from_fleet, parse_chat_request, parse_completion_request,
+    CHAT, DEFAULT_MAX_TOKENS, OpenAIError, ParsedRequest, error_from_fleet, parse_chat_request,
+    parse_completion_request,
 )
+from mlx_fleet.gateway.responses_api import ResponsesFormat, parse_responses_request
 
 log = logging.getLogger("mlx_fleet.gateway")
 
@@ -64,6 +68,32 @@ class GatewaySettings:
         return cls(connect=local_addr(cfg.frontend), host=cfg.http_host, port=cfg.http_port, api_key=cfg.api_key,
                    request_timeout_s=cfg.request_timeout_s, drain_timeout_s=cfg.drain_timeout_s, log_level=cfg.log_level,
                    curve=local_client_keys(cfg))
+
+
+class ReplyShape(Protocol):
+    """What the handlers need of an API's response shapes (chat/completions, or the Responses API)."""
+
+    id: str
+
+    def full(self, done: Completion) -> dict[str, Any]:
+        """The non-streamed body."""
+        ...
+
+    def start(self) -> bytes:
+        """The opening events of a stream."""
+        ...
+
+    def chunk(self, c: StreamChunk) -> bytes:
+        """The events of one fleet chunk."""
+        ...
+
+    def finish(self, done: Completion) -> bytes:
+        """The closing events of a stream."""
+        ...
+
+    def error(self, body: dict[str, Any]) -> bytes:
+        """An in-band error once the stream has started, and its end."""
+        ...
 
 
 def error_response(err: OpenAIError) -> web.Response:
@@ -134,17 +164,29 @@ class Gateway:
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         parsed = parse_chat_request(await _json_body(request), default_max_tokens=self.settings.default_max_tokens)
-        return await self._generate(request, parsed, "chatcmpl-")
+        return await self._generate(request, parsed, self._format(parsed, "chatcmpl-"))
 
     async def handle_completion(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
         parsed = parse_completion_request(await _json_body(request), default_max_tokens=self.settings.default_max_tokens)
-        return await self._generate(request, parsed, "cmpl-")
+        return await self._generate(request, parsed, self._format(parsed, "cmpl-"))
 
-    async def _generate(self, request: web.Request, parsed: ParsedRequest, id_prefix: str) -> web.StreamResponse:
+    async def handle_responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses (stateless: nothing is stored)."""
+        body = await _json_body(request)
+        parsed = parse_responses_request(body, default_max_tokens=self.settings.default_max_tokens)
+        fmt = ResponsesFormat(body, parsed, response_id="resp_" + uuid.uuid4().hex, created_s=int(time.time()))
+        return await self._generate(request, parsed, fmt)
+
+    @staticmethod
+    def _format(parsed: ParsedRequest, id_prefix: str) -> ResponseFormat:
+        o = parsed.options
+        return ResponseFormat(parsed.kind, completion_id=id_prefix + uuid.uuid4().hex, model=parsed.model,
+                              created_s=int(time.time()), include_usage=parsed.include_usage, n=int(o.get("n", 1)),
+                              top_logprobs=bool(o.get("top_logprobs")) or (parsed.kind != CHAT and "logprobs" in o))
+
+    async def _generate(self, request: web.Request, parsed: ParsedRequest, fmt: ReplyShape) -> web.StreamResponse:
         rid = uuid.uuid4().hex
-        fmt = ResponseFormat(parsed.kind, completion_id=id_prefix + rid, model=parsed.model,
-                             created_s=int(time.time()), include_usage=parsed.include_usage)
         stream = self.client.stream(model=parsed.model, request_id=rid, stream=parsed.stream, **parsed.options)
         # Leaving the stream early (error, disconnect, cancellation) sends `cancel` to the fleet.
         async with stream:
@@ -153,17 +195,17 @@ class Gateway:
                 if not parsed.stream:
                     done = await _completion(stream)
                     _raise_if_cancelled(done)
-                    return json_response(fmt.full(done.text, FINISH_REASONS[done.finish_reason], done.usage))
+                    return json_response(fmt.full(done))
             except FleetError as exc:
                 log.info("request %s refused: %s", fmt.id, exc)
-                return error_response(error_from_fleet(exc.code, exc.message))
+                return error_response(_fleet_error(exc, parsed))
             except asyncio.CancelledError:
                 log.info("client of %s went away; cancelling it in the fleet", fmt.id)
                 raise
-            return await self._stream(request, fmt, stream, first)
+            return await self._stream(request, fmt, stream, first, parsed)
 
-    async def _stream(self, request: web.Request, fmt: ResponseFormat, stream: AsyncStream,
-                      first: StreamChunk | None) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, fmt: ReplyShape, stream: AsyncStream,
+                      first: StreamChunk | None, parsed: ParsedRequest) -> web.StreamResponse:
         if first is None and stream.completion is not None:
             _raise_if_cancelled(stream.completion)  # still time for a proper status
         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -173,17 +215,18 @@ class Gateway:
         try:
             try:
                 while chunk is not None:
-                    if chunk.text:
-                        await resp.write(pending + fmt.delta(chunk.text))
+                    event = fmt.chunk(chunk)
+                    if event:
+                        await resp.write(pending + event)
                         pending = b""
                     chunk = await anext(stream, None)
             except FleetError as exc:
                 log.info("request %s failed mid-stream: %s", fmt.id, exc)
-                await resp.write(pending + fmt.error(error_from_fleet(exc.code, exc.message).body()))
+                await resp.write(pending + fmt.error(_fleet_error(exc, parsed).body()))
             else:
                 done = stream.completion
                 if done is not None and done.finish_reason in FINISH_REASONS:
-                    await resp.write(pending + fmt.finish(FINISH_REASONS[done.finish_reason], done.usage))
+                    await resp.write(pending + fmt.finish(done))
                 else:
                     await resp.write(pending + fmt.error(_cancelled_error().body()))
             await resp.write_eof()
@@ -240,6 +283,13 @@ async def _completion(stream: AsyncStream) -> Completion:
     return stream.completion
 
 
+def _fleet_error(exc: FleetError, parsed: ParsedRequest) -> OpenAIError:
+    """A fleet error as HTTP; a ``bad_request`` names the request parameter at fault where it can."""
+    if exc.code == BAD_REQUEST:
+        return refusal(exc.message, parsed.params)
+    return error_from_fleet(exc.code, exc.message)
+
+
 def _cancelled_error() -> OpenAIError:
     return error_from_fleet(CANCELLED, "the fleet cancelled this request before it finished")
 
@@ -257,6 +307,7 @@ def make_app(client: AsyncClient, settings: GatewaySettings) -> web.Application:
     app.add_routes([
         web.post("/v1/chat/completions", gw.handle_chat),
         web.post("/v1/completions", gw.handle_completion),
+        web.post("/v1/responses", gw.handle_responses),
         web.get("/v1/models", gw.handle_models),
         web.get("/v1/models/{model}", gw.handle_model),
         web.get("/health", gw.handle_health),

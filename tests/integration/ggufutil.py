@@ -1,4 +1,5 @@
-"""Write small GGUF files for tests: typed metadata, and tensors in F32, F16, Q8_0, Q4_0 or Q4_1.
+"""Write small GGUF files byte by byte for tests: typed metadata, tensors in F32, F16, Q8_0, Q4_0 or Q4_1,
+and made-up blocks of other type ids (for refusals).
 
 The writer follows llama.cpp's layout (GGUF v3, little-endian, data aligned to 32 bytes)
 and its block quantizers, written here in numpy. ``demo_as_gguf`` turns the demo model's
@@ -17,8 +18,9 @@ from typing import Any
 import numpy as np
 
 ALIGNMENT = 32
-TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}
-BLOCK_BYTES = {"Q4_K": (256, 144)}  # types written as raw bytes only: (values per block, bytes per block)
+TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q8_1": 9, "Q4_K": 12, "type 99": 99}
+# Types written as made-up bytes only: (values per block, bytes per block).
+BLOCK_BYTES = {"Q4_K": (256, 144), "Q8_1": (32, 36), "type 99": (32, 18)}
 
 # Metadata value type ids.
 U32, I32, F32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9

@@ -156,6 +156,26 @@ def test_the_tour_on_smollm2(fleet_logs: list[FleetProcess], tmp_path: Path, smo
     assert up.proc is not None and up.proc.wait(60) == 0, up.log()[-3000:]
 
 
+# ---- docs/clients.md: generate with a grammar or logprobs, on the demo model ----------------------
+
+
+def test_the_clients_doc_generate_flags(fleet_logs: list[FleetProcess], tmp_path: Path) -> None:
+    up = start(fleet_logs, documented("mlx-fleet up"), tmp_path)
+    with Client(FRONTEND, timeout_s=60) as client:
+        wait_ready(client, "demo", 1, up)
+    (tmp_path / "city.json").write_text(json.dumps(
+        {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}))
+    city = run(documented('mlx-fleet generate --model demo --json-schema city.json "A city:"'), cwd=tmp_path)
+    assert city.returncode == 0 and isinstance(json.loads(city.stdout)["city"], str), (city.stdout, city.stderr)
+    phone = run(documented('mlx-fleet generate --model demo --regex "[0-9]{3}-[0-9]{4}" "A phone number:"'))
+    assert phone.returncode == 0 and re.fullmatch("[0-9]{3}-[0-9]{4}", phone.stdout.strip()), phone
+    choice = run(documented('mlx-fleet generate --model demo --choice yes,no "Is it raining?"'))
+    assert choice.returncode == 0 and choice.stdout.strip() in ("yes", "no"), choice
+    lps = run(documented('mlx-fleet generate --model demo --max-tokens 5 --logprobs 2 "The capital of France is"'))
+    assert lps.returncode == 0 and len([ln for ln in lps.stderr.splitlines() if "top:" in ln]) == 5, lps.stderr
+    assert up.stop(timeout_s=60) == 0, up.log()[-3000:]
+
+
 # ---- docs/http.md, on the demo model ----------------------------------------------------------
 
 

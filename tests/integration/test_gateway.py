@@ -161,12 +161,14 @@ def test_unknown_model_is_404(fleet):
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"n": 17}, "n"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    # the demo model's template renders no tools and it has no tool format: refused by its worker
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"temperature": 3}, "temperature"),
-    ({"extra_body": {"min_p": 0.1}}, "min_p"),
+    ({"extra_body": {"min_p": 1.5}}, "min_p"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
 ])
 def test_unsupported_parameters_are_400(fleet, fields, param):
     with pytest.raises(openai.BadRequestError) as info:

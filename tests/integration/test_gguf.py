@@ -163,11 +163,19 @@ def _truncated(tmp_path: Path, demo_dir: Path) -> Path:
     return path
 
 
-def _k_quant(tmp_path: Path, demo_dir: Path) -> Path:
-    return demo_as_gguf(tmp_path / "k.gguf", demo_dir, types={"blk.1.ffn_down.weight": "Q4_K"})
+def _q8_1(tmp_path: Path, demo_dir: Path) -> Path:
+    return demo_as_gguf(tmp_path / "q81.gguf", demo_dir, types={"blk.1.ffn_down.weight": "Q8_1"})
 
 
-def _qwen(tmp_path: Path, demo_dir: Path) -> Path:
+def _unknown_type(tmp_path: Path, demo_dir: Path) -> Path:
+    return demo_as_gguf(tmp_path / "t99.gguf", demo_dir, types={"blk.0.attn_v.weight": "type 99"})
+
+
+def _falcon(tmp_path: Path, demo_dir: Path) -> Path:
+    return demo_as_gguf(tmp_path / "falcon.gguf", demo_dir, architecture="falcon")
+
+
+def _qwen_without_biases(tmp_path: Path, demo_dir: Path) -> Path:
     return demo_as_gguf(tmp_path / "qwen.gguf", demo_dir, architecture="qwen2")
 
 
@@ -189,17 +197,19 @@ def _extra_tensor(tmp_path: Path, demo_dir: Path) -> Path:
     path = demo_as_gguf(tmp_path / "x.gguf", demo_dir)
     header = read_gguf(path)
     tensors = [(t.name, np.zeros(t.dims[::-1], np.float32), "F32") for t in header.tensors]
-    return write_gguf(tmp_path / "x2.gguf", header.metadata, tensors + [("rope_freqs.weight", np.ones(32, np.float32), "F32")])
+    return write_gguf(tmp_path / "x2.gguf", header.metadata, tensors + [("blk.0.ffn_gate_inp.weight", np.ones((4, 64), np.float32), "F32")])
 
 
 REFUSALS = [
     (_truncated, r"truncated or corrupt GGUF: .*runs past the end of the file|truncated or corrupt GGUF: tensor"),
-    (_k_quant, r"tensor 'blk\.1\.ffn_down\.weight' has type Q4_K, which MLX cannot load"),
-    (_qwen, r"architecture 'qwen2' is not supported"),
+    (_q8_1, r"tensor 'blk\.1\.ffn_down\.weight' has type Q8_1, which the gguf package cannot dequantize"),
+    (_unknown_type, r"tensor 'blk\.0\.attn_v\.weight' has type id 99, which the gguf package does not know"),
+    (_falcon, r"architecture 'falcon' is not supported \(supported: llama, qwen2, qwen3, gemma3, phi3\)"),
+    (_qwen_without_biases, r"tensor 'blk\.0\.attn_q\.bias' \(mlx-lm's model\.layers\.0\.self_attn\.q_proj\.bias\) is missing"),
     (_not_gguf, r"not a GGUF file"),
     (_bad_pre, r"tokenizer pre-split 'deepseek-coder' is not supported"),
     (_unigram, r"tokenizer model 't5' is not supported"),
-    (_extra_tensor, r"tensor 'rope_freqs\.weight' has no counterpart"),
+    (_extra_tensor, r"tensor 'blk\.0\.ffn_gate_inp\.weight' \(F32\) has no counterpart in mlx-lm's llama model"),
 ]
 
 
@@ -215,8 +225,8 @@ def test_bad_files_are_refused_and_leave_no_folder(tmp_path: Path, demo_dir: Pat
 
 
 def test_check_source_refuses_without_converting(tmp_path: Path, demo_dir: Path) -> None:
-    with pytest.raises(GGUFError, match="Q4_K"):
-        check_source(str(_k_quant(tmp_path, demo_dir)))
+    with pytest.raises(GGUFError, match="Q8_1"):
+        check_source(str(_q8_1(tmp_path, demo_dir)))
     with pytest.raises(GGUFError, match="pre-split 'deepseek-coder'"):
         check_source(str(_bad_pre(tmp_path, demo_dir)))
     with pytest.raises(FileNotFoundError, match="no such GGUF file"):
@@ -232,7 +242,7 @@ def test_converted_once_keyed_by_content(tmp_path: Path, demo_dir: Path, monkeyp
     gguf = demo_as_gguf(tmp_path / "a.gguf", demo_dir)
     first = resolve_source(str(gguf), "float32")
     assert isinstance(first, Path) and first.parent == tmp_path / "cache" / "gguf"
-    assert first.name.endswith("-float32-v1")
+    assert first.name.endswith("-float32-v2")
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     copy = tmp_path / "renamed.gguf"
     copy.write_bytes(gguf.read_bytes())

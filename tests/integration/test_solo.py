@@ -136,7 +136,7 @@ def test_cancel_during_solo_and_after_the_handoff(demo_model):
     engine.insert([req("a", ids, max_tokens=100)])
     for _ in range(3):
         assert not [e for e in engine.step() if e.finish_reason]
-    assert engine.streams[engine.uid_of["a"]].tokens == 3
+    assert engine.streams[engine.uids_of["a"][0]].tokens == 3
     (ev,) = engine.remove(["a"])
     assert ev.finish_reason == "cancelled" and ev.completion_tokens == 3
     assert engine.solo is None and engine.active == 0 and engine.step() == []

@@ -292,3 +292,47 @@ def test_a_resend_carries_what_is_left_of_its_timeout() -> None:
     c.on_event(UP)
     (again,) = c.take_resends()
     assert again.resend and again.timeout_s == pytest.approx(6.0)
+
+
+# ---- decoding controls: n completions, logprobs ---------------------------------------------
+
+LP = [{"token": "a", "token_id": 1, "logprob": -0.1, "bytes": [97], "top_logprobs": []},
+      {"token": "b", "token_id": 2, "logprob": -0.2, "bytes": [98], "top_logprobs": []}]
+
+
+def test_n_streams_keep_their_own_output_and_offsets() -> None:
+    """Each completion's chunks carry offsets of their own; the done's choices take the streamed text."""
+    c, _ = core()
+    p = c.open("r1", "generate", 10.0)
+    got = [c.advance(p, Chunk("r1", "ab", [1, 2], 0, 0, index=1, logprobs=LP)),
+           c.advance(p, Chunk("r1", "x", [7], 0, 0, index=0, logprobs=LP[:1])),
+           c.advance(p, Chunk("r1", "ab", [1, 2], 0, 0, index=1, logprobs=LP)),  # sent again: dropped
+           c.advance(p, Chunk("r1", "bc", [2, 3], 1, 1, index=1, logprobs=LP))]  # half new
+    assert got[0] == StreamChunk("ab", [1, 2], 1, LP)
+    assert got[2] is None
+    assert got[3] == StreamChunk("c", [3], 1, LP[1:])
+    done = Done("r1", "stop", {"completion_tokens": 4},
+                choices=[{"index": 1, "finish_reason": "length", "completion_tokens": 3},
+                         {"index": 0, "finish_reason": "stop", "completion_tokens": 1}])
+    comp = c.advance(p, done)
+    assert isinstance(comp, Completion) and comp.choices is not None
+    assert [(ch.index, ch.text, ch.token_ids, ch.finish_reason) for ch in comp.choices] == [
+        (0, "x", [7], "stop"), (1, "abc", [1, 2, 3], "length")]
+    assert comp.choices[1].logprobs == LP + LP[1:]
+    assert comp.text == "x" and comp.logprobs == LP[:1]
+
+
+def test_a_non_streamed_done_carries_choices_and_logprobs() -> None:
+    c, _ = core()
+    p = c.open("r1", "generate", 10.0)
+    done = Done("r1", "stop", {}, text="ab", token_ids=[1, 2], logprobs=LP, warning="w",
+                tool_calls=[{"id": "c1", "name": "f", "arguments": "{}"}])
+    comp = c.advance(p, done)
+    assert isinstance(comp, Completion)
+    assert (comp.text, comp.logprobs, comp.warning, comp.choices) == ("ab", LP, "w", None)
+    assert comp.tool_calls == [{"id": "c1", "name": "f", "arguments": "{}"}]
+
+
+def test_make_generate_takes_int_logit_bias_keys() -> None:
+    msg = make_generate("demo", "hi", logit_bias={5: -100}, n=2, logprobs=True, top_logprobs=3)
+    assert msg.logit_bias == {"5": -100} and msg.n == 2 and msg.top_logprobs == 3

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from actors.protocol import ERROR_CODES, Limits
+from mlx_fleet.client import Completion
 from mlx_fleet.gateway.openai_responses import SSE_DONE, ResponseFormat, usage_body
 from mlx_fleet.gateway.openai_schema import (
     CHAT, COMPLETION, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, OpenAIError, error_from_fleet, parse_chat_request,
@@ -98,28 +99,35 @@ def test_completion_prompts(prompt, want):
 
 
 def test_completion_neutral_values():
-    p = parse_completion_request(completion(echo=False, best_of=1, logprobs=0, suffix="", n=1, user="x"))
-    assert p.options["prompt"] == "Hello"
+    p = parse_completion_request(completion(echo=False, best_of=1, suffix="", n=1, user="x"))
+    assert p.options["prompt"] == "Hello" and "n" not in p.options
 
 
 # ---- refused requests ---------------------------------------------------------------------
 
 CHAT_REFUSALS = [
     # (fields, param, code)
-    ({"n": 2}, "n", "unsupported_parameter"),
-    ({"n": True}, "n", "unsupported_parameter"),
-    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-    ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
-    ({"logit_bias": {"1": 5}}, "logit_bias", "unsupported_parameter"),
+    ({"n": True}, "n", "invalid_value"),
+    ({"n": 17}, "n", "invalid_value"),
+    ({"top_logprobs": 3}, "top_logprobs", "invalid_value"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"logit_bias": {"x": 5}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"1": 101}}, "logit_bias", "invalid_value"),
+    ({"min_p": 1.5}, "min_p", "invalid_value"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"tool_choice": "required"}, "tool_choice", "invalid_value"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", "invalid_value"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "blob"}}}},
+     "response_format", "invalid_value"),
+    ({"response_format": {"type": "xml"}}, "response_format", "invalid_value"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "missing_required_parameter"),
     ({"audio": {"voice": "x"}}, "audio", "unsupported_parameter"),
     ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
     ({"best_of": 2}, "best_of", "unknown_parameter"),
     ({"max_completion_tokens": 3, "max_tokens": 4}, "max_completion_tokens", "invalid_value"),
-    ({"min_p": 0.1}, "min_p", "unknown_parameter"),
     ({"max_tokens": 0}, "max_tokens", "invalid_value"),
     ({"max_tokens": 10**6}, "max_tokens", "invalid_value"),
     ({"max_tokens": 5.0}, "max_tokens", "invalid_value"),
@@ -146,14 +154,15 @@ CHAT_REFUSALS = [
     ({"messages": []}, "messages", "missing_required_parameter"),
     ({"messages": "hi"}, "messages", "missing_required_parameter"),
     ({"messages": ["hi"]}, "messages[0]", "invalid_value"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role", "unsupported_parameter"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_value"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "invalid_value"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content", "unsupported_parameter"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
-     "messages[0].tool_calls", "unsupported_parameter"),
+     "messages[0].tool_calls[0]", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}, {"role": "user", "content": "y", "foo": 1}]},
+     "messages[1].foo", "unsupported_parameter"),
 ]
 
 
@@ -174,7 +183,7 @@ def test_chat_refusals_are_400_naming_the_parameter(fields, param, code):
     ({"prompt": {"text": "x"}}, "prompt", "invalid_value"),
     ({"echo": True}, "echo", "unsupported_parameter"),
     ({"best_of": 3}, "best_of", "unsupported_parameter"),
-    ({"logprobs": 2}, "logprobs", "unsupported_parameter"),
+    ({"logprobs": 6}, "logprobs", "invalid_value"),
     ({"suffix": "end"}, "suffix", "unsupported_parameter"),
     ({"max_completion_tokens": 5}, "max_completion_tokens", "unknown_parameter"),
     ({"messages": MSG}, "messages", "unknown_parameter"),
@@ -257,12 +266,13 @@ def test_usage_body():
 
 @pytest.mark.parametrize("kind, obj", [(CHAT, "chat.completion"), (COMPLETION, "text_completion")])
 def test_full_response(kind, obj):
-    body = ResponseFormat(kind, completion_id="id1", model="demo", created_s=5).full("hi", "length", USAGE)
+    done = Completion("r", "hi", [1, 2], "length", USAGE)
+    body = ResponseFormat(kind, completion_id="id1", model="demo", created_s=5).full(done)
     assert (body["id"], body["object"], body["model"], body["created"]) == ("id1", obj, "demo", 5)
     (choice,) = body["choices"]
     assert choice["finish_reason"] == "length"
     if kind == CHAT:
-        assert choice["message"] == {"role": "assistant", "content": "hi"}
+        assert choice["message"] == {"role": "assistant", "content": "hi"} and choice["logprobs"] is None
     else:
         assert choice["text"] == "hi"
     assert body["usage"]["total_tokens"] == 7
@@ -271,7 +281,7 @@ def test_full_response(kind, obj):
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_chat_stream_events(include_usage):
     fmt = ResponseFormat(CHAT, completion_id="c", model="demo", created_s=1, include_usage=include_usage)
-    evs = events(fmt.start() + fmt.delta("Hel") + fmt.delta("lo") + fmt.finish("stop", USAGE))
+    evs = events(fmt.start() + fmt.delta("Hel") + fmt.delta("lo") + fmt.finish(Completion("r", "", [], "stop", USAGE)))
     assert evs[-1] == "[DONE]"
     chunks = evs[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == "c" for c in chunks)
@@ -289,7 +299,7 @@ def test_chat_stream_events(include_usage):
 def test_completion_stream_events():
     fmt = ResponseFormat(COMPLETION, completion_id="c", model="demo", created_s=1, include_usage=True)
     assert fmt.start() == b""
-    evs = events(fmt.delta("ab") + fmt.finish("length", USAGE))
+    evs = events(fmt.delta("ab") + fmt.finish(Completion("r", "", [], "length", USAGE)))
     assert [e if e == "[DONE]" else e["object"] for e in evs] == ["text_completion"] * 3 + ["[DONE]"]
     assert evs[0]["choices"][0]["text"] == "ab"
     assert evs[1]["choices"][0]["finish_reason"] == "length"

@@ -16,6 +16,7 @@ from actors.clock import FakeClock
 from actors.config import BatchingConfig
 from actors.protocol import Chunk, Dispatch, Done, Error, Generate, Message
 from tests.unit.test_worker_telemetry import RecordingSender
+from workers.tools import ToolSupport
 from workers.engine.stats import StepStats
 from workers.policies import make_auto_tuner, make_policy
 from workers.replies import Outgoing, Progress, ReplyLedger
@@ -36,8 +37,13 @@ class FakeCacheStats:
 @dataclass
 class Seq:
     req: EngineRequest
+    index: int = 0
     made: int = 0
     pending_ids: list[int] = field(default_factory=list)
+
+
+VOCAB = 1000
+BAD_PATTERN = "("  # the fake engine's grammar compiler refuses this regex
 
 
 class FakeEngine:
@@ -50,13 +56,18 @@ class FakeEngine:
         self.clock = clock
         self.capacity = capacity
         self.text_of = text_of
-        self.seqs: dict[str, Seq] = {}
+        self.seqs: dict[tuple[str, int], Seq] = {}
+        self.compiled: list[dict[str, Any]] = []
+        self.logprobs_prepared = 0
+        self.refuse: str | None = None
         self.stats = StepStats()
         self.cache_stats = FakeCacheStats()
         self.inserted: list[list[str]] = []
         self.admission_batches: list[int] = []
         self.fail_next_step = False
         self.fail_next_insert = False
+        self.tool_support = ToolSupport("m", None, "the fake engine has no tool format")
+        self.rendered_tools: list[list[dict] | None] = []
 
     @property
     def active(self) -> int:
@@ -66,7 +77,25 @@ class FakeEngine:
     def free_slots(self) -> int:
         return self.capacity - len(self.seqs)
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None) -> list[int]:
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB
+
+    def compile_grammar(self, spec: dict[str, Any]) -> Any:
+        self.compiled.append(spec)
+        if spec.get("pattern") == BAD_PATTERN:
+            raise ValueError("unclosed group")
+        return object()
+
+    def prepare_logprobs(self) -> None:
+        self.logprobs_prepared += 1
+
+    def controls_refused(self) -> str | None:
+        return self.refuse
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict] | None, tokens: list[int] | None,
+                      tools: list[dict] | None = None) -> list[int]:
+        self.rendered_tools.append(tools)
         ids = list(tokens) if tokens is not None else [ord(c) for c in (prompt or "")]
         if not ids:
             raise ValueError("the prompt is empty after tokenization")
@@ -76,10 +105,11 @@ class FakeEngine:
         if self.fail_next_insert:
             self.fail_next_insert = False
             raise RuntimeError("out of memory")
-        assert len(reqs) <= self.free_slots
+        assert sum(r.n for r in reqs) <= self.free_slots
         self.inserted.append([r.key for r in reqs])
         for r in reqs:
-            self.seqs[r.key] = Seq(r)
+            for i in range(r.n):
+                self.seqs[(r.key, i)] = Seq(r, i)
 
     def step(self) -> list[StepEvent]:
         self.clock.advance(STEP_S)
@@ -88,25 +118,27 @@ class FakeEngine:
             self.fail_next_step = False
             raise RuntimeError("kernel failed")
         events = []
-        for key, s in list(self.seqs.items()):
+        for (key, index), s in list(self.seqs.items()):
             n = s.made
             s.made += 1
             s.pending_ids.append(100 + n)
             text = self.text_of(n)
-            done = s.made >= s.req.max_tokens
+            done = s.made >= s.req.max_tokens - index  # completion i ends i tokens sooner
             ids, s.pending_ids = (s.pending_ids, []) if text or done else ([], s.pending_ids)
+            asked = s.req.controls is not None and s.req.controls.logprobs
+            logprobs = [{"token": "t", "token_id": t, "logprob": -0.5, "bytes": [116]} for t in ids] if asked else None
             events.append(StepEvent(key, text, ids, "length" if done else None, n == 0, s.made if done else 0,
-                                    path="batch" if done else ""))
+                                    path="batch" if done else "", index=index, logprobs=logprobs or None))
             if done:
-                del self.seqs[key]
+                del self.seqs[(key, index)]
         return events
 
     def remove(self, keys: list[str], reason: str = "cancelled") -> list[StepEvent]:
         out = []
-        for key in keys:
-            s = self.seqs.pop(key, None)
-            if s is not None:
-                out.append(StepEvent(key, "", [], reason, False, s.made, 3))
+        for (key, index), s in list(self.seqs.items()):
+            if key in keys:
+                del self.seqs[(key, index)]
+                out.append(StepEvent(key, "", [], reason, False, s.made, 3, index=index))
         return out
 
     def set_admission_batch(self, n: int) -> None:
@@ -160,7 +192,8 @@ def generate(rid: str, **fields: Any) -> Generate:
 
 
 def make_rig(policy: str = "immediate", *, capacity: int = 4, max_prompt_tokens: int = 64,
-             auto_tune: bool = False, text_of: Callable[[int], str] = lambda n: f"w{n} ", **batching: Any) -> Rig:
+             auto_tune: bool = False, text_of: Callable[[int], str] = lambda n: f"w{n} ",
+             compile_pool: Any = None, **batching: Any) -> Rig:
     clock = FakeClock()
     engine = FakeEngine(clock, capacity, text_of)
     cfg = dataclasses.replace(BatchingConfig(decode_window_ms=0.0), policy=policy, decode_capacity=capacity,
@@ -169,7 +202,8 @@ def make_rig(policy: str = "immediate", *, capacity: int = 4, max_prompt_tokens:
     sender = RecordingSender()
     telemetry = WorkerTelemetry(sender, policy_obj, model="m", worker="m-0")
     session = WorkerSession(engine, policy_obj, clock=clock, tuner=make_auto_tuner(cfg, policy_obj),
-                            telemetry=telemetry, max_prompt_tokens=max_prompt_tokens)
+                            telemetry=telemetry, max_prompt_tokens=max_prompt_tokens, decode_capacity=capacity,
+                            compile_pool=compile_pool)
     return Rig(session, engine, clock, ReplyLedger(clock), sender)
 
 

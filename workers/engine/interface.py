@@ -10,10 +10,43 @@ An engine takes :class:`EngineRequest` and returns :class:`StepEvent`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from workers.engine.prompt_cache import PromptCacheStats
+from workers.engine.prompt_cache import PromptCache, PromptCacheStats
 from workers.engine.stats import StepStats
+from workers.tools import ToolSupport
+
+if TYPE_CHECKING:  # llguidance, not MLX; the worker's pure parts never load it for this
+    from workers.engine.grammar import Grammar
+
+
+@dataclass(frozen=True)
+class Controls:
+    """A request's decoding controls, checked and compiled before it reaches the engine.
+
+    The penalties count the tokens generated in that completion only (docs/protocol.md).
+    ``logit_bias`` maps token ids (below the vocabulary) to a bias; ``grammar`` is compiled.
+    """
+
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: Grammar | None = None
+
+    @property
+    def penalised(self) -> bool:
+        """Whether a penalty is on."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or (self.repetition_penalty is not None and self.repetition_penalty != 1.0))
+
+    @property
+    def active(self) -> bool:
+        """Whether any control is on: a request with none takes the engine's plain path."""
+        return bool(self.penalised or self.logit_bias or self.min_p or self.logprobs or self.grammar is not None)
 
 
 @dataclass
@@ -29,6 +62,8 @@ class EngineRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     cache: bool = True  # use and feed the prompt cache
+    n: int = 1  # completions of this prompt, prefilled once; completion i samples with seed + i
+    controls: Controls | None = None  # None: no decoding control
 
 
 @dataclass
@@ -43,10 +78,18 @@ class StepEvent:
     completion_tokens: int = 0  # set on the final event; EOS included
     cached_tokens: int = 0  # prompt tokens reused from the prompt cache; set on the final event
     path: str = ""  # solo | batch | handoff; set on the final event
+    index: int = 0  # which of the request's n completions
+    logprobs: list[dict[str, Any]] | None = None  # one entry per id of ``token_ids``, when asked for
 
 
 class EngineLike(Protocol):
-    """What the worker needs of an engine: continuous batching, one step at a time, on one thread."""
+    """What the worker needs of an engine: continuous batching, one step at a time, on one thread.
+
+    ``prompt_cache`` is read for its entries' labels (the keys of the requests that stored them),
+    which the worker reports to the broker as prefix keys (workers/prefix_report.py).
+    """
+
+    prompt_cache: PromptCache[Any]
 
     @property
     def active(self) -> int:
@@ -68,18 +111,39 @@ class EngineLike(Protocol):
         """Prompt-cache figures (cumulative)."""
         ...
 
-    def prompt_cache_labels(self) -> list[str]:
-        """The keys of the requests whose KV caches the prompt cache holds now (reported to the broker)."""
-        ...
-
     @property
     def solo_fast_path(self) -> bool:
         """Whether a lone request on an idle engine decodes on the solo path."""
         ...
 
+    @property
+    def tool_support(self) -> ToolSupport:
+        """How the model calls tools, or why it cannot."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits: token ids must be below it."""
+        ...
+
+    def compile_grammar(self, spec: dict[str, Any]) -> Grammar:
+        """Compile a request's ``grammar`` map (thread-safe: called off the engine's thread).
+
+        Raises ValueError with the grammar engine's message for one it cannot compile.
+        """
+        ...
+
+    def prepare_logprobs(self) -> None:
+        """Build what logprobs need (thread-safe: called off the engine's thread, before admission)."""
+        ...
+
+    def controls_refused(self) -> str | None:
+        """Why this engine cannot honour decoding controls at all, or None when it can."""
+        ...
+
     def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
-                      tokens: list[int] | None) -> list[int]:
-        """Token ids of a prompt; raises ValueError for one the model cannot take."""
+                      tokens: list[int] | None, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt (``tools`` go to the chat template); raises ValueError for one the model cannot take."""
         ...
 
     def insert(self, reqs: list[EngineRequest]) -> None:

@@ -62,6 +62,8 @@ class PromptCacheStats:
     rejected: int = 0  # entries over max_bytes, never stored
     entries: int = 0
     bytes_held: int = 0
+    forks: int = 0  # sequences started from a copy of another's prefill (n > 1 completions)
+    fork_tokens: int = 0  # prompt tokens whose prefill those forks skipped
 
     def as_dict(self, prefix: str = "prompt_cache_") -> dict[str, int]:
         """A flat map, each name with ``prefix`` (for heartbeats and collectors)."""

@@ -23,11 +23,15 @@ sampler is rewound by one draw, so ``y_{n+1}`` is drawn with the same key both w
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Generator
+from typing import Any, Callable, cast
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
+
+from workers.engine.batch import controlled_sample
+from workers.engine.controls import Rows
 
 
 class Solo:
@@ -47,6 +51,8 @@ class Solo:
         cache: list[Any] | None = None,
         cached_tokens: int = 0,
         prefill_step_size: int = 512,
+        rows: Rows | None = None,
+        uid: int = -1,
     ) -> None:
         self.sampler = sampler
         self.max_tokens = max_tokens
@@ -56,8 +62,13 @@ class Solo:
         self.cache = cache if cache is not None else make_prompt_cache(model)
         self.tokens: list[int] = list(prompt_tokens)  # what the cache holds once stepped
         self.generated = 0
-        self._gen = generate_step(mx.array(prompt_tokens[cached_tokens:]), model, max_tokens=max_tokens,
-                                  sampler=sampler, prompt_cache=self.cache, prefill_step_size=prefill_step_size)
+        prompt = mx.array(prompt_tokens[cached_tokens:])
+        self._gen: Generator[tuple[Any, Any], None, None]
+        if rows is not None and uid in rows.rows:  # a request with decoding controls
+            self._gen = controlled_step(prompt, model, self.cache, sampler, rows, uid, prefill_step_size)
+        else:
+            self._gen = generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, prompt_cache=self.cache,
+                                      prefill_step_size=prefill_step_size)
 
     def next(self) -> int:
         """The next token (the first call prefills). The cache then holds it too."""
@@ -98,6 +109,35 @@ class Solo:
         self._gen.close()
 
 
+def controlled_step(prompt: mx.array, model: Any, cache: list[Any], sampler: Callable[[mx.array], mx.array],
+                    rows: Rows, uid: int, prefill_step_size: int) -> Generator[tuple[int, Any], None, None]:
+    """``generate_step`` with the decoding controls of ``rows[uid]``: the same prefill and one-step overlap.
+
+    Yields ``(token, None)``: the engine reads logprobs from the row.
+    """
+    with mx.stream(generation_stream):
+        while len(prompt) > 1:
+            n = min(prefill_step_size, len(prompt) - 1)
+            model(prompt[:n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[n:]
+            mx.clear_cache()
+
+        def step(inputs: mx.array) -> mx.array:
+            raw = model(inputs[None], cache=cache)[:, -1, :]
+            plan = rows.plan([uid])
+            assert plan is not None
+            sampled, _, _, extra = controlled_sample(plan, rows, raw, inputs[-1:], sampler)
+            mx.async_eval(sampled, extra)
+            return sampled
+
+        y = step(prompt)
+        while True:
+            next_y = step(y)  # in flight before this token is waited for
+            mx.eval(y)
+            rows.read_logprobs()
+            yield cast(int, y.item()), None
+            y = next_y
 def trim_kv(cache: list[Any], num_tokens: int) -> int:
     """Trim ``cache`` in place by up to ``num_tokens``; how many tokens it trimmed."""
     # mlx-lm 0.32.2 returns that count but annotates trim_prompt_cache as returning List[Any].

@@ -56,6 +56,11 @@ class StepStats:
     mlx_s: float = 0.0  # time of closed cycles inside mlx-lm
     own_s: float = 0.0  # time of closed cycles outside it
     shard_checked_steps: int = 0  # a sharded group's steps that every follower matched token for token (0 unsharded)
+    # Decoding controls (parts of mlx_s: they run inside the step): filling grammar masks
+    # (with the consuming of tokens, while the forward pass runs) and reading logprobs.
+    masked_steps: int = 0  # steps with at least one grammar-constrained row
+    mask_s: float = 0.0
+    logprobs_s: float = 0.0
 
     @property
     def mean_batch_size(self) -> float:
@@ -86,6 +91,7 @@ class StepStats:
             "busy_s": round(self.busy_s, 4), "solo_steps": self.solo_steps, "batch_steps": self.batch_steps,
             "handoffs": self.handoffs, "step_cycles": self.cycles, "mlx_s": round(self.mlx_s, 4),
             "own_s": round(self.own_s, 4), "shard_checked_steps": self.shard_checked_steps,
+            "masked_steps": self.masked_steps, "mask_s": round(self.mask_s, 4), "logprobs_s": round(self.logprobs_s, 4),
         }
         out.update({f"requests_{path}": n for path, n in self.requests.items()})
         return out

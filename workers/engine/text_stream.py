@@ -16,23 +16,27 @@ class TextStream:
     is decoded (see :mod:`workers.engine.stats`), kept up to date by the engine.
     """
 
-    def __init__(self, req: Any, detokenizer: Any, path: str) -> None:
+    def __init__(self, req: Any, detokenizer: Any, path: str, index: int = 0) -> None:
         self.req = req
+        self.index = index  # which of the request's completions
         self.stop: list[str] = list(req.stop)
         self.detok = detokenizer
         self.path = path
         self.text = ""  # decoded so far (stop strings search here)
         self.emitted = 0  # characters of ``text`` already handed out
         self.pending_ids: list[int] = []
+        self.pending_logprobs: list[dict[str, Any]] = []  # one per pending id, when the request asked
         self.tokens = 0
         self.cached_tokens = 0
         self.hold = max((len(s) for s in self.stop), default=1) - 1
 
-    def add(self, token: int | None) -> None:
-        """Append one generated token (None: only pick up what the detokenizer has since released)."""
+    def add(self, token: int | None, logprob: dict[str, Any] | None = None) -> None:
+        """Append one generated token, with its logprob entry (None: only pick up what the detokenizer has since released)."""
         if token is not None:
             self.detok.add_token(token)
             self.pending_ids.append(token)
+            if logprob is not None:
+                self.pending_logprobs.append(logprob)
             self.tokens += 1
         self.text += self.detok.last_segment
 
@@ -41,6 +45,13 @@ class TextStream:
         start = max(0, self.emitted - self.hold)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else -1
+
+    def take_logprobs(self) -> list[dict[str, Any]] | None:
+        """The logprob entries of the ids the last ``take`` returned (None when not asked for)."""
+        if not self.pending_logprobs:
+            return None
+        out, self.pending_logprobs = self.pending_logprobs, []
+        return out
 
     def take(self, upto: int | None = None) -> tuple[str, list[int]]:
         """Text ready to send (holding back a possible stop-string prefix) and pending ids."""

@@ -61,6 +61,7 @@ class DemoSize:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+    vocab_size: int = 0  # 0: the trained tokenizer's; more: widened (demo_tokenizer.widen_tokenizer)
 
     @property
     def head_dim(self) -> int:
@@ -73,6 +74,9 @@ DEMO_SIZES: dict[str, DemoSize] = {
                      intermediate_size=768),
     "demo-small": DemoSize("demo-small", hidden_size=512, num_layers=8, num_heads=8,
                            num_kv_heads=4, intermediate_size=1536),
+    # demo's shape with a Llama-3-sized vocabulary, for what scales with it (logits, grammar masks)
+    "demo-wide": DemoSize("demo-wide", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                          intermediate_size=768, vocab_size=131_072),
 }
 
 
@@ -94,7 +98,7 @@ def demo_fingerprint(size: str, *, seed: int = DEFAULT_SEED) -> str:
     spec = get_demo_size(size)
     payload = {
         "format_version": FORMAT_VERSION,
-        "size": dataclasses.asdict(spec),
+        "size": {k: v for k, v in dataclasses.asdict(spec).items() if k != "vocab_size" or v},
         "seed": seed,
         "vocab_size": dtok.VOCAB_SIZE,
         "init": [EMBED_STD, PROJ_GAIN, LM_HEAD_GAIN],
@@ -212,6 +216,8 @@ def _json_bytes(obj: Any) -> bytes:
 
 def _write_contents(folder: Path, spec: DemoSize, seed: int) -> None:
     tokenizer = dtok.train_demo_tokenizer()
+    if spec.vocab_size:
+        tokenizer = dtok.widen_tokenizer(tokenizer, spec.vocab_size)
     vocab_size = tokenizer.get_vocab_size()
     for name, data in dtok.tokenizer_files(tokenizer).items():
         _write_file(folder / name, data)

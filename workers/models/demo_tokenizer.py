@@ -98,6 +98,30 @@ def train_demo_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     return tokenizer
 
 
+def widen_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
+    """The trained tokenizer with merges of its own tokens' pairs appended until it holds ``vocab_size`` tokens.
+
+    A large vocabulary (a Llama 3's 128k) for measuring what scales with it (logits,
+    grammar masks) on a small model. Appended merges rank after the trained ones, so
+    it is still a valid byte-level BPE; deterministic, like the training.
+    """
+    data = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    merges: list[list[str]] = data["model"]["merges"]
+    specials = set(SPECIAL_TOKENS)
+    base = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
+    next_id = max(vocab.values()) + 1
+    for left in base:
+        for right in base:
+            if next_id >= vocab_size:
+                return Tokenizer.from_str(json.dumps(data))
+            if left + right not in vocab:
+                vocab[left + right] = next_id
+                merges.append([left, right])
+                next_id += 1
+    raise ValueError(f"cannot widen a vocabulary of {len(base)} tokens to {vocab_size}")
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 

@@ -3,10 +3,10 @@
 llama.cpp's converter stores one of two tokenizers, and this module rebuilds each
 with the ``tokenizers`` library:
 
-- a byte-level BPE (``tokenizer.ggml.model`` = ``gpt2``: SmolLM, Llama 3) as its token
+- a byte-level BPE (``tokenizer.ggml.model`` = ``gpt2``: SmolLM, Llama 3, Qwen 2/3) as its token
   strings, merge rules and token types, naming the text split before BPE with
   ``tokenizer.ggml.pre``;
-- a SentencePiece BPE (``llama``: Llama 2, TinyLlama, Mistral) as its pieces and their
+- a SentencePiece BPE (``llama``: Llama 2, TinyLlama, Mistral, Phi 3, Gemma 3) as its pieces and their
   scores. There are no merge rules: SentencePiece merges the pair whose merged piece
   scores highest, so the rules are derived from the scores (:func:`spm_merges`), with
   byte fallback for characters outside the vocabulary and ``▁`` for spaces.
@@ -37,7 +37,19 @@ _DIGITS_FAMILY = ("smollm", "starcoder", "refact", "command-r", "codeshell", "ex
 _LLAMA3_FAMILY = ("llama-bpe", "llama3")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SUPPORTED_PRE = (*_GPT2_FAMILY, *_DIGITS_FAMILY, *_LLAMA3_FAMILY)
+# Qwen 2/3's split: Llama 3's with each digit on its own.
+_QWEN2_FAMILY = ("qwen2", "deepseek-r1-qwen")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Mistral's Tekken (Nemo and later): words split at case changes, digits alone; whole-word
+# vocabulary entries win over merges.
+_TEKKEN_FAMILY = ("tekken",)
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {**{p: LLAMA3_SPLIT for p in _LLAMA3_FAMILY}, **{p: QWEN2_SPLIT for p in _QWEN2_FAMILY},
+           **{p: TEKKEN_SPLIT for p in _TEKKEN_FAMILY}}
+SUPPORTED_PRE = (*_GPT2_FAMILY, *_DIGITS_FAMILY, *_LLAMA3_FAMILY, *_QWEN2_FAMILY, *_TEKKEN_FAMILY)
 SPACE = "\u2581"  # SentencePiece's stand-in for a space
 
 
@@ -60,9 +72,9 @@ def _pre_tokenizer(pre: str) -> Any:
         return byte_level
     if pre in _DIGITS_FAMILY:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_FAMILY:
+    if pre in _SPLITS:
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise AssertionError(pre)  # check_tokenizer refused it
 
@@ -142,8 +154,10 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
     if meta.get("tokenizer.ggml.model") == "llama":
         tokenizer = _sentencepiece_bpe(meta, tokens, types)
     else:
-        tokenizer = Tokenizer(models.BPE(vocab=_first_ids(tokens), merges=_merges(meta), ignore_merges=False))
-        tokenizer.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "gpt-2")))
+        pre = str(meta.get("tokenizer.ggml.pre", "gpt-2"))
+        tokenizer = Tokenizer(models.BPE(vocab=_first_ids(tokens), merges=_merges(meta),
+                                         ignore_merges=pre in _TEKKEN_FAMILY))
+        tokenizer.pre_tokenizer = _pre_tokenizer(pre)
         tokenizer.decoder = decoders.ByteLevel()
     added = [AddedToken(tokens[i], special=t == CONTROL, normalized=False)
              for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
@@ -170,7 +184,8 @@ def _sentencepiece_bpe(meta: Mapping[str, Any], tokens: list[str], types: list[i
 
 
 def _add_bos_default(meta: Mapping[str, Any]) -> bool:
-    return meta.get("tokenizer.ggml.model") == "llama"  # llama.cpp's default: SentencePiece models start with BOS
+    # llama.cpp's default: SentencePiece models and Tekken start with BOS
+    return meta.get("tokenizer.ggml.model") == "llama" or meta.get("tokenizer.ggml.pre") in _TEKKEN_FAMILY
 
 
 def _post_processor(meta: Mapping[str, Any], tokens: Sequence[str]) -> Any:

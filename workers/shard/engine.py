@@ -52,9 +52,12 @@ from workers.engine.adapter import Engine, make_engine
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent
 from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
+from workers.engine.tool_setup import model_tools
 from workers.models.precision import apply_dtype, load_model
+from workers.tools import ToolSupport
 from workers.shard.channel import (
-    BeatTracker, FollowerChannel, GroupLost, GroupWatch, Rank0Channel, OpError, StallCheck, StepLedger, die,
+    REQUEST_FIELDS, BeatTracker, FollowerChannel, GroupLost, GroupWatch, Rank0Channel, OpError, StallCheck,
+    StepLedger, die,
 )
 
 log = logging.getLogger("mlx_fleet.shard")
@@ -71,6 +74,8 @@ class EngineSettings(Protocol):
     """What loading an engine needs of a worker's settings (read-only: they are frozen)."""
 
     @property
+    def model(self) -> str: ...
+    @property
     def source(self) -> str: ...
     @property
     def dtype(self) -> str: ...
@@ -78,6 +83,10 @@ class EngineSettings(Protocol):
     def batching(self) -> BatchingConfig: ...
     @property
     def shard(self) -> ShardRank | None: ...
+    @property
+    def chat_template(self) -> str: ...
+    @property
+    def tool_format(self) -> str: ...
     @property
     def memory_share(self) -> int: ...  # worker processes sharing this machine's memory (workers/capacity.py)
 
@@ -165,8 +174,9 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock 
         mx.random.seed(seed)  # unseeded sampling draws the same keys on every rank
         plan = group_capacity(plan, shared[3:])
         keep_bytes = s.batching.prompt_cache_bytes
-        engine = make_engine(model, tokenizer, s.batching, decode_capacity=plan.capacity,
-                             prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES)
+        engine = make_engine(model, tokenizer, dataclasses.replace(s.batching, decode_capacity=plan.capacity),
+                             prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES,
+                             tools=model_tools(tokenizer, s) if shard.rank == 0 else None)
         pid, host = os.getpid(), socket.gethostname()
         me: dict[str, Any] = {"rank": shard.rank, "pid": pid, "host": host}
         member = GroupMember(shard, engine, model, mode, ctx, plan, rank0=rank0, ranks=[me])
@@ -223,6 +233,7 @@ class ShardedEngine(EngineLike):
         assert member.rank0 is not None
         self.member = member
         self.engine = member.engine
+        self.prompt_cache = member.engine.prompt_cache  # rank 0's; the followers' hold the same entries
         self.channel = member.rank0
         self.fail = fail
         clock = clock or MonotonicClock()
@@ -255,25 +266,43 @@ class ShardedEngine(EngineLike):
         """Rank 0's step figures, with ``shard_checked_steps`` kept current."""
         return self.engine.stats
 
-    def prompt_cache_labels(self) -> list[str]:
-        """Rank 0's prompt-cache entries (the followers' hold the same)."""
-        return self.engine.prompt_cache_labels()
-
     @property
     def solo_fast_path(self) -> bool:
         """Whether a lone request decodes on the solo path (on every rank alike)."""
         return self.engine.solo_fast_path
 
-    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None,
-                      tokens: list[int] | None) -> list[int]:
+    @property
+    def tool_support(self) -> ToolSupport:
+        """Rank 0's: the tokenizer and its template are rank 0's alone."""
+        return self.engine.tool_support
+
+    def encode_prompt(self, prompt: str | None, messages: list[dict[str, Any]] | None, tokens: list[int] | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids for a prompt (the tokenizer is rank 0's alone; the ids travel with the insert)."""
-        return self.engine.encode_prompt(prompt, messages, tokens)
+        return self.engine.encode_prompt(prompt, messages, tokens, tools)
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits."""
+        return self.engine.vocab_size
+
+    def compile_grammar(self, spec: dict[str, Any]) -> Any:
+        """Never called: a group refuses grammars (``controls_refused``)."""
+        raise ValueError("a sharded group does not apply grammars")
+
+    def prepare_logprobs(self) -> None:
+        """Nothing to prepare: a group refuses logprobs."""
+
+    def controls_refused(self) -> str | None:
+        """Decoding controls and n > 1 would have to travel to every rank with the insert: not done yet."""
+        return "a sharded group does not apply decoding controls yet"
 
     # ---- changes --------------------------------------------------------------------------
 
     def insert(self, reqs: list[EngineRequest]) -> None:
         """Insert on every rank."""
-        self._send(["insert", [dataclasses.asdict(r) for r in reqs]])
+        # The fields the followers take (channel.REQUEST_FIELDS): n and controls are refused before this.
+        self._send(["insert", [{k: v for k, v in dataclasses.asdict(r).items() if k in REQUEST_FIELDS} for r in reqs]])
         self._apply("insert", self.engine.insert, reqs)
 
     def step(self) -> list[StepEvent]:
@@ -336,7 +365,9 @@ def load_engine(path: str, s: EngineSettings) -> LoadedEngine:
     if s.shard is None:
         model, tokenizer = load_model(path, s.dtype)
         plan = size_capacity(model, s)
-        return LoadedEngine(make_engine(model, tokenizer, s.batching, decode_capacity=plan.capacity), model, plan)
+        engine = make_engine(model, tokenizer, dataclasses.replace(s.batching, decode_capacity=plan.capacity),
+                             tools=model_tools(tokenizer, s))
+        return LoadedEngine(engine, model, plan)
     if s.shard.rank != 0:
         raise ValueError(f"rank {s.shard.rank} is a follower; only rank 0 serves the broker")
     member = form_group(path, s, zmq.Context())
