@@ -44,7 +44,7 @@ def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
     from workers.shard.engine import ShardedEngine, apply_op, digest, form_group
 
     shard = ShardRank(rank, ring, op_timeout_s=120.0, start_timeout_s=120.0)
-    settings = SimpleNamespace(source=MODEL, dtype="auto", shard=shard, memory_share=2, chat_template="", tool_format="",
+    settings = SimpleNamespace(source=MODEL, dtype="auto", shard=shard, memory_share=2, model="demo", chat_template="", tool_format="",
                                batching=BatchingConfig(prefill_step_size=64, prompt_cache_entries=8))
     member = form_group(str(ensure_demo_model(MODEL)), settings, zmq.Context())
     events: list[list[Any]] = []
