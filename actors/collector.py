@@ -90,15 +90,25 @@ def _counters(snap: Snapshot) -> Iterator[Metric]:
     prompt = CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels=["model"])
     gen = CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated for finished requests.",
                               labels=["model"])
+    routed = CounterMetricFamily(PREFIX + "routed_requests",
+                                 "Requests the broker dispatched, by why it chose their replica: affinity (the key's "
+                                 "replica), prefix (it held the longest cached prefix), least_loaded (none held any), "
+                                 "imbalance (the loads were out of balance).", labels=["model", "reason"])
+    blocks = HistogramMetricFamily(PREFIX + "routed_prefix_blocks",
+                                   "Prefix blocks (16 tokens, one chat message, or 64 characters each) the chosen "
+                                   "replica held, of requests routed by prefix.", labels=["model"])
     for model, c in snap.broker_counters.items():
         if model:
             for reason, n in c["requests"].items():
                 reqs.add_metric([model, reason], n)
             prompt.add_metric([model], c["prompt_tokens"])
             gen.add_metric([model], c["generation_tokens"])
+            for reason, n in c["routed"].items():
+                routed.add_metric([model, reason], n)
+            blocks.add_metric([model], c["prefix_blocks"].cumulative(), c["prefix_blocks"].sum)
         for code, n in c["errors"].items():
             errs.add_metric([model, code], n)
-    yield from (reqs, errs, prompt, gen)
+    yield from (reqs, errs, prompt, gen, routed, blocks)
 
     fast = CounterMetricFamily(PREFIX + "fast_path_admissions",
                                "Requests admitted at once by the fast path (nothing else waiting or running).",

@@ -19,8 +19,8 @@ from typing import Any
 from actors.clock import Clock
 from actors.metrics import (
     BATCH_SIZE_BUCKETS, DECODE_PATHS, E2E_BUCKETS_S, ENGINE_PATHS, ITL_BUCKETS_S, KNOWN_ERROR_CODES,
-    KNOWN_FINISH_REASONS, OTHER, QUEUE_BUCKETS_S, REGISTERED_STATES, TTFT_BUCKETS_S, WINDOW_WAIT_BUCKETS_S,
-    WORKER_STATES, EventError, bucket_index, decode_event,
+    KNOWN_FINISH_REASONS, OTHER, PREFIX_BLOCK_BUCKETS, QUEUE_BUCKETS_S, REGISTERED_STATES, ROUTE_REASONS,
+    TTFT_BUCKETS_S, WINDOW_WAIT_BUCKETS_S, WORKER_STATES, EventError, bucket_index, decode_event,
 )
 
 # Label cardinality caps: events that would add more series are dropped.
@@ -282,10 +282,14 @@ class CollectorState:
         counters: dict[str, Any] = {}
         for name in self.model_names() + ([""] if "" in reported else []):
             m = reported.get(name, {})
+            blocks = m.get("prefix_blocks")
             counters[name] = {
                 "requests": _relabel(m.get("requests", {}), KNOWN_FINISH_REASONS),
                 "errors": _relabel(m.get("errors", {}), KNOWN_ERROR_CODES),
                 "prompt_tokens": m.get("prompt_tokens", 0), "generation_tokens": m.get("generation_tokens", 0),
+                "routed": _relabel(m.get("routed", {}), ROUTE_REASONS),
+                "prefix_blocks": Histogram(PREFIX_BLOCK_BUCKETS, list(blocks) if blocks else [],
+                                           float(m.get("prefix_blocks_sum", 0))),
             }
         gauges = None
         if self.broker_fresh() and self.broker_models is not None:

@@ -7,13 +7,15 @@ builds a :class:`FleetConfig` from defaults < TOML file < environment variables 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from actors.protocol import DEFAULT_CONNECT
 from actors.shard_group import MAX_SHARDS, SHARD_MODES
 
 
 POLICIES = ("immediate", "fixed", "adaptive")  # the batching-window policies (workers/policies.py)
+ROUTINGS = ("cache_aware", "least_loaded")  # how the broker picks a replica (broker/routing.py)
+AUTO: Literal["auto"] = "auto"
 
 
 class ConfigError(ValueError):
@@ -38,7 +40,12 @@ class BatchingConfig:
     adaptive_low_depth: int = 1
     adaptive_medium_depth: int = 5
     admission_batch: int = 8  # waiting requests prefilled together
-    decode_capacity: int = 16  # sequences decoding at once; advertised to the broker
+    # Sequences decoding at once, advertised to the broker: "auto" sizes it from the memory left after the
+    # weights (workers/capacity.py); a number is used as given.
+    decode_capacity: int | Literal["auto"] = AUTO
+    decode_capacity_max: int = 64  # the most "auto" gives: past it a step's cost grows with no gain per sequence
+    kv_memory_fraction: float = 0.5  # share of the free memory "auto" may fill with KV caches
+    kv_tokens_per_sequence: int = 1280  # KV tokens "auto" budgets per sequence: a typical prompt plus max_tokens
     # Prompt tokens per sequence per engine step: bounds how long decoding sequences stall
     # behind a long prompt, against the throughput of larger prefill chunks.
     prefill_step_size: int = 128
@@ -121,6 +128,13 @@ class FleetConfig:
     curve_server_public: str = ""  # clients and remote workers: the broker's public cert
     insecure: bool = False  # allow binding a non-loopback address without CurveZMQ
     memory_budget_bytes: int = 0  # estimated weight bytes the supervisor may load; 0: no limit
+    # Routing (broker/routing.py): to the replica holding the longest cached prefix of a request, when it holds
+    # at least routing_min_match of the request's prefix blocks, unless the replicas' loads (requests running)
+    # differ by more than routing_balance_abs and by more than routing_balance_rel times; else to the least loaded.
+    routing: str = "cache_aware"  # cache_aware | least_loaded
+    routing_min_match: float = 0.5
+    routing_balance_abs: int = 8
+    routing_balance_rel: float = 1.5
     runtime_dir: str = ""  # set by the supervisor: its private folder (control socket, local keys)
     models: tuple[ModelSpec, ...] = ()
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -152,14 +166,49 @@ def validate_batching(b: BatchingConfig) -> None:
     for name in ("window_ms", "decode_window_ms", "adaptive_low_ms", "adaptive_medium_ms", "adaptive_high_ms"):
         if not 0.0 <= getattr(b, name) <= 10_000.0:
             raise ConfigError(f"{name}: must be in [0, 10000] ms")
-    if b.admission_batch < 1 or b.decode_capacity < 1 or b.prefill_step_size < 1:
-        raise ConfigError("admission_batch, decode_capacity and prefill_step_size must be >= 1")
+    if b.decode_capacity != AUTO and (not isinstance(b.decode_capacity, int) or b.decode_capacity < 1):
+        raise ConfigError(f"decode_capacity: expected \"auto\" or a number >= 1, got {b.decode_capacity!r}")
+    if b.admission_batch < 1 or b.decode_capacity_max < 1 or b.prefill_step_size < 1 or b.kv_tokens_per_sequence < 1:
+        raise ConfigError("admission_batch, decode_capacity_max, prefill_step_size and kv_tokens_per_sequence "
+                          "must be >= 1")
+    if not 0.0 < b.kv_memory_fraction <= 1.0:
+        raise ConfigError("kv_memory_fraction must be in (0, 1]")
     if not 1 <= b.auto_tune_min_batch <= b.auto_tune_max_batch:
         raise ConfigError("auto_tune_min_batch must be in 1..auto_tune_max_batch")
     if not 0.0 < b.auto_tune_ema_alpha <= 1.0 or b.auto_tune_interval < 1:
         raise ConfigError("auto_tune_ema_alpha must be in (0, 1] and auto_tune_interval >= 1")
     if b.prompt_cache_entries < 0 or b.prompt_cache_bytes < 0:
         raise ConfigError("prompt_cache_entries and prompt_cache_bytes must be >= 0 (0 turns the cache off)")
+
+
+def fixed_capacity(b: BatchingConfig) -> int | None:
+    """The decode capacity set as a number, or None when it is "auto" (sized by the worker)."""
+    return None if b.decode_capacity == AUTO else int(b.decode_capacity)
+
+
+def parse_capacity(value: Any, label: str = "decode_capacity") -> int | Literal["auto"]:
+    """"auto" (any case) or a whole number >= 1; ConfigError naming ``label`` otherwise."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label}: expected \"auto\" or a number >= 1, got {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"{label}: expected \"auto\" or a number >= 1, got {value!r}")
+    return number
+
+
+def validate_routing(cfg: FleetConfig) -> None:
+    """Raise ConfigError for routing settings the broker cannot use."""
+    if cfg.routing not in ROUTINGS:
+        raise ConfigError(f"routing: expected one of {', '.join(ROUTINGS)}, got {cfg.routing!r}")
+    if cfg.routing_balance_abs < 0 or cfg.routing_balance_rel < 1.0:
+        raise ConfigError("routing_balance_abs must be >= 0 and routing_balance_rel >= 1")
+    if not 0.0 <= cfg.routing_min_match <= 1.0:
+        raise ConfigError("routing_min_match must be in [0, 1] (a share of the request's prefix blocks)")
 
 
 def validate_recovery(cfg: FleetConfig) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.config import (
-    BatchingConfig, ConfigError, FleetConfig, ModelSpec, check_dtype, check_shards, parse_bool, validate_batching,
-    validate_cluster, validate_recovery,
+    BatchingConfig, ConfigError, FleetConfig, ModelSpec, check_dtype, check_shards, parse_bool, parse_capacity,
+    validate_batching, validate_cluster, validate_recovery, validate_routing,
 )
 
 _FLEET_KEYS = {f.name: f for f in dataclasses.fields(FleetConfig) if f.name not in ("models", "batching", "runtime_dir")}
@@ -43,6 +43,9 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_BLAS": "blas",
     "MLX_FLEET_DTYPE": "dtype",
     "MLX_FLEET_DECODE_CAPACITY": "decode_capacity",
+    "MLX_FLEET_DECODE_CAPACITY_MAX": "decode_capacity_max",
+    "MLX_FLEET_KV_MEMORY_FRACTION": "kv_memory_fraction",
+    "MLX_FLEET_ROUTING": "routing",
     "MLX_FLEET_DECODE_WINDOW_MS": "decode_window_ms",
     "MLX_FLEET_PREFILL_STEP_SIZE": "prefill_step_size",
     "MLX_FLEET_QUEUE_LIMIT": "queue_limit",
@@ -64,6 +67,8 @@ ENV_VARS.update({
 
 def _coerce(name: str, value: Any, typ: Any, source: str) -> Any:
     label = f"{name} (from {source})"
+    if name == "decode_capacity":
+        return parse_capacity(value, label)
     try:
         if typ in (bool, "bool"):
             return parse_bool(value, label)
@@ -220,6 +225,7 @@ def load_config(
         raise ConfigError("client_hwm must be >= 1 and client_sndbuf_bytes >= 0 (0: the OS default)")
     validate_recovery(cfg)
     validate_cluster(cfg)
+    validate_routing(cfg)
     return cfg
 
 

@@ -310,6 +310,25 @@ class Heartbeat(Message):
 
 
 @dataclass
+class Prefixes(Message):
+    """Worker -> broker: the prefix keys its prompt cache gained and lost (actors/prefix_keys.py).
+
+    ``full`` replaces whatever the broker knew of this worker's cache: a worker sends a full
+    report after each ``ready``, so a new broker, or a worker that restarted, starts right. A
+    report holds at most ``MAX_PREFIX_REPORT`` keys; a longer one continues in the next (not full).
+    """
+
+    TYPE: ClassVar[str] = "prefixes"
+    worker_id: str = ""
+    full: bool = False
+    added: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+
+MAX_PREFIX_REPORT = 8192  # keys in one `prefixes` message (added and removed together)
+
+
+@dataclass
 class Dispatch(Message):
     """Broker -> worker: run this request; its ``request_id`` is the broker's own key for it.
 
@@ -337,7 +356,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Generate, Cancel, Models, Status, Load, Unload, Chunk, Done, Error, ModelsReply, StatusReply,
-        ControlReply, Ready, Heartbeat, Dispatch, Disconnect,
+        ControlReply, Ready, Heartbeat, Prefixes, Dispatch, Disconnect,
     )
 }
 # Import-time check: every message class here is registered under its own type.
@@ -345,4 +364,4 @@ if any(t != c.TYPE for t, c in MESSAGE_TYPES.items()):
     raise RuntimeError("actors.messages: a message class is registered under another type")
 
 CLIENT_TYPES = frozenset({"generate", "cancel", "models", "status", "load", "unload"})
-WORKER_TYPES = frozenset({"ready", "heartbeat", "chunk", "done", "error", "disconnect"})
+WORKER_TYPES = frozenset({"ready", "heartbeat", "prefixes", "chunk", "done", "error", "disconnect"})

@@ -16,7 +16,9 @@ events that sender has dropped since it started). The four types:
   binned into ``ITL_BUCKETS_S`` so the collector's histogram stays exact.
 - ``broker`` (about 1 Hz): per model queue depth, running requests, each
   registered worker's state, and cumulative counts of replies by finish reason
-  and error code, and of prompt and generation tokens.
+  and error code, of prompt and generation tokens, of requests routed by reason
+  (``ROUTE_REASONS``), and the bucket counts (``PREFIX_BLOCK_BUCKETS``) and sum of the
+  prefix blocks held where requests were routed by prefix.
 - ``supervisor`` (on change, and every few seconds): each local worker child's
   restarts and liveness.
 
@@ -53,6 +55,10 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0)
+# Prefix blocks (actors/prefix_keys.py) a request's replica held when the broker routed it there by prefix.
+PREFIX_BLOCK_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+# Why the broker sent a request where it did (broker/routing.py).
+ROUTE_REASONS = ("affinity", "prefix", "least_loaded", "imbalance")
 WINDOW_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
                          0.1, 0.25, 1.0)
 
@@ -140,7 +146,10 @@ _COMMON: dict[str, Check] = {"type": _label, "source": _label, "dropped": _count
 _MODEL_SNAPSHOT = _record({
     "queue_depth": _count, "running": _count, "workers": _map_of(lambda s: s in REGISTERED_STATES),
     "requests": _map_of(_count), "errors": _map_of(_count), "prompt_tokens": _count, "generation_tokens": _count,
-})
+    "routed": _map_of(_count),
+    "prefix_blocks": lambda v: _list_of(_count)(v) and len(v) == len(PREFIX_BLOCK_BUCKETS) + 1,
+    "prefix_blocks_sum": _count,
+}, frozenset({"routed", "prefix_blocks", "prefix_blocks_sum"}))
 _SUPERVISED_WORKER = _record({"worker": _label, "model": _label, "restarts": _count, "alive": _flag,
                               "gave_up": _flag})
 EVENT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {

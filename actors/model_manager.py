@@ -152,9 +152,15 @@ class ModelManager:
         """``count`` workers of ``spec`` under the model's next generation of ids."""
         gen = self.generations.get(spec.name, -1) + 1
         self.generations[spec.name] = gen
+        share = self.memory_share()
         return [WorkerSpec(f"{spec.name}-{i}" if gen == 0 else f"{spec.name}-{i}.{gen}", spec.name, spec.source,
                            spec.batching, spec.dtype, spec.shards, spec.shard_mode, spec.chat_template,
-                           spec.tool_format) for i in range(count)]
+                           spec.tool_format, memory_share=share) for i in range(count)]
+
+    def memory_share(self) -> int:
+        """Worker processes that share this machine's memory: every replica's ranks of the models run here
+        (on-demand ones included, as they may run at once)."""
+        return max(1, sum(max(1, s.replicas) * s.shards for s in self.specs.values() if s.replicas or s.on_demand))
 
     def spawn(self, spec: ModelSpec, count: int) -> list[str]:
         """Start ``count`` workers of ``spec``; their ids."""

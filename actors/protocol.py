@@ -25,10 +25,10 @@ from actors.limits import DEFAULT_LIMITS, Limits, ProtocolError
 from actors.messages import (
     GRAMMAR_TYPES, MAX_LOGIT_BIAS, MAX_N, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS, TOOL_CHOICES,
     BAD_REQUEST, CANCEL_BROKER_EXIT, CANCEL_CLIENT_GONE, CANCEL_NOT_ADOPTED, CANCEL_TIMEOUT, CANCELLED, CLIENT_TYPES, DEFAULT_CONNECT, DUPLICATE_REQUEST, ERROR_CODES, FINISH_REASONS, INTERNAL,
-    MAX_TOP_K, MESSAGE_TYPES, OVER_BUDGET, OVERLOADED, PRIORITIES, PRIORITY_RANK, PROTOCOL_TAG, TIMEOUT, UNAVAILABLE,
+    MAX_PREFIX_REPORT, MAX_TOP_K, MESSAGE_TYPES, OVER_BUDGET, OVERLOADED, PRIORITIES, PRIORITY_RANK, PROTOCOL_TAG, TIMEOUT, UNAVAILABLE,
     UNKNOWN_MODEL, WORKER_LOST, WORKER_TYPES,
     Addressed, Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Load, Message,
-    Models, ModelsReply, Ready, Status, StatusReply, Unload,
+    Models, ModelsReply, Prefixes, Ready, Status, StatusReply, Unload,
 )
 from actors.generate_checks import parse_logit_bias, validate_controls, validate_tools
 from actors.wire_scan import explain_refusal, peek_request_id
@@ -36,11 +36,12 @@ from actors.wire_scan import explain_refusal, peek_request_id
 __all__ = [
     "BAD_REQUEST", "CANCEL_BROKER_EXIT", "CANCEL_CLIENT_GONE", "CANCEL_NOT_ADOPTED", "CANCEL_TIMEOUT", "CANCELLED", "CLIENT_TYPES", "DEFAULT_CONNECT", "DEFAULT_LIMITS", "DUPLICATE_REQUEST",
     "ERROR_CODES", "FINISH_REASONS", "GRAMMAR_TYPES", "INTERNAL", "MAX_LOGIT_BIAS", "MAX_N", "MAX_PENALTY",
-    "MAX_REPETITION_PENALTY", "MAX_TOP_K", "MAX_TOP_LOGPROBS", "TOOL_CHOICES", "MESSAGE_TYPES", "OVER_BUDGET", "OVERLOADED",
+    "MAX_PREFIX_REPORT", "MAX_REPETITION_PENALTY", "MAX_TOP_K", "MAX_TOP_LOGPROBS", "TOOL_CHOICES", "MESSAGE_TYPES",
+    "OVER_BUDGET", "OVERLOADED",
     "PRIORITIES", "PRIORITY_RANK", "PROTOCOL_TAG", "TIMEOUT", "UNAVAILABLE", "UNKNOWN_MODEL", "WORKER_LOST",
     "WORKER_TYPES",
     "Addressed", "Cancel", "Chunk", "ControlReply", "Disconnect", "Dispatch", "Done", "Error", "Generate",
-    "Heartbeat", "Limits", "Load", "Message", "Models", "ModelsReply", "ProtocolError", "Ready", "Status",
+    "Heartbeat", "Limits", "Load", "Message", "Models", "ModelsReply", "Prefixes", "ProtocolError", "Ready", "Status",
     "StatusReply", "Unload",
     "decode", "encode", "encode_map", "error_for", "from_map", "parse_logit_bias", "unpack_frames", "validate_controls",
     "validate_generate", "validate_tools",

@@ -60,6 +60,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("smollm2", "benchmarks.smollm2", "SmolLM2-135M float32 at 1-32 clients vs mlx_lm.server, and served vs in-process", "smollm2"),
     Command("gguf", "benchmarks.gguf", "GGUF conversion time and peak memory, tok/s per precision, built-in models' answers", "gguf"),
     Command("soak", "benchmarks.soak", "64 clients for 5 min with cancels and timeouts: crashes, lost requests, RSS", "soak"),
+    Command("multiturn", "benchmarks.multiturn", "multi-turn chat on 2 and 4 replicas: least-loaded against "
+            "cache-aware routing", "multiturn"),
     Command("ab", "benchmarks.ab", "two running fleets side by side (--a ADDR --b ADDR): sequential and concurrent", "ab",
             in_all=False),
 )

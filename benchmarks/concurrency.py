@@ -22,7 +22,7 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
-from actors.config import BatchingConfig  # noqa: E402
+from actors.config import BatchingConfig, parse_capacity  # noqa: E402
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import Report, add_out_argument, environment, progress, questions, served_name  # noqa: E402
 from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table  # noqa: E402
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-tokens", type=int, default=50)
     ap.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--min-requests", type=int, default=8)
-    ap.add_argument("--decode-capacity", type=int, default=BatchingConfig.decode_capacity)
+    ap.add_argument("--decode-capacity", type=lambda v: parse_capacity(v, "--decode-capacity"),
+                    default=BatchingConfig.decode_capacity, help="auto (sized from memory; mlx_lm.server keeps its "
+                    "default) or N for both")
     ap.add_argument("--admission-batch", type=int, default=BatchingConfig.admission_batch)
     ap.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
     ap.add_argument("--name", default="concurrency")
@@ -127,6 +129,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def concurrency_args(capacity: int | str) -> list[str]:
+    """mlx_lm.server's decode concurrency for the fleet's ``decode_capacity``: the same number, or its default for auto."""
+    return [] if capacity == "auto" else ["--decode-concurrency", str(capacity)]
+
+
 def start_systems(stack: contextlib.ExitStack, args: argparse.Namespace, policies: list[str],
                   model_path: str) -> tuple[dict[str, Any], dict[str, FleetProbe]]:
     """A fleet per policy (with a probe into its worker) and mlx_lm.server, all kept up."""
@@ -142,7 +149,7 @@ def start_systems(stack: contextlib.ExitStack, args: argparse.Namespace, policie
         progress(f"fleet up: {name}")
     if not args.no_server:
         server = stack.enter_context(MlxLmServer(model_path, env=blas_env(BLAS),
-                                                 extra_args=["--decode-concurrency", str(args.decode_capacity),
+                                                 extra_args=[*concurrency_args(args.decode_capacity),
                                                              "--prompt-concurrency", str(args.admission_batch)]))
         systems["mlx_lm.server"] = http_requester(server.port, model_path, args.max_tokens)
         progress("mlx_lm.server up")

@@ -20,7 +20,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from actors.config import BatchingConfig
+from actors.config import BatchingConfig, fixed_capacity
 
 PROMPT = "A fixed prompt of a few words to start each sequence with."
 MAX_TOKENS = 1_000_000  # nothing finishes while it is measured
@@ -31,7 +31,7 @@ def _engine(model: Any, tokenizer: Any, batch: int, *, solo: bool) -> Any:
     from workers.engine.adapter import Engine, EngineRequest
 
     b = BatchingConfig()
-    eng = Engine(model, tokenizer, decode_capacity=max(b.decode_capacity, batch), admission_batch=b.admission_batch,
+    eng = Engine(model, tokenizer, decode_capacity=max(fixed_capacity(b) or 0, batch), admission_batch=b.admission_batch,
                  prefill_step_size=b.prefill_step_size, solo_fast_path=solo)
     ids = tokenizer.encode(PROMPT)
     eng.insert([EngineRequest(f"s{i}", ids, MAX_TOKENS) for i in range(batch)])
@@ -45,7 +45,7 @@ def _batch_generator(model: Any, tokenizer: Any, batch: int) -> Any:
 
     b = BatchingConfig()
     gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(set(tokenizer.eos_token_ids))],
-                         completion_batch_size=max(b.decode_capacity, batch), prefill_batch_size=b.admission_batch,
+                         completion_batch_size=max(fixed_capacity(b) or 0, batch), prefill_batch_size=b.admission_batch,
                          prefill_step_size=b.prefill_step_size)
     gen.insert([tokenizer.encode(PROMPT)] * batch, max_tokens=[MAX_TOKENS] * batch)
     while len(gen.next()[1]) < batch:

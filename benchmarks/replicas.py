@@ -21,7 +21,7 @@ from workers.blas import find_blas, preload_blas
 
 preload_blas(find_blas("auto"))  # this process loads no model, but keep the workers' env identical
 
-from actors.config import BatchingConfig  # noqa: E402
+from actors.config import BatchingConfig, parse_capacity  # noqa: E402
 from benchmarks.common import RESULTS_DIR, Report, environment, progress, questions, ratio, spread  # noqa: E402
 from benchmarks.load import fleet_requester, run_load  # noqa: E402
 from benchmarks.overhead import local_config  # noqa: E402
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--requests", type=int, default=64, help="requests per load run")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="load runs per configuration, alternating")
-    ap.add_argument("--decode-capacity", type=int, default=BatchingConfig.decode_capacity)
+    ap.add_argument("--decode-capacity", type=lambda v: parse_capacity(v, "--decode-capacity"),
+                    default=BatchingConfig.decode_capacity)
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): 1 repeat of 16 requests x 16 tokens")
     ap.add_argument("--name", default="replicas")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("MLX_FLEET_BENCH_OUT") or RESULTS_DIR),
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def explain(tok_ratio: float, ttft_ratio: float, decode_capacity: int) -> str:
+def explain(tok_ratio: float, ttft_ratio: float, decode_capacity: int | str) -> str:
     """What the measured ratios mean on a small shared CPU (the verdict follows the numbers)."""
     mechanism = (
         "Both replicas share this machine's two cores. One replica decodes all 16 sequences in one batch "

@@ -33,7 +33,7 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
-from actors.config import BatchingConfig, ModelSpec  # noqa: E402
+from actors.config import BatchingConfig, ModelSpec, fixed_capacity  # noqa: E402
 from benchmarks import plots, tables  # noqa: E402
 from benchmarks.common import Report, add_out_argument, environment, progress, served_name  # noqa: E402
 from benchmarks.fleet_probe import ENGINE_NOTE, FleetProbe, engine_table, merge  # noqa: E402
@@ -113,8 +113,9 @@ def start_systems(stack: contextlib.ExitStack, configs: list[Config], args: argp
             systems[c.key] = System(c.key, _bare_runner(stack, model_path, args.max_tokens))
         elif c.key == SERVER:
             b = BatchingConfig()
+            fixed = fixed_capacity(b)  # "auto": mlx_lm.server keeps its own default decode concurrency
             server = stack.enter_context(MlxLmServer(model_path, env=blas_env(BLAS), extra_args=[
-                "--decode-concurrency", str(b.decode_capacity), "--prompt-concurrency", str(b.admission_batch)]))
+                *(["--decode-concurrency", str(fixed)] if fixed else []), "--prompt-concurrency", str(b.admission_batch)]))
             systems[c.key] = System(c.key, _closed_loop(http_requester(server.port, model_path, args.max_tokens)))
         else:
             assert c.batching is not None

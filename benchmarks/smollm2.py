@@ -36,12 +36,12 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
-from actors.config import BatchingConfig  # noqa: E402
+from actors.config import BatchingConfig, fixed_capacity, parse_capacity  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR, Report, add_out_argument, cycled_questions, environment, progress, questions, ratio, spread, within_noise,
 )
 from benchmarks.gateway_overhead import pooled, tagged_prompts  # noqa: E402
-from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, http_requester, run_load  # noqa: E402
+from benchmarks.load import LoadRun, MlxLmServer, fleet_requester, free_port, http_requester, run_load  # noqa: E402
 from benchmarks.overhead import Sample, alternate, compare, local_config, run_in_process, run_served  # noqa: E402
 from mlx_fleet.client import Client  # noqa: E402
 from mlx_fleet.embedded import BackgroundFleet  # noqa: E402
@@ -187,15 +187,15 @@ def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over:
     if demo := demo_gain():
         out += ["", demo]
     if all(name in runs for name in SYSTEMS):
-        out += ["", "### Fleet against mlx_lm.server", "", "| clients | tok/s ratio | TTFT p99 ratio | ranges overlap |",
-                "|---:|---:|---:|---|"]
+        out += ["", "### Fleet against mlx_lm.server", "",
+                "| clients | tok/s ratio | TTFT p50 ratio | TTFT p99 ratio | ranges overlap |", "|---:|---:|---:|---:|---|"]
         for level in levels:
             f, m = pooled(runs["fleet"][level]).summary(), pooled(runs["mlx_lm.server"][level]).summary()
             tok = ratio(f["tok_per_s"], m["tok_per_s"])
-            p99 = f["ttft_p99_s"] / m["ttft_p99_s"] if f["ttft_p99_s"] and m["ttft_p99_s"] else float("nan")
+            p50, p99 = (f[k] / m[k] if f[k] and m[k] else float("nan") for k in ("ttft_p50_s", "ttft_p99_s"))
             a, b = per_repeat(runs["fleet"][level]), per_repeat(runs["mlx_lm.server"][level])
             overlap = "yes (within noise)" if within_noise(a, b) else "no"
-            out.append(f"| {level} | {tok:.2f} | {p99:.2f} | {overlap} |")
+            out.append(f"| {level} | {tok:.2f} | {p50:.2f} | {p99:.2f} | {overlap} |")
     if over is not None:
         out += ["", overhead_markdown(over, args)]
     return "\n".join(out) + "\n"
@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--per-client", type=int, default=2, help="requests per client at each level and repeat")
     ap.add_argument("--min-requests", type=int, default=8, help="requests at least, per level and repeat")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--decode-capacity", type=int, default=32, help="the fleet's and mlx_lm.server's decode concurrency")
+    ap.add_argument("--decode-capacity", default="32",
+                    help="the fleet's and mlx_lm.server's decode concurrency; auto: the fleet sizes its own from "
+                         "memory and mlx_lm.server keeps its default")
+    ap.add_argument("--fleet-http", action="store_true",
+                    help="drive the fleet through its OpenAI HTTP gateway, as mlx_lm.server is (default: the ZeroMQ client)")
     ap.add_argument("--overhead-requests", type=int, default=30, help="0 skips the single-stream part")
     ap.add_argument("--precisions", default="float32,quantized,bfloat16,float16",
                     help="precisions compared in process ('' skips that part)")
@@ -248,8 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from workers.models.sources import resolve_source
 
     folder = Path(resolve_source(MODEL, "float32", progress=progress))
-    batching = BatchingConfig(decode_capacity=args.decode_capacity)
-    cfg, ipc_dir = local_config(str(folder), batching, log_level="WARNING")
+    batching = BatchingConfig(decode_capacity=parse_capacity(args.decode_capacity, "--decode-capacity"))
+    cfg, ipc_dir = local_config(str(folder), batching, log_level="WARNING",
+                                http_port=free_port() if args.fleet_http else 0)
     cfg = dataclasses.replace(cfg, models=(dataclasses.replace(cfg.models[0], name=MODEL, dtype="float32"),))
     over = None
     with contextlib.ExitStack() as stack:
@@ -259,10 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             worker_info = client.status()["models"][MODEL]["workers"][0]["info"]
         if args.overhead_requests:
             over = overhead(cfg.frontend, folder, args.overhead_requests, args.max_tokens, warmup=2)
-        systems = {"fleet": fleet_requester(cfg.frontend, MODEL, args.max_tokens, chat=True, temperature=0.0)}
+        systems = {"fleet": http_requester(cfg.http_port, MODEL, args.max_tokens, chat=True) if args.fleet_http
+                   else fleet_requester(cfg.frontend, MODEL, args.max_tokens, chat=True, temperature=0.0)}
         if not args.no_server:
+            fixed = fixed_capacity(batching)  # "auto": mlx_lm.server keeps its own default
             server = stack.enter_context(MlxLmServer(str(folder), env=blas_env(BLAS), extra_args=[
-                "--decode-concurrency", str(args.decode_capacity),
+                *(["--decode-concurrency", str(fixed)] if fixed else []),
                 "--prompt-concurrency", str(batching.admission_batch)]))
             systems["mlx_lm.server"] = http_requester(server.port, "default_model", args.max_tokens, chat=True)
             progress("mlx_lm.server up")
@@ -273,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     environment(describe_blas(), f"{MODEL} ({folder.name}), float32"),
                     {"levels": levels, "repeats": args.repeats, "per_client": args.per_client,
                      "min_requests": args.min_requests, "max_tokens": args.max_tokens,
-                     "decode_capacity": args.decode_capacity, "admission_batch": batching.admission_batch,
+                     "decode_capacity": args.decode_capacity, "fleet_capacity": worker_info.get("capacity"),
+                     "fleet_via": "http" if args.fleet_http else "zeromq", "admission_batch": batching.admission_batch,
                      "overhead_requests": args.overhead_requests, "worker_precision": worker_info.get("precision"),
                      "worker_blas": (worker_info.get("blas") or {}).get("name"), "quick": args.quick})
     report.results = {

@@ -44,6 +44,7 @@ from broker.adoption import Adoption
 from broker.lifecycle import ModelControl
 from broker.parking import Parking
 from broker.records import Dest, Out
+from broker.routing import RoutingSettings
 from broker.state import BrokerState
 from broker.status import make_status, models_summary
 from broker.telemetry import make_broker_event
@@ -68,7 +69,7 @@ class BrokerActor:
             self.clock, models=[m.name for m in cfg.models], queue_limit=cfg.queue_limit,
             heartbeat_interval_s=cfg.heartbeat_interval_s, heartbeat_liveness=cfg.heartbeat_liveness,
             default_timeout_s=cfg.request_timeout_s, no_worker_timeout_s=cfg.no_worker_timeout_s,
-            hung_step_s=cfg.hung_step_s,
+            hung_step_s=cfg.hung_step_s, routing=RoutingSettings.of(cfg),
             key_prefix=f"b{os.urandom(4).hex()}.",  # this process's own: adopted keys come from others
         )
         self.adoption = Adoption(self.state, self.clock, window_s=cfg.adoption_window_s)

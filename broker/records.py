@@ -87,6 +87,7 @@ class RequestRecord:
     answered: bool = False  # the client already has its terminal reply
     cancel_sent: bool = False
     adopted: bool = False  # rebuilt from a worker's table after a broker restart: never requeued
+    prefix_keys: list[int] | None = None  # its prompt's prefix keys (actors/prefix_keys.py), made when routing needs them
 
 
 @dataclass

@@ -21,12 +21,13 @@ from actors.clock import Clock
 from actors.control import SupervisorState, SupervisorStateAck
 from actors.protocol import (
     CANCEL_BROKER_EXIT, DUPLICATE_REQUEST, OVERLOADED, UNAVAILABLE, UNKNOWN_MODEL,
-    Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Ready,
+    Disconnect, Dispatch, Done, Error, Generate, Heartbeat, Message, Prefixes, Ready,
 )
 from broker.queue import PriorityQueue
 from broker.records import Dest, ModelRecord, Out, RequestRecord, SilentWorker, SupervisorView, WorkerRecord
 from broker.requests import OpenRequests, cancelled_unstarted, rewrite
-from broker.routing import Affinity, pick_worker
+from broker.recent import RecentReplies
+from broker.routing import Route, Router, RoutingSettings
 
 SILENT_MEMORY_S = 3600.0  # how long a silent worker is remembered if it never returns
 MAX_SILENT = 1024
@@ -50,6 +51,7 @@ class BrokerState:
         max_affinity_keys: int = 65_536,
         hung_step_s: float = 60.0,
         key_prefix: str = "b",
+        routing: RoutingSettings | None = None,
     ) -> None:
         self.clock = clock
         self.queue_limit = queue_limit
@@ -70,7 +72,9 @@ class BrokerState:
         self.by_client = self.open.by_client
         self.replies = self.open.replies  # terminal replies to clients, for metrics
         self.clients_gone = self.open.gone  # clients found gone with requests open, since the actor last read
-        self.affinity = Affinity(max_affinity_keys)
+        self.router = Router(clock, routing, max_affinity_keys=max_affinity_keys)
+        self.affinity = self.router.affinity
+        self.recent = RecentReplies(clock)  # the last minute of replies per worker, for `status` and `top`
         # Workers declared dead for silence, by worker_id, until they register again.
         self.silent: dict[str, SilentWorker] = {}
         self.losses: deque[dict[str, Any]] = deque(maxlen=32)
@@ -171,6 +175,7 @@ class BrokerState:
         now = self.clock.now()
         self.silent.pop(msg.worker_id, None)
         self.reregister_asked_s.pop(identity, None)
+        self.router.forget_worker(identity)  # a fresh registration: its prompt cache's full report follows
         self.workers[identity] = WorkerRecord(
             identity, msg.worker_id, msg.model, max(0, msg.capacity), msg.pid, msg.host, msg.info,
             expiry_s=now + self.liveness_s, last_used_s=now,
@@ -194,6 +199,9 @@ class BrokerState:
         if worker is None:
             return self._ask_to_register(identity, msg)
         worker.expiry_s = self.clock.now() + self.liveness_s
+        if isinstance(msg, Prefixes):
+            self.router.prefixes.apply(identity, msg)
+            return []
         if isinstance(msg, Heartbeat):
             worker.reported_in_flight = msg.in_flight
             worker.step_elapsed_s = msg.step_elapsed_s
@@ -216,6 +224,7 @@ class BrokerState:
             worker.running.discard(key)
             worker.weights.pop(key, None)
             worker.served += 1
+            self.recent.add(worker.worker_id, raw)
             rec.worker = None
             out = self.finish(rec, raw)
             self.requests.pop(key, None)
@@ -252,7 +261,7 @@ class BrokerState:
         self.departures.append((worker.worker_id, reason))  # the actor logs these
         if silent:
             self.silent[worker.worker_id] = SilentWorker(worker.worker_id, worker.pid, worker.host, now)
-        self.affinity.forget_worker(identity)
+        self.router.forget_worker(identity)
         model = self.ensure_model(worker.model)
         if not self.live_workers(worker.model):
             model.no_worker_since_s = self.clock.now()
@@ -261,9 +270,9 @@ class BrokerState:
 
     # ---- routing ---------------------------------------------------------------
 
-    def pick_worker(self, rec: RequestRecord) -> WorkerRecord | None:
-        """Affinity first; else the live replica with most free slots, least recently used on ties."""
-        return pick_worker(rec, self.workers, self.affinity)
+    def pick_worker(self, rec: RequestRecord) -> Route | None:
+        """Where ``rec`` goes now (broker/routing.py: affinity, then the cached prefix, then the least loaded)."""
+        return self.router.pick(rec, self.workers)
 
     def _has_free(self, model: str) -> bool:
         return any(w.model == model and w.free > 0 for w in self.workers.values())
@@ -283,19 +292,19 @@ class BrokerState:
                 if rec.deadline_s <= now:
                     out += self.open.time_out(rec)
                     continue
-                worker = self.pick_worker(rec)
-                if worker is None or worker.free < min(rec.request.n, worker.capacity):
+                route = self.pick_worker(rec)
+                if route is None or route.worker.free < min(rec.request.n, route.worker.capacity):
                     if not self._has_free(model.name):
                         break
                     continue  # affinity target busy, or too few slots for its n; others may still go
+                worker = route.worker
+                self.router.routed(rec, route)
                 model.queue.take(key)
                 worker.take_slots(key, rec.request.n)
                 worker.max_in_flight = max(worker.max_in_flight, len(worker.running))
                 worker.last_used_s = now
                 rec.worker = worker.identity
                 rec.dispatched_at_s = now
-                if rec.request.affinity is not None:
-                    self.affinity.bind(rec.request.model, rec.request.affinity, worker.identity)
                 left_s = None if rec.request.timeout_s is None else max(0.001, rec.deadline_s - now)
                 request = dataclasses.replace(rec.request, request_id=key, timeout_s=left_s)
                 out.append(Out(Dest.WORKER, worker.identity, Dispatch(

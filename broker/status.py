@@ -28,10 +28,14 @@ def make_status(state: BrokerState, control: ModelControl | None = None) -> dict
     children = state.supervisor.workers() if state.supervisor else {}
     models = {name: model_status(state, name, m, children, control.lives.get(name) if control else None)
               for name, m in sorted(state.models.items())}
+    r = state.router.settings
     return {
         "models": models, "accepting": state.accepting, "counters": dict(state.counters),
         "requests": len(state.requests), "recent_worker_losses": recent_losses(state, now),
         "supervisor": supervisor_status(state.supervisor, now),
+        "routing": {"policy": r.policy, "min_match": r.min_match, "balance_abs": r.balance_abs,
+                    "balance_rel": r.balance_rel,
+                    "prefix_keys_dropped": state.router.prefixes.dropped},
     }
 
 
@@ -49,6 +53,7 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
             "step_elapsed_s": w.step_elapsed_s,
             "restarts": children.get(w.worker_id, {}).get("restarts", 0),
             "ranks": w.info.get("ranks", []), "info": w.info, "stats": w.stats,
+            "prefixes": state.router.prefixes.view(w.identity), "recent": state.recent.summary([w.worker_id]),
         }
         for w in workers
     ]
@@ -63,13 +68,18 @@ def model_status(state: BrokerState, name: str, m: ModelRecord, children: dict[s
             "capacity": 0, "in_flight": 0, "free": 0, "max_in_flight": 0, "served": 0, "last_seen_s": None,
             "step_elapsed_s": 0.0,
             "restarts": child.get("restarts", 0), "ranks": child.get("ranks", []), "info": {}, "stats": {},
+            "prefixes": {"keys": 0, "reports": 0, "age_s": None}, "recent": state.recent.summary([wid]),
         })
     rows.sort(key=lambda r: r["worker_id"])
     on_demand = bool(life and life.on_demand)
+    routed = state.router.counts.get(name)
     return {
         "state": model_state(m, life, rows), "queue_depth": len(m.queue), "clients_waiting": m.queue.waiting_clients(),
         "running": sum(len(w.running) for w in workers), "on_demand": on_demand,
         "idle_unload_s": life.idle_unload_s if life and on_demand else None, "workers": rows,
+        "capacity": sum(w.capacity for w in workers if not w.retiring),
+        "recent": state.recent.summary(r["worker_id"] for r in rows),
+        "routed": dict(routed.reasons) if routed else {},
     }
 
 

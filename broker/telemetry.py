@@ -43,4 +43,8 @@ def make_broker_event(state: BrokerState) -> dict[str, Any]:
         entry(name)["requests"][reason] = n
     for (name, code), n in replies.failed.items():
         entry(name)["errors"][code] = n
+    for name, routed in state.router.counts.items():
+        e = entry(name)
+        e["routed"] = dict(routed.reasons)
+        e["prefix_blocks"], e["prefix_blocks_sum"] = list(routed.blocks), routed.blocks_sum
     return {"models": models}

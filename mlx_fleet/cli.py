@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from actors.config import DTYPES, POLICIES, ConfigError, FleetConfig
+from actors.config import DTYPES, POLICIES, ROUTINGS, ConfigError, FleetConfig
 from actors.config_load import load_config, parse_model_arg
 from actors.protocol import DEFAULT_CONNECT
 from actors.shard_group import RING_STARTING_PORT, SHARD_MODES
@@ -46,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         "metrics_events": args.metrics_events,
         "ready_timeout_s": args.ready_timeout, "drain_timeout_s": args.drain_timeout, "blas": args.blas,
         "policy": args.policy, "window_ms": args.window_ms, "decode_window_ms": args.decode_window_ms, "decode_capacity": args.decode_capacity,
-        "admission_batch": args.admission_batch, "log_level": args.log_level,
+        "kv_memory_fraction": args.kv_memory_fraction, "routing": args.routing, "admission_batch": args.admission_batch, "log_level": args.log_level,
         "prompt_cache_entries": args.prompt_cache_entries, "prompt_cache_bytes": args.prompt_cache_bytes,
         "http_host": args.http_host, "http_port": args.http_port, "api_key": args.api_key, "dtype": args.dtype,
     }
@@ -186,7 +187,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from mlx_fleet.worker_entry import worker_settings
     from workers.worker import run_worker
 
-    cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level, "dtype": args.dtype})
+    cfg = load_config(args.config, overrides={"blas": args.blas, "log_level": args.log_level, "dtype": args.dtype,
+                                              "decode_capacity": args.decode_capacity})
     name, source = parse_model_arg(args.model)
     plan = None
     if args.shards > 1 or args.hostfile or args.rank is not None:
@@ -202,6 +204,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = worker_settings(cfg, **curve, worker_id=worker_id, model=name, source=source, connect=args.connect,
                                batching=cfg.batching, metrics_events=args.metrics_events, dtype=cfg.dtype,
                                chat_template=args.chat_template or "", tool_format=args.tool_format or "")
+    settings = dataclasses.replace(settings, memory_share=max(1, args.memory_share))
     if plan is not None:
         from mlx_fleet.shard_worker import run_sharded_worker
 
@@ -257,7 +260,10 @@ def add_up_command(sub: Any) -> None:
     up.add_argument("--decode-window-ms", type=float, help="least admission window while sequences decode")
     up.add_argument("--no-fast-path", action="store_true")
     up.add_argument("--auto-tune", action="store_true")
-    up.add_argument("--decode-capacity", type=int, help="sequences decoding at once per worker")
+    up.add_argument("--decode-capacity", help="sequences decoding at once per worker: auto (sized from memory, "
+                                              "the default) or N")
+    up.add_argument("--kv-memory-fraction", type=float, help="share of the free memory auto capacity fills (0.5)")
+    up.add_argument("--routing", choices=ROUTINGS, help="cache_aware (the default) or least_loaded")
     up.add_argument("--admission-batch", type=int, help="waiting requests prefilled together")
     up.add_argument("--prompt-cache-entries", type=int, help="KV caches kept per worker for prefix reuse (0: off)")
     up.add_argument("--prompt-cache-bytes", type=int, help="most bytes of KV cache kept per worker (0: off)")
@@ -317,6 +323,9 @@ def add_worker_command(sub: Any) -> None:
     wk.add_argument("--blas")
     wk.add_argument("--dtype", choices=DTYPES)
     wk.add_argument("--log-level")
+    wk.add_argument("--decode-capacity", help="sequences decoded at once: auto (sized from memory, the default) or N")
+    wk.add_argument("--memory-share", type=int, default=1, metavar="N",
+                    help="worker processes sharing this machine's memory: auto capacity takes 1/N of it (default 1)")
     wk.add_argument("--curve-secret", metavar="PATH", help="this worker's secret cert (NAME.key_secret)")
     wk.add_argument("--curve-server-key", metavar="PATH", help="the broker's public cert (broker.key)")
     wk.add_argument("--shards", type=int, default=1, metavar="N", help="run the model as a group of N ranks")

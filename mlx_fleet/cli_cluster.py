@@ -116,6 +116,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live view of the fleet from its status, about once a second (mlx_fleet/top.py)."""
+    from mlx_fleet.client import Client, FleetError
+    from mlx_fleet.top import run_top
+
+    try:
+        with Client(args.connect, timeout_s=args.timeout, curve=client_curve(args)) as client:
+            return run_top(lambda: client.status(timeout_s=args.timeout), connect=args.connect,
+                           interval_s=max(0.1, args.interval), iterations=max(0, args.iterations))
+    except FleetError as exc:
+        return _fail(exc)
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status map as a table: the broker line, a line per model, a row per replica, recent losses."""
     broker = status.get("broker") or {}
@@ -134,11 +147,18 @@ def format_status(status: dict[str, Any]) -> str:
             if w.get("ranks"):  # a sharded replica: one row, then its ranks
                 lines.append("    ranks: " + ", ".join(f"{r.get('rank')} pid {r.get('pid')} on {r.get('host')}"
                                                        for r in w["ranks"]))
+            plan = (w.get("info") or {}).get("capacity") or {}
+            if plan:  # how its decode capacity was sized (workers/capacity.py)
+                lines.append(f"    capacity {plan.get('capacity')}: {plan.get('reason')}")
             b = (w.get("info") or {}).get("blas") or {}
             if b:
                 blas.add(f"{b.get('name', '?')} ({b.get('path') or 'bundled'})")
     counters = status.get("counters", {})
     lines.append("\n" + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
+    routing = status.get("routing") or {}
+    if routing:
+        lines.append(f"routing: {routing.get('policy')} (balance_abs {routing.get('balance_abs')}, "
+                     f"balance_rel {routing.get('balance_rel')})")
     for loss in status.get("recent_worker_losses", [])[-3:]:
         lines.append(f"lost {loss['worker_id']} (pid {loss['pid']}) {loss['ago_s']:.0f}s ago: {loss['reason']}")
     memory = (status.get("supervisor") or {}).get("memory") or {}
@@ -189,6 +209,12 @@ def add_cluster_commands(sub: Any) -> None:
     st.add_argument("--json", action="store_true")
     add_client_options(st, timeout_s=5.0)
     st.set_defaults(func=cmd_status)
+
+    tp = sub.add_parser("top", help="a live view of a running fleet (q quits; plain lines when not a terminal)")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    tp.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (default 0: until q or Ctrl-C)")
+    add_client_options(tp, timeout_s=5.0)
+    tp.set_defaults(func=cmd_top)
 
 
 def _default_names(args: argparse.Namespace) -> argparse.Namespace:

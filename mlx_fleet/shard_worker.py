@@ -94,6 +94,7 @@ def run_sharded_worker(plan: GroupPlan, args: argparse.Namespace, settings: Work
         ring, rank = plan.ring, plan.rank
         return supervise(settings, cfg, lambda: ranks_of(ring, [rank], plan.bounds))
     share_cores(args.shards)  # the ranks' processes inherit it
+    settings = dataclasses.replace(settings, memory_share=max(settings.memory_share, args.shards))  # all ranks here
     return supervise(settings, cfg, lambda: ranks_of(local_ring(args.shards), range(args.shards), plan.bounds))
 
 

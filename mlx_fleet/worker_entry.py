@@ -34,11 +34,12 @@ def worker_settings(cfg: FleetConfig, *, worker_id: str, model: str, source: str
 def local_worker_settings(spec: WorkerSpec, cfg: FleetConfig) -> WorkerSettings:
     """Settings of a worker the supervisor runs: the local backend, its metric events, the local CurveZMQ key."""
     secret = local_secret_cert(cfg)
-    return worker_settings(cfg, worker_id=spec.worker_id, model=spec.model, source=spec.source,
-                           connect=local_addr(cfg.backend), batching=spec.batching, dtype=spec.dtype,
-                           chat_template=spec.chat_template, tool_format=spec.tool_format,
-                           metrics_events=events_addr(cfg.metrics_export, cfg.metrics_events),
-                           curve_secret=secret, curve_server_public=cfg.curve_server_secret if secret else "")
+    settings = worker_settings(cfg, worker_id=spec.worker_id, model=spec.model, source=spec.source,
+                               connect=local_addr(cfg.backend), batching=spec.batching, dtype=spec.dtype,
+                               chat_template=spec.chat_template, tool_format=spec.tool_format,
+                               metrics_events=events_addr(cfg.metrics_export, cfg.metrics_events),
+                               curve_secret=secret, curve_server_public=cfg.curve_server_secret if secret else "")
+    return dataclasses.replace(settings, memory_share=spec.memory_share)
 
 
 def run_local_worker(spec: WorkerSpec, cfg: FleetConfig) -> None:

@@ -3,7 +3,10 @@
 It heartbeats on schedule whatever the MLX thread is doing, reads dispatches and cancels
 into the loop's inbox, answers cancels at once (:class:`workers.replies.ReplyLedger`),
 encodes and sends what the loop reports while the loop runs its next step, and
-reconnects with backoff when the broker goes silent. The loop rings an ``inproc://``
+reconnects with backoff when the broker goes silent. It also tells the broker which prefixes
+its prompt cache holds (``prefixes``, :mod:`workers.prefix_report`): the keys of each finished
+request's prompt and answer, when the loop reports that the cache kept it, ahead of that request's
+``done``, and all of them after every ``ready``. The loop rings an ``inproc://``
 doorbell after each report, so the thread sleeps in one poll on both. The decisions
 live in :mod:`workers.link` and :mod:`workers.replies`; this module moves bytes.
 
@@ -28,12 +31,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from actors.clock import Clock
 from actors.curve import CurveKeys, apply_client
+from actors.prefix_keys import entry_keys
 from actors.protocol import (
-    Cancel, Disconnect, Dispatch, Heartbeat, Message, ProtocolError, Ready, decode, encode,
+    Cancel, Disconnect, Dispatch, Done, Heartbeat, Message, ProtocolError, Ready, decode, encode,
 )
 from actors.sockets import make_socket, poll_ms
 from workers.link import BrokerLink, Close, InboxItem, Inbound, LoopProgress, LoopReport, Register, Reset, Stop
-from workers.replies import ReplyLedger
+from workers.prefix_report import PrefixReporter
+from workers.replies import Outgoing, ReplyLedger
 
 log = logging.getLogger("mlx_fleet.worker")
 
@@ -75,6 +80,7 @@ class BrokerIO:
         # A terminal is kept until a lost broker would have been noticed: then it cannot still be in flight.
         self.ledger = ReplyLedger(clock, budget_bytes=buffer_bytes, linger_s=self.link.liveness_s + heartbeat_interval_s)
         self.ledger.away = True
+        self.prefixes = PrefixReporter(worker_id)  # the prompt cache's prefix keys, as the broker should know them
         self.generation = 0  # the loop's reports of an older generation speak of dropped requests
         self.free_slots = 0
         self.stats: dict[str, Any] | None = None
@@ -201,6 +207,8 @@ class BrokerIO:
         self._send(ready)
         for msg in self.ledger.replay():
             self._send(msg)
+        self.prefixes.owe_full()  # this broker knows nothing of our prompt cache yet
+        self._send_prefixes()
         self.link.ready_sent()
         self.ledger.away = False
         if table:
@@ -245,12 +253,34 @@ class BrokerIO:
                 self.stats = item.stats
             self.link.loop_ready(item.ready_for)
             if item.generation != self.generation:
+                self._note_cache([], item.cache_labels)
                 continue  # said about requests dropped since
             msgs = self.ledger.take(item.out)
+            self._note_cache(item.out, item.cache_labels)
             self._cancel_overflowed()
             if not self.link.away:
+                self._send_prefixes()  # before the done: the broker knows the prefix before the next turn comes
                 for msg in msgs:
                     self._send(msg)
+
+    def _note_cache(self, out: list[Outgoing], labels: list[str] | None) -> None:
+        """The prefix keys of the requests that finished, and which of them the prompt cache holds now."""
+        for item in out:
+            if isinstance(item, Done) and item.finish_reason != "cancelled":
+                found = self.ledger.output_of(item.request_id)
+                if found is not None and found[0].cache:
+                    req, text, ids = found
+                    self.prefixes.finished(item.request_id, entry_keys(
+                        req.prompt, req.messages, req.prompt_tokens, answer_text=text, answer_tokens=ids))
+        if labels is not None:
+            self.prefixes.cache_now(labels)
+
+    def _send_prefixes(self) -> None:
+        """Tell the broker what the prompt cache gained and lost; a report it missed makes the next one full."""
+        for msg in self.prefixes.reports():
+            if not self._send(msg):
+                self.prefixes.owe_full()
+                return
 
     def _read_broker(self) -> None:
         assert self.sock is not None
@@ -284,10 +314,12 @@ class BrokerIO:
         return Heartbeat(self.worker_id, self.ledger.in_flight, self.free_slots, self.stats,
                          steps_completed=self.progress.steps, step_elapsed_s=round(self.progress.elapsed_s(now), 3))
 
-    def _send(self, msg: Message) -> None:
-        """Send without blocking; a full pipe means the broker is gone (dropped)."""
+    def _send(self, msg: Message) -> bool:
+        """Send without blocking; a full pipe means the broker is gone (dropped: False)."""
         assert self.sock is not None
         try:
             self.sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("broker not reading; dropped %s", msg.TYPE)
+            return False
+        return True

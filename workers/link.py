@@ -83,6 +83,8 @@ class LoopReport:
     ``consumed`` is the last inbox ``seq`` the loop has taken; ``step_began_s`` is when
     the step now starting began, None when the loop goes on to wait for input.
     ``stats`` (engine and policy figures) is sent about once per heartbeat interval.
+    ``cache_labels`` lists the prompt cache's entries (by the key of the request that
+    stored each) when they changed since the last report; None when they did not.
     """
 
     generation: int
@@ -93,6 +95,7 @@ class LoopReport:
     free_slots: int = 0
     stats: dict[str, Any] | None = None
     ready_for: int = 0
+    cache_labels: list[str] | None = None
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.clock import Clock
-from actors.config import POLICIES, BatchingConfig
+from actors.config import POLICIES, BatchingConfig, fixed_capacity
 from actors.stats import percentile
+from workers.capacity import FALLBACK_CAPACITY
 
 # Float slack so "first arrival + window" releases at the window, not one ulp after it.
 _EPS_S = 1e-9
@@ -151,7 +152,7 @@ class AdmissionPolicy:
         proportion to how many sequences are decoding: the hold is
         ``decode_window_ms`` at a full batch and shrinks linearly below it.
         """
-        full = max(1, self._cfg.decode_capacity)
+        full = max(1, fixed_capacity(self._cfg) or FALLBACK_CAPACITY)  # the worker sets the number it sized
         return self._cfg.decode_window_ms * min(1.0, max(0, running) / full)
 
     def _window_ms_for(self, depth: int) -> float:

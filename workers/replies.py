@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Union
 
 from actors.clock import Clock
-from actors.protocol import WORKER_LOST, Chunk, Dispatch, Done, Error, Message
+from actors.protocol import WORKER_LOST, Chunk, Dispatch, Done, Error, Generate, Message
 
 ID_BYTES = 4  # what one kept token id counts for against the budget
 LOGPROB_BYTES = 48  # what one kept logprob entry (or one of its alternatives) counts for
@@ -188,6 +188,14 @@ class ReplyLedger:
             else:
                 out.append(item)
         return out
+
+    def output_of(self, key: str) -> tuple[Generate, str, list[int]] | None:
+        """A request kept here: what it asked, and its first completion's whole output so far (text and ids)."""
+        rec = self._open.get(key)
+        if rec is None:
+            return None
+        out = rec.outputs.get(0) or _Output()
+        return rec.dispatch.request, "".join(out.text), list(out.token_ids)
 
     def take_overflowed(self) -> list[str]:
         """Keys ended for the budget since the last call: the loop must stop decoding them."""

@@ -12,12 +12,16 @@ outbox (see :mod:`workers.link`), then rings an ``inproc://`` doorbell. The loop
 its inbox only when it has nothing to step, and wakes as soon as something arrives.
 
 The engine keeps a prompt cache (see :mod:`workers.engine.prompt_cache` for how it meets the
-broker's ``affinity`` routing); ``done`` reports the reused prompt tokens as
-``usage.cached_tokens`` and heartbeats carry its ``prompt_cache_*`` counters.
+broker's routing); ``done`` reports the reused prompt tokens as ``usage.cached_tokens``,
+heartbeats carry its ``prompt_cache_*`` counters, and each report to the I/O thread lists its
+entries when they changed, which the I/O thread turns into ``prefixes`` for the broker. The
+decode capacity is sized once the model is loaded (:mod:`workers.capacity`) and advertised in
+``ready``, with how it was sized in ``ready.info["capacity"]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +79,7 @@ class WorkerSettings:
     recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
     chat_template: str = ""  # a Jinja file or a shipped template's name replacing the tokenizer's (workers/engine/tool_setup.py)
     tool_format: str = ""  # the tool-call format (an mlx-lm tool parser, or none); "": the tokenizer's own
+    memory_share: int = 1  # worker processes of the fleet sharing this machine's memory ("auto" capacity divides it)
 
 
 class WorkerActor:
@@ -92,12 +97,14 @@ class WorkerActor:
         self.io: BrokerIO | None = None
         self.bell: zmq.SyncSocket | None = None
         self.info: dict[str, Any] = {}
+        self.capacity = 0  # sequences decoded at once, sized once the model is loaded (workers/capacity.py)
         self.telemetry = WorkerTelemetry.disabled()
         self.generation = 0  # the last Reset (drop everything) the loop has taken
         self.ready_for = 0  # the last Register the loop has answered
         self.consumed = 0  # the last inbox item taken
         self.out: list[Outgoing] = []  # said since the last report
         self.last_report: tuple[int, int, bool] = (-1, -1, False)
+        self.cache_labels: list[str] = []  # the prompt cache's entries as last reported (workers/prefix_report.py)
         self.next_stats_s = 0.0
         self.faults = make_fault_injector(settings.worker_id, lambda: self.running)
         self.compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
@@ -122,29 +129,31 @@ class WorkerActor:
 
         path = resolve_source(self.s.source, self.s.dtype)
         t0 = time.perf_counter()
-        self.engine, model, group_info = load_engine(str(path), self.s)  # a sharded group's rank 0 joins it here
-        b = self.s.batching
+        loaded = load_engine(str(path), self.s)  # a sharded group's rank 0 joins it here
+        self.engine, model, self.capacity = loaded.engine, loaded.model, loaded.capacity.capacity
+        b = dataclasses.replace(self.s.batching, decode_capacity=self.capacity)
         policy = make_policy(b, self.clock)
         self.telemetry = WorkerTelemetry(sender, policy, model=self.s.model, worker=self.s.worker_id)
         self.session = WorkerSession(self.engine, policy, clock=self.clock, tuner=make_auto_tuner(b, policy),
                                      telemetry=self.telemetry, max_prompt_tokens=self.s.max_prompt_tokens,
-                                     idle_flush_s=self.s.heartbeat_interval_s, decode_capacity=b.decode_capacity,
+                                     idle_flush_s=self.s.heartbeat_interval_s, decode_capacity=self.capacity,
                                      compile_pool=self.compile_pool, wake=lambda: self.inbox.put(Wake()))
         self.info = {"blas": describe_blas(), **engine_mod.mlx_info(), "source": self.s.source, "dtype": self.s.dtype,
                      "precision": describe_precision(model),
                      "policy": b.policy, "window_ms": b.window_ms, "fast_path": b.fast_path,
                      "admission_batch": b.admission_batch,
                      "prompt_cache_max_entries": b.prompt_cache_entries, "prompt_cache_max_bytes": b.prompt_cache_bytes,
-                     "solo_fast_path": self.engine.solo_fast_path, **group_info}
+                     "solo_fast_path": self.engine.solo_fast_path, "capacity": loaded.capacity.info(), **loaded.info}
         log.info("loaded %s from %s in %.2fs; precision=%s; blas=%s", self.s.model, path, time.perf_counter() - t0,
                  self.info["precision"], self.info["blas"])
+        log.info("decode capacity %d (%s)", self.capacity, loaded.capacity.reason)
         self.start_io()
 
     def start_io(self) -> None:
         """Start the I/O thread and connect this thread's end of the doorbell."""
         doorbell = f"inproc://worker-doorbell-{os.getpid()}-{next(_DOORBELLS)}"
         curve = load_client_keys(self.s.curve_secret, self.s.curve_server_public) if self.s.curve_secret else None
-        ready = Ready(self.s.worker_id, self.s.model, self.s.batching.decode_capacity, os.getpid(),
+        ready = Ready(self.s.worker_id, self.s.model, self.capacity, os.getpid(),
                       socket.gethostname(), self.info)
         self.io = BrokerIO(self.ctx, self.clock, worker_id=self.s.worker_id, connect=self.s.connect,
                            inbox=self.inbox, outbox=self.outbox, doorbell=doorbell,
@@ -233,11 +242,15 @@ class WorkerActor:
             stats = self.session.stats()
             self.next_stats_s = now + self.s.heartbeat_interval_s
         state = (self.consumed, self.session.steps_completed, step_began_s is not None)
-        if not self.out and stats is None and step_began_s is None and state == self.last_report:
+        labels: list[str] | None = self.session.engine.prompt_cache.labels()
+        if labels == self.cache_labels:
+            labels = None  # unchanged since the last report
+        if not self.out and stats is None and step_began_s is None and state == self.last_report and labels is None:
             return  # nothing new: an idle turn
         self.last_report = state
+        self.cache_labels = labels if labels is not None else self.cache_labels
         self.outbox.put(LoopReport(self.generation, self.consumed, self.session.steps_completed, step_began_s,
-                                   self.out, self.session.engine.free_slots, stats, self.ready_for))
+                                   self.out, self.session.engine.free_slots, stats, self.ready_for, labels))
         self.out = []
         self._ring()
 

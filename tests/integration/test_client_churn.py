@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.config import BatchingConfig
 from actors.control import OWNER_FILE, RUNTIME_PREFIX, runtime_root
 from mlx_fleet.client import Client
 from tests.integration.clients import RawClient, generate
@@ -30,12 +31,13 @@ from tests.waiting import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 LONG_TOKENS = 5000  # only ends early if the fleet ends it
+CAPACITY = 16  # a fixed decode capacity, so a few dozen requests fill the worker and queue
 FREED_WITHIN_S = 1.0  # a vanished client's requests leave the worker within this bound
 
 
 @pytest.fixture(scope="module")
 def fleet():
-    f = start_fleet(transport="tcp")
+    f = start_fleet(transport="tcp", batching=BatchingConfig(decode_capacity=CAPACITY))
     yield f
     f.stop()
 
@@ -53,9 +55,9 @@ def load(addr: str) -> tuple[int, int, int]:
 
 def test_a_vanished_non_streaming_client_frees_the_worker_at_once(capfd) -> None:
     # A fleet of its own: its processes must inherit the stderr that capfd reads.
-    with running_fleet(transport="tcp") as f:
+    with running_fleet(transport="tcp", batching=BatchingConfig(decode_capacity=CAPACITY)) as f:
         addr = f.cfg.frontend
-        capacity = f.cfg.batching.decode_capacity
+        capacity = CAPACITY
         total = capacity + 34
         quitter = RawClient(addr)
         for i in range(total):
@@ -80,7 +82,7 @@ def test_a_flooding_client_does_not_hold_up_another(fleet) -> None:
     """Clients take turns: the polite client's requests go between the flood's, not after all of it."""
     addr = fleet.cfg.frontend
     flood = RawClient(addr)  # never reads until the end
-    n_flood = 6 * fleet.cfg.batching.decode_capacity
+    n_flood = 6 * CAPACITY
     try:
         for i in range(n_flood):
             flood.send(gen(f"f{i}", stream=False, max_tokens=24))

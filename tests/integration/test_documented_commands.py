@@ -228,6 +228,19 @@ def test_several_models_and_replicas_then_load_and_unload(fleet_logs: list[Fleet
     with Client(FRONTEND, timeout_s=60) as client:
         wait_ready(client, "chat", 2, up)
         wait_ready(client, "tiny", 1, up)
+    # README, Watching a fleet: the live view on a terminal (q quits), and its plain lines off one.
+    term = Terminal(["/bin/bash", "-c", documented("mlx-fleet top")], env=shell_env())
+    try:
+        at = term.expect("RUN/CAP", timeout_s=60)
+        for wid in ("chat-0", "chat-1", "tiny-0"):
+            term.expect(wid, after=at)
+        term.type("q")
+        assert term.wait() == 0
+    finally:
+        term.kill()
+    plain = run(documented("mlx-fleet top --iterations 1 | cat"))
+    assert plain.returncode == 0 and "  replica=chat-1 state=ready" in plain.stdout, (plain.stdout, plain.stderr)
+    assert "model=tiny state=ready" in plain.stdout
     loaded = run(documented("mlx-fleet load extra=demo --replicas 2"), timeout_s=300)
     assert loaded.returncode == 0, (loaded.stdout, loaded.stderr)
     with Client(FRONTEND, timeout_s=60) as client:

@@ -44,7 +44,7 @@ def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
     from workers.shard.engine import ShardedEngine, apply_op, digest, form_group
 
     shard = ShardRank(rank, ring, op_timeout_s=120.0, start_timeout_s=120.0)
-    settings = SimpleNamespace(source=MODEL, dtype="auto", shard=shard,
+    settings = SimpleNamespace(source=MODEL, dtype="auto", shard=shard, memory_share=2, model="demo", chat_template="", tool_format="",
                                batching=BatchingConfig(prefill_step_size=64, prompt_cache_entries=8))
     member = form_group(str(ensure_demo_model(MODEL)), settings, zmq.Context())
     events: list[list[Any]] = []
@@ -57,7 +57,8 @@ def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
             for r, seq, theirs in engine.channel.reports():
                 engine.ledger.report(r, seq, theirs)
             time.sleep(0.01)
-        out.put((0, events, engine.seq, engine.ledger.checked, fails, engine.encode_prompt(PROMPTS[0], None, None)))
+        out.put((0, events, engine.seq, engine.ledger.checked, fails, engine.encode_prompt(PROMPTS[0], None, None),
+                 member.engine.decode_capacity))
         engine.close()
         return
     while True:
@@ -68,7 +69,7 @@ def lockstep_rank(rank: int, ring: Any, out: Any, folder: str) -> None:
         events += [[e.key, e.token_ids, e.finish_reason, e.path] for e in got]
         if op[0] == "step":
             member.follower.report(op[1], digest(got))
-    out.put((1, events, 0, 0, [], []))
+    out.put((1, events, 0, 0, [], [], member.engine.decode_capacity))
 
 
 def run_script(engine: Any, events: list[list[Any]]) -> None:
@@ -107,7 +108,8 @@ def test_followers_apply_the_same_ops_and_produce_the_same_tokens(mt, tmp_path):
             p.join(30)
             if p.is_alive():
                 p.kill()
-    rank0_events, steps, checked, fails, a_prompt = results[0]
+    rank0_events, steps, checked, fails, a_prompt, capacity = results[0]
+    assert capacity == results[1][-1]  # the ranks agreed on one decode capacity (the smallest either could hold)
     follower_events = results[1][0]
     assert fails == []
     assert rank0_events == follower_events

@@ -293,3 +293,27 @@ def test_broker_event_counts_replies_tokens_and_worker_states() -> None:
     assert a["workers"] == {"a-0": "busy"}
     assert ev["models"][""]["errors"] == {"unknown_model": 1}
     assert ev["models"]["b"]["workers"] == {}
+
+
+def test_routing_counts_travel_from_the_broker_to_the_scrape() -> None:
+    from actors.prefix_keys import token_keys
+    from actors.protocol import Prefixes
+
+    clock = FakeClock()
+    broker = BrokerState(clock, models=["a"])
+    broker.handle_ready(b"w0", Ready("a-0", "a", 4, 1, "h"))
+    broker.handle_ready(b"w1", Ready("a-1", "a", 4, 2, "h"))
+    tokens = list(range(100))
+    broker.handle_worker_message(b"w1", Prefixes("a-1", True, token_keys(tokens)), {})
+    broker.handle_generate(b"c", Generate("r1", "a", prompt_tokens=tokens))  # six blocks held by a-1
+    broker.handle_generate(b"c", Generate("r2", "a", prompt_tokens=[7] * 40))  # held nowhere
+    ev = decode_event(encode_event(make_broker_event(broker) | {"type": "broker", "source": "broker", "dropped": 0}))
+    assert ev["models"]["a"]["routed"] == {"affinity": 0, "prefix": 1, "least_loaded": 1, "imbalance": 0}
+    state, _ = make_state(("a",))
+    assert state.apply(ev)
+    out = scrape(state)
+    assert out["mlxfleet_routed_requests_total"][(("model", "a"), ("reason", "prefix"))] == 1
+    assert out["mlxfleet_routed_requests_total"][(("model", "a"), ("reason", "least_loaded"))] == 1
+    assert out["mlxfleet_routed_prefix_blocks_bucket"][(("le", "4.0"), ("model", "a"))] == 0
+    assert out["mlxfleet_routed_prefix_blocks_bucket"][(("le", "8.0"), ("model", "a"))] == 1
+    assert out["mlxfleet_routed_prefix_blocks_sum"][(("model", "a"),)] == 6

@@ -120,6 +120,13 @@ SEED_ENV = [
     ({"MLX_GPU_SCHEDULER_P99_THRESHOLD_MS": "250"}, {"p99_threshold_ms": 250.0}),
     ({"MLX_GPU_SCHEDULER_BATCH_SIZE": "4"}, {"admission_batch": 4}),
     ({"MLX_FLEET_DECODE_CAPACITY": "32"}, {"decode_capacity": 32}),
+    ({"MLX_FLEET_DECODE_CAPACITY": "auto"}, {"decode_capacity": "auto"}),
+    ({"MLX_FLEET_DECODE_CAPACITY": " AUTO "}, {"decode_capacity": "auto"}),
+    ({}, {"decode_capacity": "auto", "decode_capacity_max": 64, "kv_memory_fraction": 0.5, "routing": "cache_aware",
+          "routing_min_match": 0.5, "routing_balance_abs": 8, "routing_balance_rel": 1.5}),
+    ({"MLX_FLEET_DECODE_CAPACITY_MAX": "128", "MLX_FLEET_KV_MEMORY_FRACTION": "0.25"},
+     {"decode_capacity_max": 128, "kv_memory_fraction": 0.25}),
+    ({"MLX_FLEET_ROUTING": "least_loaded"}, {"routing": "least_loaded"}),
     ({"MLX_METRICS_PORT": "9555"}, {"metrics_port": 9555}),
     ({"MLX_METRICS_PORT": " 9555 "}, {"metrics_port": 9555}),
     ({"MLX_METRICS_EXPORT": "off"}, {"metrics_export": False}),
@@ -174,7 +181,7 @@ def test_toml_models_with_per_model_batching(tmp_path: Path) -> None:
     assert (b.source, b.replicas) == ("org/b-4bit", 1)
     assert (b.batching.policy, b.batching.decode_capacity) == ("immediate", 4)
     assert b.batching.window_ms == 2.0  # the rest comes from the global batching
-    assert cfg.batching.policy == "fixed" and cfg.batching.decode_capacity == 16
+    assert cfg.batching.policy == "fixed" and cfg.batching.decode_capacity == "auto"
     with pytest.raises(KeyError):
         cfg.model("c")
 
@@ -258,6 +265,15 @@ ERRORS: list[tuple[str, dict[str, Any]]] = [
     ("env-min-over-max", {"env": {"MLX_AUTO_TUNE_MIN_BATCH": "9", "MLX_AUTO_TUNE_MAX_BATCH": "4"}}),
     ("env-interval-zero", {"env": {"MLX_AUTO_TUNE_INTERVAL": "0"}}),
     ("env-capacity-zero", {"env": {"MLX_FLEET_DECODE_CAPACITY": "0"}}),
+    ("env-capacity-word", {"env": {"MLX_FLEET_DECODE_CAPACITY": "lots"}}),
+    ("env-capacity-fraction", {"env": {"MLX_FLEET_DECODE_CAPACITY": "2.5"}}),
+    ("env-capacity-max-zero", {"env": {"MLX_FLEET_DECODE_CAPACITY_MAX": "0"}}),
+    ("env-kv-fraction-zero", {"env": {"MLX_FLEET_KV_MEMORY_FRACTION": "0"}}),
+    ("env-kv-fraction-over-one", {"env": {"MLX_FLEET_KV_MEMORY_FRACTION": "1.5"}}),
+    ("env-bad-routing", {"env": {"MLX_FLEET_ROUTING": "random"}}),
+    ("cli-balance-rel-under-one", {"overrides": {"routing_balance_rel": 0.5}}),
+    ("cli-balance-abs-negative", {"overrides": {"routing_balance_abs": -1}}),
+    ("cli-min-match-over-one", {"overrides": {"routing_min_match": 1.5}}),
     # CLI
     ("cli-unknown-key", {"overrides": {"windw_ms": 1.0}}),
     ("cli-bad-policy", {"overrides": {"policy": "eager"}}),
@@ -315,6 +331,14 @@ TOML_ERRORS = [
 def test_toml_errors(tmp_path: Path, toml: str) -> None:
     with pytest.raises(ConfigError):
         load(tmp_path, toml)
+
+
+def test_decode_capacity_is_auto_or_a_number_in_the_file(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "[batching]\ndecode_capacity = \"auto\"\n\n[[models]]\nname = \"a\"\nsource = \"demo\"\n"
+                         "batching = { decode_capacity = 12 }\n")
+    assert cfg.batching.decode_capacity == "auto" and cfg.models[0].batching.decode_capacity == 12
+    with pytest.raises(ConfigError, match=r"decode_capacity.*auto.*fleet\.toml"):
+        load(tmp_path, "[batching]\ndecode_capacity = \"many\"\n")
 
 
 def test_whole_float_is_an_int(tmp_path: Path) -> None:
@@ -380,3 +404,17 @@ def test_recovery_settings_come_from_the_file_and_bad_values_are_refused(tmp_pat
         path.write_text(bad + "\n")
         with pytest.raises(ConfigError, match=bad.split()[0]):
             load_config(path, env={})
+
+
+def test_the_readmes_capacity_and_routing_settings_load_as_shown(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"^```toml\n(.*?)^```", readme, flags=re.M | re.S)
+              if "kv_tokens_per_sequence" in b or "routing_min_match" in b]
+    assert len(blocks) == 2
+    cfg = load(tmp_path, "\n".join(blocks))
+    assert (cfg.batching.decode_capacity, cfg.batching.decode_capacity_max, cfg.batching.kv_memory_fraction,
+            cfg.batching.kv_tokens_per_sequence) == ("auto", 64, 0.5, 1280)
+    assert (cfg.routing, cfg.routing_min_match, cfg.routing_balance_abs, cfg.routing_balance_rel) == (
+        "cache_aware", 0.5, 8, 1.5)

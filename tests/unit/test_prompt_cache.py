@@ -203,3 +203,15 @@ def test_config_refuses_negative_bounds_and_cli_wins():
         load_config(env={"MLX_FLEET_PROMPT_CACHE_BYTES": "-1"})
     cfg = load_config(env={"MLX_FLEET_PROMPT_CACHE_BYTES": "5"}, overrides={"prompt_cache_bytes": 7})
     assert cfg.batching.prompt_cache_bytes == 7 and cfg.models[0].batching.prompt_cache_bytes == 7
+
+
+def test_labels_name_the_entries_held_and_follow_evictions() -> None:
+    cache = make_cache(max_entries=2)
+    cache.store([1, 2, 3], FakeKV([1, 2, 3]), label="r1")
+    cache.store([1, 2, 3, 4, 5], FakeKV([1, 2, 3, 4, 5]), label="r2")  # extends r1's: r1's entry goes
+    assert cache.labels() == ["r2"]
+    cache.store([7, 8], FakeKV([7, 8]), label="r3")
+    cache.store([9, 9], FakeKV([9, 9]), label="r4")  # past two entries: the least recently used goes
+    assert cache.labels() == ["r3", "r4"]
+    assert cache.store([7], FakeKV([7]), label="r5")  # covered by r3's entry: r3 is used, nothing new
+    assert cache.labels() == ["r4", "r3"]

@@ -14,7 +14,7 @@ from actors.control import CONTROL_TYPES, Start, Stop, SupervisorState, Supervis
 from actors.protocol import (
     BAD_REQUEST, DEFAULT_LIMITS, MESSAGE_TYPES, PROTOCOL_TAG,
     Cancel, Chunk, ControlReply, Disconnect, Dispatch, Done, Error, Generate, Heartbeat,
-    Limits, Load, Message, Models, ModelsReply, ProtocolError, Ready, Status, StatusReply, Unload, decode, encode,
+    Limits, Load, Message, Models, ModelsReply, Prefixes, ProtocolError, Ready, Status, StatusReply, Unload, decode, encode,
     encode_map,
     error_for, from_map, unpack_frames,
 )
@@ -71,6 +71,8 @@ ROUND_TRIP = [
     Ready(worker_id="w1", model="demo", capacity=16, pid=4242, host="h", info={"blas": "openblas"}),
     Heartbeat(),
     Heartbeat(worker_id="w1", in_flight=3, free_slots=13),
+    Prefixes(worker_id="w1", full=True, added=[1, 2**63 - 1]),
+    Prefixes(worker_id="w1", added=[7], removed=[3, 4]),
     Dispatch(request=Generate(request_id="b1", model="demo", prompt="x", timeout_s=2.0), queue_s=0.25),
     Disconnect(),
     Disconnect(worker_id="w1", reason="shutdown"),

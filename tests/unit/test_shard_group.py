@@ -257,7 +257,8 @@ def test_a_sharded_replica_is_one_child_with_its_ranks_in_the_view() -> None:
     manager.add_configured()
     children.start_all()
     (child,) = children.workers("a")
-    assert child.spec == ChildSpec.for_worker(WorkerSpec("a-0", "a", "demo", shards=2))
+    # Its two ranks share this machine's memory: "auto" capacity gives each half.
+    assert child.spec == ChildSpec.for_worker(WorkerSpec("a-0", "a", "demo", shards=2, memory_share=2))
     view = child.view(0.0)
     assert view["pid"] == 20 and view["ranks"] == [{"rank": 0, "pid": 20, "host": "h"}, {"rank": 1, "pid": 21, "host": "h"}]
     assert manager.memory_view() == {"budget_bytes": 1500, "loaded_bytes": 1000}

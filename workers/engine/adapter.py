@@ -258,7 +258,7 @@ class Engine(EngineLike):
         # The cut copies are computed behind the step in flight, never waited for here; once
         # computed they no longer hold on to the batch's KV buffers.
         mx.async_eval([c.state for c in kv])
-        self.prompt_cache.store(tokens, kv)
+        self.prompt_cache.store(tokens, kv, label=req.key)  # the label names it in the worker's prefix reports
 
     def _top_k(self, top_k: int) -> int:
         # mlx-lm raises for top_k outside (0, vocab) inside a compiled sampler, which fails
@@ -382,10 +382,10 @@ class Engine(EngineLike):
 
 def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None,
                 tools: ToolSupport | None = None) -> Engine:
-    """An engine over a loaded model with a worker's batching settings (``prompt_cache_bytes`` overrides theirs)
-    and the model's tool calling (``tools``, from :func:`workers.engine.tool_setup.setup_tools`)."""
+    """An engine over a loaded model with a worker's batching settings (their ``decode_capacity`` a number: the worker
+    sizes "auto" first, workers/capacity.py; ``prompt_cache_bytes`` overrides theirs) and the model's ``tools``."""
     b = batching
-    return Engine(model, tokenizer, decode_capacity=b.decode_capacity, admission_batch=b.admission_batch,
+    return Engine(model, tokenizer, decode_capacity=int(b.decode_capacity), admission_batch=b.admission_batch,
                   prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries,
                   prompt_cache_bytes=b.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes,
                   solo_fast_path=b.solo_fast_path, tools=tools)

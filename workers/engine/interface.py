@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from workers.engine.prompt_cache import PromptCacheStats
+from workers.engine.prompt_cache import PromptCache, PromptCacheStats
 from workers.engine.stats import StepStats
 from workers.tools import ToolSupport
 
@@ -83,7 +83,13 @@ class StepEvent:
 
 
 class EngineLike(Protocol):
-    """What the worker needs of an engine: continuous batching, one step at a time, on one thread."""
+    """What the worker needs of an engine: continuous batching, one step at a time, on one thread.
+
+    ``prompt_cache`` is read for its entries' labels (the keys of the requests that stored them),
+    which the worker reports to the broker as prefix keys (workers/prefix_report.py).
+    """
+
+    prompt_cache: PromptCache[Any]
 
     @property
     def active(self) -> int:

@@ -27,13 +27,12 @@ reused from mlx-lm is the cache machinery itself: the caches ``BatchGenerator`` 
 back, ``trim_prompt_cache``, ``can_trim_prompt_cache``, ``nbytes`` and
 ``insert(caches=..., all_tokens=...)``.
 
-Affinity: the cache is per worker process, so a conversation only hits it when its
-turns reach the same replica. The broker's ``pick_worker`` sends every request with the
-same ``(model, affinity)`` key to the replica that served the last one, while that
-replica is alive (and to the least-loaded replica when it is not). A client that sets
-``affinity`` to a conversation id therefore gets cache hits on every warm turn; without
-one, turns spread over the replicas by load and hit only where they happen to land.
-Should the bound replica die, the next turn goes elsewhere and pays one cold prefill.
+Routing: the cache is per worker process, so a conversation only hits it when its turns
+reach the same replica. Each entry carries a label (the key of the request that stored it);
+the worker reports the prefix keys of the entries it holds (:mod:`workers.prefix_report`),
+and the broker sends a request to the replica holding the longest prefix of it
+(:mod:`broker.routing`), unless the replicas' loads are out of balance. An ``affinity`` key
+still pins every request of a conversation to one replica while that replica lives.
 """
 
 from __future__ import annotations
@@ -77,6 +76,7 @@ class _Entry(Generic[KV]):
     kv: KV
     nbytes: int
     trimmable: bool
+    label: str = ""  # who stored it (the request's key): the worker reports its prefix keys under it
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -132,6 +132,10 @@ class PromptCache(Generic[KV]):
         """Stored token sequences, least recently used first."""
         return list(self._entries)
 
+    def labels(self) -> list[str]:
+        """The labels of the entries held now, least recently used first (what the broker's index mirrors)."""
+        return [e.label for e in self._entries.values()]
+
     def bypass(self) -> None:
         """Count a request that opted out of the cache."""
         self.stats.bypassed += 1
@@ -167,8 +171,8 @@ class PromptCache(Generic[KV]):
         self.stats.hit_tokens += best_n
         return self.copy_prefix(best.kv, len(best.tokens), best_n), best_n
 
-    def store(self, tokens: Sequence[int], kv: KV) -> bool:
-        """Keep ``kv`` (the cache of exactly ``tokens``); evict LRU entries to stay in bounds.
+    def store(self, tokens: Sequence[int], kv: KV, label: str = "") -> bool:
+        """Keep ``kv`` (the cache of exactly ``tokens``) under ``label``; evict LRU entries to stay in bounds.
 
         The cache takes ownership of ``kv``. Returns False when it is not kept. When a
         longer entry starting with ``tokens`` exists, that entry is marked used instead.
@@ -194,7 +198,7 @@ class PromptCache(Generic[KV]):
         while self._entries and (len(self._entries) >= self.max_entries or self.stats.bytes_held + nbytes > self.max_bytes):
             self._drop(next(iter(self._entries)))
             self.stats.evicted += 1
-        self._entries[key] = _Entry(key, kv, nbytes, trimmable)
+        self._entries[key] = _Entry(key, kv, nbytes, trimmable, label)
         self.stats.bytes_held += nbytes
         self.stats.entries = len(self._entries)
         self.stats.stored += 1

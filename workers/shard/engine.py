@@ -38,15 +38,16 @@ import random
 import socket
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ParamSpec, Protocol, TypeVar
+from typing import Any, Callable, ParamSpec, Protocol, TypeVar, cast
 
 import mlx.core as mx
 import msgpack
 import zmq
 
 from actors.clock import Clock, MonotonicClock
-from actors.config import BatchingConfig
+from actors.config import BatchingConfig, fixed_capacity
 from actors.shard_group import ShardRank
+from workers.capacity import CapacityPlan, agree, plan_capacity
 from workers.engine.adapter import Engine, make_engine
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent
 from workers.engine.prompt_cache import PromptCacheStats
@@ -86,6 +87,27 @@ class EngineSettings(Protocol):
     def chat_template(self) -> str: ...
     @property
     def tool_format(self) -> str: ...
+    @property
+    def memory_share(self) -> int: ...  # worker processes sharing this machine's memory (workers/capacity.py)
+
+
+@dataclass
+class LoadedEngine:
+    """A worker's engine once its model is loaded: the model, its decode capacity and what ``ready`` says of it."""
+
+    engine: EngineLike
+    model: Any
+    capacity: CapacityPlan
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def size_capacity(model: Any, s: EngineSettings, shards: int = 1) -> CapacityPlan:
+    """This process's decode capacity (workers/capacity.py): from its memory, unless a number is set."""
+    if fixed_capacity(s.batching) is not None:
+        return plan_capacity(s.batching, kv=None, free=None)
+    from workers.engine.memory import free_memory, kv_shape
+
+    return plan_capacity(s.batching, kv=kv_shape(model), free=free_memory(), share=s.memory_share, shards=shards)
 
 
 @dataclass
@@ -97,6 +119,7 @@ class GroupMember:
     model: Any
     mode: str  # tensor | pipeline: what sharded_load applied
     ctx: zmq.SyncContext
+    capacity: CapacityPlan
     rank0: Rank0Channel | None = None
     follower: FollowerChannel | None = None
     ranks: list[dict[str, Any]] = field(default_factory=list)
@@ -142,17 +165,21 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock 
             raise RuntimeError(f"the ring says rank {group.rank()} of {group.size()}, not {shard.rank} of {shard.size}")
         model, tokenizer, mode = load_sharded(path, s.dtype, shard.mode, group)
         rank0 = Rank0Channel(ctx, shard.own_host) if shard.rank == 0 else None
+        plan = size_capacity(model, s, shard.size)
         mine = [rank0.ops_port, rank0.beat_port, random.randrange(1, 2**31 - 1)] if rank0 else [0, 0, 0]
-        shared = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu)
-        ops_port, beat_port, seed = (int(v) for v in shared)
+        mine += [plan.capacity if r == shard.rank else 0 for r in range(shard.size)]  # each rank's own capacity
+        summed = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu)
+        shared = [int(v) for v in cast(list[int], summed.tolist())]
+        ops_port, beat_port, seed = shared[:3]
         mx.random.seed(seed)  # unseeded sampling draws the same keys on every rank
+        plan = group_capacity(plan, shared[3:])
         keep_bytes = s.batching.prompt_cache_bytes
-        engine = make_engine(model, tokenizer, s.batching,
+        engine = make_engine(model, tokenizer, dataclasses.replace(s.batching, decode_capacity=plan.capacity),
                              prompt_cache_bytes=keep_bytes if mode == "tensor" or not keep_bytes else UNBOUNDED_CACHE_BYTES,
                              tools=model_tools(tokenizer, s) if shard.rank == 0 else None)
         pid, host = os.getpid(), socket.gethostname()
         me: dict[str, Any] = {"rank": shard.rank, "pid": pid, "host": host}
-        member = GroupMember(shard, engine, model, mode, ctx, rank0=rank0, ranks=[me])
+        member = GroupMember(shard, engine, model, mode, ctx, plan, rank0=rank0, ranks=[me])
         if rank0 is not None:
             hellos = rank0.wait_hellos(range(1, shard.size), max(0.0, deadline_s - clock.now()), clock)
             member.ranks += [hellos[r] for r in sorted(hellos)]
@@ -163,6 +190,15 @@ def form_group(path: str, s: EngineSettings, ctx: zmq.SyncContext, clock: Clock 
         return member
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def group_capacity(own: CapacityPlan, ranks: list[int]) -> CapacityPlan:
+    """The group's capacity: every rank runs the same batch, so the smallest any rank can hold."""
+    agreed = agree(ranks)
+    if agreed == own.capacity:
+        return own
+    return dataclasses.replace(own, capacity=agreed, reason=f"{own.reason}; the group's smallest rank: {agreed}",
+                               inputs={**own.inputs, "ranks": ranks})
 
 
 def digest(events: list[StepEvent]) -> int:
@@ -197,6 +233,7 @@ class ShardedEngine(EngineLike):
         assert member.rank0 is not None
         self.member = member
         self.engine = member.engine
+        self.prompt_cache = member.engine.prompt_cache  # rank 0's; the followers' hold the same entries
         self.channel = member.rank0
         self.fail = fail
         clock = clock or MonotonicClock()
@@ -318,8 +355,8 @@ class ShardedEngine(EngineLike):
             raise
 
 
-def load_engine(path: str, s: EngineSettings) -> tuple[EngineLike, Any, dict[str, Any]]:
-    """The worker's engine for the model at ``path``, the model, and what ``ready`` says of its group.
+def load_engine(path: str, s: EngineSettings) -> LoadedEngine:
+    """The worker's engine for the model at ``path``, with its decode capacity and what ``ready`` says of its group.
 
     Unsharded (``s.shard`` None): a plain :class:`Engine`. Rank 0 of a group: a
     :class:`ShardedEngine` once every follower has joined. Followers run
@@ -327,8 +364,11 @@ def load_engine(path: str, s: EngineSettings) -> tuple[EngineLike, Any, dict[str
     """
     if s.shard is None:
         model, tokenizer = load_model(path, s.dtype)
-        return make_engine(model, tokenizer, s.batching, tools=model_tools(tokenizer, s)), model, {}
+        plan = size_capacity(model, s)
+        engine = make_engine(model, tokenizer, dataclasses.replace(s.batching, decode_capacity=plan.capacity),
+                             tools=model_tools(tokenizer, s))
+        return LoadedEngine(engine, model, plan)
     if s.shard.rank != 0:
         raise ValueError(f"rank {s.shard.rank} is a follower; only rank 0 serves the broker")
     member = form_group(path, s, zmq.Context())
-    return ShardedEngine(member), member.model, member.info()
+    return LoadedEngine(ShardedEngine(member), member.model, member.capacity, member.info())
