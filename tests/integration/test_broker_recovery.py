@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
+from actors.config import BatchingConfig
 from mlx_fleet.client import AsyncClient, Client, FleetError
 from tests.integration.fleets import fleet_status, running_fleet
 from tests.integration.recovering import RecoveringClient
@@ -31,7 +32,10 @@ MAX_TOKENS = 160
 PROMPTS = [f"Request {i}: tell me about {topic}." for i, topic in enumerate(
     ["queues", "weather", "bread", "rivers", "lamps", "boats", "clocks", "tea"])]
 # One fleet for the module, its broker killed every few seconds: a short stable run keeps its restarts quick.
-FLEET: dict[str, Any] = {"models": (("demo", "demo", 2),), "heartbeat_interval_s": 0.2, "heartbeat_liveness": 5,
+# 24 decode slots a replica (not the memory-sized default): of the 64 requests in flight, some
+# still wait in the broker's queue when it dies, so their resends are run again, not adopted.
+FLEET: dict[str, Any] = {"models": (("demo", "demo", 2),), "batching": BatchingConfig(decode_capacity=24),
+                         "heartbeat_interval_s": 0.2, "heartbeat_liveness": 5,
                          "restart_backoff_s": 0.2, "restart_stable_s": 2.0, "restart_max": 50}
 
 
@@ -130,7 +134,7 @@ class Load:
             await asyncio.gather(*(one(i) for i in range(32)))
 
     def under_way(self, addr: str) -> "Load":
-        """Until the fleet holds (nearly) all 64 requests, half of them waiting, and 4 streams show output."""
+        """Until the fleet holds (nearly) all 64 requests, 16 of them waiting, and 4 streams show output."""
         wait_for(lambda: fleet_status(addr)["requests"] >= 60, timeout_s=30, what="64 requests in the fleet")
         for _ in range(4):
             assert self.first_chunks.acquire(timeout=60), "streams never started"
