@@ -37,10 +37,11 @@ def _file(model: BuiltinModel) -> Path:
         pytest.skip(f"{model.name} is unavailable here: {exc}")
 
 
-def _last_logits(model: Any, ids: list[int]) -> np.ndarray:
+def _next_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """Row ``i``: the logits after ``ids[:i + 1]``, from one forward pass over all of ``ids``."""
     import mlx.core as mx
 
-    return np.array(model(mx.array([ids]))[0, -1].astype(mx.float32))
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
 def _greedy(model: Any, ids: list[int], n: int, eos: set[int]) -> list[int]:
@@ -75,15 +76,16 @@ def test_greedy_tokens_equal_llama_cpp(builtin: BuiltinModel) -> None:
         got = _greedy(model, ids, len(want), eos)
         first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
         end = len(want) if first is None else first
+        rows = _next_logits(model, ids + want[:end])  # row len(ids) - 1 + i comes before want[i]
         for i in range(end):  # the chosen tokens' logits agree where the runs agree
-            ours = _last_logits(model, ids + want[:i])[want[i]]
+            ours = rows[len(ids) - 1 + i][want[i]]
             theirs = dict(map(tuple, case["steps"][i]["top"]))[want[i]]
             assert abs(ours - theirs) < LOGIT_TOL, (case["prompt"], i, ours, theirs)
         if first is None:
             assert got == want
             report.append(f"{case['prompt'][:30]!r}: 16/16")
             continue
-        ours = _last_logits(model, ids + want[:first])
+        ours = rows[len(ids) - 1 + first]
         top = dict(map(tuple, case["steps"][first]["top"]))
         ours_gap = abs(float(ours[got[first]] - ours[want[first]]))
         theirs_gap = abs(top[want[first]] - top.get(got[first], -np.inf))
