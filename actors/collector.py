@@ -266,7 +266,7 @@ class CollectorActor:
         self.http: MetricsServer | None = None
         self._http_thread: threading.Thread | None = None
 
-    def bind(self) -> None:
+    def start(self) -> None:
         """Start the HTTP server, then bind the PULL socket; a StartError names the setting."""
         try:
             self.http = MetricsServer((self.cfg.metrics_host, self.cfg.metrics_port), self.state, self.lock)
@@ -328,6 +328,6 @@ def run_collector(cfg: FleetConfig) -> None:
 
     def hooks() -> Hooks:
         actor = CollectorActor(cfg)
-        return Hooks(start=actor.bind, loop=actor.run, stop=actor.close, request_stop=actor.request_stop)
+        return Hooks(start=actor.start, run=actor.run, close=actor.close, request_stop=actor.request_stop)
 
     run_process("collector", cfg.log_level, hooks)

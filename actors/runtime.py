@@ -34,17 +34,18 @@ class StartError(RuntimeError):
 
 @dataclass(frozen=True)
 class Hooks:
-    """The four calls :func:`run_process` makes on a process's actor."""
+    """The calls :func:`run_process` makes on a process's actor: every actor's lifecycle is
+    ``start`` (bind, load), ``run`` (until asked to stop), ``close`` (always, even after a failed start)."""
 
     start: Callable[[], None]
-    loop: Callable[[], None]
-    stop: Callable[[], None]
+    run: Callable[[], None]
+    close: Callable[[], None]
     request_stop: Callable[[], None]
     request_handover: Callable[[], None] | None = None
 
 
 def run_process(actor_name: str, log_level: str, make_hooks: Callable[[], Hooks]) -> None:
-    """Set up logging and signals, then start, loop and stop the actor ``make_hooks`` builds."""
+    """Set up logging and signals, then start, run and close the actor ``make_hooks`` builds."""
     setup_logging(log_level, actor_name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     hooks = make_hooks()
@@ -54,10 +55,10 @@ def run_process(actor_name: str, log_level: str, make_hooks: Callable[[], Hooks]
         signal.signal(signal.SIGUSR1, lambda *_: handover())
     try:
         hooks.start()
-        hooks.loop()
+        hooks.run()
     except StartError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
     finally:
-        hooks.stop()
+        hooks.close()
     log.info("%s stopped", actor_name)

@@ -212,7 +212,7 @@ class ProcessGroup:
         return False
 
     def terminate(self) -> None:
-        """SIGTERM rank 0 (its teardown closes the group; followers that outlive it are killed later)."""
+        """SIGTERM rank 0 (its close() ends the group; followers that outlive it are killed later)."""
         if self.ranks[0].is_alive():
             self.ranks[0].terminate()
 

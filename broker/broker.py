@@ -106,7 +106,7 @@ class BrokerActor:
         )
         self.auth: ThreadAuthenticator | None = None
 
-    def bind(self) -> None:
+    def start(self) -> None:
         """Bind both endpoints (CurveZMQ servers when configured); StartError naming the address."""
         for warning in check_bind_policy(self.cfg):
             log.warning("%s", warning)
@@ -394,7 +394,7 @@ def run_broker(cfg: FleetConfig) -> None:
 
     def hooks() -> Hooks:
         actor = BrokerActor(cfg)
-        return Hooks(start=actor.bind, loop=actor.run, stop=actor.close, request_stop=actor.request_stop,
+        return Hooks(start=actor.start, run=actor.run, close=actor.close, request_stop=actor.request_stop,
                      request_handover=actor.request_handover)
 
     run_process("broker", cfg.log_level, hooks)

@@ -42,7 +42,7 @@ log = logging.getLogger("mlx_fleet.worker")
 
 
 @dataclass
-class Pending:
+class HeldRequest:
     """A request held by the session: waiting for admission, then decoding."""
 
     key: str
@@ -102,9 +102,9 @@ class WorkerSession:
         self.decode_capacity = decode_capacity
         self.compile_pool = compile_pool  # None: controls are prepared inline (tests)
         self.wake = wake or (lambda: None)  # rings the loop when a compile finishes
-        self.preparing: dict[str, tuple[Pending, Future[Controls | None]]] = {}  # grammars compiling
-        self.waiting: dict[str, Pending] = {}
-        self.active: dict[str, Pending] = {}
+        self.preparing: dict[str, tuple[HeldRequest, Future[Controls | None]]] = {}  # grammars compiling
+        self.waiting: dict[str, HeldRequest] = {}
+        self.active: dict[str, HeldRequest] = {}
         self.steps_completed = 0
         self._flushed_s = clock.now()
 
@@ -133,7 +133,7 @@ class WorkerSession:
             return [Error(BAD_REQUEST, f"generate: {exc.field}: {exc}", key)]
         except Exception as exc:  # tokenizer or template failures are the request's fault
             return [Error(BAD_REQUEST, f"{type(exc).__name__}: {exc}", key)]
-        pending = Pending(key, req, ids, msg.queue_s - now, now, tools=tools)
+        pending = HeldRequest(key, req, ids, msg.queue_s - now, now, tools=tools)
         if self.compile_pool is not None and needs_compile_pool(req):
             future = self.compile_pool.submit(self._prepare, req)
             self.preparing[key] = (pending, future)
@@ -236,7 +236,7 @@ class WorkerSession:
         if d.admit <= 0:
             return out
         ordered = sorted(self.waiting.values(), key=lambda p: (PRIORITY_RANK[p.request.priority], p.arrived_s))
-        chosen: list[Pending] = []
+        chosen: list[HeldRequest] = []
         slots = self.engine.free_slots
         for p in ordered[: d.admit]:
             if p.n > slots:
@@ -349,7 +349,7 @@ class WorkerSession:
             out += self._finish(p, reason, sum(t for _, t in p.ended.values()), p.cached_tokens, p.path)
         return out
 
-    def _finish(self, p: Pending, reason: str, completion_tokens: int, cached_tokens: int = 0,
+    def _finish(self, p: HeldRequest, reason: str, completion_tokens: int, cached_tokens: int = 0,
                 path: str = "") -> list[Outgoing]:
         """The request's ``done``: usage and timings, with the engine ``path`` it took when known
         (solo | batch | handoff), and with n > 1 each completion's end; with tool calls, those

@@ -51,7 +51,7 @@ from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger("mlx_fleet.worker")
 
-IO_JOIN_S = 2.0  # how long teardown waits for the I/O thread to send the goodbye and close
+IO_JOIN_S = 2.0  # how long close() waits for the I/O thread to send the goodbye and close
 COMPILE_THREADS = 2  # grammars compile here, off the MLX thread (llguidance drops the GIL while it works)
 _DOORBELLS = itertools.count()
 
@@ -83,7 +83,7 @@ class WorkerSettings:
 
 
 class WorkerActor:
-    """Setup, running, teardown: the three phases of a worker, on its MLX thread."""
+    """start, run, close: the three phases of a worker, on its MLX thread."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.s = settings
@@ -111,12 +111,12 @@ class WorkerActor:
 
     # ---- setup ------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def start(self) -> None:
         """Choose a BLAS, import MLX, load the model (all on this thread), then start the I/O thread."""
         from workers.blas import describe_blas, find_blas, preload_blas
 
         # Connect to the collector first: by the time the model is loaded, the first event gets through.
-        # (Held by a still-disabled telemetry so teardown closes it even if loading fails.)
+        # (Held by a still-disabled telemetry so close() closes it even if loading fails.)
         sender = make_event_sender(self.s.metrics_events, f"worker:{self.s.worker_id}", ctx=self.ctx)
         self.telemetry = WorkerTelemetry(sender, None, model=self.s.model, worker=self.s.worker_id)
 
@@ -262,9 +262,9 @@ class WorkerActor:
         except zmq.Again:
             pass  # the I/O thread has a ring pending already
 
-    # ---- teardown ---------------------------------------------------------------
+    # ---- close ------------------------------------------------------------------
 
-    def teardown(self) -> None:
+    def close(self) -> None:
         """Fail what is still held, say goodbye, stop the I/O thread, close."""
         if self.session is not None and self.io is not None:
             self.out += self.session.stop("worker stopped before this request finished")
@@ -290,6 +290,6 @@ def run_worker(settings: WorkerSettings) -> None:
 
     def hooks() -> Hooks:
         actor = WorkerActor(settings)
-        return Hooks(start=actor.setup, loop=actor.run, stop=actor.teardown, request_stop=actor.request_stop)
+        return Hooks(start=actor.start, run=actor.run, close=actor.close, request_stop=actor.request_stop)
 
     run_process(f"worker:{settings.worker_id}", settings.log_level, hooks)

@@ -380,6 +380,6 @@ def run_gateway(cfg: FleetConfig) -> None:
 
     def hooks() -> Hooks:
         gw = GatewayProcess(GatewaySettings.from_config(cfg))
-        return Hooks(start=gw.start, loop=gw.run, stop=gw.close, request_stop=gw.request_stop)
+        return Hooks(start=gw.start, run=gw.run, close=gw.close, request_stop=gw.request_stop)
 
     run_process("gateway", cfg.log_level, hooks)

@@ -29,7 +29,7 @@ POLL_MS = 500  # how often an idle follower looks at its stop flag
 
 
 class FollowerActor:
-    """Setup (join the group), running (apply ops), teardown (release)."""
+    """start (join the group), run (apply ops), close (release)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.shard is None or settings.shard.rank == 0:
@@ -41,7 +41,7 @@ class FollowerActor:
         self.stall = StallCheck(MonotonicClock(), settings.shard.op_timeout_s)
         self.steps = 0
 
-    def setup(self) -> None:
+    def start(self) -> None:
         """Choose a BLAS, import MLX, join the group and load this rank's shard."""
         from workers.blas import find_blas, preload_blas
 
@@ -86,7 +86,7 @@ class FollowerActor:
                 self.steps += 1
                 channel.report(op[1], digest(events))
 
-    def teardown(self) -> None:
+    def close(self) -> None:
         """Stop the watch, close the channel, release the engine."""
         if self.watch is not None:
             self.watch.stop()
@@ -104,7 +104,7 @@ def run_follower(settings: WorkerSettings) -> None:
 
     def hooks() -> Hooks:
         actor = FollowerActor(settings)
-        return Hooks(start=actor.setup, loop=actor.run, stop=actor.teardown,
+        return Hooks(start=actor.start, run=actor.run, close=actor.close,
                      request_stop=lambda: setattr(actor, "running", False))
 
     run_process(f"worker:{settings.worker_id}/rank{settings.shard.rank}", settings.log_level, hooks)
