@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "max_tokens": args.max_tokens, "levels": levels, "repeats": args.repeats, "per_client": PER_CLIENT})
     report.results = result
     report.add_markdown(markdown(result, args))
-    json_path, md_path = report.write(args.out)
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish(args.out)
     return result
 
 

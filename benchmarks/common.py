@@ -176,6 +176,13 @@ class Report:
         md_path.write_text(header + "\n" + "\n".join(self.sections))
         return json_path, md_path
 
+    def publish(self, out_dir: Path | None = None) -> tuple[Path, Path]:
+        """:meth:`write`, say where on stderr, and print the Markdown report."""
+        json_path, md_path = self.write(out_dir)
+        progress(f"wrote {json_path} and {md_path}")
+        print(md_path.read_text())
+        return json_path, md_path
+
 
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "__dict__"):

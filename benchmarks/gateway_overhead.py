@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for name, by_level in runs.items()},
     }
     report.add_markdown(markdown(runs, overhead, levels))
-    json_path, md_path = report.write()
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish()
     return report.results
 
 

@@ -221,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "rounds": args.rounds, "decode_capacity": args.decode_capacity, "quick": args.quick})
     report.results = {"summary": summary, "runs": runs, "collector": proof, "telemetry_us": micro}
     report.add_markdown(markdown(runs, summary, proof, micro, args.quick))
-    json_path, md_path = report.write()
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish()
     return report.results
 
 

@@ -285,9 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     {k: v for k, v in vars(args).items() if k not in ("out",)} | {"run_s": round(time.perf_counter() - t0)})
     report.results = results
     report.add_markdown(markdown(results, args, work))
-    json_path, md_path = report.write(args.out)
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish(args.out)
     return results
 
 

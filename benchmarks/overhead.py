@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cdf = plots.latency_cdf({"bare (in-process)": [s.total_s for s in bare], "served (fleet)": [s.total_s for s in served]},
                             args.out / f"{args.name}_latency_cdf.png", title="Response time CDF, sequential")
     report.add_markdown(plots.plot_links([("response time CDF", cdf)]))
-    json_path, md_path = report.write(args.out)
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish(args.out)
     return result
 
 

@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     {k: v for k, v in vars(args).items() if k not in ("out", "quick", "name")})
     report.results = results
     report.add_markdown(markdown(results))
-    json_path, md_path = report.write(args.out)
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish(args.out)
     return results
 
 

@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "repeats": args.repeats, "decode_capacity": args.decode_capacity, "quick": args.quick})
     report.results = results
     report.add_markdown(markdown(results, args))
-    json_path, md_path = report.write(args.out)
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish(args.out)
     return results
 
 

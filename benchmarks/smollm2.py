@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report.add_markdown(markdown(runs, levels, over, args))
     if prec is not None:
         report.add_markdown(precision_markdown(prec, args.precision_requests, args.precision_rounds))
-    json_path, md_path = report.write(args.out)
-    progress(f"wrote {json_path} and {md_path}")
-    print(md_path.read_text())
+    report.publish(args.out)
     return report.results
 
 
