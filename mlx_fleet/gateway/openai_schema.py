@@ -201,11 +201,17 @@ def parse_chat_request(body: Any, *, limits: Limits = DEFAULT_LIMITS,
     options = {"messages": _messages(body.get("messages"), limits),
                **sampling(body, limits, default_max_tokens, newer_name="max_completion_tokens"),
                **controls(body), **tool_fields(body)}
+    return _parsed(CHAT, body, stream, include_usage, options, limits)
+
+
+def _parsed(kind: str, body: dict[str, Any], stream: bool, include_usage: bool, options: dict[str, Any],
+            limits: Limits) -> ParsedRequest:
+    """The request with its ``response_format`` grammar (an mlx-fleet extension on completions), checked."""
     if body.get("response_format") is not None:
         grammar = response_format_grammar(body["response_format"], "response_format")
         if grammar is not None:
             options["grammar"] = grammar
-    parsed = ParsedRequest(CHAT, body["model"], stream, include_usage, options)
+    parsed = ParsedRequest(kind, body["model"], stream, include_usage, options)
     final_check(body["model"], options, limits, parsed.params)
     return parsed
 
@@ -235,10 +241,4 @@ def parse_completion_request(body: Any, *, limits: Limits = DEFAULT_LIMITS,
     stream, include_usage = stream_flags(body)
     options = {**_prompt(body.get("prompt"), limits), **sampling(body, limits, default_max_tokens),
                **controls(body, legacy_logprobs=True)}
-    if body.get("response_format") is not None:  # an mlx-fleet extension here (OpenAI's is chat's)
-        grammar = response_format_grammar(body["response_format"], "response_format")
-        if grammar is not None:
-            options["grammar"] = grammar
-    parsed = ParsedRequest(COMPLETION, body["model"], stream, include_usage, options)
-    final_check(body["model"], options, limits, parsed.params)
-    return parsed
+    return _parsed(COMPLETION, body, stream, include_usage, options, limits)
