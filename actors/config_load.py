@@ -189,20 +189,14 @@ def load_config(
                                                                                     dtype=fleet_dtype)
     if not specs:
         specs["demo"] = ModelSpec("demo", "demo", 1, batching, dtype=fleet_dtype)
-    for flag, counts in (("--replicas", replicas), ("--shards", shards)):
-        for name, count in (counts or {}).items():
+    per_model: tuple[tuple[str, str, Mapping[str, Any] | None], ...] = (
+        ("--replicas", "replicas", replicas), ("--shards", "shards", shards),
+        ("--chat-template", "chat_template", chat_templates), ("--tool-format", "tool_format", tool_formats))
+    for flag, spec_field, by_name in per_model:
+        for name, value in (by_name or {}).items():
             if name not in specs:
-                raise ConfigError(f"{flag} {name}={count}: no model named {name!r}")
-            old = specs[name]
-            specs[name] = (dataclasses.replace(old, replicas=count) if flag == "--replicas"
-                           else dataclasses.replace(old, shards=count))
-    for flag, texts in (("--chat-template", chat_templates), ("--tool-format", tool_formats)):
-        for name, text in (texts or {}).items():
-            if name not in specs:
-                raise ConfigError(f"{flag} {name}={text}: no model named {name!r}")
-            old = specs[name]
-            specs[name] = (dataclasses.replace(old, chat_template=text) if flag == "--chat-template"
-                           else dataclasses.replace(old, tool_format=text))
+                raise ConfigError(f"{flag} {name}={value}: no model named {name!r}")
+            specs[name] = dataclasses.replace(specs[name], **{spec_field: value})
     for spec in specs.values():
         if not 0 <= spec.replicas <= 64:
             raise ConfigError(f"model {spec.name}: replicas must be in 0..64")

@@ -52,7 +52,7 @@ from workers.engine.adapter import Engine, make_engine
 from workers.engine.interface import EngineLike, EngineRequest, StepEvent
 from workers.engine.prompt_cache import PromptCacheStats
 from workers.engine.stats import StepStats
-from workers.engine.tool_setup import model_tools
+from workers.engine.tool_setup import ToolSettings, model_tools
 from workers.models.precision import apply_dtype, load_model
 from workers.tools import ToolSupport
 from workers.shard.channel import (
@@ -70,23 +70,15 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class EngineSettings(Protocol):
-    """What loading an engine needs of a worker's settings (read-only: they are frozen)."""
+class EngineSettings(ToolSettings, Protocol):
+    """What loading an engine needs of a worker's settings (read-only: they are frozen): its tools' settings and these."""
 
-    @property
-    def model(self) -> str: ...
-    @property
-    def source(self) -> str: ...
     @property
     def dtype(self) -> str: ...
     @property
     def batching(self) -> BatchingConfig: ...
     @property
     def shard(self) -> ShardRank | None: ...
-    @property
-    def chat_template(self) -> str: ...
-    @property
-    def tool_format(self) -> str: ...
     @property
     def memory_share(self) -> int: ...  # worker processes sharing this machine's memory (workers/capacity.py)
 
