@@ -66,8 +66,13 @@ def conversion(model: str, precision: str) -> dict[str, float]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def speeds(model: str, names: list[str], rounds: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
-    """Prompt and generation tok/s of in-process mlx-lm at each precision, ``rounds`` interleaved rounds."""
+def speeds(model: str, names: list[str], rounds: int, max_tokens: int,
+           prompts: list[tuple[str, bool]] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Prompt and generation tok/s of in-process mlx-lm at each precision, ``rounds`` interleaved rounds.
+
+    ``prompts`` are (text, as a chat message) pairs, by default the model's :data:`PROMPTS`.
+    """
+    import mlx.core as mx
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -79,7 +84,7 @@ def speeds(model: str, names: list[str], rounds: int, max_tokens: int) -> dict[s
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             m, tokenizer = loaded[name]
-            for text, chat in PROMPTS[model]:
+            for text, chat in prompts or PROMPTS[model]:
                 prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                        add_generation_prompt=True) if chat else text
                 last = None
@@ -89,6 +94,8 @@ def speeds(model: str, names: list[str], rounds: int, max_tokens: int) -> dict[s
                     out[name]["prompt_tps"].append(last.prompt_tps)
                     out[name]["generation_tps"].append(last.generation_tps)
             progress(f"{model} round {r + 1}/{rounds}: {name} done")
+    loaded.clear()
+    mx.clear_cache()
     return out
 
 

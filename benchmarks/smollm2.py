@@ -78,30 +78,9 @@ def overhead(frontend: str, folder: Path, count: int, max_tokens: int, warmup: i
 
 def precisions(names: list[str], count: int, rounds: int, max_tokens: int) -> dict[str, dict[str, list[float]]]:
     """Prompt and generation tok/s of in-process mlx-lm at each precision, ``rounds`` interleaved rounds."""
-    import mlx.core as mx
-    from mlx_lm import load, stream_generate
-    from mlx_lm.sample_utils import make_sampler
+    from benchmarks.gguf import speeds
 
-    from workers.models.sources import resolve_source
-
-    loaded = {name: load(str(resolve_source(MODEL, name, progress=progress))) for name in names}
-    qs = questions()[:count]
-    out: dict[str, dict[str, list[float]]] = {name: {"prompt_tps": [], "generation_tps": []} for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            model, tokenizer = loaded[name]
-            for q in qs:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-                last = None
-                for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
-                    pass
-                if last is not None:
-                    out[name]["prompt_tps"].append(last.prompt_tps)
-                    out[name]["generation_tps"].append(last.generation_tps)
-            progress(f"precision round {r + 1}/{rounds}: {name} done")
-    loaded.clear()
-    mx.clear_cache()
-    return out
+    return speeds(MODEL, names, rounds, max_tokens, prompts=[(q, True) for q in questions()[:count]])
 
 
 def precision_markdown(result: dict[str, dict[str, list[float]]], count: int, rounds: int) -> str:
