@@ -51,6 +51,13 @@ def who_served(addr: str, before: dict[str, int]) -> str:
     return wid
 
 
+def turn(client: Client, addr: str, messages: list[dict[str, str]], **options: Any) -> tuple[str, dict[str, Any]]:
+    """One turn of ``messages`` (see :func:`ask`); returns (the replica that served it, usage)."""
+    before = served(addr)
+    _, usage = ask(client, messages, **options)
+    return who_served(addr, before), usage
+
+
 def row(addr: str, wid: str) -> dict[str, Any]:
     return next(w for w in fleet_status(addr)["models"]["demo"]["workers"] if w["worker_id"] == wid)
 
@@ -59,13 +66,10 @@ def test_each_turn_goes_to_the_replica_holding_the_conversation(fleet) -> None:
     addr = fleet.cfg.frontend
     with Client(addr, timeout_s=60) as client:
         chat = conversation("follow")
-        before = served(addr)
-        ask(client, chat)
-        home = who_served(addr, before)
+        home, _ = turn(client, addr, chat)
         for _ in range(4):
-            before = served(addr)
-            _, usage = ask(client, chat)
-            assert who_served(addr, before) == home
+            where, usage = turn(client, addr, chat)
+            assert where == home
             assert usage["cached_tokens"] > 0  # the history was prefilled once, on this replica
     st = fleet_status(addr)
     assert st["models"]["demo"]["routed"]["prefix"] >= 4
@@ -76,18 +80,15 @@ def test_an_affinity_key_still_wins_over_the_prefix(fleet) -> None:
     addr = fleet.cfg.frontend
     with Client(addr, timeout_s=60) as client:
         chat = conversation("affinity")
-        before = served(addr)
-        ask(client, chat)
-        home = who_served(addr, before)
+        home, _ = turn(client, addr, chat)
         # A prompt nobody holds goes to the least loaded replica, on a tie the least recently used: the other
         # one. The key binds to it there.
         before = served(addr)
         client.generate(prompt="unrelated " * 30, model="demo", max_tokens=2, affinity="pinned")
         other = who_served(addr, before)
         assert other != home
-        before = served(addr)
-        ask(client, chat, affinity="pinned")
-        assert who_served(addr, before) == other  # the key wins; the prefix is on `home`
+        where, _ = turn(client, addr, chat, affinity="pinned")
+        assert where == other  # the key wins; the prefix is on `home`
     assert fleet_status(addr)["models"]["demo"]["routed"]["affinity"] >= 1
 
 
@@ -95,9 +96,7 @@ def test_the_index_recovers_after_a_worker_restart(fleet) -> None:
     addr = fleet.cfg.frontend
     with Client(addr, timeout_s=60) as client:
         chat = conversation("restart-worker")
-        before = served(addr)
-        ask(client, chat)
-        home = who_served(addr, before)
+        home, _ = turn(client, addr, chat)
         old = row(addr, home)
         assert old["prefixes"]["keys"] > 0
         os.kill(old["pid"], signal.SIGKILL)
@@ -106,21 +105,16 @@ def test_the_index_recovers_after_a_worker_restart(fleet) -> None:
         # Its new process has an empty cache, and its first (full) report said so.
         wait_for(lambda: row(addr, home)["prefixes"]["reports"] >= 1, timeout_s=10, what="its first report")
         assert row(addr, home)["prefixes"]["keys"] == 0 and fresh["served"] == 0
-        before = served(addr)
-        ask(client, chat)  # held nowhere now: the least loaded replica prefills it
-        second = who_served(addr, before)
-        before = served(addr)
-        _, usage = ask(client, chat)
-        assert who_served(addr, before) == second and usage["cached_tokens"] > 0
+        second, _ = turn(client, addr, chat)  # held nowhere now: the least loaded replica prefills it
+        where, usage = turn(client, addr, chat)
+        assert where == second and usage["cached_tokens"] > 0
 
 
 def test_the_index_recovers_after_a_broker_restart(fleet) -> None:
     addr = fleet.cfg.frontend
     with Client(addr, timeout_s=60) as client:
         chat = conversation("restart-broker")
-        before = served(addr)
-        ask(client, chat)
-        home = who_served(addr, before)
+        home, _ = turn(client, addr, chat)
         keys = row(addr, home)["prefixes"]["keys"]
         old_pid = fleet_status(addr)["broker"]["pid"]
         os.kill(old_pid, signal.SIGKILL)
