@@ -275,8 +275,12 @@ def test_load_and_unload_on_a_live_fleet_without_failing_requests(managed):
             threads = [threading.Thread(target=long_request, args=(i,), daemon=True) for i in range(6)]
             for t in threads:
                 t.start()
-            wait_for(lambda: len(workers_of(client, "extra")) == 1 and
-                     client.status()["models"]["extra"]["running"] >= 3, 30, "requests running on extra", ignoring=BUSY)
+            def all_held() -> bool:  # every one of the 6 reached the broker before the unload: none may fail
+                extra = client.status()["models"]["extra"]
+                return extra["running"] >= 3 and extra["running"] + extra["queue_depth"] >= 6
+
+            wait_for(lambda: len(workers_of(client, "extra")) == 1 and all_held(), 30,
+                     "the 6 requests held for extra, 3 running", ignoring=BUSY)
             reply = client.unload("extra", timeout_s=120)
             unloaded_s = time.monotonic()
             for t in threads:
