@@ -25,8 +25,14 @@ fi
 stamp=".venv/.mlx-fleet-installed$extras"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".$extras"
+    # uv (from PyPI, into .venv) installs the same packages as pip in a seventh of the time;
+    # where it cannot be installed or fails, pip does the install.
+    if ! { .venv/bin/python -m pip install --quiet --disable-pip-version-check uv \
+           && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python -e ".$extras"; }; then
+        echo "bootstrap: uv could not install; installing with pip" >&2
+        .venv/bin/python -m pip install --quiet --upgrade pip
+        .venv/bin/python -m pip install --quiet -e ".$extras"
+    fi
     echo "$want" > "$stamp"
 fi
 

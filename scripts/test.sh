@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed), type-check, and run the test suite; arguments go to pytest.
+# By default the tests marked slow are left out (-m "not slow"; CI runs this); --all as the
+# first argument runs every test, and an -m of your own replaces the default one.
 # mypy --strict runs first on actors/ broker/ workers/ mlx_fleet/ (pyproject.toml's [tool.mypy];
 # its cache is .cache/mypy) and an error fails the run before any test starts.
 # The set-up also fetches the built-in models' GGUFs (SmolLM2, Gemma 3 270M) once into
@@ -20,4 +22,9 @@ for model in smollm2 gemma3; do
     .venv/bin/mlx-fleet pull --fetch-only "$model" >/dev/null \
         || echo "test.sh: $model could not be fetched (see above); its real_model tests will skip" >&2
 done
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+tier=(-m "not slow")
+if [ "${1:-}" = "--all" ]; then
+    shift
+    tier=()
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "${tier[@]}" "$@"

@@ -252,6 +252,7 @@ def keep_busy(frontend: str, model: str, stop: threading.Event, outcomes: list[s
                 outcomes.append(f"error {exc}")
 
 
+@pytest.mark.slow
 def test_load_and_unload_on_a_live_fleet_without_failing_requests(managed):
     frontend = managed.cfg.frontend
     stop, background = threading.Event(), []

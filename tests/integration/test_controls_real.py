@@ -43,6 +43,7 @@ def test_fifty_random_schemas_validate_greedy_and_sampled(wire: RawClient) -> No
     _schema_outputs(wire, "chat", 50, None, messages=JSON_PROMPT)
 
 
+@pytest.mark.slow
 def test_frequency_penalty_makes_a_repeating_answer_repeat_less(wire: RawClient) -> None:
     def repeats(request_id: str, **fields: object) -> int:
         wire.send(generate(request_id, "chat", prompt=None, messages=REPEAT_PROMPT, max_tokens=80, stream=False,

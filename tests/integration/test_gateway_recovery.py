@@ -21,7 +21,7 @@ from tests.integration.fleets import RunningFleet, fleet_status, make_config
 from tests.integration.reference import greedy_reference
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MAX_TOKENS = 200
 PROMPTS = ["Tell me about rivers.", "Tell me about clocks.", "Tell me about bread.", "Tell me about boats."]
