@@ -118,6 +118,7 @@ def test_affinity_requests_stay_on_one_replica(two_models):
 # ---- remote workers and CurveZMQ -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_worker_started_from_the_command_line_joins_and_serves(tmp_path: Path):
     fleet = start_fleet(transport="tcp", models=(("remote", "demo", 0),), heartbeat_interval_s=0.3)
     conf = write_config(tmp_path / "w.toml", heartbeat_interval_s=0.3)
@@ -179,6 +180,7 @@ def test_curve_serves_only_authorised_clients_and_workers(tmp_path: Path, keys):
         fleet.stop()
 
 
+@pytest.mark.slow
 def test_with_curve_the_supervisor_reports_restarts_and_the_gateway_serves(keys):
     """With CurveZMQ on, the supervisor's state reaches the broker and a local HTTP gateway serves with the local key."""
     good = load_client_keys(str(keys["client"][1]), str(keys["broker"][0]))
@@ -340,6 +342,7 @@ def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed
 # ---- the command line --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_up_serves_two_models_given_as_flags_and_status_shows_them(tmp_path: Path):
     front, back = f"ipc://{tmp_path}/f", f"ipc://{tmp_path}/b"
     # Metrics on, as by default, on private endpoints; no HTTP: this test speaks ZeroMQ only.

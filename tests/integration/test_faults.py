@@ -56,6 +56,7 @@ def assert_terminal_rules(tracker: Tracker, request_ids: list[str]) -> dict[str,
     return outcome
 
 
+@pytest.mark.slow
 def test_chaos_kill9_one_of_two_workers():
     """32 in flight on 2 replicas, kill -9 one: one terminal each, requeue, restart within 5 s."""
     with running_fleet(models=(("demo", "demo", 2),), batching=BatchingConfig(decode_capacity=16),

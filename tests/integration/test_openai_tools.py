@@ -89,6 +89,7 @@ def valid_call(call: Any, allowed: set[str]) -> dict[str, Any]:
 # ---- tool calls ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_tool_round_trip_not_streamed(fleet: RunningFleet) -> None:
     c = client(fleet)
     messages = ask("Paris")
@@ -262,6 +263,7 @@ RESPONSE_TOOLS: list[Any] = [{"type": "function", "name": t["function"]["name"],
                               "strict": True} for t in TOOLS]
 
 
+@pytest.mark.slow
 def test_responses_not_streamed(fleet: RunningFleet) -> None:
     c = client(fleet)
     r = c.responses.create(model="chat", instructions="Be brief.", input="What is the capital of France?",
@@ -317,6 +319,7 @@ def get_time(timezone: str) -> dict[str, Any]:
     return {"timezone": timezone, "time": "12:00"}
 
 
+@pytest.mark.slow
 def test_an_agent_loop_calls_a_local_function_and_answers(fleet: RunningFleet) -> None:
     """As a user's code runs it: ask, execute each call the model makes, send the results, until it answers."""
     c = client(fleet)
@@ -414,4 +417,4 @@ def test_the_http_doc_blocks_on_the_chat_model_run_as_written(fleet: RunningFlee
     assert scope["call"].function.name == "get_weather" and "city" in json.loads(scope["call"].function.arguments)
     assert scope["answer"].choices[0].finish_reason in ("stop", "length")
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].strip() and "response.completed" in printed
+    assert printed[0].strip() and {"response.completed", "response.incomplete"} & set(printed)

@@ -108,6 +108,7 @@ def test_cli_generate_chat_and_chat_from_stdin(fleet: RunningFleet) -> None:
     assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stderr
 
 
+@pytest.mark.slow
 def test_quantized_precision_answers_too(smollm2_file: Path) -> None:
     """The Q4_1 weights kept quantized (8-bit embedding, 4-bit elsewhere), through mlx_lm."""
     from mlx_lm import generate, load
