@@ -314,6 +314,7 @@ def test_memory_budget_refuses_a_load_that_would_exceed_it(managed):
     assert refused.returncode == 1 and "over_budget" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_on_demand_model_starts_at_its_first_request_and_stops_when_idle(managed):
     frontend = managed.cfg.frontend
 

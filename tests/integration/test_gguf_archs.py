@@ -91,7 +91,7 @@ def test_float32_logits_equal_the_written_model(tmp_path: Path, tokenizer: dict[
 
 
 @pytest.mark.parametrize("kind", list(QUANT_MIN_COSINE))
-@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("gemma3", marks=pytest.mark.slow)])
 def test_quantizable_types_stay_near_the_original(tmp_path: Path, tokenizer: dict[str, Any], name: str, kind: str) -> None:
     """A type written by quantizing the model's own weights gives the original's logits within what it costs
     (soft attention here: sharp attention turns any rounding into large logit changes)."""

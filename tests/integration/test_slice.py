@@ -28,7 +28,7 @@ def reference_greedy(prompt: str | list[dict], max_tokens: int) -> tuple[list[in
     return greedy_reference(model, tokenizer, prompt, max_tokens)
 
 
-@pytest.fixture(scope="module", params=["ipc", "tcp"])
+@pytest.fixture(scope="module", params=["ipc", pytest.param("tcp", marks=pytest.mark.slow)])  # tcp: conformance, documented
 def fleet(request):
     f = start_fleet(transport=request.param)
     yield f
