@@ -27,4 +27,5 @@ if [ "${1:-}" = "--all" ]; then
     shift
     tier=()
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "${tier[@]}" "$@"
+# ${tier[@]+...}: bash before 4.4 (macOS) calls an empty array unbound under set -u
+exec .venv/bin/python -m pytest -q -p no:cacheprovider ${tier[@]+"${tier[@]}"} "$@"
