@@ -75,6 +75,11 @@ class LoadRun:
         """Successful requests."""
         return [s for s in self.samples if s.ok]
 
+    def opening(self) -> tuple[list[RequestSample], list[RequestSample]]:
+        """(each client's first request: the burst that opens the run, every later request), by start time."""
+        ordered = sorted(self.samples, key=lambda s: s.started_s)
+        return ordered[: self.clients], ordered[self.clients:]
+
     def summary(self) -> dict[str, Any]:
         """Aggregate tok/s, TTFT and ITL percentiles, success rate."""
         ok = self.ok

@@ -37,6 +37,7 @@ from workers.blas import blas_env, describe_blas, find_blas, preload_blas
 BLAS = preload_blas(find_blas("auto"))  # before anything imports mlx
 
 from actors.config import BatchingConfig, fixed_capacity, parse_capacity  # noqa: E402
+from actors.stats import percentile  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR, Report, add_out_argument, cycled_questions, environment, progress, questions, ratio, spread, within_noise,
 )
@@ -142,6 +143,17 @@ def demo_gain(path: Path = RESULTS_DIR / "concurrency.json", level: int = 16) ->
             f"(benchmarks/results/concurrency.json): ×{top / one:.2f} at {level} clients ({top:.0f} vs {one:.0f} tok/s).")
 
 
+def opening_split(runs: list[LoadRun]) -> dict[str, dict[str, Any]]:
+    """TTFT p50 and success of each client's first request (the opening burst) and of the later ones,
+    over the repeats: a server that refuses part of the burst is otherwise judged on the requests it kept."""
+    out: dict[str, dict[str, Any]] = {}
+    for part, index in (("opening", 0), ("later", 1)):
+        samples = [s for r in runs for s in r.opening()[index]]
+        ttft = [s.ttft_s for s in samples if s.ok]
+        out[part] = {"ttft_p50_s": percentile(ttft, 50) if ttft else None, "ok": len(ttft), "requests": len(samples)}
+    return out
+
+
 def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over: dict[str, Any] | None,
              args: argparse.Namespace) -> str:
     """The concurrency table, the batching gains, fleet against server, and the overhead table."""
@@ -175,6 +187,17 @@ def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over:
             a, b = per_repeat(runs["fleet"][level]), per_repeat(runs["mlx_lm.server"][level])
             overlap = "yes (within noise)" if within_noise(a, b) else "no"
             out.append(f"| {level} | {tok:.2f} | {p50:.2f} | {p99:.2f} | {overlap} |")
+    out += ["", "### The opening burst and after it", "",
+            "Each repeat opens with every client's first request at once; the later requests arrive as answers "
+            "finish. TTFT p50 of the requests that were answered, and how many were:", "",
+            "| system | clients | opening TTFT p50 (ms) | opening ok | later TTFT p50 (ms) | later ok |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for level in levels:
+        for name in runs:
+            o = opening_split(runs[name][level])
+            ms = {k: "—" if o[k]["ttft_p50_s"] is None else f"{o[k]['ttft_p50_s'] * 1000:.0f}" for k in o}
+            out.append(f"| {name} | {level} | {ms['opening']} | {o['opening']['ok']}/{o['opening']['requests']} | "
+                       f"{ms['later']} | {o['later']['ok']}/{o['later']['requests']} |")
     if over is not None:
         out += ["", overhead_markdown(over, args)]
     return "\n".join(out) + "\n"
