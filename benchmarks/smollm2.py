@@ -10,7 +10,8 @@ float32 is memory-bound on a CPU, so batching should pay even more than on the d
   both, in an order that alternates, and every prompt carries a tag unique to its system,
   repeat and level (no prompt-cache hits). Reported per level: aggregate tok/s (with the
   per-repeat spread), TTFT p50/p99, ITL p50, success; the batching gain (tok/s against the
-  same system's 1 client), and the fleet against mlx_lm.server.
+  same system's 1 client), and the fleet against mlx_lm.server; then TTFT and success of
+  each repeat's opening burst (every client's first request) apart from the later ones.
 - **Single-stream overhead**: the questions sequentially through the fleet and through
   ``mlx_lm.stream_generate`` in this process (greedy), alternating request by request, as
   ``benchmarks/overhead.py`` does on the demo model; greedy token mismatches are counted.
@@ -156,7 +157,8 @@ def opening_split(runs: list[LoadRun]) -> dict[str, dict[str, Any]]:
 
 def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over: dict[str, Any] | None,
              args: argparse.Namespace) -> str:
-    """The concurrency table, the batching gains, fleet against server, and the overhead table."""
+    """The concurrency table, the batching gains, fleet against server, the opening burst apart, and the
+    overhead table."""
     out = [f"### {MODEL} at 1–{max(levels)} clients, float32", "",
            f"Each request is one chat message (a fixed question, tagged), greedy, `max_tokens` {args.max_tokens}; "
            "tok/s is completion tokens over each run's wall time, pooled over the repeats. Both servers keep their "
