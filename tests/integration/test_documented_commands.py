@@ -300,7 +300,8 @@ def group_forms() -> list[list[str]]:
     ]
 
 
-@pytest.mark.parametrize("form", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("form", [0, 1, 2])
 def test_workers_and_a_sharded_group_join_over_curve(fleet_logs: list[FleetProcess], tmp_path: Path,
                                                      demo_small_loaded: tuple, form: int) -> None:
     """A fleet behind CurveZMQ; a remote worker joins it (first form only), then a sharded group in one of

@@ -147,7 +147,7 @@ async def _calls(fleet: RunningFleet, tool_choice: Any, count: int) -> list[Any]
 @pytest.mark.parametrize("count", COUNTS)
 @pytest.mark.parametrize("tool_choice, allowed", [
     ("required", {"get_weather", "get_time"}),
-    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    pytest.param({"type": "function", "function": {"name": "get_time"}}, {"get_time"}, marks=pytest.mark.slow),
 ])
 def test_forced_calls_are_all_valid(fleet: RunningFleet, tool_choice: Any, allowed: set[str], count: int) -> None:
     replies = asyncio.run(_calls(fleet, tool_choice, count))
