@@ -283,9 +283,37 @@ def test_a_sharded_model_on_this_machine_answers_as_mlx_lm_does(fleet_logs: list
 # ---- machines: CurveZMQ, remote workers, a group of ranks from a hostfile ----------------------
 
 
-def group_forms() -> list[list[str]]:
-    """The three documented ways to start a sharded group: one command, one per rank, mlx.launch."""
-    return [
+@pytest.mark.slow
+def test_workers_and_a_sharded_group_join_over_curve(fleet_logs: list[FleetProcess], tmp_path: Path,
+                                                     demo_small_loaded: tuple) -> None:
+    from tests.integration.reference import greedy_reference
+
+    keys = run(documented("mlx-fleet keys keys/"), cwd=tmp_path)
+    assert keys.returncode == 0, keys.stderr
+    up = start(fleet_logs, documented("mlx-fleet up --backend tcp://0.0.0.0:5556 --curve-server-secret "
+                                      "keys/broker.key_secret --curve-authorized-dir keys/authorized"),
+               tmp_path, cwd=tmp_path)
+    worker = start(fleet_logs, as_run(documented(
+        "mlx-fleet worker --connect tcp://BROKER_HOST:5556 --model chat=demo-small "
+        "--curve-secret keys/worker.key_secret --curve-server-key keys/broker.key")), tmp_path, cwd=tmp_path)
+    status_cmd = documented("mlx-fleet status --curve-secret keys/client.key_secret --curve-server-key keys/broker.key")
+
+    def status_shows_the_worker() -> bool:
+        for proc in (up, worker):
+            assert proc.proc is not None and proc.proc.poll() is None, f"exited: {proc.log()[-3000:]}"
+        shown = run(status_cmd, cwd=tmp_path)
+        return shown.returncode == 0 and re.search(r"\bchat\b", shown.stdout) is not None and "ready" in shown.stdout
+
+    wait_for(status_shows_the_worker, 180, "the remote worker in `mlx-fleet status`")
+    assert worker.stop(timeout_s=30) == 0, worker.log()[-3000:]
+
+    (tmp_path / "hosts.json").write_text(json.dumps(
+        {"backend": "ring", "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                                      {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]}))
+    model, tokenizer = demo_small_loaded
+    ids = tokenizer.encode("Once upon a time")
+    want = greedy_reference(model, tokenizer, ids, 16)[0]
+    forms = [
         [documented("mlx-fleet worker --connect tcp://BROKER_HOST:5556 --model big=demo-small --shards 2 "
                     "--hostfile hosts.json --curve-secret keys/worker.key_secret --curve-server-key keys/broker.key")],
         [documented("mlx-fleet worker --connect tcp://BROKER_HOST:5556 --model big=demo-small --shards 2 "
@@ -298,55 +326,19 @@ def group_forms() -> list[list[str]]:
                     "tcp://BROKER_HOST:5556 --model big=demo-small --shards 2 --curve-secret keys/worker.key_secret "
                     "--curve-server-key keys/broker.key")],
     ]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("form", [0, 1, 2])
-def test_workers_and_a_sharded_group_join_over_curve(fleet_logs: list[FleetProcess], tmp_path: Path,
-                                                     demo_small_loaded: tuple, form: int) -> None:
-    """A fleet behind CurveZMQ; a remote worker joins it (first form only), then a sharded group in one of
-    the documented forms answers the greedy tokens of mlx-lm."""
     from actors.curve import load_client_keys
-    from tests.integration.reference import greedy_reference
 
-    keys = run(documented("mlx-fleet keys keys/"), cwd=tmp_path)
-    assert keys.returncode == 0, keys.stderr
-    up = start(fleet_logs, documented("mlx-fleet up --backend tcp://0.0.0.0:5556 --curve-server-secret "
-                                      "keys/broker.key_secret --curve-authorized-dir keys/authorized"),
-               tmp_path, cwd=tmp_path)
-    if form == 0:
-        worker = start(fleet_logs, as_run(documented(
-            "mlx-fleet worker --connect tcp://BROKER_HOST:5556 --model chat=demo-small "
-            "--curve-secret keys/worker.key_secret --curve-server-key keys/broker.key")),
-            tmp_path, cwd=tmp_path)
-        status_cmd = documented("mlx-fleet status --curve-secret keys/client.key_secret "
-                                "--curve-server-key keys/broker.key")
-
-        def status_shows_the_worker() -> bool:
-            for proc in (up, worker):
-                assert proc.proc is not None and proc.proc.poll() is None, f"exited: {proc.log()[-3000:]}"
-            shown = run(status_cmd, cwd=tmp_path)
-            return shown.returncode == 0 and re.search(r"\bchat\b", shown.stdout) is not None and "ready" in shown.stdout
-
-        wait_for(status_shows_the_worker, 180, "the remote worker in `mlx-fleet status`")
-        assert worker.stop(timeout_s=30) == 0, worker.log()[-3000:]
-
-    (tmp_path / "hosts.json").write_text(json.dumps(
-        {"backend": "ring", "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
-                                      {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]}))
-    model, tokenizer = demo_small_loaded
-    ids = tokenizer.encode("Once upon a time")
-    want = greedy_reference(model, tokenizer, ids, 16)[0]
     creds = load_client_keys(str(tmp_path / "keys" / "client.key_secret"), str(tmp_path / "keys" / "broker.key"))
-    group = [start(fleet_logs, as_run(text), tmp_path, cwd=tmp_path) for text in group_forms()[form]]
-    with Client(FRONTEND, timeout_s=120, curve=creds) as client:
-        wait_ready(client, "big", 1, group[0])
-        assert client.generate(model="big", prompt_tokens=ids, max_tokens=16).token_ids == want
-        for proc in group:
-            if proc.cmd[-1].startswith("exec mlx.launch"):
-                proc.stop_group()  # mlx.launch has no stop of its own: its whole process group is stopped
-            else:
-                assert proc.stop(timeout_s=30) == 0, proc.log()[-3000:]
-        wait_for(lambda: not workers_of(client, "big"), 60, "the group to leave", ignoring=BUSY)
+    for form in forms:
+        group = [start(fleet_logs, as_run(text), tmp_path, cwd=tmp_path) for text in form]
+        with Client(FRONTEND, timeout_s=120, curve=creds) as client:
+            wait_ready(client, "big", 1, group[0])
+            assert client.generate(model="big", prompt_tokens=ids, max_tokens=16).token_ids == want
+            for proc in group:
+                if proc.cmd[-1].startswith("exec mlx.launch"):
+                    proc.stop_group()  # mlx.launch has no stop of its own: its whole process group is stopped
+                else:
+                    assert proc.stop(timeout_s=30) == 0, proc.log()[-3000:]
+            wait_for(lambda: not workers_of(client, "big"), 60, "the group to leave", ignoring=BUSY)
     assert up.stop(timeout_s=60) == 0, up.log()[-3000:]
 
