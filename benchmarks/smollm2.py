@@ -147,9 +147,13 @@ def demo_gain(path: Path = RESULTS_DIR / "concurrency.json", level: int = 16) ->
 def opening_split(runs: list[LoadRun]) -> dict[str, dict[str, Any]]:
     """TTFT p50 and success of each client's first request (the opening burst) and of the later ones,
     over the repeats: a server that refuses part of the burst is otherwise judged on the requests it kept."""
+    parts: dict[str, list[Any]] = {"opening": [], "later": []}
+    for r in runs:
+        first, later = r.opening()
+        parts["opening"] += first
+        parts["later"] += later
     out: dict[str, dict[str, Any]] = {}
-    for part, index in (("opening", 0), ("later", 1)):
-        samples = [s for r in runs for s in r.opening()[index]]
+    for part, samples in parts.items():
         ttft = [s.ttft_s for s in samples if s.ok]
         out[part] = {"ttft_p50_s": percentile(ttft, 50) if ttft else None, "ok": len(ttft), "requests": len(samples)}
     return out
