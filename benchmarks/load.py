@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ class RequestSample:
     error: str = ""
     started_s: float = 0.0
     path: str = ""  # the fleet's done.timings.path: solo | batch | handoff ("" elsewhere)
+    retries: int = 0  # attempts after the first (HTTP: refused or dropped connections, 408/409/429/5xx)
 
 
 class TokenTimer:
@@ -99,6 +101,7 @@ class LoadRun:
             "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
             "total_p50_s": pct(total, 50), "total_p99_s": pct(total, 99),
             "errors": sorted({s.error for s in self.samples if not s.ok}),
+            "retried": sum(1 for s in self.samples if s.retries), "retries": sum(s.retries for s in self.samples),
         }
 
 
@@ -184,24 +187,39 @@ def fleet_requester(frontend: str, model: str, max_tokens: int, *, chat: bool = 
     return make
 
 
+# What the official OpenAI clients do by default, which is what an HTTP user meets: two more
+# attempts after a connection that is refused or dropped, or a 408, 409, 429 or 5xx, with
+# exponential backoff from 0.5 s (at most 8 s), shortened by up to a quarter at random.
+HTTP_MAX_RETRIES = 2
+RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+RETRY_ERRORS = (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest, socket.timeout)
+
+
+def retry_delay_s(attempt: int) -> float:
+    """How long to wait before retry number ``attempt`` (1-based)."""
+    return min(0.5 * 2.0 ** (attempt - 1), 8.0) * (1 - 0.25 * random.random())
+
+
 def http_requester(port: int, model: str, max_tokens: int, *, host: str = "127.0.0.1",
-                   headers: dict[str, str] | None = None, chat: bool = False) -> Callable[[], tuple[Requester, Callable[[], None]]]:
+                   headers: dict[str, str] | None = None, chat: bool = False,
+                   max_retries: int = HTTP_MAX_RETRIES) -> Callable[[], tuple[Requester, Callable[[], None]]]:
     """A factory of per-thread requesters for an OpenAI-style /v1/completions with SSE
-    (``chat``: /v1/chat/completions, each prompt as one user message)."""
+    (``chat``: /v1/chat/completions, each prompt as one user message).
+
+    A request is retried as the OpenAI clients retry it (``max_retries``); its TTFT and total
+    run from the first attempt, and the sample counts its retries.
+    """
     path = "/v1/chat/completions" if chat else "/v1/completions"
 
     def make() -> tuple[Requester, Callable[[], None]]:
         conn = http.client.HTTPConnection(host, port, timeout=300)
 
-        def send(prompt: str) -> RequestSample:
-            text = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
-            body = json.dumps({"model": model, **text, "max_tokens": max_tokens, "temperature": 0.0,
-                               "stream": True, "stream_options": {"include_usage": True}})
-            timer = TokenTimer()
+        def attempt(body: str, timer: TokenTimer) -> tuple[int, int, bytes]:
+            """One try: (status, completion tokens, the start of an error body)."""
             conn.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+                return resp.status, 0, resp.read()[:200]
             tokens = 0
             for raw in resp:
                 line = raw.strip()
@@ -217,7 +235,30 @@ def http_requester(port: int, model: str, max_tokens: int, *, host: str = "127.0
                 if choice.get("text") or (choice.get("delta") or {}).get("content"):
                     timer.token()
             resp.read()
-            return timer.sample(tokens)
+            return 200, tokens, b""
+
+        def send(prompt: str) -> RequestSample:
+            text = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+            body = json.dumps({"model": model, **text, "max_tokens": max_tokens, "temperature": 0.0,
+                               "stream": True, "stream_options": {"include_usage": True}})
+            timer = TokenTimer()
+            for tries in range(max_retries + 1):
+                if tries:
+                    time.sleep(retry_delay_s(tries))
+                try:
+                    status, tokens, error = attempt(body, timer)
+                except RETRY_ERRORS as exc:
+                    conn.close()  # the next try opens a fresh connection
+                    if tries == max_retries or timer.ttft_s:  # output had begun: not retried
+                        raise RuntimeError(f"{type(exc).__name__} after {tries} retries: {exc}") from exc
+                    continue
+                if status == 200:
+                    sample = timer.sample(tokens)
+                    sample.retries = tries
+                    return sample
+                if status not in RETRY_STATUSES or tries == max_retries:
+                    raise RuntimeError(f"HTTP {status} after {tries} retries: {error!r}")
+            raise AssertionError("unreachable")
 
         return send, conn.close
 

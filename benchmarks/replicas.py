@@ -122,9 +122,10 @@ def explain(tok_ratio: float, ttft_ratio: float, decode_capacity: int | str) -> 
         "Both replicas share this machine's two cores. One replica decodes all 16 sequences in one batch "
         f"(decode_capacity {decode_capacity}), and its OpenBLAS spreads each step's matrix products over both "
         "cores; but between steps its single engine thread does Python work (sampling, detokenizing, ZeroMQ I/O) "
-        "while the BLAS threads wait. Two replicas decode two batches of about 8: each step reads the weights "
-        "for fewer tokens, and the two processes contend for the same cores and caches, yet one can run its "
-        "matrix products while the other does its Python work.")
+        "while the BLAS threads wait. Two replicas decode two batches of about 8, with one BLAS thread each "
+        "(the fleet gives each of N local workers cores / N): each step reads the weights for fewer tokens, and "
+        "the two processes contend for the same caches, yet one can run its matrix products while the other "
+        "does its Python work.")
     if tok_ratio >= 1.1:
         verdict = (f"Here the second replica raised aggregate throughput by {tok_ratio - 1:.0%}: filling the "
                    "other process's idle gaps outweighed the smaller batches. The gain is bounded by the two "
