@@ -49,7 +49,7 @@ class WorkerSpec:
     shard_mode: str = "auto"
     chat_template: str = ""  # ModelSpec.chat_template
     tool_format: str = ""  # ModelSpec.tool_format
-    memory_share: int = 1  # worker processes of the fleet on this machine: "auto" capacity divides the memory by it
+    memory_share: int = 1  # worker processes of the fleet on this machine: "auto" capacity divides the memory, the BLAS the cores
 
 
 @dataclass(frozen=True)

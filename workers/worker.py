@@ -79,7 +79,7 @@ class WorkerSettings:
     recovery_buffer_bytes: int = 64 * 1024 * 1024  # output kept for a new broker; past it while away: worker_lost
     chat_template: str = ""  # a Jinja file or a shipped template's name replacing the tokenizer's (workers/engine/tool_setup.py)
     tool_format: str = ""  # the tool-call format (an mlx-lm tool parser, or none); "": the tokenizer's own
-    memory_share: int = 1  # worker processes of the fleet sharing this machine's memory ("auto" capacity divides it)
+    memory_share: int = 1  # worker processes of the fleet on this machine: "auto" capacity divides the memory, the BLAS the cores
 
 
 class WorkerActor:
@@ -113,14 +113,14 @@ class WorkerActor:
 
     def start(self) -> None:
         """Choose a BLAS, import MLX, load the model (all on this thread), then start the I/O thread."""
-        from workers.blas import describe_blas, find_blas, preload_blas
+        from workers.blas import describe_blas, find_blas, preload_blas, share_threads
 
         # Connect to the collector first: by the time the model is loaded, the first event gets through.
         # (Held by a still-disabled telemetry so close() closes it even if loading fails.)
         sender = make_event_sender(self.s.metrics_events, f"worker:{self.s.worker_id}", ctx=self.ctx)
         self.telemetry = WorkerTelemetry(sender, None, model=self.s.model, worker=self.s.worker_id)
 
-        preload_blas(find_blas(self.s.blas))
+        preload_blas(find_blas(self.s.blas), threads=share_threads(self.s.memory_share))
         from workers.engine import adapter as engine_mod
         from workers.models.sources import resolve_source
         from workers.policies import make_auto_tuner, make_policy

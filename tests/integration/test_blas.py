@@ -173,3 +173,20 @@ def test_optimized_blas_matches_reference() -> None:
         abs_tol = 1e-5 * max(abs(w) for w in want)
         bad = [(g, w) for g, w in zip(got, want) if not math.isclose(g, w, rel_tol=1e-4, abs_tol=abs_tol)]
         assert not bad, f"{key}: {len(bad)} values differ, e.g. {bad[:3]}"
+
+
+def test_the_local_workers_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every local replica of every model counts: each worker's BLAS gets its part of the cores, as status shows."""
+    from mlx_fleet.client import Client
+    from tests.integration.fleets import running_fleet
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with running_fleet(models=(("pair", "demo", 2), ("solo", "demo", 1))) as fleet:
+        with Client(fleet.cfg.frontend, timeout_s=30) as client:
+            models = client.status()["models"]
+    # The fleet runs 3 local workers: each gets cores // 3, at least 1.
+    split = [w["info"]["blas"]["threads"] for m in ("pair", "solo") for w in models[m]["workers"]]
+    if models["pair"]["workers"][0]["info"]["blas"]["name"] == "reference":
+        pytest.skip("no optimized BLAS here: the reference BLAS has no threads to split")
+    assert split == [blas.share_threads(3)] * 3 == [max(1, blas.usable_cpus() // 3)] * 3

@@ -80,7 +80,7 @@ class EngineSettings(ToolSettings, Protocol):
     @property
     def shard(self) -> ShardRank | None: ...
     @property
-    def memory_share(self) -> int: ...  # worker processes sharing this machine's memory (workers/capacity.py)
+    def memory_share(self) -> int: ...  # worker processes sharing this machine (workers/capacity.py, workers/blas.py)
 
 
 @dataclass

@@ -43,9 +43,9 @@ class FollowerActor:
 
     def start(self) -> None:
         """Choose a BLAS, import MLX, join the group and load this rank's shard."""
-        from workers.blas import find_blas, preload_blas
+        from workers.blas import find_blas, preload_blas, share_threads
 
-        preload_blas(find_blas(self.s.blas))
+        preload_blas(find_blas(self.s.blas), threads=share_threads(self.s.memory_share))
         from workers.models.sources import resolve_source
         from workers.shard.engine import form_group
 
