@@ -136,8 +136,8 @@ def explain(tok_ratio: float, ttft_ratio: float, decode_capacity: int | str) -> 
     else:
         verdict = "Here the two are within 10% of each other: the cores, not the number of processes, set the pace."
     tail = (f" TTFT p99 moved x{ttft_ratio:.2f}: two replicas can prefill new arrivals in parallel, but each "
-            "prefill gets half the cores. Replicas pay off when each has its own cores or GPU: more machines "
-            "behind one broker (`mlx-fleet worker --connect`), not more processes on one small CPU.")
+            "prefill gets half the cores. Replicas pay off most when each has its own cores or GPU: more machines "
+            "behind one broker (`mlx-fleet worker --connect`).")
     return mechanism + " " + verdict + tail
 
 
