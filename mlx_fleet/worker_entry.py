@@ -15,6 +15,7 @@ from actors.curve import local_secret_cert
 from actors.metrics import events_addr
 from actors.sockets import local_addr
 from actors.shard_group import ShardRank, ring_env
+from workers.blas import share_threads
 from workers.worker import WorkerSettings, run_worker
 
 
@@ -67,10 +68,13 @@ def run_rank(settings: WorkerSettings, ring_dir: str | None = None) -> None:
 
 
 def share_cores(ranks_here: int) -> None:
-    """Ranks on one machine split its cores: each BLAS gets its share of threads unless one is set."""
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, ranks_here)))
+    """Ranks on one machine split its cores: each BLAS gets its share of threads unless one is set
+    (:func:`workers.blas.share_threads`; set in the environment, so that processes started from here inherit it)."""
+    threads = share_threads(ranks_here)
+    if threads is None:
+        return
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, threads)
+        os.environ.setdefault(var, str(threads))
 
 
 def run_local_rank(spec: WorkerSpec, cfg: FleetConfig, shard: ShardRank) -> None:

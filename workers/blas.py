@@ -28,7 +28,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BlasChoice", "blas_env", "describe_blas", "find_blas", "preload_blas", "setting_from_env", "share_threads"]
+__all__ = ["BlasChoice", "blas_env", "describe_blas", "find_blas", "preload_blas", "setting_from_env", "share_threads",
+           "usable_cpus"]
 
 log = logging.getLogger(__name__)
 
