@@ -347,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mlx-fleet: config error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): stop quietly, as other command-line tools do.
+        # Output still buffered would raise again at exit, so stdout points at /dev/null from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool a closed pipe stopped
 
 
 if __name__ == "__main__":
