@@ -36,7 +36,7 @@ from actors.proc import die_with_parent, spawn_child
 from actors.shard_group import (
     ProcessGroup, Ring, ShardRank, local_ring, rank_from_env, read_launch_hostfile, ring_from_hosts,
 )
-from mlx_fleet.worker_entry import run_rank, share_cores
+from mlx_fleet.worker_entry import run_rank
 from workers.worker import WorkerSettings
 
 log = logging.getLogger("mlx_fleet.worker")
@@ -93,8 +93,8 @@ def run_sharded_worker(plan: GroupPlan, args: argparse.Namespace, settings: Work
     if plan.ring is not None and plan.rank is not None:
         ring, rank = plan.ring, plan.rank
         return supervise(settings, cfg, lambda: ranks_of(ring, [rank], plan.bounds))
-    share_cores(args.shards)  # the ranks' processes inherit it
-    settings = dataclasses.replace(settings, memory_share=max(settings.memory_share, args.shards))  # all ranks here
+    # All ranks here: they split this machine's memory and, through their BLAS threads, its cores.
+    settings = dataclasses.replace(settings, memory_share=max(settings.memory_share, args.shards))
     return supervise(settings, cfg, lambda: ranks_of(local_ring(args.shards), range(args.shards), plan.bounds))
 
 

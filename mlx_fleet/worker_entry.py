@@ -15,7 +15,6 @@ from actors.curve import local_secret_cert
 from actors.metrics import events_addr
 from actors.sockets import local_addr
 from actors.shard_group import ShardRank, ring_env
-from workers.blas import share_threads
 from workers.worker import WorkerSettings, run_worker
 
 
@@ -67,17 +66,6 @@ def run_rank(settings: WorkerSettings, ring_dir: str | None = None) -> None:
     run_follower(settings)
 
 
-def share_cores(ranks_here: int) -> None:
-    """Ranks on one machine split its cores: each BLAS gets its share of threads unless one is set
-    (:func:`workers.blas.share_threads`; set in the environment, so that processes started from here inherit it)."""
-    threads = share_threads(ranks_here)
-    if threads is None:
-        return
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(threads))
-
-
 def run_local_rank(spec: WorkerSpec, cfg: FleetConfig, shard: ShardRank) -> None:
     """Process entry point of one rank of a sharded worker group the supervisor runs (all ranks here)."""
-    share_cores(shard.size)
     run_rank(dataclasses.replace(local_worker_settings(spec, cfg), shard=shard), cfg.runtime_dir or None)
