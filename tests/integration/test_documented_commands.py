@@ -266,6 +266,7 @@ def test_several_models_and_replicas_then_load_and_unload(fleet_logs: list[Fleet
 
 def test_a_sharded_model_on_this_machine_answers_as_mlx_lm_does(fleet_logs: list[FleetProcess], tmp_path: Path,
                                                                  demo_small_loaded: tuple) -> None:
+    from actors.curve import load_client_keys
     from tests.integration.reference import greedy_reference
 
     up = start(fleet_logs, documented("mlx-fleet up --model big=demo-small --shards big=2"), tmp_path)
@@ -286,6 +287,7 @@ def test_a_sharded_model_on_this_machine_answers_as_mlx_lm_does(fleet_logs: list
 @pytest.mark.slow
 def test_workers_and_a_sharded_group_join_over_curve(fleet_logs: list[FleetProcess], tmp_path: Path,
                                                      demo_small_loaded: tuple) -> None:
+    from actors.curve import load_client_keys
     from tests.integration.reference import greedy_reference
 
     keys = run(documented("mlx-fleet keys keys/"), cwd=tmp_path)
@@ -326,8 +328,6 @@ def test_workers_and_a_sharded_group_join_over_curve(fleet_logs: list[FleetProce
                     "tcp://BROKER_HOST:5556 --model big=demo-small --shards 2 --curve-secret keys/worker.key_secret "
                     "--curve-server-key keys/broker.key")],
     ]
-    from actors.curve import load_client_keys
-
     creds = load_client_keys(str(tmp_path / "keys" / "client.key_secret"), str(tmp_path / "keys" / "broker.key"))
     for form in forms:
         group = [start(fleet_logs, as_run(text), tmp_path, cwd=tmp_path) for text in form]
