@@ -49,6 +49,9 @@ class BatchingConfig:
     # Prompt tokens per sequence per engine step: bounds how long decoding sequences stall
     # behind a long prompt, against the throughput of larger prefill chunks.
     prefill_step_size: int = 128
+    # While prompts wait, decoding sequences pause for their prefill, for at most this many prompt
+    # tokens at a time (workers/engine/batch.py); 0: each step decodes and prefills, as mlx-lm's does.
+    prefill_first_tokens: int = 2048
     auto_tune: bool = False
     auto_tune_min_batch: int = 2
     auto_tune_max_batch: int = 8
@@ -168,9 +171,11 @@ def validate_batching(b: BatchingConfig) -> None:
             raise ConfigError(f"{name}: must be in [0, 10000] ms")
     if b.decode_capacity != AUTO and (not isinstance(b.decode_capacity, int) or b.decode_capacity < 1):
         raise ConfigError(f"decode_capacity: expected \"auto\" or a number >= 1, got {b.decode_capacity!r}")
-    if b.admission_batch < 1 or b.decode_capacity_max < 1 or b.prefill_step_size < 1 or b.kv_tokens_per_sequence < 1:
+    if min(b.admission_batch, b.decode_capacity_max, b.prefill_step_size, b.kv_tokens_per_sequence) < 1:
         raise ConfigError("admission_batch, decode_capacity_max, prefill_step_size and kv_tokens_per_sequence "
                           "must be >= 1")
+    if b.prefill_first_tokens < 0:
+        raise ConfigError("prefill_first_tokens must be >= 0 (0: decoding never pauses for prompts)")
     if not 0.0 < b.kv_memory_fraction <= 1.0:
         raise ConfigError("kv_memory_fraction must be in (0, 1]")
     if not 1 <= b.auto_tune_min_batch <= b.auto_tune_max_batch:

@@ -48,6 +48,7 @@ ENV_VARS: dict[str, str] = {
     "MLX_FLEET_ROUTING": "routing",
     "MLX_FLEET_DECODE_WINDOW_MS": "decode_window_ms",
     "MLX_FLEET_PREFILL_STEP_SIZE": "prefill_step_size",
+    "MLX_FLEET_PREFILL_FIRST_TOKENS": "prefill_first_tokens",
     "MLX_FLEET_QUEUE_LIMIT": "queue_limit",
     "MLX_FLEET_LOG_LEVEL": "log_level",
     "MLX_FLEET_PROMPT_CACHE_ENTRIES": "prompt_cache_entries",

@@ -28,8 +28,9 @@ class Result:
 def make_engine(demo_model: tuple[Any, Any], solo: bool = True, entries: int = 0, **kwargs: Any) -> Any:
     from workers.engine.adapter import Engine
 
+    kwargs.setdefault("prefill_step_size", 64)
     return Engine(*demo_model, solo_fast_path=solo, prompt_cache_entries=entries, prompt_cache_bytes=(1 << 30) if entries else 0,
-                  prefill_step_size=64, **kwargs)
+                  **kwargs)
 
 
 def req(key: str, ids: list[int], max_tokens: int = 24, **kwargs: Any) -> Any:

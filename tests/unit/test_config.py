@@ -43,6 +43,8 @@ PRECEDENCE = [
     ("window_ms", "[batching]\nwindow_ms = 2.5\n", "MLX_GPU_SCHEDULER_WINDOW_MS", "3.5", 4.5, [1.0, 2.5, 3.5, 4.5]),
     ("window_ms", "window_ms = 2\n", "MLX_GPU_SCHEDULER_WINDOW_MS", "3", 4, [1.0, 2.0, 3.0, 4.0]),
     ("admission_batch", "[batching]\nadmission_batch = 4\n", "MLX_GPU_SCHEDULER_BATCH_SIZE", "6", 12, [8, 4, 6, 12]),
+    ("prefill_first_tokens", "[batching]\nprefill_first_tokens = 1024\n", "MLX_FLEET_PREFILL_FIRST_TOKENS", "512", 0,
+     [2048, 1024, 512, 0]),
     ("metrics_port", "[fleet]\nmetrics_port = 9100\n", "MLX_METRICS_PORT", "9200", 9300, [9464, 9100, 9200, 9300]),
     ("metrics_export", "metrics_export = false\n", "MLX_METRICS_EXPORT", "on", False, [True, False, True, False]),
     ("fast_path", "[batching]\nfast_path = false\n", "MLX_FAST_PATH", "on", False, [True, False, True, False]),

@@ -66,6 +66,7 @@ class Engine(EngineLike):
         prompt_cache_entries: int = 0,
         prompt_cache_bytes: int = 0,
         solo_fast_path: bool = True,
+        prefill_first_tokens: int = 0,  # decoding pauses for waiting prompts up to this many tokens (batch.py)
         clock: Clock | None = None,
         tools: ToolSupport | None = None,
     ) -> None:
@@ -88,6 +89,7 @@ class Engine(EngineLike):
             completion_batch_size=decode_capacity,
             prefill_batch_size=min(admission_batch, decode_capacity),
             prefill_step_size=prefill_step_size,
+            prefill_first_tokens=prefill_first_tokens,
         )
         self.streams: dict[int, TextStream] = {}
         self.uids_of: dict[str, list[int]] = {}  # a request's sequences, one per completion
@@ -384,11 +386,10 @@ def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_
                 tools: ToolSupport | None = None) -> Engine:
     """An engine over a loaded model with a worker's batching settings (their ``decode_capacity`` a number: the worker
     sizes "auto" first, workers/capacity.py; ``prompt_cache_bytes`` overrides theirs) and the model's ``tools``."""
-    b = batching
+    b, kept = batching, batching.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return Engine(model, tokenizer, decode_capacity=int(b.decode_capacity), admission_batch=b.admission_batch,
-                  prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries,
-                  prompt_cache_bytes=b.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes,
-                  solo_fast_path=b.solo_fast_path, tools=tools)
+                  prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries, prompt_cache_bytes=kept,
+                  solo_fast_path=b.solo_fast_path, prefill_first_tokens=b.prefill_first_tokens, tools=tools)
 
 
 def mlx_info() -> dict[str, Any]:

@@ -135,9 +135,19 @@ class ControlledPromptBatch(PromptProcessingBatch):
 
 
 class ControlledBatchGenerator(BatchGenerator):
-    """``BatchGenerator`` whose batches apply the decoding controls of ``rows``."""
+    """``BatchGenerator`` whose batches apply the decoding controls of ``rows``.
 
-    def __init__(self, model: Any, *, rows: Rows, **kwargs: Any) -> None:
+    With ``prefill_first_tokens`` > 0, a call while prompts wait and sequences decode runs the
+    prompts' step alone (:meth:`_prompts_only`): the decoding sequences skip it, and a group
+    whose prefill completes returns its first tokens in that same call. mlx-lm's own ``next``
+    would also take a decode step of everyone in each such call, and return the new group's
+    first tokens only after the next group's prefill chunk. Decoding pauses for at most
+    ``prefill_first_tokens`` prompt tokens; past them, mlx-lm's own steps run until no prompt
+    waits. The bound counts tokens, not time, so every rank of a sharded group, applying the
+    same operations to the same tokens, takes the same steps.
+    """
+
+    def __init__(self, model: Any, *, rows: Rows, prefill_first_tokens: int = 0, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         prompt = ControlledPromptBatch.empty(self.model, self.sampler, prefill_step_size=self.prefill_step_size)
         prompt.rows = rows
@@ -145,3 +155,42 @@ class ControlledBatchGenerator(BatchGenerator):
         generation.rows = rows
         self._prompt_batch = prompt
         self._generation_batch = generation
+        self.rows = rows
+        self.prefill_first_tokens = prefill_first_tokens
+        self._paused_tokens = 0  # prompt tokens prefilled while decoding paused, since no prompt last waited
+
+    def next(self) -> Any:
+        """One step: mlx-lm's, or the waiting prompts' alone (see the class doc)."""
+        me: Any = self  # mlx-lm's private state: the prompts not started, and those being prefilled
+        if not me._unprocessed_sequences and not len(self._prompt_batch):
+            self._paused_tokens = 0  # no prompt waits: the next ones may pause decoding again
+        elif (self._paused_tokens < self.prefill_first_tokens
+              and 0 < len(self._generation_batch) < self.completion_batch_size):
+            before = me._counters.prompt_tokens
+            out = self._prompts_only()
+            self._paused_tokens += me._counters.prompt_tokens - before
+            return out
+        return super().next()  # type: ignore[no-untyped-call]  # mlx-lm's, unannotated
+
+    def _prompts_only(self) -> Any:
+        """mlx-lm's step with the decoding sequences set aside: prompt chunks only; a group that
+        completes its prefill takes its first step here, then joins the decoding sequences."""
+        held = self._generation_batch
+        fresh = ControlledGenerationBatch.empty(self.model, self.sampler)
+        fresh.rows = self.rows
+        capacity = self.completion_batch_size
+        self._generation_batch = fresh
+        self.completion_batch_size = capacity - len(held)  # the set-aside sequences keep their slots
+        try:
+            prompt_responses, _ = super().next()  # type: ignore[no-untyped-call]
+        finally:
+            self._generation_batch = held
+            self.completion_batch_size = capacity
+        first: list[Any] = []
+        if len(fresh):
+            me: Any = self
+            with mx.stream(me._stream):  # as mlx-lm's next runs its steps
+                first = fresh.next()  # their first tokens now (finished ones leave ``fresh``)
+            if len(fresh):
+                held.extend(fresh)
+        return prompt_responses, first
