@@ -1,4 +1,4 @@
-"""prefill_step_size: throughput, time to first token and decoding stalls at 128, 256 and 512.
+"""prefill_step_size (or prefill_first_tokens): throughput, time to first token and decoding stalls.
 
 A prompt is prefilled ``prefill_step_size`` tokens per engine step. Larger chunks make
 fewer, larger matrix products (faster prefill, sooner first token for long prompts);
@@ -12,7 +12,11 @@ setting in turn, so the shared machine's drift spreads over all of them.
   aggregate tok/s, TTFT of short and long prompts, and inter-token latency p99
   (how long decoding streams wait behind a prefill chunk).
 
+``--setting prefill_first_tokens --sizes 0,2048`` compares how long decoding pauses for
+waiting prompts instead (0: never, as mlx-lm's ``BatchGenerator``), on the same phases.
+
     python -m benchmarks prefill-step [--model demo-small] [--sizes 128,256,512] [--quick] [--out DIR]
+    python -m benchmarks prefill-step --setting prefill_first_tokens --sizes 0,2048 --name prefill_first
 """
 
 from __future__ import annotations
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both phases on each setting and write ``prefill_step.{json,md}``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo-small")
-    ap.add_argument("--sizes", default="128,256,512", help="prefill_step_size values to compare")
+    ap.add_argument("--setting", default="prefill_step_size", choices=("prefill_step_size", "prefill_first_tokens"),
+                    help="the batching setting compared")
+    ap.add_argument("--sizes", default="128,256,512", help="values of that setting to compare")
     ap.add_argument("--long-words", type=int, default=600, help="words in a long prompt (about 1.5 tokens each on the demo models)")
     ap.add_argument("--alone", type=int, default=5, help="long prompts sent one at a time")
     ap.add_argument("--clients", type=int, default=8)
@@ -105,10 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         systems: dict[int, Factory] = {}
         for n in sizes:
-            cfg, ipc_dir = local_config(args.model, BatchingConfig(prefill_step_size=n))
+            cfg, ipc_dir = local_config(args.model, BatchingConfig(**{args.setting: n}))
             stack.enter_context(BackgroundFleet(cfg, ipc_dir))
             systems[n] = fleet_requester(cfg.frontend, args.model, args.max_tokens)
-            progress(f"fleet up: prefill_step_size={n}")
+            progress(f"fleet up: {args.setting}={n}")
         for n, make in systems.items():  # warm-up
             run_load(make, 1, [long_prompt(f"warm {n}", args.long_words)])
         for r in range(args.repeats):
@@ -121,12 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           else f"(mixed {r}.{n}.{i}) {qs[i % len(qs)]}"): ("long" if i % args.long_every == 0 else "short")
                          for i in range(args.requests)}
                 results[n]["mixed"].append(res := phase(make, args.clients, mixed))
-                progress(f"prefill_step_size={n} round {r}: {res['summary']['tok_per_s']:.1f} tok/s, "
+                progress(f"{args.setting}={n} round {r}: {res['summary']['tok_per_s']:.1f} tok/s, "
                          f"short TTFT p50 {1000 * (res.get('short', {}).get('ttft_p50_s') or 0):.0f} ms")
-    report = Report(args.name, "prefill_step_size: throughput and TTFT", environment(describe_blas(), args.model),
+    report = Report(args.name, f"{args.setting}: throughput and TTFT", environment(describe_blas(), args.model),
                     {k: v for k, v in vars(args).items() if k not in ("out", "quick", "name")})
     report.results = results
-    report.add_markdown(markdown(results))
+    report.add_markdown(markdown(results, args.setting))
     report.publish(args.out)
     return results
 
@@ -136,12 +142,12 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def markdown(results: dict[int, dict[str, list[Any]]]) -> str:
-    """One row per setting: each figure is the mean over the rounds."""
+def markdown(results: dict[int, dict[str, list[Any]]], setting: str = "prefill_step_size") -> str:
+    """One row per value of ``setting``: each figure is the mean over the rounds."""
     def cell(v: float | None, scale: float, fmt: str) -> str:
         return "—" if v is None else fmt.format(v * scale)
 
-    rows = ["| prefill_step_size | long prompt alone: TTFT p50 (ms) | mixed: tok/s | short TTFT p50 / p99 (ms) "
+    rows = [f"| {setting} | long prompt alone: TTFT p50 (ms) | mixed: tok/s | short TTFT p50 / p99 (ms) "
             "| long TTFT p50 / p99 (ms) | ITL p99 (ms) |", "|---|---|---|---|---|---|"]
     for n, r in results.items():
         alone = _mean([x.get("long", {}).get("ttft_p50_s") for x in r["alone"]])

@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batching = BatchingConfig(decode_capacity=parse_capacity(args.decode_capacity, "--decode-capacity"))
     cfg, ipc_dir = local_config(str(folder), batching, log_level="WARNING",
                                 http_port=free_port() if args.fleet_http else 0)
+    # Metrics on, as `mlx-fleet up` has them: the workers' telemetry and the collector run as users run them.
+    cfg = dataclasses.replace(cfg, metrics_export=True, metrics_port=free_port(),
+                              metrics_events=f"ipc://{ipc_dir}/metrics")
     cfg = dataclasses.replace(cfg, models=(dataclasses.replace(cfg.models[0], name=MODEL, dtype="float32"),))
     over = None
     with contextlib.ExitStack() as stack:
@@ -317,8 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     {"levels": levels, "repeats": args.repeats, "per_client": args.per_client,
                      "min_requests": args.min_requests, "max_tokens": args.max_tokens,
                      "decode_capacity": args.decode_capacity, "fleet_capacity": worker_info.get("capacity"),
-                     "fleet_via": "http" if args.fleet_http else "zeromq", "admission_batch": batching.admission_batch,
-                     "prefill_first_tokens": batching.prefill_first_tokens,
+                     "fleet_via": "http" if args.fleet_http else "zeromq", "fleet_metrics": cfg.metrics_export,
+                     "admission_batch": batching.admission_batch, "prefill_first_tokens": batching.prefill_first_tokens,
                      "server_prompt_concurrency": args.server_prompt_concurrency,
                      "overhead_requests": args.overhead_requests, "worker_precision": worker_info.get("precision"),
                      "worker_blas": (worker_info.get("blas") or {}).get("name"), "quick": args.quick})

@@ -15,9 +15,14 @@ generation (``PromptProcessingBatch.generate``, overridden to build our batch); 
 is the prompt's last token, or after a solo handoff a token the solo path already
 counted, so a row's first step input is never counted or fed to its grammar.
 
-Written against mlx-lm 0.32.2's ``BatchGenerator`` (its ``_prompt_batch`` and
-``_generation_batch`` attributes, ``PromptProcessingBatch._copy`` and ``generate``);
-tests/integration/test_controls.py checks the plain path gives mlx-lm's own tokens.
+:class:`ControlledBatchGenerator` can also run prefill first: while prompts wait, the decoding
+sequences sit out the steps that prefill them, up to a bound in prompt tokens.
+
+Written against mlx-lm 0.32.2's ``BatchGenerator`` (its ``_prompt_batch``,
+``_generation_batch``, ``_unprocessed_sequences``, ``_counters`` and ``_stream`` attributes,
+``PromptProcessingBatch._copy`` and ``generate``); tests/integration/test_controls.py checks
+the plain path gives mlx-lm's own tokens, tests/integration/test_prefill_first.py that prefill
+first changes no token.
 """
 
 from __future__ import annotations
