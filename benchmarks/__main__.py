@@ -50,6 +50,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("replicas", "benchmarks.replicas", "1 against 2 replicas of one model", "replicas"),
     Command("shards", "benchmarks.shards", "one replica sharded over 2 ranks against unsharded, 1 and 8 clients", "shards"),
     Command("engine-step", "benchmarks.engine_step", "decode-step time by batch size, cost of admitting prompts", "engine_step"),
+    Command("decode-attention", "benchmarks.decode_attention", "a decode step's forward pass on the CPU: MLX's attention "
+            "against grouped by KV head", "decode_attention"),
     Command("constrained", "benchmarks.constrained", "grammar-constrained against plain decoding; one controlled row's cost to the batch", "constrained"),
     Command("prefill-step", "benchmarks.prefill_step", "prefill_step_size 128/256/512: throughput and TTFT with long prompts in the mix", "prefill_step"),
     Command("prompt-cache", "benchmarks.prompt_cache", "multi-turn chat with and without the prompt cache, and mlx_lm.server", "prompt_cache"),

@@ -1,26 +1,23 @@
 """The engine adapter over mlx-lm's continuous batching (workers/engine/ holds the only mlx importers).
 
-:class:`Engine` wraps ``BatchGenerator``: ``insert`` requests with their own sampler,
-max_tokens, stop strings and decoding controls (:mod:`workers.engine.controls`); ``step``
-once; ``remove`` to cancel. Each stream is detokenized on its own
-(:mod:`workers.engine.text_stream`) so multi-byte characters come out whole. Every call must
-come from the one thread that owns MLX.
+:class:`Engine` wraps ``BatchGenerator``: ``insert`` requests with their own sampler, max_tokens, stop
+strings and decoding controls (:mod:`workers.engine.controls`); ``step`` once; ``remove`` to cancel. Each
+stream is detokenized on its own (:mod:`workers.engine.text_stream`) so multi-byte characters come out
+whole. Every call must come from the one thread that owns MLX.
 
-With a prompt cache (:mod:`workers.engine.prompt_cache`), a request starts from a private copy
-of the longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and a
-finished sequence's cache is stored under its prompt plus generated tokens. A removed
-(cancelled) sequence stores nothing.
+With a prompt cache (:mod:`workers.engine.prompt_cache`), a request starts from a private copy of the
+longest cached prefix of its prompt (``insert(caches=..., all_tokens=...)``), and a finished sequence's
+cache is stored under its prompt plus generated tokens. A removed (cancelled) sequence stores nothing.
 
-Solo fast path (``solo_fast_path``): a request inserted alone into an idle engine is decoded by
-mlx-lm's own ``generate_step`` (:class:`workers.engine.solo.Solo`), as in-process mlx-lm would;
-the next insert moves it into the ``BatchGenerator`` mid-stream with the same output. Its
-stream lives under the uid ``SOLO_UID`` until then.
+Solo fast path (``solo_fast_path``): a request inserted alone into an idle engine is decoded by mlx-lm's own
+``generate_step`` (:class:`workers.engine.solo.Solo`), as in-process mlx-lm would; the next insert moves it
+into the ``BatchGenerator`` mid-stream with the same output (its stream is under ``SOLO_UID`` till then).
 
-Between steps the engine forces no evaluation of its own: the step leaves the next one in
-flight (``async_eval``, then a wait on the current tokens only), and a finished sequence's
-cache is stored with ``async_eval``, so what follows a step runs while MLX still computes.
-``stats`` (:class:`workers.engine.stats.StepStats`) counts each request's path and splits the
-busy time into mlx-lm's part and ours.
+Between steps the engine forces no evaluation of its own: the step leaves the next one in flight
+(``async_eval``, then a wait on the current tokens only), and a finished sequence's cache is stored with
+``async_eval``, so what follows a step runs while MLX still computes. ``stats``
+(:class:`workers.engine.stats.StepStats`) counts each request's path and splits the busy time into mlx-lm's
+part and ours.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from mlx_lm.generate import BatchGenerator
 
 from actors.clock import Clock, MonotonicClock
 from actors.config import BatchingConfig
+from workers.engine import attention
 from workers.engine.batch import ControlledBatchGenerator
 from workers.engine.controls import Rows, make_row
 from workers.engine.kv import fork, make_kv_prompt_cache, prefill_shared
@@ -385,7 +383,9 @@ class Engine(EngineLike):
 def make_engine(model: Any, tokenizer: Any, batching: BatchingConfig, *, prompt_cache_bytes: int | None = None,
                 tools: ToolSupport | None = None) -> Engine:
     """An engine over a loaded model with a worker's batching settings (their ``decode_capacity`` a number: the worker
-    sizes "auto" first, workers/capacity.py; ``prompt_cache_bytes`` overrides theirs) and the model's ``tools``."""
+    sizes "auto" first, workers/capacity.py; ``prompt_cache_bytes`` overrides theirs) and the model's ``tools``; on the
+    CPU its decode steps group the attention by KV head (:mod:`workers.engine.attention`)."""
+    attention.install(model)
     b, kept = batching, batching.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
     return Engine(model, tokenizer, decode_capacity=int(b.decode_capacity), admission_batch=b.admission_batch,
                   prefill_step_size=b.prefill_step_size, prompt_cache_entries=b.prompt_cache_entries, prompt_cache_bytes=kept,
