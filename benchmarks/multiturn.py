@@ -11,7 +11,8 @@ conversation shares one system prompt (about ``--system-tokens`` tokens); its fi
 pastes a text of its own (about ``--document-tokens`` tokens, as a user asking about a document
 does) and asks a question; each later turn asks a follow-up, resending the whole conversation.
 A conversation waits a random ``0..--think-s`` seconds before each turn and starts at a random
-moment of the first second, so new turns arrive while others decode. Every round uses new
+moment of the first ``--arrive-over-s`` seconds (default 1), so new turns arrive while others
+decode; a longer spread has conversations begin while others are midway, as users arrive. Every round uses new
 conversations (tagged), so the only prefix shared across rounds is the system prompt.
 
 Reported per replica count and routing: TTFT p50/p99 at the client (all turns, and turns 2..N,
@@ -65,6 +66,7 @@ class Workload:
     turns: int
     max_tokens: int
     think_s: float
+    arrive_over_s: float = 1.0  # each conversation starts at a random moment of this many seconds
 
     def first(self, c: int, tag: str) -> str:
         return f"[{tag}-{c}] Here is a text:\n\n{self.documents[c % len(self.documents)]}\n\nWhat is it about?"
@@ -81,7 +83,7 @@ def make_workload(args: argparse.Namespace) -> Workload:
         return " ".join(words[(start + i) % len(words)] for i in range(n))
     system = "You are a careful reading assistant. Answer from the text you are given. " + text(0, args.system_tokens)
     docs = tuple(text(997 * (c + 1), args.document_tokens) for c in range(args.conversations))
-    return Workload(system, docs, args.conversations, args.turns, args.max_tokens, args.think_s)
+    return Workload(system, docs, args.conversations, args.turns, args.max_tokens, args.think_s, args.arrive_over_s)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def converse(addr: str, model: str, work: Workload, c: int, tag: str, seed: int,
     """One conversation, turn after turn, streamed; each turn's figures go to ``out``."""
     rng = random.Random(seed)
     messages = [{"role": "system", "content": work.system_prompt}, {"role": "user", "content": work.first(c, tag)}]
-    time.sleep(rng.uniform(0.0, 1.0))
+    time.sleep(rng.uniform(0.0, work.arrive_over_s))
     with Client(addr, timeout_s=600) as client:
         for t in range(work.turns):
             if t:
@@ -203,7 +205,8 @@ def measure(args: argparse.Namespace, source: str, work: Workload) -> dict[str, 
     for n in args.replicas:
         with fleets_for(args, source, n) as fleets:
             for routing, fleet in fleets.items():  # warm-up: the system prompt once per replica, and one-off costs
-                run_round(fleet.cfg.frontend, args.model_name, dataclasses.replace(work, conversations=n, turns=1),
+                run_round(fleet.cfg.frontend, args.model_name,
+                          dataclasses.replace(work, conversations=n, turns=1, arrive_over_s=1.0),
                           f"warm{n}{routing}", 7)
             rounds: dict[str, list[tuple[list[Turn], float]]] = {r: [] for r in ROUTINGS}
             for r in range(args.rounds):
@@ -228,10 +231,11 @@ def measure(args: argparse.Namespace, source: str, work: Workload) -> dict[str, 
 
 def markdown(results: dict[str, Any], args: argparse.Namespace, work: Workload) -> str:
     """The side-by-side table, the ratios against the targets, and what the broker did."""
-    lines = [f"{work.conversations} conversations at once, {work.turns} turns each, {args.rounds} round(s) per fleet, "
+    lines = [f"{work.conversations} conversations, {work.turns} turns each, {args.rounds} round(s) per fleet, "
              f"alternating; shared system prompt ~{args.system_tokens} tokens, a ~{args.document_tokens}-token text "
              f"of its own in each conversation's first message, answers of at most {work.max_tokens} tokens, "
-             f"0-{work.think_s:g} s between turns; greedy. TTFT at the client; warm = turns 2..{work.turns}.\n",
+             f"0-{work.think_s:g} s between turns, starts spread over {work.arrive_over_s:g} s; greedy. "
+             f"TTFT at the client; warm = turns 2..{work.turns}.\n",
              "| replicas | routing | TTFT p50 (s) | TTFT p99 (s) | warm TTFT p50 (s) | tok/s | cache hit rate "
              "| ok | routed |", "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for n in args.replicas:
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--system-tokens", type=int, default=200)
     ap.add_argument("--document-tokens", type=int, default=300)
     ap.add_argument("--think-s", type=float, default=0.5)
+    ap.add_argument("--arrive-over-s", type=float, default=1.0,
+                    help="each conversation starts at a random moment of this many seconds (open-loop arrivals)")
     ap.add_argument("--name", default="multiturn")
     ap.add_argument("--quick", action="store_true", help="smoke run (not a result): demo, 2 replicas, 1 short round")
     add_out_argument(ap)

@@ -9,7 +9,8 @@ sequences of SmolLM2 makes 288 products of one row each, per layer.
 In a decode step (one query position per sequence) the query heads of a KV head can be the
 rows of one product instead: the same dot products, softmax and weighted sum, in a third of
 the calls on SmolLM2 (9 query heads, 3 KV heads). On this CPU that halves the attention and
-takes about 8% off a 32-sequence decode step (benchmarks/results/decode_attention.md).
+takes 7% off a 32-sequence decode step with 100 tokens cached, 18% with 500
+(benchmarks/results/decode_attention.md).
 The products are the same sums; BLAS may order a row's sum differently when it is one of
 several rows, so outputs can differ from the fallback's in the last bit (they are equal on
 SmolLM2, head size 64, and within 1e-6 at head size 128).
