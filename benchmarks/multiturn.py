@@ -12,8 +12,9 @@ pastes a text of its own (about ``--document-tokens`` tokens, as a user asking a
 does) and asks a question; each later turn asks a follow-up, resending the whole conversation.
 A conversation waits a random ``0..--think-s`` seconds before each turn and starts at a random
 moment of the first ``--arrive-over-s`` seconds (default 1), so new turns arrive while others
-decode; a longer spread has conversations begin while others are midway, as users arrive. Every round uses new
-conversations (tagged), so the only prefix shared across rounds is the system prompt.
+decode; a longer spread has conversations begin while others are midway, as users arrive.
+Every round uses new conversations (tagged), so the only prefix shared across rounds is the
+system prompt.
 
 Reported per replica count and routing: TTFT p50/p99 at the client (all turns, and turns 2..N,
 which a replica's prompt cache can serve), generated tok/s over the round's wall time, the

@@ -10,10 +10,10 @@ In a decode step (one query position per sequence) the query heads of a KV head 
 rows of one product instead: the same dot products, softmax and weighted sum, in a third of
 the calls on SmolLM2 (9 query heads, 3 KV heads). On this CPU that halves the attention and
 takes 7% off a 32-sequence decode step with 100 tokens cached, 18% with 500
-(benchmarks/results/decode_attention.md).
-The products are the same sums; BLAS may order a row's sum differently when it is one of
-several rows, so outputs can differ from the fallback's in the last bit (they are equal on
-SmolLM2, head size 64, and within 1e-6 at head size 128).
+(benchmarks/results/decode_attention.md). The products are the same sums; BLAS may order a
+row's sum differently when it is one of several rows, so outputs can differ from the
+fallback's in the last bit (they are equal on SmolLM2, head size 64, and within 1e-6 at
+head size 128).
 
 :func:`install` puts :class:`GroupedDecodeAttention` in place of that function in the
 modules of a loaded model's layers, when MLX computes on the CPU (on Metal and CUDA the
