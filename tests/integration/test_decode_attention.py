@@ -2,7 +2,8 @@
 
 Real MLX: the grouped form gives ``mx.fast.scaled_dot_product_attention``'s outputs for the
 shapes, masks and dtypes models pass it, refuses what it does not cover, and a model with it
-installed decodes the same tokens as with mlx-lm's function.
+installed decodes the same tokens as with mlx-lm's function. (tests/conftest.py takes it out of
+mlx-lm's modules again after every test.)
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def test_grouped_attention_keeps_half_precision(dtype: mx.Dtype) -> None:
     assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= TOLERANCE[dtype]
 
 
+def test_value_size_and_mask_rank_as_models_pass_them() -> None:
+    q, k, v = inputs(8, 2, 64)
+    v = mx.random.normal((v.shape[0], 2, v.shape[2], 32), key=mx.random.key(3))  # value heads narrower than keys
+    for mask in (mx.arange(k.shape[2]) >= 2, (mx.arange(k.shape[2]) >= 4)[None, :]):  # rank 1 and 2, as rotating caches give
+        got = grouped_decode_attention(q, k, v, 0.125, mask)
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        assert got is not None and got.shape == want.shape == (q.shape[0], 8, 1, 32)
+        assert mx.abs(got - want).max().item() <= TOLERANCE[mx.float32]
+
+
 def test_grouped_attention_leaves_other_calls_to_mlx() -> None:
     q, k, v = inputs(8, 2, 64, positions=3)
     assert grouped_decode_attention(q, k, v, 0.125, "causal") is None  # a prompt step
@@ -99,7 +110,13 @@ def test_sinks_and_quantized_caches_keep_mlx_lms_path() -> None:
     assert original.calls == 2 and out.shape == q.shape
 
 
-def test_install_changes_the_models_modules_once(demo_small_loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+ON_CPU = pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu,
+                            reason="installs only where MLX computes on the CPU")
+
+
+@ON_CPU
+def test_install_changes_the_models_modules_once(demo_small_loaded: tuple[Any, Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = demo_small_loaded
     module = __import__(type(model).__module__, fromlist=["_"])
     monkeypatch.setattr(module, attention.ATTENTION_NAME, base.scaled_dot_product_attention)
@@ -128,12 +145,30 @@ def decode(model: Any, tokenizer: Any) -> list[list[int]]:
     return [tokens[u] for u in uids]
 
 
-def test_a_model_decodes_the_same_tokens_with_it(demo_small_loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+@ON_CPU
+def test_a_model_decodes_the_same_tokens_with_it(demo_small_loaded: tuple[Any, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer = demo_small_loaded
     module = __import__(type(model).__module__, fromlist=["_"])
     monkeypatch.setattr(module, attention.ATTENTION_NAME, base.scaled_dot_product_attention)
     plain = decode(model, tokenizer)
-    attention.install(model)
+    assert attention.install(model) == [module.__name__]
     grouped = decode(model, tokenizer)
     assert all(len(t) == 24 for t in grouped)
     assert grouped == plain
+
+
+@ON_CPU
+def test_the_in_process_reference_runs_mlx_lms_own_attention(demo_small_loaded: tuple[Any, Any]) -> None:
+    """After a make_engine in this process, tests/integration/reference.py still compares with mlx-lm's own path."""
+    from actors.config import BatchingConfig
+    from tests.integration.reference import mlx_lm_attention
+    from workers.engine.adapter import make_engine
+
+    model, tokenizer = demo_small_loaded
+    module = __import__(type(model).__module__, fromlist=["_"])
+    make_engine(model, tokenizer, BatchingConfig(decode_capacity=4)).close()
+    assert isinstance(getattr(module, attention.ATTENTION_NAME), GroupedDecodeAttention)
+    with mlx_lm_attention():
+        assert getattr(module, attention.ATTENTION_NAME) is base.scaled_dot_product_attention
+    assert isinstance(getattr(module, attention.ATTENTION_NAME), GroupedDecodeAttention)
