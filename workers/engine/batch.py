@@ -154,13 +154,11 @@ class ControlledBatchGenerator(BatchGenerator):
 
     def __init__(self, model: Any, *, rows: Rows, prefill_first_tokens: int = 0, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
+        self.rows = rows
         prompt = ControlledPromptBatch.empty(self.model, self.sampler, prefill_step_size=self.prefill_step_size)
         prompt.rows = rows
-        generation = ControlledGenerationBatch.empty(self.model, self.sampler)
-        generation.rows = rows
         self._prompt_batch = prompt
-        self._generation_batch = generation
-        self.rows = rows
+        self._generation_batch = self._empty_generation()
         self.prefill_first_tokens = prefill_first_tokens
         self._paused_tokens = 0  # prompt tokens prefilled while decoding paused, since no prompt last waited
 
@@ -177,12 +175,16 @@ class ControlledBatchGenerator(BatchGenerator):
             return out
         return super().next()  # type: ignore[no-untyped-call]  # mlx-lm's, unannotated
 
+    def _empty_generation(self) -> Any:
+        """An empty generation batch that applies the controls of ``rows``."""
+        batch = ControlledGenerationBatch.empty(self.model, self.sampler)
+        batch.rows = self.rows
+        return batch
+
     def _prompts_only(self) -> Any:
         """mlx-lm's step with the decoding sequences set aside: prompt chunks only; a group that
         completes its prefill takes its first step here, then joins the decoding sequences."""
-        held = self._generation_batch
-        fresh = ControlledGenerationBatch.empty(self.model, self.sampler)
-        fresh.rows = self.rows
+        held, fresh = self._generation_batch, self._empty_generation()
         capacity = self.completion_batch_size
         self._generation_batch = fresh
         self.completion_batch_size = capacity - len(held)  # the set-aside sequences keep their slots
