@@ -194,11 +194,11 @@ def markdown(runs: dict[str, dict[int, list[LoadRun]]], levels: list[int], over:
                 "| clients | against | tok/s ratio | TTFT p50 ratio | TTFT p99 ratio | ranges overlap |",
                 "|---:|---|---:|---:|---:|---|"]
         for level in levels:
+            f, a = pooled(runs["fleet"][level]).summary(), per_repeat(runs["fleet"][level])
             for server in servers:
-                f, m = pooled(runs["fleet"][level]).summary(), pooled(runs[server][level]).summary()
+                m, b = pooled(runs[server][level]).summary(), per_repeat(runs[server][level])
                 tok = ratio(f["tok_per_s"], m["tok_per_s"])
                 p50, p99 = (f[k] / m[k] if f[k] and m[k] else float("nan") for k in ("ttft_p50_s", "ttft_p99_s"))
-                a, b = per_repeat(runs["fleet"][level]), per_repeat(runs[server][level])
                 overlap = "yes (within noise)" if within_noise(a, b) else "no"
                 out.append(f"| {level} | {server} | {tok:.2f} | {p50:.2f} | {p99:.2f} | {overlap} |")
     out += ["", "### The opening burst and after it", "",
