@@ -16,12 +16,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 LONG = "Tell me about queues and workers, and how a broker hands requests to replicas that decode them"
 
 
-def staggered(engine: Any, demo_model: tuple[Any, Any], late: list[Any]) -> list[list[tuple[str, bool]]]:
-    """``a`` decodes alone until its first token, then ``late`` arrive; each step's (key, first token) events."""
+def start_a(engine: Any, demo_model: tuple[Any, Any]) -> None:
+    """Insert ``a`` and step until its first token: from then on it decodes."""
     engine.insert([req("a", ids_of(demo_model, "Hello"), 40)])
-    steps: list[list[tuple[str, bool]]] = []
     while not any(e.first_token for e in engine.step()):
         pass
+
+
+def staggered(engine: Any, demo_model: tuple[Any, Any], late: list[Any]) -> list[list[tuple[str, bool]]]:
+    """``a`` decodes alone until its first token, then ``late`` arrive; each step's (key, first token) events."""
+    start_a(engine, demo_model)
+    steps: list[list[tuple[str, bool]]] = []
     engine.insert(late)
     for _ in range(10_000):
         if not engine.active:
@@ -61,9 +66,7 @@ def test_the_pause_ends_after_prefill_first_tokens(demo_model):
     assert [key for key, _ in steps[0]] == []  # one chunk (2 x 8 tokens) with a paused ...
     assert all("a" in {key for key, _ in events} for events in steps[1:first])  # ... then mlx-lm's steps
     # No prompt waits any more, so the next arrivals may pause decoding again.
-    engine.insert([req("a", ids_of(demo_model, "Hello"), 40)])
-    while not any(e.first_token for e in engine.step()):
-        pass
+    start_a(engine, demo_model)
     engine.insert([req("d", ids_of(demo_model, LONG), 4)])
     assert [e.key for e in engine.step()] == []
 
