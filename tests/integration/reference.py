@@ -45,6 +45,29 @@ def mlx_lm_attention() -> Iterator[None]:
             setattr(module, ATTENTION_NAME, grouped)
 
 
+def batch_generator_tokens(model: Any, prompts: list[list[int]], max_tokens: int, stop_tokens: list[list[int]],
+                           **settings: Any) -> list[list[int]]:
+    """mlx-lm's own ``BatchGenerator`` (its default greedy sampler, ``settings`` as its keyword arguments) run
+    until every prompt finishes: each prompt's tokens, the last one included. It runs with whichever attention
+    function the model's module holds now (see :func:`mlx_lm_attention`)."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=stop_tokens, **settings)
+    uids = gen.insert(prompts, max_tokens=[max_tokens] * len(prompts))
+    tokens: dict[int, list[int]] = {u: [] for u in uids}
+    running = set(uids)
+    for _ in range(len(prompts) * (max_tokens + 8) + 100):  # a call prefills a chunk or decodes one token each
+        for r in gen.next()[1]:
+            tokens[r.uid].append(r.token)
+            if r.finish_reason is not None:
+                running.discard(r.uid)
+        if not running:
+            break
+    gen.close()
+    assert not running, "mlx-lm's BatchGenerator did not finish"
+    return [tokens[u] for u in uids]
+
+
 def greedy_reference(model: Any, tokenizer: Any, prompt: Any, max_tokens: int) -> tuple[list[int], str]:
     """In-process ``mlx_lm.stream_generate``, greedy: the token ids (EOS left out) and text."""
     from mlx_lm import stream_generate

@@ -69,18 +69,12 @@ def run_path(demo_model: tuple[Any, Any], path: str, request: Any) -> Result:
 
 def test_without_controls_the_batch_gives_mlx_lm_s_own_tokens(demo_model: tuple[Any, Any]) -> None:
     """The controlled BatchGenerator's plain path is mlx-lm's step: same tokens as mlx-lm's BatchGenerator."""
-    from mlx_lm.generate import BatchGenerator
+    from tests.integration.reference import batch_generator_tokens
 
     prompts = [ids_of(demo_model, p) for p in ("Hello", PROMPT, "The weather today is")]
-    gen = BatchGenerator(demo_model[0], stop_tokens=[[t] for t in demo_model[1].eos_token_ids])
-    uids = gen.insert(prompts, max_tokens=[12] * 3)
-    theirs: dict[int, list[int]] = {u: [] for u in uids}
-    while any(len(v) < 12 for v in theirs.values()):
-        for r in gen.next()[1]:
-            theirs[r.uid].append(r.token)
-    gen.close()
+    theirs = batch_generator_tokens(demo_model[0], prompts, 12, [[t] for t in demo_model[1].eos_token_ids])
     out = by_index(make_engine(demo_model, solo=False), [req(f"r{i}", p, 12) for i, p in enumerate(prompts)])
-    assert [out[(f"r{i}", 0)].token_ids for i in range(3)] == [theirs[u] for u in uids]
+    assert [out[(f"r{i}", 0)].token_ids for i in range(3)] == theirs
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -8,13 +8,14 @@ mlx-lm's modules again after every test.)
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import base
 
+from tests.integration.reference import batch_generator_tokens, mlx_lm_attention
 from workers.engine import attention
 from workers.engine.attention import GroupedDecodeAttention, grouped_decode_attention
 
@@ -114,12 +115,17 @@ ON_CPU = pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu,
                             reason="installs only where MLX computes on the CPU")
 
 
-@ON_CPU
-def test_install_changes_the_models_modules_once(demo_small_loaded: tuple[Any, Any],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    model, _ = demo_small_loaded
-    module = __import__(type(model).__module__, fromlist=["_"])
+@pytest.fixture
+def plain_module(demo_small_loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The module of demo-small's model class, with mlx-lm's own attention function in it for the test."""
+    module = sys.modules[type(demo_small_loaded[0]).__module__]
     monkeypatch.setattr(module, attention.ATTENTION_NAME, base.scaled_dot_product_attention)
+    return module
+
+
+@ON_CPU
+def test_install_changes_the_models_modules_once(demo_small_loaded: tuple[Any, Any], plain_module: Any) -> None:
+    model, module = demo_small_loaded[0], plain_module
     assert attention.install(model, mx.Device(mx.DeviceType.gpu)) == []  # Metal and CUDA keep the fused kernel
     assert attention.install(model) == [module.__name__]
     assert isinstance(getattr(module, attention.ATTENTION_NAME), GroupedDecodeAttention)
@@ -129,28 +135,13 @@ def test_install_changes_the_models_modules_once(demo_small_loaded: tuple[Any, A
 def decode(model: Any, tokenizer: Any) -> list[list[int]]:
     """Greedy tokens of four prompts of different lengths (so the batch is left-padded), 24 each."""
     prompts = [tokenizer.encode("x " * n + "Tell me about the sea.") for n in (0, 5, 17, 40)]
-    gen = BatchGenerator(model, stop_tokens=[[-1]], completion_batch_size=8, prefill_batch_size=8)
-    uids = gen.insert(prompts, max_tokens=[24] * len(prompts))
-    tokens: dict[int, list[int]] = {u: [] for u in uids}
-    running = set(uids)
-    for _ in range(200):  # each call prefills or decodes; far more than 24 tokens need
-        _, responses = gen.next()
-        for r in responses:
-            tokens[r.uid].append(r.token)
-            if r.finish_reason is not None:
-                running.discard(r.uid)
-        if not running:
-            break
-    gen.close()
-    return [tokens[u] for u in uids]
+    return batch_generator_tokens(model, prompts, 24, [[-1]], completion_batch_size=8, prefill_batch_size=8)
 
 
 @ON_CPU
-def test_a_model_decodes_the_same_tokens_with_it(demo_small_loaded: tuple[Any, Any],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_decodes_the_same_tokens_with_it(demo_small_loaded: tuple[Any, Any], plain_module: Any) -> None:
     model, tokenizer = demo_small_loaded
-    module = __import__(type(model).__module__, fromlist=["_"])
-    monkeypatch.setattr(module, attention.ATTENTION_NAME, base.scaled_dot_product_attention)
+    module = plain_module
     plain = decode(model, tokenizer)
     assert attention.install(model) == [module.__name__]
     grouped = decode(model, tokenizer)
@@ -162,11 +153,10 @@ def test_a_model_decodes_the_same_tokens_with_it(demo_small_loaded: tuple[Any, A
 def test_the_in_process_reference_runs_mlx_lms_own_attention(demo_small_loaded: tuple[Any, Any]) -> None:
     """After a make_engine in this process, tests/integration/reference.py still compares with mlx-lm's own path."""
     from actors.config import BatchingConfig
-    from tests.integration.reference import mlx_lm_attention
     from workers.engine.adapter import make_engine
 
     model, tokenizer = demo_small_loaded
-    module = __import__(type(model).__module__, fromlist=["_"])
+    module = sys.modules[type(model).__module__]
     make_engine(model, tokenizer, BatchingConfig(decode_capacity=4)).close()
     assert isinstance(getattr(module, attention.ATTENTION_NAME), GroupedDecodeAttention)
     with mlx_lm_attention():
